@@ -1,0 +1,107 @@
+// Annealed Langevin on the exact score of a diagonal Gaussian mixture, one point's chain
+// at a time: the score is a streaming log-sum-exp over components, so K is unbounded and
+// a point's state (D <= kGmmMaxDim values) stays in registers for the whole chain.
+#pragma once
+#include "philox.h"
+
+namespace diffkern {
+
+constexpr int kGmmMaxDim = 16;
+constexpr int kGmmMaxComponents = 64;  // the CUDA kernel keeps a level's constants in shared memory
+
+template <class C>
+DK_HD C dk_log(C v) {
+#if defined(__CUDA_ARCH__)
+  return ::log(v);
+#else
+  return __builtin_log(v);
+#endif
+}
+template <class C>
+DK_HD C dk_exp(C v) {
+#if defined(__CUDA_ARCH__)
+  return ::exp(v);
+#else
+  return __builtin_exp(v);
+#endif
+}
+template <>
+DK_HD float dk_log<float>(float v) {
+#if defined(__CUDA_ARCH__)
+  return ::logf(v);
+#else
+  return __builtin_logf(v);
+#endif
+}
+template <>
+DK_HD float dk_exp<float>(float v) {
+#if defined(__CUDA_ARCH__)
+  return ::expf(v);
+#else
+  return __builtin_expf(v);
+#endif
+}
+
+// Component k at noise level sigma: inv_var[k*D+d] = 1/(s_kd^2 + sigma^2) and
+// lognorm[k] = log w_k - 1/2 sum_d log(2 pi (s_kd^2 + sigma^2)).
+template <class C>
+DK_HD void gmm_component_constants(const C* weights, const C* stds, int k, int D, C sigma, C* inv_var, C* lognorm) {
+  C acc = dk_log<C>(weights[k]);
+  for (int d = 0; d < D; ++d) {
+    const C s = stds[k * D + d];
+    const C var = s * s + sigma * sigma;
+    inv_var[k * D + d] = C(1) / var;
+    acc -= C(0.5) * dk_log<C>(C(6.283185307179586476925286766559) * var);
+  }
+  lognorm[k] = acc;
+}
+
+// score(x) = sum_k r_k (mu_k - x) / var_k, r = softmax_k(lognorm_k - 1/2 |x - mu_k|^2_var).
+template <class C>
+DK_HD void gmm_score_point(const C* x, int D, int K, const C* means, const C* inv_var, const C* lognorm, C* score) {
+  C mx = C(-__builtin_huge_val()), denom = C(0);
+  C acc[kGmmMaxDim];
+  for (int d = 0; d < D; ++d) acc[d] = C(0);
+  for (int k = 0; k < K; ++k) {
+    C q = C(0);
+    for (int d = 0; d < D; ++d) {
+      const C diff = means[k * D + d] - x[d];
+      q += diff * diff * inv_var[k * D + d];
+    }
+    const C lp = lognorm[k] - C(0.5) * q;
+    if (lp > mx) {  // rescale what was accumulated against the new maximum
+      const C scale = dk_exp<C>(mx - lp);
+      denom *= scale;
+      for (int d = 0; d < D; ++d) acc[d] *= scale;
+      mx = lp;
+    }
+    const C w = dk_exp<C>(lp - mx);
+    denom += w;
+    for (int d = 0; d < D; ++d) acc[d] += w * (means[k * D + d] - x[d]) * inv_var[k * D + d];
+  }
+  for (int d = 0; d < D; ++d) score[d] = acc[d] / denom;
+}
+
+// The normals of point p at chain step `step`: logical indices step*numel + p*D + d.
+DK_HD void gmm_step_noise(PhiloxKey key, uint64_t step, uint64_t numel, uint64_t p, int D, float* z) {
+  const uint64_t base = step * numel + p * uint64_t(D);
+  uint64_t g = base >> 2;
+  float q[4];
+  philox_normal4(key, g, q);
+  for (int d = 0; d < D; ++d) {
+    const uint64_t idx = base + uint64_t(d);
+    if ((idx >> 2) != g) {
+      g = idx >> 2;
+      philox_normal4(key, g, q);
+    }
+    z[d] = q[idx & 3];
+  }
+}
+
+// One Langevin step of one point (same operation order as reference._gmm_loop).
+template <class C>
+DK_HD void gmm_langevin_update(C* x, const C* score, const float* z, int D, C alpha, C noise_scale) {
+  for (int d = 0; d < D; ++d) x[d] = (x[d] + alpha * score[d]) + noise_scale * C(z[d]);
+}
+
+}  // namespace diffkern

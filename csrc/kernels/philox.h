@@ -1,0 +1,128 @@
+// Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11) and
+// the Box-Muller normal transform, evaluated identically on the host and the device.
+//
+// Keying, shared with diffkern/_rng.py (the oracle): element i of a call keyed by
+// (seed, offset) is lane i % 4 of philox(counter = (g_lo, g_hi, offset_lo, offset_hi),
+// key = (seed_lo, seed_hi)), g = i / 4. The value depends on nothing else: not on the
+// device, the thread count, the launch geometry or how the batch is split.
+//
+// log/sin/cos are Cephes-style float polynomials instead of libm/CUDA intrinsics because
+// (1) they vectorize on the CPU (gcc does not vectorize calls to logf/sinf/cosf), and
+// (2) the same operations on both sides make CPU and GPU noise agree to an ulp or two.
+#pragma once
+#include "common.h"
+
+namespace diffkern {
+
+struct PhiloxKey {
+  uint64_t seed;
+  uint64_t offset;
+};
+
+struct Uint4 {
+  uint32_t x, y, z, w;
+};
+
+constexpr uint32_t kPhiloxM0 = 0xD2511F53u;
+constexpr uint32_t kPhiloxM1 = 0xCD9E8D57u;
+constexpr uint32_t kPhiloxW0 = 0x9E3779B9u;
+constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;
+
+DK_HD Uint4 philox4x32_10(Uint4 c, uint32_t k0, uint32_t k1) {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int r = 0; r < 10; ++r) {
+    if (r) {
+      k0 += kPhiloxW0;
+      k1 += kPhiloxW1;
+    }
+#if defined(__CUDA_ARCH__)
+    const uint32_t hi0 = __umulhi(kPhiloxM0, c.x), lo0 = kPhiloxM0 * c.x;
+    const uint32_t hi1 = __umulhi(kPhiloxM1, c.z), lo1 = kPhiloxM1 * c.z;
+#else
+    const uint64_t p0 = uint64_t(kPhiloxM0) * c.x;  // 32x32->64: vpmuludq when vectorized
+    const uint64_t p1 = uint64_t(kPhiloxM1) * c.z;
+    const uint32_t hi0 = uint32_t(p0 >> 32), lo0 = uint32_t(p0);
+    const uint32_t hi1 = uint32_t(p1 >> 32), lo1 = uint32_t(p1);
+#endif
+    c = Uint4{hi1 ^ c.y ^ k0, lo1, hi0 ^ c.w ^ k1, lo0};
+  }
+  return c;
+}
+
+DK_HD Uint4 philox_bits(PhiloxKey key, uint64_t group) {
+  return philox4x32_10(Uint4{uint32_t(group), uint32_t(group >> 32), uint32_t(key.offset), uint32_t(key.offset >> 32)},
+                       uint32_t(key.seed), uint32_t(key.seed >> 32));
+}
+
+// Natural log for u in [2^-24, 1]: u = m 2^e with m in [sqrt(.5), sqrt(2)), then a
+// degree-9 polynomial in m - 1 (Cephes logf). Branch-free so it vectorizes.
+DK_HD float log_poly(float u) {
+  const uint32_t bits = float_as_bits(u);
+  int32_t ei = int32_t((bits >> 23) & 0xFFu) - 126;
+  float m = bits_as_float((bits & 0x7FFFFFu) | 0x3F000000u);  // [0.5, 1)
+  const bool small = m < 0.707106781186547524f;
+  ei = small ? ei - 1 : ei;
+  const float e = float(ei);
+  m = small ? (m + m) - 1.0f : m - 1.0f;
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m + -1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m + -1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m + -1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m + -2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = (y * m) * z;
+  y = y + e * -2.12194440e-4f;
+  y = y - 0.5f * z;
+  return (m + y) + e * 0.693359375f;
+}
+
+// sin and cos of 2 pi v for v in [0, 1) with 23 fractional bits: the quadrant split is
+// exact, leaving |a| <= pi/4 for the Cephes sinf/cosf polynomials.
+DK_HD void sincos_2pi(float v, float* s_out, float* c_out) {
+  const float q = float(int32_t(v * 4.0f + 0.5f));  // floor: the argument is non-negative
+  const float a = (v - q * 0.25f) * 6.28318530717958647692f;
+  const float a2 = a * a;
+  float s = -1.9515295891e-4f;
+  s = s * a2 + 8.3321608736e-3f;
+  s = s * a2 + -1.6666654611e-1f;
+  s = a + (a * a2) * s;
+  float c = 2.443315711809948e-5f;
+  c = c * a2 + -1.388731625493765e-3f;
+  c = c * a2 + 4.166664568298827e-2f;
+  c = (1.0f - 0.5f * a2) + (a2 * a2) * c;
+  const int32_t qi = int32_t(q) & 3;
+  *s_out = qi == 0 ? s : (qi == 1 ? c : (qi == 2 ? -s : -c));
+  *c_out = qi == 0 ? c : (qi == 1 ? -s : (qi == 2 ? -c : s));
+}
+
+DK_HD void box_muller(uint32_t a, uint32_t b, float* z0, float* z1) {
+  const float u = (float(a >> 9) + 0.5f) * 1.1920928955078125e-07f;  // (0, 1), exact
+  const float v = float(b >> 9) * 1.1920928955078125e-07f;           // [0, 1), exact
+  const float r = dk_sqrt<float>(-2.0f * log_poly(u));
+  float s, c;
+  sincos_2pi(v, &s, &c);
+  *z0 = r * c;
+  *z1 = r * s;
+}
+
+// The four normals of counter group `group` (logical elements 4*group .. 4*group+3).
+DK_HD void philox_normal4(PhiloxKey key, uint64_t group, float z[4]) {
+  const Uint4 r = philox_bits(key, group);
+  box_muller(r.x, r.y, &z[0], &z[1]);
+  box_muller(r.z, r.w, &z[2], &z[3]);
+}
+
+// One element's normal; computes its whole group, for paths that need a single value.
+DK_HD float philox_normal_at(PhiloxKey key, uint64_t index) {
+  float z[4];
+  philox_normal4(key, index >> 2, z);
+  return z[index & 3];
+}
+
+}  // namespace diffkern

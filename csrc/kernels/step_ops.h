@@ -1,0 +1,102 @@
+// The elementwise step ops as functors: per-sample coefficients (`coeffs<S>(b)`) and the
+// per-element update (`apply`). The CPU loops (csrc/torch/cpu) and the CUDA kernels
+// (elementwise.cuh) both drive these; nothing here knows about either.
+#pragma once
+#include "schedule.h"
+
+namespace diffkern {
+
+struct TimestepArgs {
+  const float* table;     // alphas_cumprod, float32, on the op's device
+  int64_t num_timesteps;
+  const int64_t* t;       // (nt,) int64: nt == 1 or the batch size
+  const int64_t* t_prev;  // same length as t; < 0 means the final step
+  int64_t nt;
+};
+
+struct DdimOp {
+  static constexpr bool kHasModel = true;
+  static constexpr bool kWritesNoise = false;
+  TimestepArgs ts;
+  double eta;
+  int prediction;
+  bool has_clip;
+  double clip;
+
+  template <class S>
+  DK_HD StepCoeffs<S> coeffs(int64_t b) const {
+    const S ab = table_lookup<S>(ts.table, ts.num_timesteps, timestep_of(ts.t, ts.nt, b), false);
+    const S abp = table_lookup<S>(ts.table, ts.num_timesteps, timestep_of(ts.t_prev, ts.nt, b), true);
+    return ddim_coeffs<S>(ab, abp, S(eta), prediction);
+  }
+  template <class C>
+  DK_HD C apply(const StepCoeffs<C>& k, C x, C m, C z, bool has_z) const {
+    return step_apply<C>(k, x, m, z, has_z, has_clip, C(clip));
+  }
+};
+
+struct DdpmOp {
+  static constexpr bool kHasModel = true;
+  static constexpr bool kWritesNoise = false;
+  TimestepArgs ts;
+  int variance;
+  int prediction;
+  bool has_clip;
+  double clip;
+
+  template <class S>
+  DK_HD StepCoeffs<S> coeffs(int64_t b) const {
+    const int64_t t = timestep_of(ts.t, ts.nt, b);
+    const S ab = table_lookup<S>(ts.table, ts.num_timesteps, t, false);
+    const S abp = table_lookup<S>(ts.table, ts.num_timesteps, timestep_of(ts.t_prev, ts.nt, b), true);
+    return ddpm_coeffs<S>(ab, abp, t, variance, prediction);
+  }
+  template <class C>
+  DK_HD C apply(const StepCoeffs<C>& k, C x, C m, C z, bool has_z) const {
+    return step_apply<C>(k, x, m, z, has_z, has_clip, C(clip));
+  }
+};
+
+// x_t = sqrt(ab) x0 + sqrt(1 - ab) z; the drawn z is written out too (it is the
+// training target).
+struct QSampleOp {
+  static constexpr bool kHasModel = false;
+  static constexpr bool kWritesNoise = true;
+  TimestepArgs ts;
+
+  template <class S>
+  DK_HD StepCoeffs<S> coeffs(int64_t b) const {
+    const S ab = table_lookup<S>(ts.table, ts.num_timesteps, timestep_of(ts.t, ts.nt, b), false);
+    StepCoeffs<S> k{};
+    k.c0 = dk_sqrt<S>(ab);
+    k.std = dk_sqrt<S>(S(1) - ab);
+    return k;
+  }
+  template <class C>
+  DK_HD C apply(const StepCoeffs<C>& k, C x, C, C z, bool) const {
+    return k.c0 * x + k.std * z;
+  }
+};
+
+// x + a s + sqrt(2 a) z (NCSN code convention).
+struct LangevinOp {
+  static constexpr bool kHasModel = true;
+  static constexpr bool kWritesNoise = false;
+  double step_size;
+
+  template <class S>
+  DK_HD StepCoeffs<S> coeffs(int64_t) const {
+    StepCoeffs<S> k{};
+    k.c1 = S(step_size);
+    k.std = S(dk_sqrt<double>(2.0 * step_size));
+    return k;
+  }
+  template <class C>
+  DK_HD C apply(const StepCoeffs<C>& k, C x, C s, C z, bool has_z) const {
+    C out = x + k.c1 * s;
+    if (has_z) out = out + k.std * z;
+    return out;
+  }
+};
+
+}  // namespace diffkern

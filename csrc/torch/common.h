@@ -1,0 +1,61 @@
+// Binding helpers: tensors -> the framework-free structs of csrc/kernels. No math here.
+#pragma once
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <vector>
+
+#include "../kernels/common.h"
+#include "../kernels/philox.h"
+#include "../kernels/step_ops.h"
+
+namespace diffkern {
+
+// An input viewed with the output's shape: contiguous, or strided with an indexer.
+struct Operand {
+  at::Tensor owner;  // keeps a contiguous copy alive when one was needed
+  const void* data = nullptr;
+  bool contiguous = true;
+  StridedIndexer ix{};
+};
+
+inline Operand make_operand(const at::Tensor& t, at::IntArrayRef shape) {
+  Operand op;
+  at::Tensor v = t.expand(shape);
+  if (v.is_contiguous()) {
+    op.owner = v;
+    op.data = v.data_ptr();
+    return op;
+  }
+  if (v.dim() > kMaxDims) v = v.contiguous();  // rare: more dims than the indexer holds
+  op.owner = v;
+  op.data = v.data_ptr();
+  op.contiguous = v.is_contiguous();
+  op.ix.ndim = static_cast<int>(v.dim());
+  for (int d = 0; d < v.dim(); ++d) {
+    op.ix.sizes[d] = v.size(d);
+    op.ix.strides[d] = v.stride(d);
+  }
+  return op;
+}
+
+inline int64_t batch_of(const at::Tensor& out) { return out.dim() > 0 ? out.size(0) : 1; }
+
+inline TimestepArgs timestep_args(const at::Tensor& table, const at::Tensor& t, const at::Tensor& t_prev) {
+  TORCH_CHECK(table.scalar_type() == at::kFloat && table.is_contiguous(), "alphas_cumprod must be contiguous float32");
+  TORCH_CHECK(t.scalar_type() == at::kLong && t_prev.scalar_type() == at::kLong, "t and t_prev must be int64");
+  TORCH_CHECK(t.is_contiguous() && t_prev.is_contiguous() && t.dim() == 1 && t.numel() >= 1, "t must be a 1-D int64");
+  TORCH_CHECK(t.numel() == t_prev.numel(), "t and t_prev must have the same length");
+  TORCH_CHECK(t.device() == table.device() && t_prev.device() == table.device(), "t, t_prev and alphas_cumprod must share a device");
+  return TimestepArgs{table.data_ptr<float>(), table.numel(), t.data_ptr<int64_t>(), t_prev.data_ptr<int64_t>(), t.numel()};
+}
+
+inline void check_same(const at::Tensor& x, const at::Tensor& other, const char* name) {
+  TORCH_CHECK(other.device() == x.device(), name, " must be on x's device");
+  TORCH_CHECK(other.scalar_type() == x.scalar_type(), name, " must have x's dtype");
+}
+
+inline uint64_t as_u64(int64_t v) { return static_cast<uint64_t>(v); }
+
+}  // namespace diffkern

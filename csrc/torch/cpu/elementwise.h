@@ -1,0 +1,151 @@
+// The CPU driver of every elementwise step op: chunks of the logical index range over
+// at::parallel_for, in-kernel normals drawn a chunk at a time into an L1-resident buffer
+// (a vectorizable loop over Philox groups), then the op's update over the chunk.
+// The update and the noise are the shared functions of csrc/kernels.
+#pragma once
+#include <ATen/Parallel.h>
+
+#include "../common.h"
+
+namespace diffkern {
+namespace cpu {
+
+constexpr int64_t kChunk = 2048;  // elements; a multiple of 4 so chunks start on a Philox group
+
+inline void fill_normals(PhiloxKey key, uint64_t first_group, int64_t ngroups, float* out) {
+  alignas(64) float z0[kChunk / 4], z1[kChunk / 4], z2[kChunk / 4], z3[kChunk / 4];
+#pragma omp simd
+  for (int64_t i = 0; i < ngroups; ++i) {
+    float z[4];
+    philox_normal4(key, first_group + uint64_t(i), z);
+    z0[i] = z[0];
+    z1[i] = z[1];
+    z2[i] = z[2];
+    z3[i] = z[3];
+  }
+  for (int64_t i = 0; i < ngroups; ++i) {
+    out[4 * i + 0] = z0[i];
+    out[4 * i + 1] = z1[i];
+    out[4 * i + 2] = z2[i];
+    out[4 * i + 3] = z3[i];
+  }
+}
+
+template <class T>
+inline const T& at_(const Operand& o, int64_t i) {
+  const T* p = static_cast<const T*>(o.data);
+  return o.contiguous ? p[i] : p[o.ix.offset(i)];
+}
+
+struct StepIO {
+  Operand x, m, noise;     // m / noise unused when absent
+  void* out = nullptr;     // contiguous, the output's shape
+  void* noise_out = nullptr;
+  bool has_m = false, has_noise = false, draw = false;
+  PhiloxKey key{0, 0};
+};
+
+// Runs `op` over all elements. Math type C: double for double storage, float otherwise;
+// coefficients are formed in double once per sample (or once per call when they do not
+// depend on the sample) and rounded to C.
+template <class T, class Op>
+void run_elementwise(const Op& op, const StepIO& io, int64_t numel, int64_t inner, bool per_sample) {
+  using C = typename std::conditional<std::is_same<T, double>::value, double, float>::type;
+  if (numel == 0) return;
+  const bool has_z = io.draw || io.has_noise;
+  const StepCoeffs<C> shared = cast_coeffs<C>(op.template coeffs<double>(0));
+  const bool fast = io.x.contiguous && (!io.has_m || io.m.contiguous) && (!io.has_noise || io.noise.contiguous);
+  const int64_t nchunks = (numel + kChunk - 1) / kChunk;
+  at::parallel_for(0, nchunks, 16, [&](int64_t cbeg, int64_t cend) {
+    alignas(64) float zbuf[kChunk];
+    int64_t cached_b = -1;
+    StepCoeffs<C> k = shared;
+    T* out = static_cast<T*>(io.out);
+    T* nout = static_cast<T*>(io.noise_out);
+    for (int64_t c = cbeg; c < cend; ++c) {
+      const int64_t e0 = c * kChunk, e1 = std::min(numel, e0 + kChunk);
+      if (io.draw) fill_normals(io.key, uint64_t(e0 / 4), (e1 - e0 + 3) / 4, zbuf);
+      for (int64_t e = e0; e < e1;) {
+        const int64_t b = e / inner;
+        const int64_t r1 = std::min(e1, (b + 1) * inner);
+        if (per_sample && b != cached_b) {
+          k = cast_coeffs<C>(op.template coeffs<double>(b));
+          cached_b = b;
+        }
+        const float* z = zbuf - e0;
+        if (fast) {
+          const T* xp = static_cast<const T*>(io.x.data);
+          const T* mp = static_cast<const T*>(io.m.data);
+          const T* np = static_cast<const T*>(io.noise.data);
+          if (io.draw) {
+#pragma omp simd
+            for (int64_t i = e; i < r1; ++i) {
+              const C zi = C(z[i]);
+              out[i] = T(op.apply(k, C(xp[i]), Op::kHasModel ? C(mp[i]) : C(0), zi, true));
+              if (Op::kWritesNoise) nout[i] = T(zi);
+            }
+          } else if (io.has_noise) {
+#pragma omp simd
+            for (int64_t i = e; i < r1; ++i)
+              out[i] = T(op.apply(k, C(xp[i]), Op::kHasModel ? C(mp[i]) : C(0), C(np[i]), true));
+          } else {
+#pragma omp simd
+            for (int64_t i = e; i < r1; ++i)
+              out[i] = T(op.apply(k, C(xp[i]), Op::kHasModel ? C(mp[i]) : C(0), C(0), false));
+          }
+        } else {
+          for (int64_t i = e; i < r1; ++i) {
+            const C zi = io.draw ? C(z[i]) : (io.has_noise ? C(at_<T>(io.noise, i)) : C(0));
+            const C mi = Op::kHasModel ? C(at_<T>(io.m, i)) : C(0);
+            out[i] = T(op.apply(k, C(at_<T>(io.x, i)), mi, zi, has_z));
+            if (Op::kWritesNoise && io.draw) nout[i] = T(zi);
+          }
+        }
+        e = r1;
+      }
+    }
+  });
+}
+
+}  // namespace cpu
+}  // namespace diffkern
+
+namespace diffkern {
+namespace cpu {
+
+// Tensors -> StepIO, dtype dispatch, run. `noise_out` is written when the op draws and
+// reports its noise (q_sample).
+template <class Op>
+at::Tensor run_step(const Op& op, const at::Tensor& x, const at::Tensor* m, const std::optional<at::Tensor>& noise,
+                    bool draw, PhiloxKey key, bool per_sample, at::Tensor* noise_out = nullptr) {
+  TORCH_CHECK(x.device().is_cpu(), "expected CPU tensors");
+  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  const int64_t numel = out.numel();
+  const int64_t inner = numel == 0 ? 1 : numel / batch_of(out);
+  StepIO io;
+  io.x = make_operand(x, out.sizes());
+  if (m) {
+    check_same(x, *m, "model output");
+    io.m = make_operand(*m, out.sizes());
+    io.has_m = true;
+  }
+  if (noise.has_value()) {
+    check_same(x, *noise, "noise");
+    io.noise = make_operand(*noise, out.sizes());
+    io.has_noise = true;
+  }
+  io.draw = draw && !io.has_noise;
+  io.key = key;
+  io.out = out.data_ptr();
+  if (noise_out && io.draw) {
+    *noise_out = at::empty_like(out);
+    io.noise_out = noise_out->data_ptr();
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "diffkern_cpu_step", [&] {
+    run_elementwise<scalar_t>(op, io, numel, inner, per_sample);
+  });
+  return out;
+}
+
+}  // namespace cpu
+}  // namespace diffkern

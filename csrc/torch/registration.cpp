@@ -1,0 +1,51 @@
+// Every diffkern op's schema, in one place. Implementations register per backend in
+// cpu/*.cpp and cuda/*.cpp; fake (meta) kernels and autograd live in diffkern/ops.py.
+//
+// Conventions: t / t_prev are 1-D int64 (length 1 or the batch size) on the op's device;
+// alphas_cumprod is the float32 table; prediction_type 0/1/2 = epsilon/sample/v_prediction;
+// variance 0/1 = fixed_small/fixed_large; clip_sample <= 0 means no clipping. Noise is
+// `noise` when given, else drawn in-kernel: from `generator`'s Philox state on CUDA
+// (graph-safe), else keyed by (seed, offset) (see csrc/kernels/philox.h).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import diffkern._C` only has to load this library: the ops register themselves.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&def);
+}
+}
+
+namespace diffkern {
+bool built_with_cuda() {
+#ifdef DIFFKERN_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+}  // namespace diffkern
+
+TORCH_LIBRARY(diffkern, m) {
+  m.def("built_with_cuda() -> bool", &diffkern::built_with_cuda);
+  m.def(
+      "q_sample(Tensor x0, Tensor t, Tensor alphas_cumprod, Tensor? noise, Generator? generator, int seed, "
+      "int offset) -> (Tensor, Tensor)");
+  m.def(
+      "ddim_step(Tensor x, Tensor model_output, Tensor t, Tensor t_prev, Tensor alphas_cumprod, float eta, "
+      "int prediction_type, float clip_sample, Tensor? noise, Generator? generator, int seed, int offset) -> Tensor");
+  m.def(
+      "ddpm_step(Tensor x, Tensor model_output, Tensor t, Tensor t_prev, Tensor alphas_cumprod, int variance, "
+      "int prediction_type, float clip_sample, Tensor? noise, Generator? generator, int seed, int offset) -> Tensor");
+  m.def(
+      "step_backward(Tensor grad, Tensor x, Tensor model_output, Tensor t, Tensor t_prev, Tensor alphas_cumprod, "
+      "int kind, float eta, int variance, int prediction_type, float clip_sample, bool noise_grad) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "langevin_step(Tensor x, Tensor score, float step_size, Tensor? noise, Generator? generator, int seed, "
+      "int offset) -> Tensor");
+  m.def(
+      "gmm_annealed_langevin(Tensor x, Tensor weights, Tensor means, Tensor stds, Tensor sigmas, int n_steps_each, "
+      "float step_lr, bool denoise, Generator? generator, int seed, int offset) -> Tensor");
+}

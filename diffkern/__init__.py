@@ -1,0 +1,30 @@
+"""diffkern: fused CPU/CUDA kernels for the elementwise heart of diffusion and score-based
+models, with a pure-PyTorch reference for every op.
+
+    import diffkern as dk
+    x = dk.ddim_step(x, eps, t, eta=0.0, t_prev=t_prev)
+
+``dk.native_available()`` says whether the compiled kernels run (``dk.native_error()``
+says why not); ``DIFFKERN_DISABLE_NATIVE=1`` forces the reference.
+"""
+
+from . import reference
+from ._native import native_available, native_error
+from ._validate import MismatchError
+from .ops import (
+    annealed_langevin,
+    ddim_step,
+    ddpm_step,
+    gmm_annealed_langevin,
+    gmm_score,
+    langevin_step,
+    q_sample,
+)
+from .schedules import NoiseSchedule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NoiseSchedule", "q_sample", "ddpm_step", "ddim_step", "langevin_step", "annealed_langevin", "gmm_score",
+    "gmm_annealed_langevin", "native_available", "native_error", "reference", "MismatchError",
+]

@@ -1,0 +1,239 @@
+"""Argument checking shared by the public ops and the reference: one place, clear messages.
+
+Every error names the argument. Values that would make a kernel read out of bounds or
+divide by zero are rejected here, before any output is allocated.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+import torch
+
+from .schedules import NoiseSchedule, default_schedule
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+PREDICTION_TYPES = {"epsilon": 0, "sample": 1, "v_prediction": 2}
+VARIANCE_TYPES = {"fixed_small": 0, "fixed_large": 1}
+
+
+class MismatchError(TypeError, ValueError):
+    """Tensors that must agree in dtype or device do not. Both a TypeError and a ValueError,
+    as numpy's AxisError is both a ValueError and an IndexError: either catch works."""
+
+
+def check_x(x, name: str = "x") -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    return x
+
+
+def check_like(x: torch.Tensor, other, name: str, *, broadcast: bool = True) -> torch.Tensor:
+    """``other`` must be a tensor of x's dtype and device whose shape broadcasts to x's."""
+    if not isinstance(other, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(other).__name__}")
+    if other.device != x.device:
+        raise MismatchError(f"{name} is on {other.device} but x is on {x.device}")
+    if other.dtype != x.dtype:
+        raise MismatchError(f"{name} has dtype {other.dtype} but x has {x.dtype}; cast one of them")
+    if broadcast:
+        try:
+            shape = torch.broadcast_shapes(x.shape, other.shape)
+        except RuntimeError:
+            shape = None
+        if shape != x.shape:
+            raise ValueError(f"{name} of shape {tuple(other.shape)} does not broadcast to x's shape {tuple(x.shape)}")
+    elif other.shape != x.shape:
+        raise ValueError(f"{name} must have x's shape {tuple(x.shape)}, got {tuple(other.shape)}")
+    return other
+
+
+def check_schedule(schedule) -> NoiseSchedule:
+    if schedule is None:
+        return default_schedule()
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"schedule must be a diffkern.NoiseSchedule or None, got {type(schedule).__name__}")
+    return schedule
+
+
+def _batch(x: torch.Tensor) -> int:
+    return x.shape[0] if x.dim() > 0 else 1
+
+
+def check_timesteps(t, x: torch.Tensor, T: int, name: str = "t", *, allow_negative: bool = False) -> torch.Tensor:
+    """A Python int, a 0-d or 1-D integer tensor of length x.shape[0], on the CPU or on x's
+    device -> an int64 tensor of shape (1,) or (B,) on x's device.
+
+    Range checks run on the host only when t is already there; a t on the GPU is not
+    copied back (that would stall the stream), and the kernels turn an out-of-range entry
+    into NaN output instead of reading out of bounds."""
+    if isinstance(t, bool) or (isinstance(t, torch.Tensor) and t.dtype == torch.bool):
+        raise TypeError(f"{name} must be an int or an integer tensor, got a bool")
+    if isinstance(t, numbers.Integral):
+        tv = int(t)
+        if tv >= T or (tv < 0 and not allow_negative):
+            raise ValueError(f"{name}={tv} is outside [0, {T}) for a schedule of {T} timesteps")
+        tt = torch.tensor([max(tv, -1)], dtype=torch.int64)
+        return tt.to(x.device, non_blocking=True) if x.device.type != "cpu" else tt
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be an int or an integer tensor, got {type(t).__name__}")
+    if t.is_floating_point() or t.is_complex():
+        raise TypeError(f"{name} must be an integer tensor, got {t.dtype} (timesteps are indices)")
+    if t.dim() > 1:
+        raise ValueError(f"{name} must be 0-d or 1-D, got shape {tuple(t.shape)}")
+    if t.dim() == 1 and t.numel() != _batch(x) and t.numel() != 1:
+        raise ValueError(f"{name} has {t.numel()} entries but x has batch size {_batch(x)}")
+    if t.device.type != "cpu" and t.device != x.device:
+        raise MismatchError(f"{name} is on {t.device} but x is on {x.device}")
+    if t.device.type == "cpu":
+        lo = int(t.min()) if t.numel() else 0
+        hi = int(t.max()) if t.numel() else 0
+        if hi >= T or (lo < 0 and not allow_negative):
+            raise ValueError(f"{name} has entries outside [0, {T}) (min {lo}, max {hi}) for a schedule of {T} timesteps")
+    t = t.reshape(-1).to(torch.int64)
+    if allow_negative and t.device.type == "cpu":
+        t = t.clamp_min(-1)
+    return t.to(x.device, non_blocking=True) if t.device != x.device else t
+
+
+def check_t_prev(t_prev, t: torch.Tensor, x: torch.Tensor, T: int) -> torch.Tensor:
+    if t_prev is None:
+        return t - 1
+    tp = check_timesteps(t_prev, x, T, "t_prev", allow_negative=True)
+    if tp.device.type == "cpu" and t.device.type == "cpu":
+        if bool((torch.broadcast_tensors(tp, t)[0] >= torch.broadcast_tensors(t, tp)[0]).any()):
+            raise ValueError("t_prev must be smaller than t (sampling goes from noise towards data)")
+    return tp
+
+
+def check_nonneg(v, name: str) -> float:
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got shape {tuple(v.shape)}")
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
+    v = float(v)
+    if not v >= 0:  # also rejects NaN
+        raise ValueError(f"{name} must be >= 0, got {v}")
+    return v
+
+
+def check_positive(v, name: str) -> float:
+    v = check_nonneg(v, name)
+    if v == 0:
+        raise ValueError(f"{name} must be > 0")
+    return v
+
+
+def check_prediction_type(p) -> int:
+    if p not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {sorted(PREDICTION_TYPES)}, got {p!r}")
+    return PREDICTION_TYPES[p]
+
+
+def check_variance(v) -> int:
+    if v not in VARIANCE_TYPES:
+        raise ValueError(f"variance must be one of {sorted(VARIANCE_TYPES)}, got {v!r}")
+    return VARIANCE_TYPES[v]
+
+
+def check_clip(c) -> float | None:
+    if c is None or c is False:
+        return None
+    if c is True:
+        return 1.0  # diffusers' clip_sample_range default
+    c = check_nonneg(c, "clip_sample")
+    if c == 0:
+        raise ValueError("clip_sample must be > 0 (or None for no clipping)")
+    return c
+
+
+def check_generator(generator, x: torch.Tensor, noise) -> None:
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if noise is not None:
+        raise ValueError("pass either noise or generator, not both")
+    if generator.device.type == "cuda" and x.device.type != "cuda":
+        raise MismatchError(f"generator is on {generator.device} but x is on {x.device}")
+
+
+def check_zero_snr(schedule: NoiseSchedule, t: torch.Tensor, prediction: int) -> None:
+    """Epsilon prediction divides by sqrt(alphas_cumprod[t]); with a zero-terminal-SNR
+    schedule that is 0 at the last t (diffusers returns inf/NaN there)."""
+    if prediction != PREDICTION_TYPES["epsilon"] or not schedule.has_zero_terminal_snr:
+        return
+    if bool((t == schedule.num_timesteps - 1).any()):
+        raise ValueError(
+            "epsilon prediction is undefined at the last timestep of a zero-terminal-SNR schedule "
+            "(alphas_cumprod[t] == 0); use prediction_type='v_prediction' or 'sample'")
+
+
+def check_sigmas(sigmas, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(sigmas, torch.Tensor):
+        s = sigmas.detach().to("cpu", torch.float64).reshape(-1)
+    else:
+        try:
+            s = torch.tensor(list(sigmas), dtype=torch.float64)
+        except (TypeError, ValueError):
+            raise TypeError("sigmas must be a 1-D sequence or tensor of positive floats") from None
+    if s.numel() == 0:
+        raise ValueError("sigmas must not be empty")
+    if not bool((s > 0).all()) or not bool(torch.isfinite(s).all()):
+        raise ValueError("sigmas must be positive and finite")
+    if s.numel() > 1 and not bool((s[1:] < s[:-1]).all()):
+        raise ValueError("sigmas must be strictly descending (largest noise level first)")
+    return s
+
+
+def check_steps(n, name: str) -> int:
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(n).__name__}")
+    if n < 0:
+        raise ValueError(f"{name} must be >= 0, got {n}")
+    return int(n)
+
+
+@dataclass
+class Mixture:
+    weights: torch.Tensor  # (K,)
+    means: torch.Tensor    # (K, D)
+    stds: torch.Tensor     # (K, D)
+
+
+def check_mixture(x: torch.Tensor, weights, means, stds) -> Mixture:
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    for name, v in (("weights", weights), ("means", means), ("stds", stds)):
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(v).__name__}")
+        if not v.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {v.dtype}")
+        if v.device != x.device:
+            raise MismatchError(f"{name} is on {v.device} but x is on {x.device}")
+    if x.dim() < 1:
+        raise ValueError("x must have a last dimension D (points are x[..., :D])")
+    D = x.shape[-1]
+    if weights.dim() != 1 or weights.numel() == 0:
+        raise ValueError(f"weights must have shape (K,), got {tuple(weights.shape)}")
+    K = weights.numel()
+    if means.shape != (K, D):
+        raise ValueError(f"means must have shape (K, D) = ({K}, {D}), got {tuple(means.shape)}")
+    if stds.shape == (K,):
+        stds = stds[:, None].expand(K, D)
+    elif stds.shape != (K, D):
+        raise ValueError(f"stds must have shape (K, D) = ({K}, {D}) or (K,) = ({K},), got {tuple(stds.shape)}")
+    w64 = weights.detach().double()
+    if bool((w64 < 0).any()) or abs(float(w64.sum()) - 1.0) > 1e-4:
+        raise ValueError("weights must be non-negative and sum to 1")
+    if not bool((stds.detach() > 0).all()):
+        raise ValueError("stds must be positive")
+    return Mixture(weights.to(dt), means.to(dt), stds.to(dt).contiguous())
+
+
+def check_sigma(sigma) -> float:
+    return check_nonneg(sigma, "sigma")
