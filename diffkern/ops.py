@@ -90,7 +90,7 @@ def ddim_step(x, eps, t, eta=0.0, *, t_prev=None, schedule=None, prediction_type
     if not _use_native(x):
         return R._ddim(x, eps, a, eta, noise, generator)
     gen, seed, offset = _noise_source(x, generator, eta > 0 and noise is None)
-    return _ops.ddim_step(x, eps, a.t, a.t_prev, a.table, eta, a.prediction, a.clip or 0.0,
+    return _ops.ddim_step(x, eps, a.t, a.t_prev_arg, a.table, eta, a.prediction, a.clip or 0.0,
                           noise if eta > 0 else None, gen, seed, offset)
 
 
@@ -109,7 +109,7 @@ def ddpm_step(x, eps, t, *, t_prev=None, schedule=None, variance="fixed_small", 
     if not _use_native(x):
         return R._ddpm(x, eps, a, var, noise, generator)
     gen, seed, offset = _noise_source(x, generator, noise is None)
-    return _ops.ddpm_step(x, eps, a.t, a.t_prev, a.table, var, a.prediction, a.clip or 0.0, noise, gen, seed, offset)
+    return _ops.ddpm_step(x, eps, a.t, a.t_prev_arg, a.table, var, a.prediction, a.clip or 0.0, noise, gen, seed, offset)
 
 
 # ---- langevin_step -----------------------------------------------------------------
@@ -173,7 +173,7 @@ def gmm_annealed_langevin(x, weights, means, stds, sigmas, *, n_steps_each=100, 
         seed, offset = _rng.generator_key(generator, x.device)
         return R._gmm_loop(x, mix, s, n, lr, denoise, seed, offset)
     gen, seed, offset = _noise_source(x, generator, True)
-    return _ops.gmm_annealed_langevin(x, mix.weights, mix.means, mix.stds, s.to(x.device), n, lr, denoise,
+    return _ops.gmm_annealed_langevin(x, mix.weights, mix.means, mix.stds, s, n, lr, denoise,
                                       gen, seed, offset)
 
 

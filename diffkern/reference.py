@@ -161,7 +161,7 @@ def _ddpm(x, m, a, variance, noise, generator):
 
 
 class _StepArgs:
-    __slots__ = ("t", "t_prev", "table", "prediction", "clip", "schedule")
+    __slots__ = ("t", "t_prev", "t_prev_arg", "table", "prediction", "clip", "schedule")
 
 
 def _step_args(x, eps, t, t_prev, schedule, prediction_type, clip_sample, noise, generator) -> _StepArgs:
@@ -172,6 +172,7 @@ def _step_args(x, eps, t, t_prev, schedule, prediction_type, clip_sample, noise,
     a.schedule = sched
     a.t = V.check_timesteps(t, x, sched.num_timesteps)
     a.t_prev = V.check_t_prev(t_prev, a.t, x, sched.num_timesteps)
+    a.t_prev_arg = None if t_prev is None else a.t_prev  # native ops form t - 1 themselves
     a.prediction = V.check_prediction_type(prediction_type)
     a.clip = V.check_clip(clip_sample)
     if noise is not None:

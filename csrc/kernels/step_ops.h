@@ -10,8 +10,11 @@ struct TimestepArgs {
   const float* table;     // alphas_cumprod, float32, on the op's device
   int64_t num_timesteps;
   const int64_t* t;       // (nt,) int64: nt == 1 or the batch size
-  const int64_t* t_prev;  // same length as t; < 0 means the final step
+  const int64_t* t_prev;  // same length as t; < 0 means the final step; null: t - 1
   int64_t nt;
+
+  DK_HD int64_t t_at(int64_t b) const { return timestep_of(t, nt, b); }
+  DK_HD int64_t t_prev_at(int64_t b, int64_t tb) const { return t_prev ? timestep_of(t_prev, nt, b) : tb - 1; }
 };
 
 struct DdimOp {
@@ -25,8 +28,9 @@ struct DdimOp {
 
   template <class S>
   DK_HD StepCoeffs<S> coeffs(int64_t b) const {
-    const S ab = table_lookup<S>(ts.table, ts.num_timesteps, timestep_of(ts.t, ts.nt, b), false);
-    const S abp = table_lookup<S>(ts.table, ts.num_timesteps, timestep_of(ts.t_prev, ts.nt, b), true);
+    const int64_t t = ts.t_at(b);
+    const S ab = table_lookup<S>(ts.table, ts.num_timesteps, t, false);
+    const S abp = table_lookup<S>(ts.table, ts.num_timesteps, ts.t_prev_at(b, t), true);
     return ddim_coeffs<S>(ab, abp, S(eta), prediction);
   }
   template <class C>
@@ -46,9 +50,9 @@ struct DdpmOp {
 
   template <class S>
   DK_HD StepCoeffs<S> coeffs(int64_t b) const {
-    const int64_t t = timestep_of(ts.t, ts.nt, b);
+    const int64_t t = ts.t_at(b);
     const S ab = table_lookup<S>(ts.table, ts.num_timesteps, t, false);
-    const S abp = table_lookup<S>(ts.table, ts.num_timesteps, timestep_of(ts.t_prev, ts.nt, b), true);
+    const S abp = table_lookup<S>(ts.table, ts.num_timesteps, ts.t_prev_at(b, t), true);
     return ddpm_coeffs<S>(ab, abp, t, variance, prediction);
   }
   template <class C>
@@ -66,7 +70,7 @@ struct QSampleOp {
 
   template <class S>
   DK_HD StepCoeffs<S> coeffs(int64_t b) const {
-    const S ab = table_lookup<S>(ts.table, ts.num_timesteps, timestep_of(ts.t, ts.nt, b), false);
+    const S ab = table_lookup<S>(ts.table, ts.num_timesteps, ts.t_at(b), false);
     StepCoeffs<S> k{};
     k.c0 = dk_sqrt<S>(ab);
     k.std = dk_sqrt<S>(S(1) - ab);

@@ -1,7 +1,8 @@
 // Every diffkern op's schema, in one place. Implementations register per backend in
 // cpu/*.cpp and cuda/*.cpp; fake (meta) kernels and autograd live in diffkern/ops.py.
 //
-// Conventions: t / t_prev are 1-D int64 (length 1 or the batch size) on the op's device;
+// Conventions: t / t_prev are 1-D int64 (length 1 or the batch size) on the op's device,
+// t_prev absent meaning t - 1 (no extra kernel to form it);
 // alphas_cumprod is the float32 table; prediction_type 0/1/2 = epsilon/sample/v_prediction;
 // variance 0/1 = fixed_small/fixed_large; clip_sample <= 0 means no clipping. Noise is
 // `noise` when given, else drawn in-kernel: from `generator`'s Philox state on CUDA
@@ -33,13 +34,13 @@ TORCH_LIBRARY(diffkern, m) {
       "q_sample(Tensor x0, Tensor t, Tensor alphas_cumprod, Tensor? noise, Generator? generator, int seed, "
       "int offset) -> (Tensor, Tensor)");
   m.def(
-      "ddim_step(Tensor x, Tensor model_output, Tensor t, Tensor t_prev, Tensor alphas_cumprod, float eta, "
+      "ddim_step(Tensor x, Tensor model_output, Tensor t, Tensor? t_prev, Tensor alphas_cumprod, float eta, "
       "int prediction_type, float clip_sample, Tensor? noise, Generator? generator, int seed, int offset) -> Tensor");
   m.def(
-      "ddpm_step(Tensor x, Tensor model_output, Tensor t, Tensor t_prev, Tensor alphas_cumprod, int variance, "
+      "ddpm_step(Tensor x, Tensor model_output, Tensor t, Tensor? t_prev, Tensor alphas_cumprod, int variance, "
       "int prediction_type, float clip_sample, Tensor? noise, Generator? generator, int seed, int offset) -> Tensor");
   m.def(
-      "step_backward(Tensor grad, Tensor x, Tensor model_output, Tensor t, Tensor t_prev, Tensor alphas_cumprod, "
+      "step_backward(Tensor grad, Tensor x, Tensor model_output, Tensor t, Tensor? t_prev, Tensor alphas_cumprod, "
       "int kind, float eta, int variance, int prediction_type, float clip_sample, bool noise_grad) "
       "-> (Tensor, Tensor, Tensor)");
   m.def(

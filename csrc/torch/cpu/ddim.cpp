@@ -3,7 +3,7 @@
 namespace diffkern {
 
 at::Tensor ddim_step_cpu(const at::Tensor& x, const at::Tensor& model_output, const at::Tensor& t,
-                         const at::Tensor& t_prev, const at::Tensor& alphas_cumprod, double eta, int64_t prediction_type,
+                         const std::optional<at::Tensor>& t_prev, const at::Tensor& alphas_cumprod, double eta, int64_t prediction_type,
                          double clip_sample, const std::optional<at::Tensor>& noise,
                          const std::optional<at::Generator>& /*generator: keyed in Python on the CPU*/, int64_t seed,
                          int64_t offset) {

@@ -3,7 +3,7 @@
 namespace diffkern {
 
 at::Tensor ddpm_step_cpu(const at::Tensor& x, const at::Tensor& model_output, const at::Tensor& t,
-                         const at::Tensor& t_prev, const at::Tensor& alphas_cumprod, int64_t variance,
+                         const std::optional<at::Tensor>& t_prev, const at::Tensor& alphas_cumprod, int64_t variance,
                          int64_t prediction_type, double clip_sample, const std::optional<at::Tensor>& noise,
                          const std::optional<at::Generator>& /*generator*/, int64_t seed, int64_t offset) {
   const DdpmOp op{timestep_args(alphas_cumprod, t, t_prev), int(variance), int(prediction_type), clip_sample > 0,

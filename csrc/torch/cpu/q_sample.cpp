@@ -7,7 +7,7 @@ std::tuple<at::Tensor, at::Tensor> q_sample_cpu(const at::Tensor& x0, const at::
                                                 const std::optional<at::Tensor>& noise,
                                                 const std::optional<at::Generator>& /*generator*/, int64_t seed,
                                                 int64_t offset) {
-  const QSampleOp op{timestep_args(alphas_cumprod, t, t)};
+  const QSampleOp op{timestep_args(alphas_cumprod, t, std::nullopt)};
   at::Tensor noise_out;
   at::Tensor xt = cpu::run_step(op, x0, nullptr, noise, true, PhiloxKey{as_u64(seed), as_u64(offset)}, t.numel() > 1,
                                 &noise_out);

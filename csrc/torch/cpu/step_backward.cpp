@@ -40,7 +40,7 @@ void backward_loop(const Op& op, const Operand& g, const Operand& x, const Opera
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> step_backward_cpu(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& model_output, const at::Tensor& t,
-    const at::Tensor& t_prev, const at::Tensor& alphas_cumprod, int64_t kind, double eta, int64_t variance,
+    const std::optional<at::Tensor>& t_prev, const at::Tensor& alphas_cumprod, int64_t kind, double eta, int64_t variance,
     int64_t prediction_type, double clip_sample, bool noise_grad) {
   const at::IntArrayRef shape = x.sizes();
   at::Tensor gx = at::empty(shape, x.options().memory_format(at::MemoryFormat::Contiguous));

@@ -1,0 +1,10 @@
+// ddim_step on CUDA: the shared driver (elementwise.cuh) over DdimOp (step_ops.h).
+#include "elementwise.cuh"
+
+namespace diffkern {
+namespace cuda {
+
+void launch_ddim_step(const StepLaunch& p, const DdimOp& op, cudaStream_t stream) { launch_elementwise(p, op, stream); }
+
+}  // namespace cuda
+}  // namespace diffkern

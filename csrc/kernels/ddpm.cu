@@ -1,0 +1,10 @@
+// ddpm_step on CUDA: the shared driver (elementwise.cuh) over DdpmOp (step_ops.h).
+#include "elementwise.cuh"
+
+namespace diffkern {
+namespace cuda {
+
+void launch_ddpm_step(const StepLaunch& p, const DdpmOp& op, cudaStream_t stream) { launch_elementwise(p, op, stream); }
+
+}  // namespace cuda
+}  // namespace diffkern

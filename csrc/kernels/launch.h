@@ -1,0 +1,87 @@
+// Launchers of the CUDA kernels: plain structs and raw pointers, no framework types, so
+// the bindings (csrc/torch/cuda) translate tensors into these and nothing more.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include "common.h"
+#include "step_ops.h"
+
+namespace diffkern {
+namespace cuda {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+
+// Where the Philox key comes from. Under CUDA-graph capture torch hands out pointers to
+// its seed/offset in device memory plus an offset within the graph, read at run time, so
+// every replay draws fresh noise (torch's own fused ops do the same).
+struct RngArgs {
+  uint64_t seed = 0;
+  uint64_t offset = 0;
+  const int64_t* seed_ptr = nullptr;
+  const int64_t* offset_ptr = nullptr;
+  uint64_t offset_intragraph = 0;
+  bool captured = false;
+};
+
+struct Operand {
+  const void* data = nullptr;
+  bool contiguous = true;
+  StridedIndexer ix{};
+};
+
+struct StepLaunch {
+  DType dtype = DType::kFloat32;
+  int64_t numel = 0;
+  int64_t inner = 1;  // elements per batch sample (per-sample t)
+  void* out = nullptr;
+  void* noise_out = nullptr;  // q_sample: the drawn noise
+  Operand x, m, noise;
+  bool has_m = false, has_noise = false, draw = false, per_sample = false;
+  bool vectorized = false;  // every operand contiguous and 16-byte aligned
+  RngArgs rng;
+  int device = 0;
+};
+
+void launch_q_sample(const StepLaunch& p, const QSampleOp& op, cudaStream_t stream);
+void launch_ddim_step(const StepLaunch& p, const DdimOp& op, cudaStream_t stream);
+void launch_ddpm_step(const StepLaunch& p, const DdpmOp& op, cudaStream_t stream);
+void launch_langevin_step(const StepLaunch& p, const LangevinOp& op, cudaStream_t stream);
+
+struct BackwardLaunch {
+  DType dtype = DType::kFloat32;
+  int64_t numel = 0, inner = 1;
+  Operand grad, x, m;
+  void* grad_x = nullptr;
+  void* grad_m = nullptr;
+  void* grad_noise = nullptr;  // null: not requested
+  bool per_sample = false;
+  int device = 0;
+};
+
+void launch_step_backward(const BackwardLaunch& p, int kind, const DdimOp& ddim, const DdpmOp& ddpm,
+                          cudaStream_t stream);
+
+struct GmmLaunch {
+  bool is_double = false;
+  void* x = nullptr;  // (npoints, D) contiguous, updated in place
+  int64_t npoints = 0;
+  int D = 0, K = 0;
+  const void* weights = nullptr;  // (K,) x's dtype
+  const void* means = nullptr;    // (K, D)
+  const void* stds = nullptr;     // (K, D)
+  const double* sigmas = nullptr; // (L,) on the device
+  int L = 0;
+  int64_t n_steps_each = 0;
+  double step_lr = 0, sigma_last = 1;
+  bool denoise = false;
+  RngArgs rng;
+  int device = 0;
+};
+
+void launch_gmm_annealed_langevin(const GmmLaunch& p, cudaStream_t stream);
+
+// The error of the last launch, as text ("" when none), for the binding to raise.
+const char* last_error();
+
+}  // namespace cuda
+}  // namespace diffkern

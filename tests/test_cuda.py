@@ -1,0 +1,245 @@
+"""CUDA kernels against the float64 reference, against the CPU kernels (noise), under
+CUDA-graph capture and torch.compile. Skipped without a GPU."""
+
+import pytest
+import torch
+
+import diffkern as dk
+from diffkern import reference as R
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(not dk.native_available("cuda") if torch.cuda.is_available() else True,
+                       reason="diffkern was built without CUDA"),
+]
+
+DEV = "cuda"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+SIZES = [(1,), (7,), (3, 341), (2, 4, 33, 31)]
+
+
+def _rand(shape, dtype, seed):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(DEV, dtype)
+
+
+def _tol(dtype):
+    # fp32 math with float32 coefficients on the GPU vs a float64 oracle; half types are
+    # compared with the fp32 reference rounded to the dtype (2 ulp).
+    return {torch.float64: 1e-12, torch.float32: 1e-6}[dtype]
+
+
+def _check(out, ref64, dtype, ref_same_dtype=None):
+    assert out.dtype == dtype and out.shape == ref64.shape
+    assert torch.isfinite(out).all()
+    if dtype in (torch.float16, torch.bfloat16):
+        ref = ref_same_dtype.to(torch.float64)
+        ulp = torch.finfo(dtype).eps * ref.abs().clamp_min(torch.finfo(dtype).tiny)
+        err = (out.double() - ref).abs()
+        assert bool((err <= 2 * ulp + 1e-30).all()), f"max err/ulp {(err / ulp).max().item():.3g}"
+    else:
+        err = (out.double() - ref64).abs().max() / ref64.abs().max()
+        assert err <= _tol(dtype), f"relative error {err:.3g}"
+
+
+def _per_sample_t(shape, seed, lo=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(lo, 1000, (shape[0],), generator=g).to(DEV)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SIZES)
+@pytest.mark.parametrize("op", ["ddim0", "ddim", "ddpm", "ddpm_large", "q", "langevin"])
+def test_ops_vs_reference(op, shape, dtype):
+    x, m, z = (_rand(shape, dtype, s) for s in (1, 2, 3))
+    t = _per_sample_t(shape, 4)
+    tp = (t - 37).clamp_min(-1)
+    kw = dict(prediction_type="v_prediction", clip_sample=1.5)
+
+    def run(fn, *a):
+        if op == "ddim0":
+            return fn.ddim_step(*a[:2], t, 0.0, t_prev=tp, **kw)
+        if op == "ddim":
+            return fn.ddim_step(*a[:2], t, 0.6, t_prev=tp, noise=a[2], **kw)
+        if op == "ddpm":
+            return fn.ddpm_step(*a[:2], t, noise=a[2])
+        if op == "ddpm_large":
+            return fn.ddpm_step(*a[:2], t, t_prev=tp, noise=a[2], variance="fixed_large", prediction_type="sample")
+        if op == "q":
+            return fn.q_sample(a[0], t, a[2])[0]
+        return fn.langevin_step(*a[:2], 0.013, noise=a[2])
+
+    out = run(dk, x, m, z)
+    ref64 = run(R, x.double(), m.double(), z.double())
+    _check(out, ref64, dtype, run(R, x, m, z))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_and_misaligned(dtype):
+    n = 2**24 + 3
+    base = _rand((n + 1,), dtype, 5)
+    x = base[1:]  # offset by one element: not 16-byte aligned -> scalar path
+    m = _rand((n,), dtype, 6)
+    z = _rand((n,), dtype, 7)
+    out = dk.ddim_step(x, m, 500, 0.8, t_prev=400, noise=z)
+    ref = R.ddim_step(x, m, 500, 0.8, t_prev=400, noise=z)
+    if dtype == torch.float32:
+        ref64 = R.ddim_step(x.double(), m.double(), 500, 0.8, t_prev=400, noise=z.double())
+        assert (out.double() - ref64).abs().max() / ref64.abs().max() <= 1e-6
+    else:
+        _check(out, None, dtype, ref)
+    out2 = dk.ddim_step(base[:-1], m, 500, 0.8, t_prev=400, noise=z)  # aligned -> vector path
+    ref2 = R.ddim_step(base[:-1], m, 500, 0.8, t_prev=400, noise=z)
+    assert (out2.double() - ref2.double()).abs().max() <= 2 * torch.finfo(dtype).eps * ref2.double().abs().max()
+
+
+def test_non_contiguous_and_broadcast():
+    x = _rand((4, 6, 10, 12), torch.float32, 8).transpose(1, 3)
+    m = _rand((1, 12, 10, 6), torch.float32, 9)  # broadcast over the batch
+    t = _per_sample_t((4,), 10)
+    out = dk.ddpm_step(x, m, t, noise=_rand((4, 12, 10, 6), torch.float32, 11))
+    ref = R.ddpm_step(x.double(), m.double(), t, noise=_rand((4, 12, 10, 6), torch.float32, 11).double())
+    assert (out.double() - ref).abs().max() / ref.abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("op", ["ddim", "ddpm", "q", "langevin"])
+def test_noise_matches_cpu(op):
+    """Same seed -> the same in-kernel noise on the CPU and on CUDA."""
+    shape = (3, 5, 37)
+    x, m = _rand(shape, torch.float32, 12), _rand(shape, torch.float32, 13)
+    t = torch.tensor([900, 500, 3])
+
+    def run(dev):
+        g = torch.Generator(device=dev).manual_seed(1234)
+        xs, ms, ts = x.to(dev), m.to(dev), t.to(dev)
+        outs = []
+        for _ in range(3):  # successive calls advance both generators alike
+            if op == "ddim":
+                outs.append(dk.ddim_step(xs, ms, ts, 1.0, generator=g))
+            elif op == "ddpm":
+                outs.append(dk.ddpm_step(xs, ms, ts, generator=g))
+            elif op == "q":
+                outs.append(dk.q_sample(xs, ts, generator=g)[1])
+            else:
+                outs.append(dk.langevin_step(xs, ms, 0.1, generator=g))
+        return torch.stack(outs).cpu()
+
+    gpu, cpu = run(DEV), run("cpu")
+    assert (gpu - cpu).abs().max() <= 1e-6 * max(1.0, cpu.abs().max().item() / 4)
+    assert not torch.equal(gpu[0], gpu[1])
+
+
+def test_noise_statistics():
+    from scipy import stats
+
+    x = _rand((1000, 1000), torch.float32, 14)
+    _, z = dk.q_sample(x, 10, generator=torch.Generator(device=DEV).manual_seed(3))
+    z = z.double().cpu().flatten()
+    n = z.numel()
+    assert abs(z.mean().item()) < 5 / n**0.5
+    assert abs(z.var().item() - 1) < 5 * (2 / n) ** 0.5
+    assert stats.kstest(z.numpy(), "norm").pvalue > 1e-3
+    r = torch.corrcoef(torch.stack([z[:-1], z[1:]]))[0, 1].item()
+    assert abs(r) < 5 / n**0.5
+
+
+def test_backward_matches_reference():
+    for dtype in (torch.float32, torch.float64):
+        x = _rand((3, 4, 9), dtype, 15).requires_grad_()
+        m = _rand((3, 4, 9), dtype, 16).requires_grad_()
+        z = _rand((3, 4, 9), dtype, 17).requires_grad_()
+        t = torch.tensor([999, 400, 20], device=DEV)
+        g = _rand((3, 4, 9), dtype, 18)
+        for fn in (dk, R):
+            out = fn.ddim_step(x, m, t, 0.7, t_prev=t - 20, clip_sample=1.0, noise=z)
+            grads = torch.autograd.grad(out, (x, m, z), g)
+            if fn is dk:
+                native = grads
+        for a, b in zip(native, grads):
+            assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+def test_gmm_loop_matches_reference():
+    w = torch.tensor([0.8, 0.2], device=DEV, dtype=torch.float64)
+    mu = torch.tensor([[5.0, 5.0], [-5.0, -5.0]], device=DEV, dtype=torch.float64)
+    sd = torch.ones(2, device=DEV, dtype=torch.float64)
+    x = (torch.rand(257, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 16 - 8).to(DEV)
+    sig = torch.logspace(torch.log10(torch.tensor(20.0)), 0, 4).tolist()
+    a = dk.gmm_annealed_langevin(x, w, mu, sd, sig, n_steps_each=5, step_lr=0.1, denoise=True,
+                                 generator=torch.Generator(device=DEV).manual_seed(9))
+    b = R.gmm_annealed_langevin(x, w, mu, sd, sig, n_steps_each=5, step_lr=0.1, denoise=True,
+                                generator=torch.Generator(device=DEV).manual_seed(9))
+    assert (a - b).abs().max() < 1e-9
+
+
+def test_gmm_mode_weights():
+    w = torch.tensor([0.8, 0.2], device=DEV)
+    mu = torch.tensor([[5.0, 5.0], [-5.0, -5.0]], device=DEV)
+    sd = torch.ones(2, 2, device=DEV)
+    x = torch.rand(20000, 2, device=DEV) * 16 - 8
+    sig = torch.exp(torch.linspace(torch.log(torch.tensor(20.0)), 0.0, 10)).tolist()
+    out = dk.gmm_annealed_langevin(x, w, mu, sd, sig, n_steps_each=100, step_lr=0.1,
+                                   generator=torch.Generator(device=DEV).manual_seed(1))
+    frac = ((out - mu[0]).norm(dim=1) < (out - mu[1]).norm(dim=1)).float().mean().item()
+    assert abs(frac - 0.8) < 0.02
+
+
+def test_cuda_graph_replay_equals_eager():
+    x0 = _rand((4, 3, 16, 16), torch.float32, 19)
+    m = _rand((4, 3, 16, 16), torch.float32, 20)
+    ts = [torch.full((4,), 999 - 50 * i, device=DEV) for i in range(10)]
+
+    def loop(x, g):
+        for i in range(10):
+            x = dk.ddim_step(x, m * 0.1 + x * 0.05, ts[i], 1.0, t_prev=ts[i] - 50, generator=g)
+        return x
+
+    g = torch.cuda.default_generators[torch.cuda.current_device()]
+    static_x = x0.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        loop(static_x, g)  # warm up
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    torch.manual_seed(77)
+    with torch.cuda.graph(graph):
+        static_out = loop(static_x, None)
+    replays = []
+    torch.manual_seed(77)
+    for _ in range(2):
+        graph.replay()
+        replays.append(static_out.clone())
+    assert not torch.equal(replays[0], replays[1]), "replays must draw fresh noise"
+    torch.manual_seed(77)
+    eager = [loop(x0.clone(), None) for _ in range(2)]
+    for r, e in zip(replays, eager):
+        assert (r - e).abs().max() <= 1e-5
+
+
+def test_compile_reduce_overhead():
+    x = _rand((2, 4, 8, 8), torch.float32, 21)
+    m = _rand((2, 4, 8, 8), torch.float32, 22)
+    t = torch.tensor([800, 600], device=DEV)
+
+    def loop(x, m, t):
+        for i in range(4):
+            x = dk.ddim_step(x, m * 0.1, t - 100 * i, 0.0, t_prev=t - 100 * (i + 1))
+        return x
+
+    compiled = torch.compile(loop, fullgraph=True, mode="reduce-overhead")
+    for _ in range(3):
+        out = compiled(x, m, t)
+    assert (out - loop(x, m, t)).abs().max() <= 1e-5
+
+
+def test_opcheck_cuda():
+    x, m, z = (_rand((2, 3, 5), torch.float32, s) for s in (23, 24, 25))
+    tab = dk.NoiseSchedule.linear().table(DEV)
+    t = torch.tensor([10, 500], device=DEV)
+    ops = torch.ops.diffkern
+    torch.library.opcheck(ops.ddim_step, (x, m, t, None, tab, 0.5, 0, 1.0, z, None, 0, 0))
+    torch.library.opcheck(ops.ddpm_step, (x, m, t, t - 3, tab, 0, 2, 0.0, z, None, 0, 0))
+    torch.library.opcheck(ops.q_sample, (x, t, tab, z, None, 0, 0))
+    torch.library.opcheck(ops.langevin_step, (x, m, 0.01, z, None, 0, 0))
