@@ -132,7 +132,36 @@ def philox_normal(numel: int, seed: int, offset: int, *, start: int = 0, device=
 
 # ---- generator -> (seed, offset) -------------------------------------------------
 _fresh_states: dict[int, torch.Tensor] = {}
-_cpu_positions: "weakref.WeakKeyDictionary[torch.Generator, tuple[torch.Tensor, int]]" = weakref.WeakKeyDictionary()
+
+
+class _Positions:
+    """generator -> (its state after our last draw, next offset). Weak references where
+    torch.Generator supports them (torch >= 2.12); otherwise a bounded map by id that
+    holds the generator itself, so an id cannot be reused while its entry lives."""
+
+    def __init__(self, limit: int = 1024):
+        self._weak: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._strong: dict[int, tuple] = {}
+        self._limit = limit
+
+    def get(self, gen):
+        try:
+            return self._weak.get(gen)
+        except TypeError:
+            entry = self._strong.get(id(gen))
+            return entry[1] if entry is not None and entry[0] is gen else None
+
+    def __setitem__(self, gen, value):
+        try:
+            self._weak[gen] = value
+        except TypeError:
+            if len(self._strong) >= self._limit:
+                self._strong.pop(next(iter(self._strong)))
+            self._strong.pop(id(gen), None)
+            self._strong[id(gen)] = (gen, value)
+
+
+_cpu_positions = _Positions()
 
 
 def _fresh_state(seed: int) -> torch.Tensor:

@@ -65,6 +65,8 @@ class NoiseSchedule:
             self.alphas = torch.where(prev > 0, ac / prev.clamp_min(1e-38), torch.zeros_like(ac))
             self.betas = 1.0 - self.alphas
         self.num_timesteps = int(self.alphas_cumprod.numel())
+        # A plain bool, read on every step: no tensor op (and no graph break under compile).
+        self._zero_terminal_snr = bool(self.alphas_cumprod[-1] == 0)
         self._tables: dict[tuple, torch.Tensor] = {}
 
     # ---- builders ---------------------------------------------------------------
@@ -130,7 +132,7 @@ class NoiseSchedule:
 
     @property
     def has_zero_terminal_snr(self) -> bool:
-        return bool(self.alphas_cumprod[-1] == 0)
+        return self._zero_terminal_snr
 
     def __len__(self) -> int:
         return self.num_timesteps

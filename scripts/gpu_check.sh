@@ -9,6 +9,7 @@ OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export DIFFKERN_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 steps=${*:-all}
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/summary.txt"; }
 
@@ -40,11 +41,14 @@ fi
 
 if want bench; then
   log "benchmarks"
-  $PY benchmarks/step_speed.py --device cuda --out "$OUT" > "$OUT/step_speed.txt" 2>&1
+  # >= 100 timed calls per row (CUDA events), sizes larger than L2 plus the tiny one.
+  timeout ${BENCH_TIMEOUT:-420} $PY benchmarks/step_speed.py --device cuda --out "$OUT" --min-reps 100 --reps 200 \
+    --budget 0.5 --sizes 1x4x64x64,64x4x128x128,16x3x512x512,1e7x2 --dtypes float32,bfloat16 \
+    > "$OUT/step_speed.txt" 2>&1
   echo "step_speed rc=$?" | tee -a "$OUT/summary.txt"
   tail -60 "$OUT/step_speed.txt"
   if [ -f benchmarks/loop_speed.py ]; then
-    $PY benchmarks/loop_speed.py --device cuda --out "$OUT" > "$OUT/loop_speed.txt" 2>&1
+    timeout ${LOOP_TIMEOUT:-240} $PY benchmarks/loop_speed.py --device cuda --out "$OUT" > "$OUT/loop_speed.txt" 2>&1
     echo "loop_speed rc=$?" | tee -a "$OUT/summary.txt"
     tail -25 "$OUT/loop_speed.txt"
   fi

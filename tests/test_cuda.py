@@ -82,16 +82,10 @@ def test_large_and_misaligned(dtype):
     x = base[1:]  # offset by one element: not 16-byte aligned -> scalar path
     m = _rand((n,), dtype, 6)
     z = _rand((n,), dtype, 7)
-    out = dk.ddim_step(x, m, 500, 0.8, t_prev=400, noise=z)
-    ref = R.ddim_step(x, m, 500, 0.8, t_prev=400, noise=z)
-    if dtype == torch.float32:
-        ref64 = R.ddim_step(x.double(), m.double(), 500, 0.8, t_prev=400, noise=z.double())
-        assert (out.double() - ref64).abs().max() / ref64.abs().max() <= 1e-6
-    else:
-        _check(out, None, dtype, ref)
-    out2 = dk.ddim_step(base[:-1], m, 500, 0.8, t_prev=400, noise=z)  # aligned -> vector path
-    ref2 = R.ddim_step(base[:-1], m, 500, 0.8, t_prev=400, noise=z)
-    assert (out2.double() - ref2.double()).abs().max() <= 2 * torch.finfo(dtype).eps * ref2.double().abs().max()
+    for xx in (x, base[:-1]):  # misaligned (scalar path), then aligned (16-byte vector path)
+        out = dk.ddim_step(xx, m, 500, 0.8, t_prev=400, noise=z)
+        ref64 = R.ddim_step(xx.double(), m.double(), 500, 0.8, t_prev=400, noise=z.double())
+        _check(out, ref64, dtype, R.ddim_step(xx, m, 500, 0.8, t_prev=400, noise=z))
 
 
 def test_non_contiguous_and_broadcast():
@@ -170,7 +164,9 @@ def test_gmm_loop_matches_reference():
                                  generator=torch.Generator(device=DEV).manual_seed(9))
     b = R.gmm_annealed_langevin(x, w, mu, sd, sig, n_steps_each=5, step_lr=0.1, denoise=True,
                                 generator=torch.Generator(device=DEV).manual_seed(9))
-    assert (a - b).abs().max() < 1e-9
+    # The chain is float64 but the noise is float32 from polynomials that nvcc contracts
+    # into FMAs: a few float32 ulps per normal, carried along a contracting chain.
+    assert (a - b).abs().max() < 1e-5
 
 
 def test_gmm_mode_weights():
