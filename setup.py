@@ -77,7 +77,7 @@ def extension_modules():
     march = os.environ.get("DIFFKERN_MARCH", "native")
     # -ffp-contract=off: the CPU code then rounds exactly like the PyTorch reference (no
     # fused multiply-adds), so native and reference agree bitwise in float32/float64.
-    cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
+    cxx = ["-O3", "-g0", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
     if march:
         cxx.append(f"-march={march}")
     sources = sorted(glob.glob("csrc/torch/*.cpp") + glob.glob("csrc/torch/cpu/*.cpp"))

@@ -18,6 +18,14 @@ PREDICTION_TYPES = {"epsilon": 0, "sample": 1, "v_prediction": 2}
 VARIANCE_TYPES = {"fixed_small": 0, "fixed_large": 1}
 
 
+def _compiling() -> bool:
+    """Under torch.compile, value checks on tensors would be data-dependent guards (graph
+    breaks); they run in eager mode, and the kernels turn bad indices into NaN, not reads
+    out of bounds."""
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(is_compiling and is_compiling())
+
+
 class MismatchError(TypeError, ValueError):
     """Tensors that must agree in dtype or device do not. Both a TypeError and a ValueError,
     as numpy's AxisError is both a ValueError and an IndexError: either catch works."""
@@ -39,16 +47,37 @@ def check_like(x: torch.Tensor, other, name: str, *, broadcast: bool = True) -> 
         raise MismatchError(f"{name} is on {other.device} but x is on {x.device}")
     if other.dtype != x.dtype:
         raise MismatchError(f"{name} has dtype {other.dtype} but x has {x.dtype}; cast one of them")
+    if other.shape == x.shape:  # the common case; torch.broadcast_shapes costs ~20 us
+        return other
     if broadcast:
-        try:
-            shape = torch.broadcast_shapes(x.shape, other.shape)
-        except RuntimeError:
-            shape = None
-        if shape != x.shape:
+        if not _broadcasts_to(other.shape, x.shape):
             raise ValueError(f"{name} of shape {tuple(other.shape)} does not broadcast to x's shape {tuple(x.shape)}")
     elif other.shape != x.shape:
         raise ValueError(f"{name} must have x's shape {tuple(x.shape)}, got {tuple(other.shape)}")
     return other
+
+
+def _broadcasts_to(shape, target) -> bool:
+    if len(shape) > len(target):
+        return False
+    return all(s == 1 or s == t for s, t in zip(reversed(shape), reversed(target)))
+
+
+_int_t_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _int_timestep_tensor(tv: int, device: torch.device) -> torch.Tensor:
+    """A (1,) int64 tensor for a Python-int timestep, cached per device: a sampling loop
+    then pays neither the tensor construction nor a host-to-device copy per step. The
+    cached tensors are never written to."""
+    key = (tv, device)
+    tt = _int_t_cache.get(key)
+    if tt is None:
+        if len(_int_t_cache) > 8192:
+            _int_t_cache.clear()
+        tt = torch.tensor([tv], dtype=torch.int64, device=device)
+        _int_t_cache[key] = tt
+    return tt
 
 
 def check_schedule(schedule) -> NoiseSchedule:
@@ -76,8 +105,7 @@ def check_timesteps(t, x: torch.Tensor, T: int, name: str = "t", *, allow_negati
         tv = int(t)
         if tv >= T or (tv < 0 and not allow_negative):
             raise ValueError(f"{name}={tv} is outside [0, {T}) for a schedule of {T} timesteps")
-        tt = torch.tensor([max(tv, -1)], dtype=torch.int64)
-        return tt.to(x.device, non_blocking=True) if x.device.type != "cpu" else tt
+        return _int_timestep_tensor(max(tv, -1), x.device)
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be an int or an integer tensor, got {type(t).__name__}")
     if t.is_floating_point() or t.is_complex():
@@ -88,7 +116,7 @@ def check_timesteps(t, x: torch.Tensor, T: int, name: str = "t", *, allow_negati
         raise ValueError(f"{name} has {t.numel()} entries but x has batch size {_batch(x)}")
     if t.device.type != "cpu" and t.device != x.device:
         raise MismatchError(f"{name} is on {t.device} but x is on {x.device}")
-    if t.device.type == "cpu":
+    if t.device.type == "cpu" and not _compiling():
         lo = int(t.min()) if t.numel() else 0
         hi = int(t.max()) if t.numel() else 0
         if hi >= T or (lo < 0 and not allow_negative):
@@ -103,7 +131,7 @@ def check_t_prev(t_prev, t: torch.Tensor, x: torch.Tensor, T: int) -> torch.Tens
     if t_prev is None:
         return t - 1
     tp = check_timesteps(t_prev, x, T, "t_prev", allow_negative=True)
-    if tp.device.type == "cpu" and t.device.type == "cpu":
+    if tp.device.type == "cpu" and t.device.type == "cpu" and not _compiling():
         if bool((torch.broadcast_tensors(tp, t)[0] >= torch.broadcast_tensors(t, tp)[0]).any()):
             raise ValueError("t_prev must be smaller than t (sampling goes from noise towards data)")
     return tp
@@ -166,7 +194,7 @@ def check_generator(generator, x: torch.Tensor, noise) -> None:
 def check_zero_snr(schedule: NoiseSchedule, t: torch.Tensor, prediction: int) -> None:
     """Epsilon prediction divides by sqrt(alphas_cumprod[t]); with a zero-terminal-SNR
     schedule that is 0 at the last t (diffusers returns inf/NaN there)."""
-    if prediction != PREDICTION_TYPES["epsilon"] or not schedule.has_zero_terminal_snr:
+    if prediction != PREDICTION_TYPES["epsilon"] or not schedule.has_zero_terminal_snr or _compiling():
         return
     if bool((t == schedule.num_timesteps - 1).any()):
         raise ValueError(

@@ -80,8 +80,12 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const StepLaunch p, cons
     const int64_t e0 = u * kUnit;
     float z[kUnit];
     if (p.draw) {
-      philox_normal4(key, uint64_t(u) * 2, z);
-      philox_normal4(key, uint64_t(u) * 2 + 1, z + 4);
+      const Float4 lo = philox_normal4(key, uint64_t(u) * 2), hi = philox_normal4(key, uint64_t(u) * 2 + 1);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        z[i] = lo.v[i];
+        z[i + 4] = hi.v[i];
+      }
     }
     const int64_t n = p.numel - e0 < kUnit ? p.numel - e0 : kUnit;
     const int64_t b0 = e0 / p.inner;

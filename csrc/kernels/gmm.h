@@ -86,15 +86,14 @@ DK_HD void gmm_score_point(const C* x, int D, int K, const C* means, const C* in
 DK_HD void gmm_step_noise(PhiloxKey key, uint64_t step, uint64_t numel, uint64_t p, int D, float* z) {
   const uint64_t base = step * numel + p * uint64_t(D);
   uint64_t g = base >> 2;
-  float q[4];
-  philox_normal4(key, g, q);
+  Float4 q = philox_normal4(key, g);
   for (int d = 0; d < D; ++d) {
     const uint64_t idx = base + uint64_t(d);
     if ((idx >> 2) != g) {
       g = idx >> 2;
-      philox_normal4(key, g, q);
+      q = philox_normal4(key, g);
     }
-    z[d] = q[idx & 3];
+    z[d] = q.v[idx & 3];
   }
 }
 

@@ -23,32 +23,47 @@ struct Uint4 {
   uint32_t x, y, z, w;
 };
 
+// Returned by value (not written through pointers) so that the compiler keeps them in
+// registers: stores to a local array inside the host loop stop gcc from vectorizing it.
+struct Float2 {
+  float a, b;
+};
+
+struct Float4 {
+  float v[4];
+};
+
 constexpr uint32_t kPhiloxM0 = 0xD2511F53u;
 constexpr uint32_t kPhiloxM1 = 0xCD9E8D57u;
 constexpr uint32_t kPhiloxW0 = 0x9E3779B9u;
 constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;
 
-DK_HD Uint4 philox4x32_10(Uint4 c, uint32_t k0, uint32_t k1) {
+DK_HD Uint4 philox_round(Uint4 c, uint32_t k0, uint32_t k1) {
 #if defined(__CUDA_ARCH__)
-#pragma unroll
-#endif
-  for (int r = 0; r < 10; ++r) {
-    if (r) {
-      k0 += kPhiloxW0;
-      k1 += kPhiloxW1;
-    }
-#if defined(__CUDA_ARCH__)
-    const uint32_t hi0 = __umulhi(kPhiloxM0, c.x), lo0 = kPhiloxM0 * c.x;
-    const uint32_t hi1 = __umulhi(kPhiloxM1, c.z), lo1 = kPhiloxM1 * c.z;
+  const uint32_t hi0 = __umulhi(kPhiloxM0, c.x), lo0 = kPhiloxM0 * c.x;
+  const uint32_t hi1 = __umulhi(kPhiloxM1, c.z), lo1 = kPhiloxM1 * c.z;
 #else
-    const uint64_t p0 = uint64_t(kPhiloxM0) * c.x;  // 32x32->64: vpmuludq when vectorized
-    const uint64_t p1 = uint64_t(kPhiloxM1) * c.z;
-    const uint32_t hi0 = uint32_t(p0 >> 32), lo0 = uint32_t(p0);
-    const uint32_t hi1 = uint32_t(p1 >> 32), lo1 = uint32_t(p1);
+  const uint64_t p0 = uint64_t(kPhiloxM0) * c.x;  // 32x32->64: vpmuludq when vectorized
+  const uint64_t p1 = uint64_t(kPhiloxM1) * c.z;
+  const uint32_t hi0 = uint32_t(p0 >> 32), lo0 = uint32_t(p0);
+  const uint32_t hi1 = uint32_t(p1 >> 32), lo1 = uint32_t(p1);
 #endif
-    c = Uint4{hi1 ^ c.y ^ k0, lo1, hi0 ^ c.w ^ k1, lo0};
-  }
-  return c;
+  return Uint4{hi1 ^ c.y ^ k0, lo1, hi0 ^ c.w ^ k1, lo0};
+}
+
+// Ten rounds written out: straight-line code is what lets gcc vectorize the caller's
+// loop over counters (a loop with a branch on the round number is not vectorized).
+DK_HD Uint4 philox4x32_10(Uint4 c, uint32_t k0, uint32_t k1) {
+  c = philox_round(c, k0, k1);
+  c = philox_round(c, k0 + 1u * kPhiloxW0, k1 + 1u * kPhiloxW1);
+  c = philox_round(c, k0 + 2u * kPhiloxW0, k1 + 2u * kPhiloxW1);
+  c = philox_round(c, k0 + 3u * kPhiloxW0, k1 + 3u * kPhiloxW1);
+  c = philox_round(c, k0 + 4u * kPhiloxW0, k1 + 4u * kPhiloxW1);
+  c = philox_round(c, k0 + 5u * kPhiloxW0, k1 + 5u * kPhiloxW1);
+  c = philox_round(c, k0 + 6u * kPhiloxW0, k1 + 6u * kPhiloxW1);
+  c = philox_round(c, k0 + 7u * kPhiloxW0, k1 + 7u * kPhiloxW1);
+  c = philox_round(c, k0 + 8u * kPhiloxW0, k1 + 8u * kPhiloxW1);
+  return philox_round(c, k0 + 9u * kPhiloxW0, k1 + 9u * kPhiloxW1);
 }
 
 DK_HD Uint4 philox_bits(PhiloxKey key, uint64_t group) {
@@ -63,9 +78,9 @@ DK_HD float log_poly(float u) {
   int32_t ei = int32_t((bits >> 23) & 0xFFu) - 126;
   float m = bits_as_float((bits & 0x7FFFFFu) | 0x3F000000u);  // [0.5, 1)
   const bool small = m < 0.707106781186547524f;
-  ei = small ? ei - 1 : ei;
+  ei -= int32_t(small);  // arithmetic, not a branch: keeps the caller's loop vectorizable
   const float e = float(ei);
-  m = small ? (m + m) - 1.0f : m - 1.0f;
+  m = (small ? m + m : m) - 1.0f;
   const float z = m * m;
   float y = 7.0376836292e-2f;
   y = y * m + -1.1514610310e-1f;
@@ -84,7 +99,7 @@ DK_HD float log_poly(float u) {
 
 // sin and cos of 2 pi v for v in [0, 1) with 23 fractional bits: the quadrant split is
 // exact, leaving |a| <= pi/4 for the Cephes sinf/cosf polynomials.
-DK_HD void sincos_2pi(float v, float* s_out, float* c_out) {
+DK_HD Float2 sincos_2pi(float v) {  // {sin, cos}
   const float q = float(int32_t(v * 4.0f + 0.5f));  // floor: the argument is non-negative
   const float a = (v - q * 0.25f) * 6.28318530717958647692f;
   const float a2 = a * a;
@@ -96,33 +111,33 @@ DK_HD void sincos_2pi(float v, float* s_out, float* c_out) {
   c = c * a2 + -1.388731625493765e-3f;
   c = c * a2 + 4.166664568298827e-2f;
   c = (1.0f - 0.5f * a2) + (a2 * a2) * c;
-  const int32_t qi = int32_t(q) & 3;
-  *s_out = qi == 0 ? s : (qi == 1 ? c : (qi == 2 ? -s : -c));
-  *c_out = qi == 0 ? c : (qi == 1 ? -s : (qi == 2 ? -c : s));
+  // Rotate by q quarter turns without branches: odd q swaps sin and cos, and the signs
+  // flip on bit 1 of q (sin) and of q + 1 (cos).
+  const uint32_t qi = uint32_t(int32_t(q));
+  const bool swap = (qi & 1u) != 0;
+  const float sv = swap ? c : s, cv = swap ? s : c;
+  return Float2{bits_as_float(float_as_bits(sv) ^ ((qi & 2u) << 30)),
+                bits_as_float(float_as_bits(cv) ^ (((qi + 1u) & 2u) << 30))};
 }
 
-DK_HD void box_muller(uint32_t a, uint32_t b, float* z0, float* z1) {
+DK_HD Float2 box_muller(uint32_t a, uint32_t b) {
   const float u = (float(a >> 9) + 0.5f) * 1.1920928955078125e-07f;  // (0, 1), exact
   const float v = float(b >> 9) * 1.1920928955078125e-07f;           // [0, 1), exact
   const float r = dk_sqrt<float>(-2.0f * log_poly(u));
-  float s, c;
-  sincos_2pi(v, &s, &c);
-  *z0 = r * c;
-  *z1 = r * s;
+  const Float2 sc = sincos_2pi(v);
+  return Float2{r * sc.b, r * sc.a};
 }
 
 // The four normals of counter group `group` (logical elements 4*group .. 4*group+3).
-DK_HD void philox_normal4(PhiloxKey key, uint64_t group, float z[4]) {
+DK_HD Float4 philox_normal4(PhiloxKey key, uint64_t group) {
   const Uint4 r = philox_bits(key, group);
-  box_muller(r.x, r.y, &z[0], &z[1]);
-  box_muller(r.z, r.w, &z[2], &z[3]);
+  const Float2 p = box_muller(r.x, r.y), q = box_muller(r.z, r.w);
+  return Float4{{p.a, p.b, q.a, q.b}};
 }
 
 // One element's normal; computes its whole group, for paths that need a single value.
 DK_HD float philox_normal_at(PhiloxKey key, uint64_t index) {
-  float z[4];
-  philox_normal4(key, index >> 2, z);
-  return z[index & 3];
+  return philox_normal4(key, index >> 2).v[index & 3];
 }
 
 }  // namespace diffkern

@@ -28,10 +28,14 @@ inline Operand make_operand(const at::Tensor& t, at::IntArrayRef shape) {
     op.data = v.data_ptr();
     return op;
   }
-  if (v.dim() > kMaxDims) v = v.contiguous();  // rare: more dims than the indexer holds
+  if (v.dim() > kMaxDims) {  // rare: more dims than the indexer holds, so copy
+    op.owner = v.contiguous();
+    op.data = op.owner.data_ptr();
+    return op;
+  }
   op.owner = v;
   op.data = v.data_ptr();
-  op.contiguous = v.is_contiguous();
+  op.contiguous = false;
   op.ix.ndim = static_cast<int>(v.dim());
   for (int d = 0; d < v.dim(); ++d) {
     op.ix.sizes[d] = v.size(d);

@@ -44,8 +44,8 @@ static void test_transcendentals() {
     const float u = (float(k) + 0.5f) * 1.1920928955078125e-07f;
     max_log = std::fmax(max_log, std::fabs(double(log_poly(u)) - std::log(double(u))) / std::fabs(std::log(double(u))));
     const float v = float(k) * 1.1920928955078125e-07f;
-    float s, c;
-    sincos_2pi(v, &s, &c);
+    const Float2 sc = sincos_2pi(v);
+    const float s = sc.a, c = sc.b;
     const double a = 2 * M_PI * double(v);
     max_sc = std::fmax(max_sc, std::fmax(std::fabs(s - std::sin(a)), std::fabs(c - std::cos(a))));
   }
@@ -69,8 +69,8 @@ static void test_normals() {
   CHECK(std::fabs(var - 1) < 5 * std::sqrt(2.0 / n), "normal variance %g", var);
   CHECK(std::fabs(lag / n) < 5 / std::sqrt(double(n)), "lag-1 correlation %g", lag / n);
   // Keying: element i only depends on (seed, offset, i).
-  float z4[4];
-  philox_normal4(key, 5, z4);
+  const Float4 group5 = philox_normal4(key, 5);
+  const float* z4 = group5.v;
   CHECK(z4[2] == philox_normal_at(key, 22), "group/lane keying");
   CHECK(philox_normal_at(PhiloxKey{12345, 12}, 22) != z4[2], "offset changes the stream");
   CHECK(philox_normal_at(PhiloxKey{12346, 8}, 22) != z4[2], "seed changes the stream");

@@ -16,12 +16,11 @@ inline void fill_normals(PhiloxKey key, uint64_t first_group, int64_t ngroups, f
   alignas(64) float z0[kChunk / 4], z1[kChunk / 4], z2[kChunk / 4], z3[kChunk / 4];
 #pragma omp simd
   for (int64_t i = 0; i < ngroups; ++i) {
-    float z[4];
-    philox_normal4(key, first_group + uint64_t(i), z);
-    z0[i] = z[0];
-    z1[i] = z[1];
-    z2[i] = z[2];
-    z3[i] = z[3];
+    const Float4 z = philox_normal4(key, first_group + uint64_t(i));
+    z0[i] = z.v[0];
+    z1[i] = z.v[1];
+    z2[i] = z.v[2];
+    z3[i] = z.v[3];
   }
   for (int64_t i = 0; i < ngroups; ++i) {
     out[4 * i + 0] = z0[i];
