@@ -93,6 +93,13 @@ static void test_coefficients() {
   CHECK(std::isnan(table_lookup<double>(nullptr, 10, 10, false)), "out-of-range t gives NaN");
 }
 
+static void test_exp_poly() {
+  double worst = 0;
+  for (float v = -80.0f; v <= 0.0f; v += 0.00731f)
+    worst = std::fmax(worst, std::fabs(double(exp_poly(v)) - std::exp(double(v))) / std::exp(double(v)));
+  CHECK(worst < 3e-7, "exp_poly max relative error %g", worst);
+}
+
 static void test_gmm_score() {
   // One component: score = (mu - x)/(s^2 + sigma^2).
   const double w[1] = {1.0}, mu[2] = {1.0, -2.0}, sd[2] = {0.5, 2.0};
@@ -109,6 +116,7 @@ int main() {
   test_transcendentals();
   test_normals();
   test_coefficients();
+  test_exp_poly();
   test_gmm_score();
   if (failures) {
     std::printf("%d check(s) failed\n", failures);

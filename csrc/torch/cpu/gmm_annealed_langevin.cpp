@@ -1,6 +1,6 @@
-// The fused annealed-Langevin chain for the analytic mixture score, on the CPU: points in
-// parallel, each point's whole chain in registers; per-level component constants are
-// computed once and shared.
+// The fused annealed-Langevin chain for the analytic mixture score, on the CPU: blocks of
+// points in parallel, each block's whole chain in L1 (structure of arrays, vectorized over
+// points); per-level component constants computed once and shared.
 #include "elementwise.h"
 
 #include "../../kernels/gmm.h"
@@ -8,6 +8,103 @@
 namespace diffkern {
 
 namespace {
+
+constexpr int kBlock = 64;  // points advanced together: the inner loops run over points (SIMD)
+
+template <class C>
+inline C exp_vec(C v) {
+  return dk_exp<C>(v);
+}
+template <>
+inline float exp_vec<float>(float v) {
+  return exp_poly(v);
+}
+
+// Advances points [p0, p0 + P) through the whole chain. State is kept structure-of-arrays
+// (x[d][p]) so every loop below is a loop over points that the compiler vectorizes; the
+// score is a two-pass softmax (max, then weights) instead of gmm_score_point's streaming
+// one, which needs a branch per component.
+template <class C>
+void chain_block(C* xs, int64_t p0, int P, int D, int K, const C* means, const std::vector<C>& inv_var,
+                 const std::vector<C>& lognorm, const std::vector<double>& sigmas, int64_t n_steps_each,
+                 double step_lr, bool denoise, PhiloxKey key, uint64_t numel, std::vector<C>& lp) {
+  const int L = int(sigmas.size());
+  const double sigma_L = sigmas[L - 1];
+  alignas(64) C x[kGmmMaxDim][kBlock], acc[kGmmMaxDim][kBlock];
+  alignas(64) C mx[kBlock], denom[kBlock];
+  alignas(64) float zbuf[cpu::kChunk];
+  for (int p = 0; p < P; ++p)
+    for (int d = 0; d < D; ++d) x[d][p] = xs[(p0 + p) * D + d];
+
+  auto score = [&](int level) {  // acc[d][p] <- score of x at `level`
+    const C* iv = &inv_var[size_t(level) * K * D];
+    const C* ln = &lognorm[size_t(level) * K];
+    for (int p = 0; p < P; ++p) mx[p] = C(-__builtin_huge_val());
+    for (int k = 0; k < K; ++k) {
+      C* l = &lp[size_t(k) * kBlock];
+#pragma omp simd
+      for (int p = 0; p < P; ++p) l[p] = C(0);
+      for (int d = 0; d < D; ++d) {
+        const C mu = means[k * D + d], w = iv[k * D + d];
+#pragma omp simd
+        for (int p = 0; p < P; ++p) {
+          const C diff = mu - x[d][p];
+          l[p] += diff * diff * w;
+        }
+      }
+#pragma omp simd
+      for (int p = 0; p < P; ++p) {
+        l[p] = ln[k] - C(0.5) * l[p];
+        mx[p] = l[p] > mx[p] ? l[p] : mx[p];
+      }
+    }
+    for (int p = 0; p < P; ++p) denom[p] = C(0);
+    for (int d = 0; d < D; ++d)
+      for (int p = 0; p < P; ++p) acc[d][p] = C(0);
+    for (int k = 0; k < K; ++k) {
+      C* l = &lp[size_t(k) * kBlock];
+#pragma omp simd
+      for (int p = 0; p < P; ++p) {
+        l[p] = exp_vec<C>(l[p] - mx[p]);
+        denom[p] += l[p];
+      }
+      for (int d = 0; d < D; ++d) {
+        const C mu = means[k * D + d], w = iv[k * D + d];
+#pragma omp simd
+        for (int p = 0; p < P; ++p) acc[d][p] += l[p] * (mu - x[d][p]) * w;
+      }
+    }
+    for (int d = 0; d < D; ++d)
+#pragma omp simd
+      for (int p = 0; p < P; ++p) acc[d][p] = acc[d][p] / denom[p];
+  };
+
+  uint64_t step = 0;
+  for (int l = 0; l < L; ++l) {
+    const double alpha = step_lr * (sigmas[l] / sigma_L) * (sigmas[l] / sigma_L);
+    const C a = C(alpha), ns = C(std::sqrt(2 * alpha));
+    for (int64_t s = 0; s < n_steps_each; ++s, ++step) {
+      score(l);
+      // This block's normals: logical indices step*numel + p0*D .. + P*D (gmm_step_noise's keying).
+      const uint64_t base = step * numel + uint64_t(p0) * uint64_t(D);
+      const uint64_t g0 = base >> 2, g1 = (base + uint64_t(P) * D - 1) >> 2;
+      cpu::fill_normals(key, g0, int64_t(g1 - g0 + 1), zbuf);
+      const float* z = zbuf + (base - 4 * g0);
+      for (int d = 0; d < D; ++d)
+#pragma omp simd
+        for (int p = 0; p < P; ++p) x[d][p] = (x[d][p] + a * acc[d][p]) + ns * C(z[p * D + d]);
+    }
+  }
+  if (denoise) {
+    score(L);
+    const C s2 = C(sigma_L * sigma_L);
+    for (int d = 0; d < D; ++d)
+      for (int p = 0; p < P; ++p) x[d][p] = x[d][p] + s2 * acc[d][p];
+  }
+  for (int p = 0; p < P; ++p)
+    for (int d = 0; d < D; ++d) xs[(p0 + p) * D + d] = x[d][p];
+}
+
 template <class C>
 void chain(C* xs, int64_t npoints, int D, int K, const C* weights, const C* means, const C* stds,
            const std::vector<double>& sigmas, int64_t n_steps_each, double step_lr, bool denoise, PhiloxKey key) {
@@ -17,34 +114,19 @@ void chain(C* xs, int64_t npoints, int D, int K, const C* weights, const C* mean
     for (int k = 0; k < K; ++k)
       gmm_component_constants<C>(weights, stds, k, D, C(sigmas[std::min(l, L - 1)]), &inv_var[size_t(l) * K * D],
                                  &lognorm[size_t(l) * K]);
-  const double sigma_L = sigmas[L - 1];
   const uint64_t numel = uint64_t(npoints) * uint64_t(D);
-  at::parallel_for(0, npoints, 64, [&](int64_t p0, int64_t p1) {
-    C x[kGmmMaxDim], score[kGmmMaxDim];
-    float z[kGmmMaxDim];
-    for (int64_t p = p0; p < p1; ++p) {
-      for (int d = 0; d < D; ++d) x[d] = xs[p * D + d];
-      uint64_t step = 0;
-      for (int l = 0; l < L; ++l) {
-        const double alpha = step_lr * (sigmas[l] / sigma_L) * (sigmas[l] / sigma_L);
-        const C a = C(alpha), ns = C(std::sqrt(2 * alpha));
-        const C* iv = &inv_var[size_t(l) * K * D];
-        const C* ln = &lognorm[size_t(l) * K];
-        for (int64_t s = 0; s < n_steps_each; ++s, ++step) {
-          gmm_score_point<C>(x, D, K, means, iv, ln, score);
-          gmm_step_noise(key, step, numel, uint64_t(p), D, z);
-          gmm_langevin_update<C>(x, score, z, D, a, ns);
-        }
-      }
-      if (denoise) {
-        gmm_score_point<C>(x, D, K, means, &inv_var[size_t(L) * K * D], &lognorm[size_t(L) * K], score);
-        const C s2 = C(sigma_L * sigma_L);
-        for (int d = 0; d < D; ++d) x[d] = x[d] + s2 * score[d];
-      }
-      for (int d = 0; d < D; ++d) xs[p * D + d] = x[d];
+  const int64_t nblocks = (npoints + kBlock - 1) / kBlock;
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<C> lp(size_t(K) * kBlock);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t p0 = b * kBlock;
+      const int P = int(std::min<int64_t>(kBlock, npoints - p0));
+      chain_block<C>(xs, p0, P, D, K, means, inv_var, lognorm, sigmas, n_steps_each, step_lr, denoise, key, numel,
+                     lp);
     }
   });
 }
+
 }  // namespace
 
 at::Tensor gmm_annealed_langevin_cpu(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& means,
