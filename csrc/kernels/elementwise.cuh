@@ -50,24 +50,83 @@ __device__ __forceinline__ T load_at(const Operand& o, int64_t i) {
   return o.contiguous ? p[i] : p[o.ix.offset(i)];
 }
 
-// kUnit elements starting at a 16-byte aligned address.
-template <class T>
-__device__ __forceinline__ void load_unit(const void* base, int64_t e0, T* dst) {
-  constexpr int kVecs = kUnit * int(sizeof(T)) / 16;
-  const uint4* src = reinterpret_cast<const uint4*>(static_cast<const T*>(base) + e0);
-  uint4* d = reinterpret_cast<uint4*>(dst);
+// kUnit elements from / to a 16-byte aligned address, converted to / from the math type.
+// Built from 16-byte register loads and bit operations (no local arrays that are
+// reinterpreted, which would put them in local memory).
+template <class C, class T>
+struct Unit;
+
+template <class C>
+struct Unit<C, float> {
+  static __device__ __forceinline__ void load(const void* base, int64_t e0, C* v) {
+    const float4* p = reinterpret_cast<const float4*>(static_cast<const float*>(base) + e0);
+    const float4 a = p[0], b = p[1];
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+    v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+  }
+  static __device__ __forceinline__ void store(void* base, int64_t e0, const C* v) {
+    float4* p = reinterpret_cast<float4*>(static_cast<float*>(base) + e0);
+    p[0] = make_float4(v[0], v[1], v[2], v[3]);
+    p[1] = make_float4(v[4], v[5], v[6], v[7]);
+  }
+};
+
+template <class C>
+struct Unit<C, double> {
+  static __device__ __forceinline__ void load(const void* base, int64_t e0, C* v) {
+    const double2* p = reinterpret_cast<const double2*>(static_cast<const double*>(base) + e0);
 #pragma unroll
-  for (int i = 0; i < kVecs; ++i) d[i] = src[i];
-}
+    for (int i = 0; i < 4; ++i) {
+      const double2 a = p[i];
+      v[2 * i] = a.x;
+      v[2 * i + 1] = a.y;
+    }
+  }
+  static __device__ __forceinline__ void store(void* base, int64_t e0, const C* v) {
+    double2* p = reinterpret_cast<double2*>(static_cast<double*>(base) + e0);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) p[i] = make_double2(v[2 * i], v[2 * i + 1]);
+  }
+};
+
+// 16-bit types: eight values in one uint4, two per 32-bit word, low half first.
+template <class T>
+struct Bits16;
+template <>
+struct Bits16<__half> {
+  static __device__ __forceinline__ float to_float(uint32_t b) { return __half2float(__ushort_as_half((unsigned short)b)); }
+  static __device__ __forceinline__ uint32_t from_float(float f) { return __half_as_ushort(__float2half_rn(f)); }
+};
+template <>
+struct Bits16<__nv_bfloat16> {
+  static __device__ __forceinline__ float to_float(uint32_t b) {
+    return __bfloat162float(__ushort_as_bfloat16((unsigned short)b));
+  }
+  static __device__ __forceinline__ uint32_t from_float(float f) { return __bfloat16_as_ushort(__float2bfloat16_rn(f)); }
+};
 
 template <class T>
-__device__ __forceinline__ void store_unit(void* base, int64_t e0, const T* src) {
-  constexpr int kVecs = kUnit * int(sizeof(T)) / 16;
-  uint4* dst = reinterpret_cast<uint4*>(static_cast<T*>(base) + e0);
-  const uint4* s = reinterpret_cast<const uint4*>(src);
+struct Unit16 {
+  static __device__ __forceinline__ void load(const void* base, int64_t e0, float* v) {
+    const uint4 u = *reinterpret_cast<const uint4*>(static_cast<const T*>(base) + e0);
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
-  for (int i = 0; i < kVecs; ++i) dst[i] = s[i];
-}
+    for (int i = 0; i < 4; ++i) {
+      v[2 * i] = Bits16<T>::to_float(w[i] & 0xFFFFu);
+      v[2 * i + 1] = Bits16<T>::to_float(w[i] >> 16);
+    }
+  }
+  static __device__ __forceinline__ void store(void* base, int64_t e0, const float* v) {
+    uint32_t w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) w[i] = Bits16<T>::from_float(v[2 * i]) | (Bits16<T>::from_float(v[2 * i + 1]) << 16);
+    *reinterpret_cast<uint4*>(static_cast<T*>(base) + e0) = make_uint4(w[0], w[1], w[2], w[3]);
+  }
+};
+template <>
+struct Unit<float, __half> : Unit16<__half> {};
+template <>
+struct Unit<float, __nv_bfloat16> : Unit16<__nv_bfloat16> {};
 
 template <class T, class Op>
 __global__ void __launch_bounds__(kThreads) step_kernel(const StepLaunch p, const Op op) {
@@ -78,7 +137,7 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const StepLaunch p, cons
   const bool has_z = p.draw || p.has_noise;
   for (int64_t u = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; u < nunits; u += int64_t(gridDim.x) * blockDim.x) {
     const int64_t e0 = u * kUnit;
-    float z[kUnit];
+    float z[kUnit] = {};
     if (p.draw) {
       const Float4 lo = philox_normal4(key, uint64_t(u) * 2), hi = philox_normal4(key, uint64_t(u) * 2 + 1);
 #pragma unroll
@@ -91,31 +150,37 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const StepLaunch p, cons
     const int64_t b0 = e0 / p.inner;
     const bool one_sample = !p.per_sample || (e0 + n - 1) / p.inner == b0;
     StepCoeffs<C> k = p.per_sample ? op.template coeffs<C>(b0) : shared;
-    if (p.vectorized && n == kUnit) {
-      alignas(16) T xs[kUnit], ms[kUnit], ns[kUnit], os[kUnit];
-      load_unit<T>(p.x.data, e0, xs);
-      if (Op::kHasModel) load_unit<T>(p.m.data, e0, ms);
-      if (p.has_noise) load_unit<T>(p.noise.data, e0, ns);
+    // The vector path needs one coefficient set for the unit; units that straddle two
+    // samples (tiny per-sample sizes) take the scalar path, which keeps the per-element
+    // coefficient code out of the unrolled loop (and its registers).
+    if (p.vectorized && n == kUnit && one_sample) {
+      C xs[kUnit], ms[kUnit], ns[kUnit];
+      Unit<C, T>::load(p.x.data, e0, xs);
+      if (Op::kHasModel) Unit<C, T>::load(p.m.data, e0, ms);
+      if (p.has_noise) Unit<C, T>::load(p.noise.data, e0, ns);
 #pragma unroll
       for (int i = 0; i < kUnit; ++i) {
-        const StepCoeffs<C> ki = one_sample ? k : op.template coeffs<C>((e0 + i) / p.inner);
-        const C zi = p.draw ? C(z[i]) : (p.has_noise ? to_c<C>(ns[i]) : C(0));
-        os[i] = from_c<T>(op.apply(ki, to_c<C>(xs[i]), Op::kHasModel ? to_c<C>(ms[i]) : C(0), zi, has_z));
+        const C zi = p.draw ? C(z[i]) : (p.has_noise ? ns[i] : C(0));
+        xs[i] = op.apply(k, xs[i], Op::kHasModel ? ms[i] : C(0), zi, has_z);
       }
-      store_unit<T>(p.out, e0, os);
+      Unit<C, T>::store(p.out, e0, xs);
       if (Op::kWritesNoise && p.draw) {
 #pragma unroll
-        for (int i = 0; i < kUnit; ++i) ns[i] = from_c<T>(C(z[i]));
-        store_unit<T>(p.noise_out, e0, ns);
+        for (int i = 0; i < kUnit; ++i) ns[i] = C(z[i]);
+        Unit<C, T>::store(p.noise_out, e0, ns);
       }
     } else {
+#pragma unroll 1
       for (int i = 0; i < n; ++i) {
         const int64_t e = e0 + i;
         const StepCoeffs<C> ki = one_sample ? k : op.template coeffs<C>(e / p.inner);
-        const C zi = p.draw ? C(z[i]) : (p.has_noise ? to_c<C>(load_at<T>(p.noise, e)) : C(0));
+        float zd = z[0];  // z[i] by selects: a runtime index would move z to local memory
+#pragma unroll
+        for (int j = 1; j < kUnit; ++j) zd = i == j ? z[j] : zd;
+        const C zi = p.draw ? C(zd) : (p.has_noise ? to_c<C>(load_at<T>(p.noise, e)) : C(0));
         const C mi = Op::kHasModel ? to_c<C>(load_at<T>(p.m, e)) : C(0);
         static_cast<T*>(p.out)[e] = from_c<T>(op.apply(ki, to_c<C>(load_at<T>(p.x, e)), mi, zi, has_z));
-        if (Op::kWritesNoise && p.draw) static_cast<T*>(p.noise_out)[e] = from_c<T>(C(z[i]));
+        if (Op::kWritesNoise && p.draw) static_cast<T*>(p.noise_out)[e] = from_c<T>(zi);
       }
     }
   }
