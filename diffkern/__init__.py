@@ -24,6 +24,18 @@ from .schedules import NoiseSchedule
 
 __version__ = "0.1.0"
 
+_SUBMODULES = ("models", "training", "samplers", "metrics", "data")
+
+
+def __getattr__(name):
+    # The library side (models, training loops, samplers, metrics, data) loads on first
+    # use, so `import diffkern` stays as cheap as the ops.
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'diffkern' has no attribute {name!r}")
+
 __all__ = [
     "NoiseSchedule", "q_sample", "ddpm_step", "ddim_step", "langevin_step", "annealed_langevin", "gmm_score",
     "gmm_annealed_langevin", "native_available", "native_error", "reference", "MismatchError",
