@@ -9,7 +9,7 @@ namespace diffkern {
 
 namespace {
 
-constexpr int kBlock = 64;  // points advanced together: the inner loops run over points (SIMD)
+constexpr int kBlock = 256;  // points advanced together: the inner loops run over points (SIMD)
 
 template <class C>
 inline C exp_vec(C v) {
@@ -115,12 +115,15 @@ void chain(C* xs, int64_t npoints, int D, int K, const C* weights, const C* mean
       gmm_component_constants<C>(weights, stds, k, D, C(sigmas[std::min(l, L - 1)]), &inv_var[size_t(l) * K * D],
                                  &lognorm[size_t(l) * K]);
   const uint64_t numel = uint64_t(npoints) * uint64_t(D);
-  const int64_t nblocks = (npoints + kBlock - 1) / kBlock;
+  // A block's normals for one step (P*D of them, plus group alignment) must fit the
+  // noise buffer.
+  const int block = std::min<int>(kBlock, int((cpu::kChunk - 8) / D));
+  const int64_t nblocks = (npoints + block - 1) / block;
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<C> lp(size_t(K) * kBlock);
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t p0 = b * kBlock;
-      const int P = int(std::min<int64_t>(kBlock, npoints - p0));
+      const int64_t p0 = b * block;
+      const int P = int(std::min<int64_t>(block, npoints - p0));
       chain_block<C>(xs, p0, P, D, K, means, inv_var, lognorm, sigmas, n_steps_each, step_lr, denoise, key, numel,
                      lp);
     }
