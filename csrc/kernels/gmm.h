@@ -45,8 +45,11 @@ DK_HD float dk_exp<float>(float v) {
 // exp for the CPU's vectorized loops (Cephes expf: 2^n times a degree-6 polynomial on
 // |r| <= ln2/2; about 1 ulp). Branch-free; arguments below -87 flush towards 0.
 DK_HD float exp_poly(float v) {
-  v = v < -87.0f ? -87.0f : (v > 88.0f ? 88.0f : v);
-  const float n = float(int32_t(v * 1.44269504088896341f + (v < 0.0f ? -0.5f : 0.5f)));
+  v = v < -87.0f ? -87.0f : v;  // one-level selects: gcc if-converts these, not nested ones
+  v = v > 88.0f ? 88.0f : v;
+  // Round to nearest by adding and removing 1.5 * 2^23 (|v log2 e| < 2^22 here): plain
+  // arithmetic, where floorf is a libm call that gcc will not vectorize.
+  const float n = (v * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   const float r = (v - n * 0.693359375f) - n * -2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
