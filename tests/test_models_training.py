@@ -458,3 +458,15 @@ def test_image_quality_and_classifier_cache(tmp_path, monkeypatch):
     assert ent_noise["marginal"] < ent_real["marginal"]
     mu, cov = gaussian_statistics(q.features(test_x))
     assert mu.shape == (64,) and cov.shape == (64, 64)
+
+    # Calibrated on pairs of disjoint real subsets: a fresh real pair passes, shifted digits fail.
+    def real(n, generator):
+        return x[torch.randperm(x.shape[0], generator=generator)[:n]]
+
+    def fd(a, b):
+        return frechet_distance(*gaussian_statistics(q.features(a)), *gaussian_statistics(q.features(b)))
+
+    cal = calibrate(fd, real, 300, repeats=8, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(9)
+    assert cal.passes(fd(real(300, g), real(300, g)))
+    assert not cal.passes(fd(torch.roll(real(300, g), shifts=2, dims=-1), real(300, g)))

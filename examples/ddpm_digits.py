@@ -1,0 +1,224 @@
+"""Train a small UNet with DDPM on scikit-learn's digits (16x16), then compare samplers.
+
+Training uses L_simple with :func:`diffkern.q_sample` (per-sample t); sample grids and the
+Fréchet distance (on the features of a small digits classifier, trained once and cached)
+are recorded during training; at the end the EMA model is sampled with DDPM (1000 steps,
+:func:`diffkern.ddpm_step`) and DDIM (50..1000 steps, eta 0 / 0.5 / 1,
+:func:`diffkern.ddim_step`) from the same starting noise, and a table of sampling time and
+quality is written.
+
+    python examples/ddpm_digits.py --quick --out runs/ddpm_digits
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ensure_diffkern_importable  # noqa: E402
+
+ensure_diffkern_importable()
+from _common import Timer, env_summary, log, make_parser, save_figure, setup, write_table  # noqa: E402
+
+from diffkern import samplers  # noqa: E402
+from diffkern.data import load_digits  # noqa: E402
+from diffkern.metrics import digits_quality  # noqa: E402
+from diffkern.models import UNet, count_parameters  # noqa: E402
+from diffkern.training import train_ddpm  # noqa: E402
+
+# (name, kind, n_steps, eta)
+QUICK_SAMPLERS = [("DDPM", "ddpm", 1000, None), ("DDIM", "ddim", 50, 0.0), ("DDIM", "ddim", 50, 0.5),
+                  ("DDIM", "ddim", 50, 1.0), ("DDIM", "ddim", 100, 0.0)]
+FULL_SAMPLERS = QUICK_SAMPLERS + [("DDIM", "ddim", 100, 1.0), ("DDIM", "ddim", 250, 0.0), ("DDIM", "ddim", 250, 1.0),
+                                  ("DDIM", "ddim", 1000, 0.0), ("DDIM", "ddim", 1000, 0.5), ("DDIM", "ddim", 1000, 1.0)]
+
+
+def settings(quick: bool) -> dict:
+    if quick:
+        return dict(model=dict(base_channels=16, num_res_blocks=1), batch_size=64, epochs=6, lr=2e-3, ema_decay=0.99,
+                    eval_every=3, eval_samples=48, eval_steps=20, n_samples=32, samplers=QUICK_SAMPLERS)
+    return dict(model=dict(base_channels=32, num_res_blocks=2), batch_size=128, epochs=300, lr=5e-4,
+                ema_decay=0.999, eval_every=30, eval_samples=500, eval_steps=50, n_samples=1000,
+                samplers=FULL_SAMPLERS)
+
+
+def image_grid(images: torch.Tensor, nrow: int) -> torch.Tensor:
+    """(N, 1, H, W) in [-1, 1] -> one (rows*(H+1), nrow*(W+1)) image in [0, 1]."""
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) / 2)[:, 0]
+    n, H, W = x.shape
+    rows = math.ceil(n / nrow)
+    grid = torch.ones(rows * (H + 1) - 1, nrow * (W + 1) - 1)
+    for i in range(n):
+        r, c = divmod(i, nrow)
+        grid[r * (H + 1):r * (H + 1) + H, c * (W + 1):c * (W + 1) + W] = x[i]
+    return grid
+
+
+def plot_grids(panels: list[tuple[str, torch.Tensor]], path: Path, *, nrow: int = 8, ncols: int | None = None):
+    import matplotlib.pyplot as plt
+
+    ncols = ncols or len(panels)
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 3.5 * nrows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (title, imgs) in zip(axes.flat, panels, strict=False):
+        ax.imshow(image_grid(imgs, nrow), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+    save_figure(fig, path)
+
+
+def sample(model, kind, n_steps, eta, n, *, device, seed, progress, clip_sample=None, batch=500):
+    """``n`` samples in batches; the starting noise and the sampler noise come from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(0, n, batch):
+        b = min(batch, n - i)
+        if kind == "ddpm":
+            x = samplers.ddpm_sample(model, (b, 1, 16, 16), n_steps=n_steps, clip_sample=clip_sample, generator=g,
+                                     device=device, progress=progress)
+        else:
+            x = samplers.ddim_sample(model, (b, 1, 16, 16), n_steps=n_steps, eta=eta, clip_sample=clip_sample,
+                                     generator=g, device=device, progress=progress)
+        out.append(x.cpu())
+    return torch.cat(out)
+
+
+def plot_training(loss_history, evals, out):
+    import matplotlib.pyplot as plt
+
+    h = torch.tensor(loss_history)
+    k = max(5, len(h) // 100)
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.plot(h, alpha=0.3, lw=0.6, label="per step")
+    smooth = h[: len(h) // k * k].reshape(-1, k).mean(1)
+    ax.plot((torch.arange(len(smooth)) + 0.5) * k, smooth, lw=2, label=f"mean over {k} steps")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("L_simple (MSE of eps)")
+    ax.legend()
+    save_figure(fig, out / "digits_loss.png")
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ep = [e["epoch"] for e in evals]
+    ax.plot(ep, [e["fd"] for e in evals], "o-", label="Fréchet distance (EMA model)")
+    ax.axhline(evals[0]["fd_floor"], color="gray", ls="--", label="real held-out digits (floor)")
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"FD, {evals[0]['sampler']}, {evals[0]['n']} samples")
+    ax2 = ax.twinx()
+    ax2.plot(ep, [e["label_entropy"] for e in evals], "s:", color="C2", label="label entropy H(y|x)")
+    ax2.set_ylabel("H(y|x) [nats]", color="C2")
+    lines = ax.get_legend_handles_labels()
+    lines2 = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=8)
+    save_figure(fig, out / "digits_fd_vs_epoch.png")
+
+
+def main(argv=None):
+    p = make_parser(__doc__.splitlines()[0], "runs/ddpm_digits")
+    p.add_argument("--epochs", type=int, default=None, help="override the number of training epochs")
+    p.add_argument("--n-samples", type=int, default=None, help="samples per sampler in the final table")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="where the metric classifier is cached (default $DIFFKERN_CACHE or ~/.cache/diffkern)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/unet.pt if it exists")
+    p.add_argument("--clip-sample", type=float, default=None,
+                   help="clamp the predicted x0 to [-c, c] in every step (default: off; with eta = 0 and many "
+                        "steps, clipping x0 but not eps drifts the deterministic DDIM path, as in diffusers)")
+    args = p.parse_args(argv)
+    device = setup(args)
+    cfg = settings(args.quick)
+    if args.epochs:
+        cfg["epochs"] = args.epochs
+    if args.n_samples:
+        cfg["n_samples"] = args.n_samples
+    progress = not args.no_progress
+    out = args.out
+    t_start = time.perf_counter()
+
+    images, _ = load_digits(16)
+    log(f"digits: {tuple(images.shape)} in [{images.min():.0f}, {images.max():.0f}]")
+    plot_grids([("training data (sklearn digits, 16x16)", images[:64])], out / "digits_data.png")
+    with Timer(device) as t:
+        quality = digits_quality(cache_dir=args.cache_dir, device=device, progress=progress)
+    log(f"metric classifier ready in {t.seconds:.1f} s")
+    held_out, _ = load_digits(16, split="test")
+    fd_floor = quality.frechet_distance(held_out[: cfg["eval_samples"]])
+
+    torch.manual_seed(args.seed)
+    model = UNet(1, **cfg["model"])
+    log(f"UNet {cfg['model']}: {count_parameters(model) / 1e6:.2f}M parameters")
+    steps_per_epoch = math.ceil(images.shape[0] / cfg["batch_size"])
+    n_steps = cfg["epochs"] * steps_per_epoch
+    eval_epochs = sorted({*range(cfg["eval_every"], cfg["epochs"] + 1, cfg["eval_every"]), 1, cfg["epochs"]})
+    grid_epochs = {eval_epochs[0], eval_epochs[len(eval_epochs) // 2], eval_epochs[-1]}
+    history_path = out / "digits_eval_history.json"
+    evals = json.loads(history_path.read_text()) if args.resume and history_path.exists() else []
+    grids = []
+    eval_sampler = f"DDIM-{cfg['eval_steps']} eta=0.5"
+
+    def evaluate(trainer):
+        epoch = trainer.step // steps_per_epoch
+        if epoch not in eval_epochs or any(e["epoch"] == epoch for e in evals):
+            return
+        x = sample(trainer.ema.model, "ddim", cfg["eval_steps"], 0.5, cfg["eval_samples"], device=device,
+                   seed=args.seed + 1, progress=False, clip_sample=args.clip_sample)
+        m = quality.evaluate(x)
+        evals.append({"epoch": epoch, "step": trainer.step, "sampler": eval_sampler, "n": cfg["eval_samples"],
+                      "fd": m["fd"], "label_entropy": m["label_entropy"], "class_entropy": m["class_entropy"],
+                      "fd_floor": fd_floor})
+        history_path.write_text(json.dumps(evals, indent=1))
+        if epoch in grid_epochs:
+            grids.append((f"epoch {epoch} ({eval_sampler})\nFD {m['fd']:.1f}", x[:64]))
+        log(f"  epoch {epoch}: FD {m['fd']:.2f}, H(y|x) {m['label_entropy']:.3f}, H(y) {m['class_entropy']:.3f}")
+
+    log(f"training {cfg['epochs']} epochs x {steps_per_epoch} steps (batch {cfg['batch_size']})")
+    with Timer(device) as t_train:
+        trainer = train_ddpm(model, images, n_steps=n_steps, batch_size=cfg["batch_size"], lr=cfg["lr"],
+                             ema_decay=cfg["ema_decay"], warmup_steps=min(100, n_steps // 10), seed=args.seed,
+                             device=device, checkpoint_path=out / "checkpoints" / "unet.pt",
+                             checkpoint_every=steps_per_epoch * cfg["eval_every"], resume=args.resume,
+                             progress=progress, callback=evaluate, callback_every=steps_per_epoch)
+    log(f"trained in {t_train.seconds:.1f} s")
+    if grids:
+        plot_grids(grids, out / "digits_samples_by_epoch.png")
+    plot_training(trainer.loss_history, evals, out)
+
+    # ---- sampler comparison from the same starting noise ---------------------------
+    ema = trainer.ema.model
+    n = cfg["n_samples"]
+    rows = [{"sampler": "real held-out digits", "n_steps": 0, "eta": "", "n": min(n, len(held_out)), "seconds": 0.0,
+             "ms_per_sample": 0.0, "fd": quality.frechet_distance(held_out[:n]),
+             "label_entropy": quality.label_entropy(held_out[:n])["conditional"],
+             "class_entropy": quality.label_entropy(held_out[:n])["marginal"]}]
+    final_grids = []
+    for name, kind, steps, eta in cfg["samplers"]:
+        label = f"{name}-{steps}" + (f" eta={eta:g}" if eta is not None else "")
+        log(f"sampling {n} with {label}")
+        with Timer(device) as t:
+            x = sample(ema, kind, steps, eta, n, device=device, seed=args.seed + 2, progress=progress,
+                       clip_sample=args.clip_sample)
+        m = quality.evaluate(x)
+        rows.append({"sampler": name, "n_steps": steps, "eta": "" if eta is None else eta, "n": n,
+                     "seconds": t.seconds, "ms_per_sample": 1e3 * t.seconds / n, "fd": m["fd"],
+                     "label_entropy": m["label_entropy"], "class_entropy": m["class_entropy"]})
+        final_grids.append((f"{label}: FD {m['fd']:.1f}", x[:36]))
+    write_table(rows, out / "digits_samplers", title="digits: sampling time and quality per sampler (EMA model)",
+                meta={"model": f"UNet {cfg['model']} ({count_parameters(model) / 1e6:.2f}M params)",
+                      "training": f"{cfg['epochs']} epochs, {trainer.step} steps, batch {cfg['batch_size']}, "
+                                  f"{t_train.seconds:.0f} s", "device": str(device),
+                      "fd": "Fréchet distance on the digits classifier's 64-d features vs all 1797 digits",
+                      "label_entropy": "mean H(y|x) [nats]; class_entropy: H(mean p(y)), max ln 10 = 2.303",
+                      "clip_sample": args.clip_sample, **env_summary()})
+    plot_grids(final_grids, out / "digits_samplers.png", nrow=6, ncols=min(6, len(final_grids)))
+    log(f"total {time.perf_counter() - t_start:.1f} s; outputs in {out}")
+
+
+if __name__ == "__main__":
+    main()
