@@ -60,7 +60,7 @@ def check_like(x: torch.Tensor, other, name: str, *, broadcast: bool = True) -> 
 def _broadcasts_to(shape, target) -> bool:
     if len(shape) > len(target):
         return False
-    return all(s == 1 or s == t for s, t in zip(reversed(shape), reversed(target)))
+    return all(s == 1 or s == t for s, t in zip(reversed(shape), reversed(target), strict=False))
 
 
 _int_t_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
@@ -120,7 +120,8 @@ def check_timesteps(t, x: torch.Tensor, T: int, name: str = "t", *, allow_negati
         lo = int(t.min()) if t.numel() else 0
         hi = int(t.max()) if t.numel() else 0
         if hi >= T or (lo < 0 and not allow_negative):
-            raise ValueError(f"{name} has entries outside [0, {T}) (min {lo}, max {hi}) for a schedule of {T} timesteps")
+            raise ValueError(
+                f"{name} has entries outside [0, {T}) (min {lo}, max {hi}) for a schedule of {T} timesteps")
     t = t.reshape(-1).to(torch.int64)
     if allow_negative and t.device.type == "cpu":
         t = t.clamp_min(-1)

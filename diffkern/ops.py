@@ -109,7 +109,8 @@ def ddpm_step(x, eps, t, *, t_prev=None, schedule=None, variance="fixed_small", 
     if not _use_native(x):
         return R._ddpm(x, eps, a, var, noise, generator)
     gen, seed, offset = _noise_source(x, generator, noise is None)
-    return _ops.ddpm_step(x, eps, a.t, a.t_prev_arg, a.table, var, a.prediction, a.clip or 0.0, noise, gen, seed, offset)
+    return _ops.ddpm_step(x, eps, a.t, a.t_prev_arg, a.table, var, a.prediction, a.clip or 0.0, noise, gen, seed,
+                          offset)
 
 
 # ---- langevin_step -----------------------------------------------------------------

@@ -72,14 +72,14 @@ class NoiseSchedule:
     # ---- builders ---------------------------------------------------------------
     @classmethod
     def linear(cls, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02, *,
-               rescale_zero_terminal_snr: bool = False) -> "NoiseSchedule":
+               rescale_zero_terminal_snr: bool = False) -> NoiseSchedule:
         """``betas = linspace(beta_start, beta_end, T)`` (Ho et al. 2020)."""
         betas = torch.linspace(beta_start, beta_end, _check_T(num_timesteps), dtype=torch.float32)
         return cls._build(betas, rescale_zero_terminal_snr)
 
     @classmethod
     def scaled_linear(cls, num_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012, *,
-                      rescale_zero_terminal_snr: bool = False) -> "NoiseSchedule":
+                      rescale_zero_terminal_snr: bool = False) -> NoiseSchedule:
         """``betas = linspace(sqrt(beta_start), sqrt(beta_end), T) ** 2`` (latent diffusion)."""
         T = _check_T(num_timesteps)
         betas = torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float32) ** 2
@@ -87,7 +87,7 @@ class NoiseSchedule:
 
     @classmethod
     def cosine(cls, num_timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999, *,
-               rescale_zero_terminal_snr: bool = False) -> "NoiseSchedule":
+               rescale_zero_terminal_snr: bool = False) -> NoiseSchedule:
         """Nichol & Dhariwal's ``squaredcos_cap_v2``: ``beta_i = min(1 - f(i+1)/f(i), max_beta)``,
         ``f(u) = cos((u/T + s)/(1 + s) * pi/2) ** 2``, computed in double then stored as float32."""
         T = _check_T(num_timesteps)
@@ -99,11 +99,11 @@ class NoiseSchedule:
         return cls._build(betas, rescale_zero_terminal_snr)
 
     @classmethod
-    def from_betas(cls, betas, *, rescale_zero_terminal_snr: bool = False) -> "NoiseSchedule":
+    def from_betas(cls, betas, *, rescale_zero_terminal_snr: bool = False) -> NoiseSchedule:
         return cls._build(torch.as_tensor(betas, dtype=torch.float32), rescale_zero_terminal_snr)
 
     @classmethod
-    def from_alphas_cumprod(cls, alphas_cumprod, *, rescale_zero_terminal_snr: bool = False) -> "NoiseSchedule":
+    def from_alphas_cumprod(cls, alphas_cumprod, *, rescale_zero_terminal_snr: bool = False) -> NoiseSchedule:
         """Use a table as given, e.g. ``scheduler.alphas_cumprod`` of a diffusers scheduler."""
         sched = cls(alphas_cumprod=alphas_cumprod)
         if rescale_zero_terminal_snr:

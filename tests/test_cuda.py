@@ -150,7 +150,7 @@ def test_backward_matches_reference():
             grads = torch.autograd.grad(out, (x, m, z), g)
             if fn is dk:
                 native = grads
-        for a, b in zip(native, grads):
+        for a, b in zip(native, grads, strict=True):
             assert (a - b).abs().max() <= 1e-5 * b.abs().max()
 
 
@@ -210,7 +210,7 @@ def test_cuda_graph_replay_equals_eager():
     assert not torch.equal(replays[0], replays[1]), "replays must draw fresh noise"
     torch.manual_seed(77)
     eager = [loop(x0.clone(), None) for _ in range(2)]
-    for r, e in zip(replays, eager):
+    for r, e in zip(replays, eager, strict=True):
         assert (r - e).abs().max() <= 1e-5
 
 
