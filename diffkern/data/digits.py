@@ -15,7 +15,7 @@ def load_digits(size: int = 16, *, split: str = "all", test_fraction: float = 0.
     The 0..16 pixel values are mapped linearly to [-1, 1], then upsampled bilinearly
     (``align_corners=False``) from 8x8 to ``size`` x ``size`` and clamped back into
     [-1, 1]. ``split`` is ``"all"``, ``"train"`` or ``"test"``: a fixed random split
-    (``test_fraction``, ``seed``) stratified by nothing but the permutation.
+    (``test_fraction``, ``seed``) by a seeded permutation, not stratified by label.
     """
     from sklearn.datasets import load_digits as _sk_load_digits  # lazy: sklearn is heavy to import
 
@@ -28,8 +28,8 @@ def load_digits(size: int = 16, *, split: str = "all", test_fraction: float = 0.
         images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
         images = images.clamp(-1.0, 1.0)
     if split != "all":
-        images, labels = train_test_split(images, labels, test_fraction=test_fraction, seed=seed)[
-            0 if split == "train" else 1]
+        train, test = train_test_split(images, labels, test_fraction=test_fraction, seed=seed)
+        images, labels = train if split == "train" else test
     if device is not None:
         images, labels = images.to(device), labels.to(device)
     return images.contiguous(), labels
