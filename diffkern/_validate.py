@@ -122,7 +122,7 @@ def check_timesteps(t, x: torch.Tensor, T: int, name: str = "t", *, allow_negati
         if hi >= T or (lo < 0 and not allow_negative):
             raise ValueError(
                 f"{name} has entries outside [0, {T}) (min {lo}, max {hi}) for a schedule of {T} timesteps")
-    t = t.reshape(-1).to(torch.int64)
+    t = t.reshape(-1).to(torch.int64).contiguous()  # e.g. t[None].expand(B) has stride 0
     if allow_negative and t.device.type == "cpu":
         t = t.clamp_min(-1)
     return t.to(x.device, non_blocking=True) if t.device != x.device else t

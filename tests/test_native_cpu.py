@@ -312,3 +312,13 @@ def test_cuda_generator_noise_matches_cpu(name):
 def test_native_flag_consistent():
     assert NATIVE and dk.native_available("cpu") and dk.native_error() is None
     assert dk.native_available("cuda") == bool(torch.ops.diffkern.built_with_cuda())
+
+
+def test_expanded_timesteps_are_accepted():
+    """A stride-0 t (t[None].expand(B)) is a valid per-sample t."""
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    eps = torch.randn_like(x)
+    t = torch.tensor(700)[None].expand(5)
+    out = dk.ddim_step(x, eps, t, 0.0, t_prev=t - 40)
+    ref = dk.reference.ddim_step(x, eps, torch.full((5,), 700), 0.0, t_prev=torch.full((5,), 660))
+    assert torch.allclose(out, ref, rtol=0, atol=1e-12)
