@@ -159,8 +159,6 @@ def gmm_annealed_langevin(x, weights, means, stds, sigmas, *, n_steps_each=100, 
 
     ``x``: (..., D) float32/float64 start points; ``weights`` (K,), ``means`` (K, D),
     ``stds`` (K, D) or (K,); ``sigmas`` descending. Native for D <= 16 (and K <= 64 on CUDA)."""
-    from ._native import native_available as _na
-
     V.check_x(x)
     mix = V.check_mixture(x, weights, means, stds)
     s = V.check_sigmas(sigmas, x)
@@ -168,7 +166,7 @@ def gmm_annealed_langevin(x, weights, means, stds, sigmas, *, n_steps_each=100, 
     lr = V.check_positive(step_lr, "step_lr")
     V.check_generator(generator, x, None)
     D, K = x.shape[-1], mix.weights.numel()
-    native = (_na(x.device) and x.dtype in (torch.float32, torch.float64) and D <= 16
+    native = (native_available(x.device) and x.dtype in (torch.float32, torch.float64) and D <= 16
               and (x.device.type == "cpu" or K <= 64))
     if not native:
         seed, offset = _rng.generator_key(generator, x.device)
