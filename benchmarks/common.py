@@ -229,6 +229,7 @@ def versions(diffusers_mod=None) -> dict:
         "numpy": np.__version__,
         "diffusers": getattr(diffusers_mod, "__version__", None),
         "diffkern": getattr(dk, "__version__", None),
+        "diffkern_path": str(Path(dk.__file__).resolve().parent),
     }
 
 

@@ -493,6 +493,7 @@ def run_case(case: Case, args, diffusers_mod, impls: list[str], bar) -> tuple[di
     # DDIM at eta=0 is deterministic: every row must compute the same step as the eager formula.
     check = specs["eager"](0) if case.op == "ddim_step" and case.params["eta"] == 0 else None
     overhead = {} if case.overhead else None
+    ready = {}  # name -> (fn, compile_s, graph_breaks)
     for name in impls:
         bar.set_postfix_str(f"{case.device.type} {case.label} {C.shape_str(case.shape)} "
                             f"{C.dtype_name(case.dtype)}: {name}")
@@ -502,23 +503,59 @@ def run_case(case: Case, args, diffusers_mod, impls: list[str], bar) -> tuple[di
             bar.update()
             continue
         try:
-            fn, compile_s, breaks = prepare(name, spec, case.device)
-            entry = {"status": "ok", **(measure(fn, case.device, args) if case.time_it else {})}
+            ready[name] = prepare(name, spec, case.device)
+        except Exception as e:  # report and go on: one failing row must not lose the run
+            _failed(result, name, e, case, args)
+            bar.update()
+    try:
+        timings = measure_side_by_side({n: r[0] for n, r in ready.items()}, case.device, args) if case.time_it else {}
+    except Exception as e:
+        timings = {}
+        for name in list(ready):
+            _failed(result, name, e, case, args)
+            ready.pop(name)
+    for name, (fn, compile_s, breaks) in ready.items():
+        try:
+            entry = {"status": "ok", **timings.get(name, {})}
             if compile_s is not None:
                 entry.update(compile_s=compile_s, graph_breaks=breaks)
             if check is not None and name != "copy":
                 entry["max_abs_diff_vs_eager"] = float((fn(0).float() - check.float()).abs().max())
             if case.overhead:
                 overhead[name] = host_overhead(fn, case.device)
-        except Exception as e:  # report and go on: one failing row must not lose the run
-            if args.debug:
-                traceback.print_exc()
-            entry = {"status": "error", "reason": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
-            if case.device.type == "cuda":
-                torch.cuda.empty_cache()
-        result["impls"][name] = entry
+            result["impls"][name] = entry
+        except Exception as e:
+            _failed(result, name, e, case, args)
         bar.update()
+    result["impls"] = {n: result["impls"][n] for n in impls if n in result["impls"]}
     return result, overhead
+
+
+def _failed(result: dict, name: str, e: Exception, case: Case, args) -> None:
+    if args.debug:
+        traceback.print_exc()
+    result["impls"][name] = {"status": "error", "reason": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
+    if case.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure_side_by_side(fns: dict, device: torch.device, args, rounds: int = 5) -> dict:
+    """Times every row in turns: ``rounds`` rounds, each a block of calls of every row in
+    sequence, so a slow spell of a shared machine (another process, frequency changes)
+    falls on all rows alike instead of on whichever row happened to be running."""
+    plan = {}
+    for name, fn in fns.items():
+        est = C.time_once(lambda: fn(2), device)
+        for i in range(C.reps_for(est, 0.2 * args.budget, 1, args.warmup)):
+            fn(3 + i)
+        plan[name] = C.reps_for(est, args.budget, args.min_reps, args.reps)
+    ms = {name: [] for name in fns}
+    for r in range(rounds):
+        for name, fn in fns.items():
+            n = plan[name] // rounds + (1 if r < plan[name] % rounds else 0)
+            if n:
+                ms[name] += C.time_calls(fn, n, device, start=3 + args.warmup + len(ms[name]))
+    return {name: C.summarize(v) for name, v in ms.items() if v}
 
 
 def copy_bandwidth(device: torch.device, args) -> dict:
@@ -608,6 +645,8 @@ def print_tables(doc: dict, file=sys.stdout) -> None:
     print(f"\ndiffkern step_speed  ({doc['machine']['cpu_model']}, {doc['machine']['cpu_count']} CPUs"
           + "".join(f"; {g['name']}" for g in doc["machine"]["gpus"]) + f"; torch {doc['versions']['torch']}, "
           f"diffusers {doc['versions']['diffusers'] or 'absent'})", file=file)
+    if doc["versions"].get("diffkern_path"):  # an installed copy shadows the checkout: say which ran
+        print(f"diffkern from {doc['versions']['diffkern_path']}", file=file)
     for dev, bw in doc["copy_bandwidth"].items():
         print(f"copy bandwidth on {dev}: {bw['gbps']:.1f} GB/s (read+write; clone {bw['clone_gbps']:.1f}, "
               f"copy_ {bw['copy__gbps']:.1f}) over {bw['bytes'] / 2**20:.0f} MiB", file=file)

@@ -273,6 +273,25 @@ def test_generator_noise_native_equals_reference(name, shape, dtype):
     assert not torch.equal(got, other)
 
 
+@pytest.mark.parametrize("name", ["q_sample", "ddim_ps_v", "ddpm", "langevin"])
+def test_outputs_past_the_streaming_threshold(name):
+    """float32 outputs of 8 MiB and more are staged in L1 and written with non-temporal
+    stores (csrc/torch/cpu/elementwise.h): the same numbers, drawn noise included, with a
+    ragged last chunk and per-sample t."""
+    shape = (3, 2**19 * 3 // 2 + 5)  # 2^21 + 15 elements: above kStreamBytes
+    x, m, _ = _inputs(shape, torch.float32, 61)
+    got = GEN_OPS[name](dk, x, m, gen(8))
+    ref = GEN_OPS[name](R, x, m, gen(8))
+    if name == "q_sample":
+        (got, gn), (ref, rn) = got, ref
+        assert (gn.double() - rn.double()).abs().max().item() <= 2e-6
+    assert (got.double() - ref.double()).abs().max().item() <= 2e-6 * max(1.0, ref.abs().max().item())
+    z = randn(*shape, seed=62)
+    got = dk.ddim_step(x, m, torch.tensor([999, 500, 3]), 0.7, noise=z)
+    assert max_rel_err(got, R.ddim_step(x.double(), m.double(), torch.tensor([999, 500, 3]), 0.7,
+                                        noise=z.double())) <= 1e-6
+
+
 @pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])
 def test_generator_noise_half(dtype):
     x, m, _ = _inputs((4, 257), dtype, 41)

@@ -4,7 +4,11 @@
 // The update and the noise are the shared functions of csrc/kernels.
 #pragma once
 #include <ATen/Parallel.h>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
+#include "../../kernels/philox_avx512.h"
 #include "../common.h"
 
 namespace diffkern {
@@ -12,7 +16,11 @@ namespace cpu {
 
 constexpr int64_t kChunk = 2048;  // elements; a multiple of 4 so chunks start on a Philox group
 
+// out[4 i + j] = philox_normal4(key, first_group + i).v[j], i < ngroups <= kChunk / 4.
 inline void fill_normals(PhiloxKey key, uint64_t first_group, int64_t ngroups, float* out) {
+#if defined(DK_HAVE_AVX512_NORMALS)
+  avx512::fill_normals(key, first_group, ngroups, out);
+#else
   alignas(64) float z0[kChunk / 4], z1[kChunk / 4], z2[kChunk / 4], z3[kChunk / 4];
 #pragma omp simd
   for (int64_t i = 0; i < ngroups; ++i) {
@@ -28,6 +36,29 @@ inline void fill_normals(PhiloxKey key, uint64_t first_group, int64_t ngroups, f
     out[4 * i + 2] = z2[i];
     out[4 * i + 3] = z3[i];
   }
+#endif
+}
+
+// Outputs this large bypass the cache (non-temporal stores): they cannot stay in it anyway,
+// and a normal store first reads every line it writes, a third more memory traffic for a
+// two-input step.
+constexpr int64_t kStreamBytes = int64_t(8) << 20;
+
+// dst[0, n) = src[0, n) with streaming stores; dst 64-byte aligned. The caller fences.
+inline void stream_copy(float* dst, const float* src, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16) _mm512_stream_ps(dst + i, _mm512_load_ps(src + i));
+#elif defined(__AVX__)
+  for (; i + 8 <= n; i += 8) _mm256_stream_ps(dst + i, _mm256_load_ps(src + i));
+#endif
+  for (; i < n; ++i) dst[i] = src[i];
+}
+
+inline void stream_fence() {
+#if defined(__AVX__)
+  _mm_sfence();
+#endif
 }
 
 template <class T>
@@ -55,14 +86,23 @@ void run_elementwise(const Op& op, const StepIO& io, int64_t numel, int64_t inne
   const StepCoeffs<C> shared = cast_coeffs<C>(op.template coeffs<double>(0));
   const bool fast = io.x.contiguous && (!io.has_m || io.m.contiguous) && (!io.has_noise || io.noise.contiguous);
   const int64_t nchunks = (numel + kChunk - 1) / kChunk;
+  // Streaming: float outputs written in the contiguous fast path, staged a chunk at a time
+  // in L1 (chunks start 8 KiB apart, so aligned whenever the output is).
+  const bool stream = std::is_same<T, float>::value && fast && numel * int64_t(sizeof(T)) >= kStreamBytes &&
+                      reinterpret_cast<uintptr_t>(io.out) % 64 == 0 &&
+                      reinterpret_cast<uintptr_t>(io.noise_out) % 64 == 0;
   at::parallel_for(0, nchunks, 16, [&](int64_t cbeg, int64_t cend) {
     alignas(64) float zbuf[kChunk];
+    alignas(64) T obuf[kChunk];
     int64_t cached_b = -1;
     StepCoeffs<C> k = shared;
-    T* out = static_cast<T*>(io.out);
-    T* nout = static_cast<T*>(io.noise_out);
-    for (int64_t c = cbeg; c < cend; ++c) {
-      const int64_t e0 = c * kChunk, e1 = std::min(numel, e0 + kChunk);
+    // Chunks exist for the L1 buffers; without them a thread's whole range is one span.
+    const int64_t eend = std::min(numel, cend * kChunk);
+    const int64_t span = (io.draw || stream) ? kChunk : eend;
+    for (int64_t e0 = cbeg * kChunk; e0 < eend; e0 += span) {
+      const int64_t e1 = std::min(eend, e0 + span);
+      T* out = stream ? obuf - e0 : static_cast<T*>(io.out);
+      T* nout = static_cast<T*>(io.noise_out);
       if (io.draw) fill_normals(io.key, uint64_t(e0 / 4), (e1 - e0 + 3) / 4, zbuf);
       for (int64_t e = e0; e < e1;) {
         const int64_t b = e / inner;
@@ -81,7 +121,7 @@ void run_elementwise(const Op& op, const StepIO& io, int64_t numel, int64_t inne
             for (int64_t i = e; i < r1; ++i) {
               const C zi = C(z[i]);
               out[i] = T(op.apply(k, C(xp[i]), Op::kHasModel ? C(mp[i]) : C(0), zi, true));
-              if (Op::kWritesNoise) nout[i] = T(zi);
+              if (Op::kWritesNoise && !stream) nout[i] = T(zi);
             }
           } else if (io.has_noise) {
 #pragma omp simd
@@ -102,7 +142,12 @@ void run_elementwise(const Op& op, const StepIO& io, int64_t numel, int64_t inne
         }
         e = r1;
       }
+      if (stream) {
+        stream_copy(reinterpret_cast<float*>(io.out) + e0, reinterpret_cast<const float*>(obuf), e1 - e0);
+        if (Op::kWritesNoise && io.draw) stream_copy(reinterpret_cast<float*>(io.noise_out) + e0, zbuf, e1 - e0);
+      }
     }
+    if (stream) stream_fence();
   });
 }
 
