@@ -545,7 +545,7 @@ def measure_side_by_side(fns: dict, device: torch.device, args, rounds: int = 5)
     falls on all rows alike instead of on whichever row happened to be running."""
     plan = {}
     for name, fn in fns.items():
-        est = C.time_once(lambda: fn(2), device)
+        est = C.time_once(lambda f=fn: f(2), device)
         for i in range(C.reps_for(est, 0.2 * args.budget, 1, args.warmup)):
             fn(3 + i)
         plan[name] = C.reps_for(est, args.budget, args.min_reps, args.reps)
