@@ -116,13 +116,13 @@ def check_timesteps(t, x: torch.Tensor, T: int, name: str = "t", *, allow_negati
         raise ValueError(f"{name} has {t.numel()} entries but x has batch size {_batch(x)}")
     if t.device.type != "cpu" and t.device != x.device:
         raise MismatchError(f"{name} is on {t.device} but x is on {x.device}")
-    if t.device.type == "cpu" and not _compiling():
-        lo = int(t.min()) if t.numel() else 0
-        hi = int(t.max()) if t.numel() else 0
+    if t.device.type == "cpu" and t.numel() and not _compiling():
+        lo, hi = (int(v) for v in torch.aminmax(t))  # one pass; this check runs on every call
         if hi >= T or (lo < 0 and not allow_negative):
             raise ValueError(
                 f"{name} has entries outside [0, {T}) (min {lo}, max {hi}) for a schedule of {T} timesteps")
-    t = t.reshape(-1).to(torch.int64).contiguous()  # e.g. t[None].expand(B) has stride 0
+    if t.dim() != 1 or t.dtype != torch.int64 or not t.is_contiguous():  # e.g. t[None].expand(B): stride 0
+        t = t.reshape(-1).to(torch.int64).contiguous()
     if allow_negative and t.device.type == "cpu":
         t = t.clamp_min(-1)
     return t.to(x.device, non_blocking=True) if t.device != x.device else t

@@ -207,39 +207,8 @@ if _NATIVE:
     def _(x, weights, means, stds, sigmas, n_steps_each, step_lr, denoise, generator, seed, offset):
         return _empty_like_out(x)
 
-    def _reduce_to(g, shape):
-        """Sum a gradient of the output's shape down to a broadcast input's shape."""
-        if g is None or g.shape == shape:
-            return g
-        while g.dim() > len(shape):
-            g = g.sum(0)
-        for d, s in enumerate(shape):
-            if s == 1 and g.shape[d] != 1:
-                g = g.sum(d, keepdim=True)
-        return g
-
-    def _step_setup(kind):
-        def setup(ctx, inputs, output):
-            x, m, t, t_prev, table = inputs[:5]
-            ctx.kind = kind
-            ctx.scalars = inputs[5:8]  # (eta | variance, prediction_type, clip)
-            ctx.has_noise = inputs[8] is not None
-            ctx.noise_shape = inputs[8].shape if ctx.has_noise else None
-            ctx.save_for_backward(x, m, t, t_prev, table)
-        return setup
-
-    def _step_backward(ctx, grad):
-        x, m, t, t_prev, table = ctx.saved_tensors
-        a, pred, clip = ctx.scalars
-        eta, variance = (a, 0) if ctx.kind == 0 else (0.0, a)
-        need_z = ctx.has_noise and ctx.needs_input_grad[8]
-        gx, gm, gz = torch.ops.diffkern.step_backward(grad.contiguous(), x, m, t, t_prev, table, ctx.kind, eta,
-                                                      variance, pred, clip, need_z)
-        return (_reduce_to(gx, x.shape), _reduce_to(gm, m.shape), None, None, None, None, None, None,
-                _reduce_to(gz, ctx.noise_shape) if need_z else None, None, None, None)
-
-    torch.library.register_autograd("diffkern::ddim_step", _step_backward, setup_context=_step_setup(0))
-    torch.library.register_autograd("diffkern::ddpm_step", _step_backward, setup_context=_step_setup(1))
+    # ddim_step, ddpm_step and langevin_step have C++ autograd kernels
+    # (csrc/torch/autograd.cpp): a Python one would cost more than a small step.
 
     def _q_setup(ctx, inputs, output):
         x0, t, table, noise = inputs[:4]
@@ -256,14 +225,4 @@ if _NATIVE:
 
     torch.library.register_autograd("diffkern::q_sample", _q_backward, setup_context=_q_setup)
 
-    def _l_setup(ctx, inputs, output):
-        ctx.step = inputs[2]
-        ctx.has_noise = inputs[3] is not None
-        ctx.shapes = (inputs[0].shape, inputs[1].shape, inputs[3].shape if ctx.has_noise else None)
 
-    def _l_backward(ctx, g):
-        gs = _reduce_to(g * ctx.step, ctx.shapes[1])
-        gn = _reduce_to(g * (2 * ctx.step) ** 0.5, ctx.shapes[2]) if ctx.has_noise else None
-        return _reduce_to(g, ctx.shapes[0]), gs, None, gn, None, None, None
-
-    torch.library.register_autograd("diffkern::langevin_step", _l_backward, setup_context=_l_setup)

@@ -161,7 +161,13 @@ def _ddpm(x, m, a, variance, noise, generator):
 
 
 class _StepArgs:
-    __slots__ = ("t", "t_prev", "t_prev_arg", "table", "prediction", "clip", "schedule")
+    __slots__ = ("t", "t_prev_arg", "table", "prediction", "clip", "schedule")
+
+    @property
+    def t_prev(self):
+        """The validated t_prev, or t - 1 (formed only when asked: the native ops form it
+        themselves, and each small tensor op costs microseconds per step)."""
+        return self.t - 1 if self.t_prev_arg is None else self.t_prev_arg
 
 
 def _step_args(x, eps, t, t_prev, schedule, prediction_type, clip_sample, noise, generator) -> _StepArgs:
@@ -171,8 +177,7 @@ def _step_args(x, eps, t, t_prev, schedule, prediction_type, clip_sample, noise,
     a = _StepArgs()
     a.schedule = sched
     a.t = V.check_timesteps(t, x, sched.num_timesteps)
-    a.t_prev = V.check_t_prev(t_prev, a.t, x, sched.num_timesteps)
-    a.t_prev_arg = None if t_prev is None else a.t_prev  # native ops form t - 1 themselves
+    a.t_prev_arg = None if t_prev is None else V.check_t_prev(t_prev, a.t, x, sched.num_timesteps)
     a.prediction = V.check_prediction_type(prediction_type)
     a.clip = V.check_clip(clip_sample)
     if noise is not None:

@@ -239,3 +239,27 @@ def test_compile_raw_op_loop_fullgraph():
     eager = loop(x, eps, ts, tps, TABLE)
     compiled = torch.compile(loop, fullgraph=True, backend="aot_eager")(x, eps, ts, tps, TABLE)
     assert torch.equal(compiled, eager)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_backward_through_steps(backend):
+    """Gradients through the C++ autograd kernels (csrc/torch/autograd.cpp) under
+    torch.compile equal eager ones: DDIM with per-sample t and broadcast noise, DDPM, and
+    a Langevin step, as in training through a sampler."""
+    torch._dynamo.reset()
+
+    def f(x, m, z):
+        y = dk.ddim_step(x, m, torch.tensor([700, 30]), 0.6, t_prev=torch.tensor([500, -1]), noise=z)
+        y = dk.ddpm_step(y, m, 400, noise=z, clip_sample=2.0)
+        return dk.langevin_step(y, m * 0.5, 0.01, noise=z).square().sum()
+
+    def grads(fn):
+        x, m = randn(2, 3, 5, seed=43).requires_grad_(), randn(2, 3, 5, seed=44).requires_grad_()
+        z = randn(1, 3, 5, seed=45).requires_grad_()
+        fn(x, m, z).backward()
+        return x.grad, m.grad, z.grad
+
+    want = grads(f)
+    got = grads(torch.compile(f, fullgraph=True, backend=backend))
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape and max_rel_err(g, w) <= 1e-5

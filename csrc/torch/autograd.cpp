@@ -1,0 +1,157 @@
+// Autograd kernels of the sampling-loop ops (ddim_step, ddpm_step, langevin_step) in C++.
+// torch.library.register_autograd would put a Python function on every call's path
+// (~10 us per step on a small tensor, more than the step itself); here the forward
+// redispatches below autograd and the backward is the fused step_backward op (its
+// coefficients come from the same csrc/kernels functors as the forward's).
+// q_sample's backward stays in Python (diffkern/ops.py): it runs once per training step,
+// next to a model.
+#include <ATen/ExpandUtils.h>
+#include <torch/autograd.h>
+
+#include "common.h"
+
+namespace diffkern {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// A gradient of the output's shape summed down to a broadcast input's shape.
+at::Tensor reduce_to(const at::Tensor& g, at::IntArrayRef shape) {
+  return g.sizes() == shape ? g : at::sum_to(g, shape);
+}
+
+std::vector<int64_t> shape_of(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->sizes().vec() : std::vector<int64_t>{};
+}
+
+c10::OperatorHandle op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
+}
+
+using StepSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                           const at::Tensor&, double, int64_t, double, const std::optional<at::Tensor>&,
+                           const std::optional<at::Generator>&, int64_t, int64_t);
+using DdpmSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                           const at::Tensor&, int64_t, int64_t, double, const std::optional<at::Tensor>&,
+                           const std::optional<at::Generator>&, int64_t, int64_t);
+using LangevinSig = at::Tensor(const at::Tensor&, const at::Tensor&, double, const std::optional<at::Tensor>&,
+                               const std::optional<at::Generator>&, int64_t, int64_t);
+using BackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+    const at::Tensor&, int64_t, double, int64_t, int64_t, double, bool);
+
+// Saves what the fused backward needs; `kind` 0 = DDIM (a = eta), 1 = DDPM (a = variance).
+void save_step(AutogradContext* ctx, int64_t kind, const at::Tensor& x, const at::Tensor& m, const at::Tensor& t,
+               const std::optional<at::Tensor>& t_prev, const at::Tensor& table, double eta, int64_t variance,
+               int64_t prediction, double clip, const std::optional<at::Tensor>& noise) {
+  ctx->save_for_backward({x, m, t, t_prev.value_or(at::Tensor()), table});
+  ctx->saved_data["kind"] = kind;
+  ctx->saved_data["eta"] = eta;
+  ctx->saved_data["variance"] = variance;
+  ctx->saved_data["prediction"] = prediction;
+  ctx->saved_data["clip"] = clip;
+  // eta = 0 ignores the noise; otherwise it enters as std * z.
+  const bool noise_used = noise.has_value() && (kind == 1 || eta > 0);
+  ctx->saved_data["noise_grad"] = noise_used && noise->requires_grad();
+  ctx->saved_data["noise_shape"] = shape_of(noise);
+}
+
+// Gradients for (x, m, t, t_prev, table, a, prediction, clip, noise, generator, seed, offset).
+variable_list step_grads(AutogradContext* ctx, const variable_list& grads) {
+  static auto backward = op_handle("diffkern::step_backward").typed<BackwardSig>();
+  const variable_list saved = ctx->get_saved_variables();
+  const at::Tensor &x = saved[0], &m = saved[1], &t = saved[2], &table = saved[4];
+  const std::optional<at::Tensor> t_prev = saved[3].defined() ? std::optional<at::Tensor>(saved[3]) : std::nullopt;
+  const bool noise_grad = ctx->saved_data["noise_grad"].toBool();
+  auto [gx, gm, gz] = backward.call(grads[0].contiguous(), x, m, t, t_prev, table, ctx->saved_data["kind"].toInt(),
+                                    ctx->saved_data["eta"].toDouble(), ctx->saved_data["variance"].toInt(),
+                                    ctx->saved_data["prediction"].toInt(), ctx->saved_data["clip"].toDouble(),
+                                    noise_grad);
+  variable_list out(12);
+  out[0] = reduce_to(gx, x.sizes());
+  out[1] = reduce_to(gm, m.sizes());
+  if (noise_grad) out[8] = reduce_to(gz, ctx->saved_data["noise_shape"].toIntVector());
+  return out;
+}
+
+struct DdimFn : public torch::autograd::Function<DdimFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& m, const at::Tensor& t,
+                            const std::optional<at::Tensor>& t_prev, const at::Tensor& table, double eta,
+                            int64_t prediction, double clip, const std::optional<at::Tensor>& noise,
+                            const std::optional<at::Generator>& generator, int64_t seed, int64_t offset) {
+    static auto op = op_handle("diffkern::ddim_step").typed<StepSig>();
+    save_step(ctx, 0, x, m, t, t_prev, table, eta, 0, prediction, clip, noise);
+    at::AutoDispatchBelowADInplaceOrView below;
+    return op.call(x, m, t, t_prev, table, eta, prediction, clip, noise, generator, seed, offset);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) { return step_grads(ctx, grads); }
+};
+
+struct DdpmFn : public torch::autograd::Function<DdpmFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& m, const at::Tensor& t,
+                            const std::optional<at::Tensor>& t_prev, const at::Tensor& table, int64_t variance,
+                            int64_t prediction, double clip, const std::optional<at::Tensor>& noise,
+                            const std::optional<at::Generator>& generator, int64_t seed, int64_t offset) {
+    static auto op = op_handle("diffkern::ddpm_step").typed<DdpmSig>();
+    save_step(ctx, 1, x, m, t, t_prev, table, 0.0, variance, prediction, clip, noise);
+    at::AutoDispatchBelowADInplaceOrView below;
+    return op.call(x, m, t, t_prev, table, variance, prediction, clip, noise, generator, seed, offset);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) { return step_grads(ctx, grads); }
+};
+
+// x + a s + sqrt(2 a) z: the gradients are the coefficients of LangevinOp (step_ops.h).
+struct LangevinFn : public torch::autograd::Function<LangevinFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& score, double step_size,
+                            const std::optional<at::Tensor>& noise, const std::optional<at::Generator>& generator,
+                            int64_t seed, int64_t offset) {
+    static auto op = op_handle("diffkern::langevin_step").typed<LangevinSig>();
+    ctx->saved_data["step_size"] = step_size;
+    ctx->saved_data["x_shape"] = x.sizes().vec();
+    ctx->saved_data["score_shape"] = score.sizes().vec();
+    ctx->saved_data["noise_shape"] = shape_of(noise);
+    ctx->saved_data["has_noise"] = noise.has_value();
+    at::AutoDispatchBelowADInplaceOrView below;
+    return op.call(x, score, step_size, noise, generator, seed, offset);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const StepCoeffs<double> k = LangevinOp{ctx->saved_data["step_size"].toDouble()}.coeffs<double>(0);
+    const at::Tensor& g = grads[0];
+    variable_list out(7);
+    out[0] = reduce_to(g, ctx->saved_data["x_shape"].toIntVector());
+    out[1] = reduce_to(g * k.c1, ctx->saved_data["score_shape"].toIntVector());
+    if (ctx->saved_data["has_noise"].toBool()) out[3] = reduce_to(g * k.std, ctx->saved_data["noise_shape"].toIntVector());
+    return out;
+  }
+};
+
+at::Tensor ddim_step_autograd(const at::Tensor& x, const at::Tensor& m, const at::Tensor& t,
+                              const std::optional<at::Tensor>& t_prev, const at::Tensor& table, double eta,
+                              int64_t prediction, double clip, const std::optional<at::Tensor>& noise,
+                              const std::optional<at::Generator>& generator, int64_t seed, int64_t offset) {
+  return DdimFn::apply(x, m, t, t_prev, table, eta, prediction, clip, noise, generator, seed, offset);
+}
+
+at::Tensor ddpm_step_autograd(const at::Tensor& x, const at::Tensor& m, const at::Tensor& t,
+                              const std::optional<at::Tensor>& t_prev, const at::Tensor& table, int64_t variance,
+                              int64_t prediction, double clip, const std::optional<at::Tensor>& noise,
+                              const std::optional<at::Generator>& generator, int64_t seed, int64_t offset) {
+  return DdpmFn::apply(x, m, t, t_prev, table, variance, prediction, clip, noise, generator, seed, offset);
+}
+
+at::Tensor langevin_step_autograd(const at::Tensor& x, const at::Tensor& score, double step_size,
+                                  const std::optional<at::Tensor>& noise,
+                                  const std::optional<at::Generator>& generator, int64_t seed, int64_t offset) {
+  return LangevinFn::apply(x, score, step_size, noise, generator, seed, offset);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(diffkern, Autograd, m) {
+  m.impl("ddim_step", &ddim_step_autograd);
+  m.impl("ddpm_step", &ddpm_step_autograd);
+  m.impl("langevin_step", &langevin_step_autograd);
+}
+
+}  // namespace diffkern
