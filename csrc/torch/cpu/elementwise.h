@@ -8,7 +8,7 @@
 #include <immintrin.h>
 #endif
 
-#include "../../kernels/philox_avx512.h"
+#include "../../kernels/philox_simd.h"
 #include "../common.h"
 
 namespace diffkern {
@@ -18,8 +18,8 @@ constexpr int64_t kChunk = 2048;  // elements; a multiple of 4 so chunks start o
 
 // out[4 i + j] = philox_normal4(key, first_group + i).v[j], i < ngroups <= kChunk / 4.
 inline void fill_normals(PhiloxKey key, uint64_t first_group, int64_t ngroups, float* out) {
-#if defined(DK_HAVE_AVX512_NORMALS)
-  avx512::fill_normals(key, first_group, ngroups, out);
+#if defined(DK_HAVE_SIMD_NORMALS)
+  simd::fill_normals(key, first_group, ngroups, out);
 #else
   alignas(64) float z0[kChunk / 4], z1[kChunk / 4], z2[kChunk / 4], z3[kChunk / 4];
 #pragma omp simd
