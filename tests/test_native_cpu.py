@@ -341,3 +341,60 @@ def test_expanded_timesteps_are_accepted():
     out = dk.ddim_step(x, eps, t, 0.0, t_prev=t - 40)
     ref = dk.reference.ddim_step(x, eps, torch.full((5,), 700), 0.0, t_prev=torch.full((5,), 660))
     assert torch.allclose(out, ref, rtol=0, atol=1e-12)
+
+
+# ---- the CPU output cache (csrc/torch/cpu/output_cache.h) -------------------------------
+def _cache_info():
+    b, n, hits, misses, cap = torch.ops.diffkern._cpu_output_cache_info()
+    return {"bytes": b, "blocks": n, "hits": hits, "misses": misses, "cap": cap}
+
+
+def test_large_outputs_reuse_cached_buffers():
+    """A loop of large steps reuses freed output buffers (no allocation from the system in
+    steady state); the numbers are the reference's, outputs stay valid and resizable."""
+    torch.ops.diffkern._cpu_output_cache_clear()
+    shape = (2, 3, 700, 401)  # 6.7 MB in float32
+    x, m, _ = _inputs(shape, torch.float32, 71)
+    t = torch.tensor([900, 40])
+    before = _cache_info()
+    assert before["bytes"] == 0 and before["cap"] > 0
+    y = x
+    for _ in range(4):  # each step frees the previous output
+        y = dk.ddim_step(y, m, t, 0.0, t_prev=t - 20)
+    after = _cache_info()
+    assert after["hits"] - before["hits"] >= 2 and after["misses"] - before["misses"] <= 2
+    want = x.double()
+    for _ in range(4):
+        want = R.ddim_step(want, m.double(), t, 0.0, t_prev=t - 20)
+    assert max_rel_err(y, want) <= 1e-5
+    kept = y.clone()
+    torch.ops.diffkern._cpu_output_cache_clear()
+    assert _cache_info()["bytes"] == 0 and torch.equal(y, kept)  # a live output is not the cache's
+    y.resize_(10)  # the storage has an allocator: resizable like any CPU tensor
+    assert y.numel() == 10
+    del y
+    assert _cache_info()["blocks"] <= 8
+
+
+def test_output_cache_respects_its_cap():
+    torch.ops.diffkern._cpu_output_cache_clear()
+    outs = [dk.langevin_step(randn(300_000 + 5000 * i, seed=i), randn(1, seed=99), 0.0) for i in range(12)]
+    del outs
+    info = _cache_info()
+    assert info["blocks"] <= 8 and info["bytes"] <= info["cap"]
+
+
+def test_output_cache_can_be_turned_off(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import torch, diffkern as dk; x = torch.randn(3, 2**19); "
+            "[dk.ddim_step(x, x, 500, 0.0) for _ in range(3)]; "
+            "print(torch.ops.diffkern._cpu_output_cache_info())")
+    # the diffkern these tests imported (installed, or this checkout), whatever the cwd
+    env = {**os.environ, "DIFFKERN_CPU_CACHE_MB": "0", "PYTHONPATH": str(Path(dk.__file__).resolve().parent.parent)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         cwd=tmp_path)
+    assert out.stdout.strip() == "[0, 0, 0, 0, 0]"

@@ -10,6 +10,7 @@
 
 #include "../../kernels/philox_simd.h"
 #include "../common.h"
+#include "output_cache.h"
 
 namespace diffkern {
 namespace cpu {
@@ -163,7 +164,7 @@ template <class Op>
 at::Tensor run_step(const Op& op, const at::Tensor& x, const at::Tensor* m, const std::optional<at::Tensor>& noise,
                     bool draw, PhiloxKey key, bool per_sample, at::Tensor* noise_out = nullptr) {
   TORCH_CHECK(x.device().is_cpu(), "expected CPU tensors");
-  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor out = empty_output(x.sizes(), x.options());
   const int64_t numel = out.numel();
   const int64_t inner = numel == 0 ? 1 : numel / batch_of(out);
   StepIO io;
@@ -182,7 +183,7 @@ at::Tensor run_step(const Op& op, const at::Tensor& x, const at::Tensor* m, cons
   io.key = key;
   io.out = out.data_ptr();
   if (noise_out && io.draw) {
-    *noise_out = at::empty_like(out);
+    *noise_out = empty_output(out.sizes(), out.options());
     io.noise_out = noise_out->data_ptr();
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "diffkern_cpu_step", [&] {
