@@ -43,9 +43,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> step_backward_cpu(
     const std::optional<at::Tensor>& t_prev, const at::Tensor& alphas_cumprod, int64_t kind, double eta, int64_t variance,
     int64_t prediction_type, double clip_sample, bool noise_grad) {
   const at::IntArrayRef shape = x.sizes();
-  at::Tensor gx = at::empty(shape, x.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor gm = at::empty_like(gx);
-  at::Tensor gz = noise_grad ? at::empty_like(gx) : at::empty({0}, x.options());
+  at::Tensor gx = cpu::empty_output(shape, x.options());
+  at::Tensor gm = cpu::empty_output(shape, x.options());
+  at::Tensor gz = noise_grad ? cpu::empty_output(shape, x.options()) : at::empty({0}, x.options());
   const int64_t numel = gx.numel();
   if (numel == 0) return {gx, gm, gz};
   const int64_t inner = numel / batch_of(gx);
