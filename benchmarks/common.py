@@ -238,6 +238,15 @@ def native_info(devices: list[torch.device]) -> dict:
     return {"error": dk.native_error(), **{str(d.type): bool(dk.native_available(d)) for d in devices}}
 
 
+def minor_faults() -> int:
+    """Minor page faults of this process so far (0 where the OS does not say)."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def loadavg() -> list[float] | None:
     """1, 5 and 15 minute load averages: a busy machine makes every number noisier."""
     return list(os.getloadavg()) if hasattr(os, "getloadavg") else None

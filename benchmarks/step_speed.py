@@ -550,12 +550,18 @@ def measure_side_by_side(fns: dict, device: torch.device, args, rounds: int = 5)
             fn(3 + i)
         plan[name] = C.reps_for(est, args.budget, args.min_reps, args.reps)
     ms = {name: [] for name in fns}
+    faults = dict.fromkeys(fns, 0)
     for r in range(rounds):
         for name, fn in fns.items():
             n = plan[name] // rounds + (1 if r < plan[name] % rounds else 0)
             if n:
+                f0 = C.minor_faults()
                 ms[name] += C.time_calls(fn, n, device, start=3 + args.warmup + len(ms[name]))
-    return {name: C.summarize(v) for name, v in ms.items() if v}
+                faults[name] += C.minor_faults() - f0
+    # Page faults per call: a CPU row that gets fresh memory from the kernel on every call
+    # (glibc hands large freed blocks back) pays for it, and which rows do can change from
+    # one process to the next; this column shows it.
+    return {name: {**C.summarize(v), "page_faults_per_call": faults[name] / len(v)} for name, v in ms.items() if v}
 
 
 def copy_bandwidth(device: torch.device, args) -> dict:
@@ -677,6 +683,8 @@ def print_tables(doc: dict, file=sys.stdout) -> None:
                 notes.append(f"max|diff| vs eager {e['max_abs_diff_vs_eager']:.1e}")
             if "point_steps_per_s" in e:
                 notes.append(f"{e['point_steps_per_s'] / 1e6:.1f} M point-steps/s")
+            if r["device"] == "cpu" and e.get("page_faults_per_call", 0) >= 1:
+                notes.append(f"{e['page_faults_per_call']:.0f} page faults/call")
             gbps = f"{e['gbps']:.1f}" if "gbps" in e else "-"
             frac = f"{100 * e['frac_copy_bw']:.0f}%" if "frac_copy_bw" in e else "-"
             print(f"  {name:<14}{C.fmt_ms(e['median_ms']):>11}{C.fmt_ms(e['iqr_ms']):>10}{e['reps']:>6}{gbps:>8}"
