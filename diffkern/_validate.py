@@ -128,14 +128,23 @@ def check_timesteps(t, x: torch.Tensor, T: int, name: str = "t", *, allow_negati
     return t.to(x.device, non_blocking=True) if t.device != x.device else t
 
 
-def check_t_prev(t_prev, t: torch.Tensor, x: torch.Tensor, T: int) -> torch.Tensor:
+def check_t_prev(t_prev, t: torch.Tensor, x: torch.Tensor, T: int, t_raw=None) -> torch.Tensor:
+    """``t_prev`` validated like ``t`` (negative means the final step) and checked to be
+    below ``t``; ``t_raw`` is ``t`` as the caller passed it, so that two Python ints are
+    compared as ints (this runs on every sampling step)."""
     if t_prev is None:
         return t - 1
+    ints = isinstance(t_prev, numbers.Integral) and isinstance(t_raw, numbers.Integral)
+    if ints and not isinstance(t_prev, bool) and int(t_prev) >= int(t_raw):
+        raise ValueError(_T_PREV_ORDER)
     tp = check_timesteps(t_prev, x, T, "t_prev", allow_negative=True)
-    if tp.device.type == "cpu" and t.device.type == "cpu" and not _compiling():
-        if bool((torch.broadcast_tensors(tp, t)[0] >= torch.broadcast_tensors(t, tp)[0]).any()):
-            raise ValueError("t_prev must be smaller than t (sampling goes from noise towards data)")
+    if not ints and tp.device.type == "cpu" and t.device.type == "cpu" and not _compiling():
+        if bool((tp >= t).any()):
+            raise ValueError(_T_PREV_ORDER)
     return tp
+
+
+_T_PREV_ORDER = "t_prev must be smaller than t (sampling goes from noise towards data)"
 
 
 def check_nonneg(v, name: str) -> float:

@@ -177,7 +177,7 @@ def _step_args(x, eps, t, t_prev, schedule, prediction_type, clip_sample, noise,
     a = _StepArgs()
     a.schedule = sched
     a.t = V.check_timesteps(t, x, sched.num_timesteps)
-    a.t_prev_arg = None if t_prev is None else V.check_t_prev(t_prev, a.t, x, sched.num_timesteps)
+    a.t_prev_arg = None if t_prev is None else V.check_t_prev(t_prev, a.t, x, sched.num_timesteps, t)
     a.prediction = V.check_prediction_type(prediction_type)
     a.clip = V.check_clip(clip_sample)
     if noise is not None:
