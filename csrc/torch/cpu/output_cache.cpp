@@ -4,6 +4,7 @@
 #include <ATen/EmptyTensor.h>
 #include <torch/library.h>
 #include <c10/core/Allocator.h>
+#include <c10/util/accumulate.h>
 
 #include <cstdlib>
 #include <cstring>
