@@ -133,6 +133,11 @@ MIXTURES = {
     "2d-iso": (torch.tensor([0.8, 0.2]), torch.tensor([[5.0, 5.0], [-5.0, -5.0]]), torch.tensor([1.0, 1.0])),
     "3d-aniso-k3": (torch.tensor([0.5, 0.3, 0.2]), torch.tensor([[2.0, -1.0, 0.5], [-3.0, 1.0, 0.0], [0.0, 4.0, -2.0]]),
                     torch.tensor([[1.0, 0.5, 2.0], [0.7, 0.7, 0.7], [1.5, 1.0, 0.3]])),
+    "1d-k2": (torch.tensor([0.3, 0.7]), torch.tensor([[-2.0], [3.0]]), torch.tensor([0.5, 1.5])),
+    # the contract's largest mixture: 16 dims, 64 anisotropic components
+    "16d-k64": (torch.softmax(torch.linspace(-1.0, 1.0, 64), 0),
+                torch.sin(torch.arange(64 * 16, dtype=torch.float32).reshape(64, 16) * 0.37) * 4.0,
+                0.5 + torch.cos(torch.arange(64 * 16, dtype=torch.float32).reshape(64, 16) * 0.11).abs()),
 }
 
 

@@ -36,47 +36,75 @@ void chain_block(C* xs, int64_t p0, int P, int D, int K, const C* means, const s
   for (int p = 0; p < P; ++p)
     for (int d = 0; d < D; ++d) x[d][p] = xs[(p0 + p) * D + d];
 
-  auto score = [&](int level) {  // acc[d][p] <- score of x at `level`
+  // acc[d][p] <- the unnormalized score of x at `level`, denom[p] its normalizer (the
+  // score is acc / denom). Zeroing, finishing and dividing ride along in the first or
+  // last pass of each loop (same operations per element, fewer sweeps over the block).
+  auto score = [&](int level) {
     const C* iv = &inv_var[size_t(level) * K * D];
     const C* ln = &lognorm[size_t(level) * K];
     for (int p = 0; p < P; ++p) mx[p] = C(-__builtin_huge_val());
     for (int k = 0; k < K; ++k) {
       C* l = &lp[size_t(k) * kBlock];
-#pragma omp simd
-      for (int p = 0; p < P; ++p) l[p] = C(0);
       for (int d = 0; d < D; ++d) {
         const C mu = means[k * D + d], w = iv[k * D + d];
+        const C* xd = x[d];
+        if (d == 0 && d == D - 1) {
 #pragma omp simd
-        for (int p = 0; p < P; ++p) {
-          const C diff = mu - x[d][p];
-          l[p] += diff * diff * w;
+          for (int p = 0; p < P; ++p) {
+            const C diff = mu - xd[p];
+            l[p] = ln[k] - C(0.5) * (C(0) + diff * diff * w);
+            mx[p] = l[p] > mx[p] ? l[p] : mx[p];
+          }
+        } else if (d == 0) {
+#pragma omp simd
+          for (int p = 0; p < P; ++p) {
+            const C diff = mu - xd[p];
+            l[p] = C(0) + diff * diff * w;
+          }
+        } else if (d < D - 1) {
+#pragma omp simd
+          for (int p = 0; p < P; ++p) {
+            const C diff = mu - xd[p];
+            l[p] += diff * diff * w;
+          }
+        } else {
+#pragma omp simd
+          for (int p = 0; p < P; ++p) {
+            const C diff = mu - xd[p];
+            l[p] = ln[k] - C(0.5) * (l[p] + diff * diff * w);
+            mx[p] = l[p] > mx[p] ? l[p] : mx[p];
+          }
         }
       }
-#pragma omp simd
-      for (int p = 0; p < P; ++p) {
-        l[p] = ln[k] - C(0.5) * l[p];
-        mx[p] = l[p] > mx[p] ? l[p] : mx[p];
-      }
     }
-    for (int p = 0; p < P; ++p) denom[p] = C(0);
-    for (int d = 0; d < D; ++d)
-      for (int p = 0; p < P; ++p) acc[d][p] = C(0);
     for (int k = 0; k < K; ++k) {
       C* l = &lp[size_t(k) * kBlock];
+      if (k == 0) {
 #pragma omp simd
-      for (int p = 0; p < P; ++p) {
-        l[p] = exp_vec<C>(l[p] - mx[p]);
-        denom[p] += l[p];
+        for (int p = 0; p < P; ++p) {
+          l[p] = exp_vec<C>(l[p] - mx[p]);
+          denom[p] = C(0) + l[p];
+        }
+      } else {
+#pragma omp simd
+        for (int p = 0; p < P; ++p) {
+          l[p] = exp_vec<C>(l[p] - mx[p]);
+          denom[p] += l[p];
+        }
       }
       for (int d = 0; d < D; ++d) {
         const C mu = means[k * D + d], w = iv[k * D + d];
+        const C* xd = x[d];
+        C* ad = acc[d];
+        if (k == 0) {
 #pragma omp simd
-        for (int p = 0; p < P; ++p) acc[d][p] += l[p] * (mu - x[d][p]) * w;
+          for (int p = 0; p < P; ++p) ad[p] = C(0) + l[p] * (mu - xd[p]) * w;
+        } else {
+#pragma omp simd
+          for (int p = 0; p < P; ++p) ad[p] += l[p] * (mu - xd[p]) * w;
+        }
       }
     }
-    for (int d = 0; d < D; ++d)
-#pragma omp simd
-      for (int p = 0; p < P; ++p) acc[d][p] = acc[d][p] / denom[p];
   };
 
   uint64_t step = 0;
@@ -90,16 +118,25 @@ void chain_block(C* xs, int64_t p0, int P, int D, int K, const C* means, const s
       const uint64_t g0 = base >> 2, g1 = (base + uint64_t(P) * D - 1) >> 2;
       cpu::fill_normals(key, g0, int64_t(g1 - g0 + 1), zbuf);
       const float* z = zbuf + (base - 4 * g0);
-      for (int d = 0; d < D; ++d)
+      if (D == 2) {  // the noise is point-major (z[2p + d]): a stride-2 pair gcc de-interleaves with
+                     // permutes, where the general loop below gathers
 #pragma omp simd
-        for (int p = 0; p < P; ++p) x[d][p] = (x[d][p] + a * acc[d][p]) + ns * C(z[p * D + d]);
+        for (int p = 0; p < P; ++p) {
+          x[0][p] = (x[0][p] + a * (acc[0][p] / denom[p])) + ns * C(z[2 * p]);
+          x[1][p] = (x[1][p] + a * (acc[1][p] / denom[p])) + ns * C(z[2 * p + 1]);
+        }
+      } else {
+        for (int d = 0; d < D; ++d)
+#pragma omp simd
+          for (int p = 0; p < P; ++p) x[d][p] = (x[d][p] + a * (acc[d][p] / denom[p])) + ns * C(z[p * D + d]);
+      }
     }
   }
   if (denoise) {
     score(L);
     const C s2 = C(sigma_L * sigma_L);
     for (int d = 0; d < D; ++d)
-      for (int p = 0; p < P; ++p) x[d][p] = x[d][p] + s2 * acc[d][p];
+      for (int p = 0; p < P; ++p) x[d][p] = x[d][p] + s2 * (acc[d][p] / denom[p]);
   }
   for (int p = 0; p < P; ++p)
     for (int d = 0; d < D; ++d) xs[(p0 + p) * D + d] = x[d][p];
@@ -140,6 +177,7 @@ at::Tensor gmm_annealed_langevin_cpu(const at::Tensor& x, const at::Tensor& weig
   const int D = int(x.size(-1));
   const int K = int(weights.numel());
   TORCH_CHECK(D >= 1 && D <= kGmmMaxDim, "gmm_annealed_langevin: D must be in [1, ", kGmmMaxDim, "]");
+  TORCH_CHECK(K >= 1, "gmm_annealed_langevin: the mixture needs at least one component");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "x must be float32 or float64");
   TORCH_CHECK(sigmas.numel() >= 1, "sigmas must not be empty");
   at::Tensor out = x.contiguous().clone();
