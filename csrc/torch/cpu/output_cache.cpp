@@ -19,7 +19,7 @@ namespace cpu {
 
 namespace {
 
-constexpr size_t kMinBytes = size_t(1) << 20;  // smaller outputs come from malloc's heap unharmed
+constexpr size_t kMinBytes = size_t(128) << 10;  // glibc's default mmap threshold
 constexpr size_t kHuge = size_t(2) << 20;
 constexpr size_t kMaxBlocks = 8;
 

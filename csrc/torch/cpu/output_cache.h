@@ -7,7 +7,7 @@
 // DIFFKERN_CPU_CACHE_MB = 256 MiB in all, least recently freed evicted first; 0 turns the
 // cache off) makes a steady loop allocate nothing from the system. Buffers are 2 MiB
 // aligned and advised as huge pages, so a first touch faults once per 2 MiB where allowed.
-// Outputs below 1 MiB come from at::empty as before.
+// Outputs below 128 KiB (glibc's default mmap threshold) come from at::empty as before.
 #pragma once
 #include <ATen/ATen.h>
 
