@@ -222,13 +222,38 @@ class LangevinLoop(Loop):
 
 
 # ---- timing --------------------------------------------------------------------------------
+def _loop_stats(ms: list[float]) -> dict:
+    s = C.summarize(ms)
+    return {"median_s": s["median_ms"] / 1e3, "q1_s": s["q1_ms"] / 1e3, "q3_s": s["q3_ms"] / 1e3,
+            "iqr_s": s["iqr_ms"] / 1e3, "min_s": s["min_ms"] / 1e3, "reps": len(ms)}
+
+
 def time_loop(run, x_init, device, reps: int, warm_steps: int) -> dict:
     """Seconds per whole loop: median, quartiles, IQR, min over ``reps`` loops."""
     if warm_steps:
         run(x_init.clone(), warm_steps)
-    s = C.summarize([1e3 * C.time_once(lambda: run(x_init.clone()), device) for _ in range(reps)])
-    return {"median_s": s["median_ms"] / 1e3, "q1_s": s["q1_ms"] / 1e3, "q3_s": s["q3_ms"] / 1e3,
-            "iqr_s": s["iqr_ms"] / 1e3, "min_s": s["min_ms"] / 1e3, "reps": reps}
+    return _loop_stats([1e3 * C.time_once(lambda: run(x_init.clone()), device) for _ in range(reps)])
+
+
+def time_loops_in_turns(runs: dict, x_init, device, reps: int, warm_steps: int) -> tuple[dict, dict]:
+    """Like time_loop for several rows, timed in turns (rep 1 of every row, then rep 2, ...)
+    so that a slow spell of a shared machine falls on all rows alike. -> (stats, errors)."""
+    ms, errors = {name: [] for name in runs}, {}
+    for name, run in runs.items():
+        try:
+            if warm_steps:
+                run(x_init.clone(), warm_steps)
+        except Exception as e:  # one failing row must not lose the others
+            errors[name] = e
+    for _ in range(reps):
+        for name, run in runs.items():
+            if name in errors:
+                continue
+            try:
+                ms[name].append(1e3 * C.time_once(lambda r=run: r(x_init.clone()), device))
+            except Exception as e:
+                errors[name] = e
+    return {name: _loop_stats(v) for name, v in ms.items() if name not in errors}, errors
 
 
 @dataclass
@@ -267,8 +292,6 @@ def run_loop(loop: Loop, args, bar) -> dict:
            "shape": list(loop.x_init.shape), "steps": loop.steps, "rows": {}, "model_only": {}}
     warm = min(3, loop.steps)
     with torch.no_grad():
-        bar.set_postfix_str(f"{dev.type} {loop.name}: model only")
-        res["model_only"]["eager"] = time_loop(loop.model_only, loop.x_init, dev, args.reps, warm)
         if dev.type == "cuda":
             replay, cap = capture(loop.model_only, loop.x_init, dev, warm)
             res["model_only"]["graph"] = time_loop(replay, loop.x_init, dev, args.reps, 0) | {"capture_s": cap}
@@ -281,6 +304,14 @@ def run_loop(loop: Loop, args, bar) -> dict:
                 rows[graph_row] = NotApplicable("CUDA graphs need a CUDA device")
             else:
                 rows[graph_row] = rows[base] if isinstance(rows[base], NotApplicable) else Graphed(rows[base])
+        # The model alone and every eager row, timed in turns.
+        bar.set_postfix_str(f"{dev.type} {loop.name}: eager rows in turns")
+        eager = {"model only": loop.model_only}
+        eager.update({n: rows[n] for n in ROWS if not isinstance(rows[n], (NotApplicable, Graphed))})
+        eager_stats, eager_errors = time_loops_in_turns(eager, loop.x_init, dev, args.reps, warm)
+        if "model only" in eager_errors:
+            raise eager_errors["model only"]
+        res["model_only"]["eager"] = eager_stats["model only"]
         outputs = {}
         for name in ROWS:
             bar.set_postfix_str(f"{dev.type} {loop.name}: {name}")
@@ -296,7 +327,9 @@ def run_loop(loop: Loop, args, bar) -> dict:
                     outputs[name] = replay().clone()
                     model = res["model_only"]["graph"]["median_s"]
                 else:
-                    entry = time_loop(spec, loop.x_init, dev, args.reps, warm)
+                    if name in eager_errors:
+                        raise eager_errors[name]
+                    entry = eager_stats[name]
                     outputs[name] = spec(loop.x_init.clone()) if loop.name == "ddim50" else None
                     model = res["model_only"]["eager"]["median_s"]
                 entry = {"status": "ok", **entry, "per_step_ms": entry["median_s"] / loop.steps * 1e3,

@@ -92,6 +92,23 @@ def _batch(x: torch.Tensor) -> int:
     return x.shape[0] if x.dim() > 0 else 1
 
 
+def _as_int(t) -> int | None:
+    """A Python int for an int or a one-element integer CPU tensor (outside torch.compile,
+    where reading it would be a graph break), else None. A sampling loop's scalar tensor
+    t then takes the int path: a cached device tensor, no per-call tensor ops."""
+    if isinstance(t, bool):
+        return None
+    if isinstance(t, numbers.Integral):
+        return int(t)
+    if (isinstance(t, torch.Tensor) and t.is_cpu and t.dtype in _INT_DTYPES and t.numel() == 1 and t.dim() <= 1
+            and not _compiling()):
+        return int(t)
+    return None
+
+
+_INT_DTYPES = frozenset({torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8})
+
+
 def check_timesteps(t, x: torch.Tensor, T: int, name: str = "t", *, allow_negative: bool = False) -> torch.Tensor:
     """A Python int, a 0-d or 1-D integer tensor of length x.shape[0], on the CPU or on x's
     device -> an int64 tensor of shape (1,) or (B,) on x's device.
@@ -101,8 +118,8 @@ def check_timesteps(t, x: torch.Tensor, T: int, name: str = "t", *, allow_negati
     into NaN output instead of reading out of bounds."""
     if isinstance(t, bool) or (isinstance(t, torch.Tensor) and t.dtype == torch.bool):
         raise TypeError(f"{name} must be an int or an integer tensor, got a bool")
-    if isinstance(t, numbers.Integral):
-        tv = int(t)
+    tv = _as_int(t)
+    if tv is not None:
         if tv >= T or (tv < 0 and not allow_negative):
             raise ValueError(f"{name}={tv} is outside [0, {T}) for a schedule of {T} timesteps")
         return _int_timestep_tensor(max(tv, -1), x.device)
@@ -134,8 +151,9 @@ def check_t_prev(t_prev, t: torch.Tensor, x: torch.Tensor, T: int, t_raw=None) -
     compared as ints (this runs on every sampling step)."""
     if t_prev is None:
         return t - 1
-    ints = isinstance(t_prev, numbers.Integral) and isinstance(t_raw, numbers.Integral)
-    if ints and not isinstance(t_prev, bool) and int(t_prev) >= int(t_raw):
+    tp_int, t_int = _as_int(t_prev), _as_int(t_raw)
+    ints = tp_int is not None and t_int is not None
+    if ints and tp_int >= t_int:
         raise ValueError(_T_PREV_ORDER)
     tp = check_timesteps(t_prev, x, T, "t_prev", allow_negative=True)
     if not ints and tp.device.type == "cpu" and t.device.type == "cpu" and not _compiling():

@@ -176,7 +176,14 @@ def _step_args(x, eps, t, t_prev, schedule, prediction_type, clip_sample, noise,
     sched = V.check_schedule(schedule)
     a = _StepArgs()
     a.schedule = sched
+    # scalar CPU tensors read once as ints: the int path is the cheap one, and a sampling
+    # loop calls this every step
+    t_int = V._as_int(t)
+    t = t if t_int is None else t_int
     a.t = V.check_timesteps(t, x, sched.num_timesteps)
+    if t_prev is not None:
+        tp_int = V._as_int(t_prev)
+        t_prev = t_prev if tp_int is None else tp_int
     a.t_prev_arg = None if t_prev is None else V.check_t_prev(t_prev, a.t, x, sched.num_timesteps, t)
     a.prediction = V.check_prediction_type(prediction_type)
     a.clip = V.check_clip(clip_sample)

@@ -199,3 +199,20 @@ def test_device_mismatch_raises(impl):
         impl.q_sample(X, torch.tensor([1, 2, 3, 4], device="cuda"), Z)
     with pytest.raises(dk.MismatchError, match="generator"):
         impl.ddpm_step(X, EPS, 5, generator=gen(0, "cuda"))
+
+
+def test_scalar_tensor_timesteps_match_ints():
+    """0-d and one-element CPU tensors take the int path (read once on the host): the same
+    step, the same errors."""
+    x, e = torch.randn(3, 5, generator=torch.Generator().manual_seed(1)), torch.randn(3, 5)
+    want = dk.ddim_step(x, e, 500, 0.0, t_prev=480)
+    for t, tp in ((torch.tensor(500), torch.tensor(480)), (torch.tensor([500]), torch.tensor([480], dtype=torch.int32))):
+        assert torch.equal(dk.ddim_step(x, e, t, 0.0, t_prev=tp), want)
+    with pytest.raises(ValueError, match="t_prev must be smaller"):
+        dk.ddim_step(x, e, torch.tensor(480), 0.0, t_prev=torch.tensor(480))
+    with pytest.raises(ValueError, match="outside"):
+        dk.ddim_step(x, e, torch.tensor(1000), 0.0)
+    with pytest.raises(TypeError):
+        dk.ddim_step(x, e, torch.tensor(5.0), 0.0)
+    with pytest.raises(TypeError):
+        dk.ddim_step(x, e, torch.tensor(True), 0.0)
