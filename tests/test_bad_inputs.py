@@ -206,7 +206,8 @@ def test_scalar_tensor_timesteps_match_ints():
     step, the same errors."""
     x, e = torch.randn(3, 5, generator=torch.Generator().manual_seed(1)), torch.randn(3, 5)
     want = dk.ddim_step(x, e, 500, 0.0, t_prev=480)
-    for t, tp in ((torch.tensor(500), torch.tensor(480)), (torch.tensor([500]), torch.tensor([480], dtype=torch.int32))):
+    pairs = ((torch.tensor(500), torch.tensor(480)), (torch.tensor([500]), torch.tensor([480], dtype=torch.int32)))
+    for t, tp in pairs:
         assert torch.equal(dk.ddim_step(x, e, t, 0.0, t_prev=tp), want)
     with pytest.raises(ValueError, match="t_prev must be smaller"):
         dk.ddim_step(x, e, torch.tensor(480), 0.0, t_prev=torch.tensor(480))
