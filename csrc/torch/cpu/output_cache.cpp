@@ -8,6 +8,9 @@
 
 #include <cstdlib>
 #include <cstring>
+#if defined(_WIN32)
+#include <malloc.h>
+#endif
 #include <deque>
 #include <mutex>
 #if defined(__linux__)
@@ -39,9 +42,9 @@ class OutputCache final : public c10::Allocator {
     const size_t bytes = round_up(n);
     Block* b = take(bytes);
     if (!b) {
-      void* p = nullptr;
       const size_t align = bytes >= kHuge ? kHuge : 64;
-      TORCH_CHECK(posix_memalign(&p, align, bytes) == 0, "diffkern: out of memory allocating ", bytes, " bytes");
+      void* p = aligned_alloc_bytes(align, bytes);
+      TORCH_CHECK(p != nullptr, "diffkern: out of memory allocating ", bytes, " bytes");
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
       // One page fault per 2 MiB on first touch instead of per 4 KiB, where the system
       // grants huge pages on request (transparent_hugepage = madvise); advice, so errors
@@ -123,8 +126,21 @@ class OutputCache final : public c10::Allocator {
     for (Block* d : drop) release(d);
   }
 
+  static void* aligned_alloc_bytes(size_t align, size_t bytes) {
+#if defined(_WIN32)
+    return _aligned_malloc(bytes, align);
+#else
+    void* p = nullptr;
+    return posix_memalign(&p, align, bytes) == 0 ? p : nullptr;
+#endif
+  }
+
   static void release(Block* b) {
+#if defined(_WIN32)
+    _aligned_free(b->ptr);
+#else
     std::free(b->ptr);
+#endif
     delete b;
   }
 
