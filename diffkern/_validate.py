@@ -75,7 +75,8 @@ def _int_timestep_tensor(tv: int, device: torch.device) -> torch.Tensor:
     if tt is None:
         if len(_int_t_cache) > 8192:
             _int_t_cache.clear()
-        tt = torch.tensor([tv], dtype=torch.int64, device=device)
+        with torch.inference_mode(False):  # a cached inference tensor could not be saved for backward later
+            tt = torch.tensor([tv], dtype=torch.int64, device=device)
         _int_t_cache[key] = tt
     return tt
 

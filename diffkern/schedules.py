@@ -126,7 +126,12 @@ class NoiseSchedule:
         key = (device, dtype)
         tab = self._tables.get(key)
         if tab is None:
-            tab = self.alphas_cumprod.to(device=device, dtype=dtype)
+            # Never an inference tensor (the first call may come inside torch.inference_mode):
+            # a later call with autograd on saves the table for backward, which those refuse.
+            with torch.inference_mode(False):
+                tab = self.alphas_cumprod.to(device=device, dtype=dtype)
+                if tab.is_inference():
+                    tab = tab.clone()
             self._tables[key] = tab
         return tab
 

@@ -263,3 +263,23 @@ def test_compile_backward_through_steps(backend):
     got = grads(torch.compile(f, fullgraph=True, backend=backend))
     for g, w in zip(got, want, strict=True):
         assert g.shape == w.shape and max_rel_err(g, w) <= 1e-5
+
+
+def test_caches_filled_in_inference_mode_work_with_autograd_later():
+    """The first call of a process may come inside torch.inference_mode (a sampler); the
+    per-device tensors diffkern caches then (int timesteps, the schedule table) must still
+    be usable by a later differentiable call, which saves them for backward."""
+    sched = dk.NoiseSchedule.linear(1000, 2e-4, 0.03)  # fresh: nothing cached yet
+    with torch.inference_mode():
+        s2 = dk.NoiseSchedule.linear(900, 1e-4, 0.02)  # built inside, too
+        for s in (sched, s2):
+            xi = torch.randn(2, 3)
+            dk.ddim_step(xi, xi, 777, 0.0, t_prev=555, schedule=s)
+            dk.ddpm_step(xi, xi, 777, schedule=s, noise=xi)
+            dk.q_sample(xi, 777, schedule=s)
+    for s in (sched, s2):
+        x = randn(2, 3, seed=50).requires_grad_()
+        y = dk.ddim_step(x, x * 0.5, 777, 0.0, t_prev=555, schedule=s) + dk.ddpm_step(x, x, 777, schedule=s, noise=x)
+        y = y + dk.q_sample(x, 777, schedule=s, noise=x)[0]
+        y.sum().backward()
+        assert x.grad is not None and torch.isfinite(x.grad).all()
