@@ -23,13 +23,29 @@ void backward_loop(const Op& op, const Operand& g, const Operand& x, const Opera
           k = cast_coeffs<C>(op.template coeffs<double>(b));
           cached_b = b;
         }
-        for (int64_t i = e; i < r1; ++i) {
-          C dx, dm;
-          const C gi = C(cpu::at_<T>(g, i));
-          step_backward<C>(k, C(cpu::at_<T>(x, i)), C(cpu::at_<T>(m, i)), gi, has_clip, C(clip), &dx, &dm);
-          gx[i] = T(dx);
-          gm[i] = T(dm);
-          if (gz) gz[i] = T(k.std * gi);
+        if (g.contiguous && x.contiguous && m.contiguous) {  // the common case, vectorized
+          const T *gp = static_cast<const T*>(g.data), *xp = static_cast<const T*>(x.data),
+                  *mp = static_cast<const T*>(m.data);
+#pragma omp simd
+          for (int64_t i = e; i < r1; ++i) {
+            C dx, dm;
+            step_backward<C>(k, C(xp[i]), C(mp[i]), C(gp[i]), has_clip, C(clip), &dx, &dm);
+            gx[i] = T(dx);
+            gm[i] = T(dm);
+          }
+          if (gz) {
+#pragma omp simd
+            for (int64_t i = e; i < r1; ++i) gz[i] = T(k.std * C(gp[i]));
+          }
+        } else {
+          for (int64_t i = e; i < r1; ++i) {
+            C dx, dm;
+            const C gi = C(cpu::at_<T>(g, i));
+            step_backward<C>(k, C(cpu::at_<T>(x, i)), C(cpu::at_<T>(m, i)), gi, has_clip, C(clip), &dx, &dm);
+            gx[i] = T(dx);
+            gm[i] = T(dm);
+            if (gz) gz[i] = T(k.std * gi);
+          }
         }
         e = r1;
       }
