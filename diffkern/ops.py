@@ -1,8 +1,8 @@
 """The public ops: validate once, run the native kernel when it is built for the input's
 device, else the pure-PyTorch reference (same numbers, including the drawn noise).
 
-Each op is followed by its fake (shape) function and autograd registration, so a reader
-sees an op's whole contract in one screen.
+The fake (shape) functions follow at the end, with q_sample's autograd; the step ops'
+autograd is C++ (csrc/torch/autograd.cpp), where it costs no Python per call.
 """
 
 from __future__ import annotations

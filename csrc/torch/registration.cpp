@@ -1,5 +1,6 @@
 // Every diffkern op's schema, in one place. Implementations register per backend in
-// cpu/*.cpp and cuda/*.cpp; fake (meta) kernels and autograd live in diffkern/ops.py.
+// cpu/*.cpp and cuda/*.cpp; fake (meta) kernels live in diffkern/ops.py; autograd in
+// autograd.cpp (q_sample's in diffkern/ops.py).
 //
 // Conventions: t / t_prev are 1-D int64 (length 1 or the batch size) on the op's device,
 // t_prev absent meaning t - 1 (no extra kernel to form it);
