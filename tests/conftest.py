@@ -29,6 +29,16 @@ def _seed_everything():
     yield
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of small models: a second OpenMP thread gains little there and costs a
+    lot when the two cores are shared with other jobs."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _restore_threads():
     n = torch.get_num_threads()

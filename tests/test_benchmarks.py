@@ -112,6 +112,15 @@ def test_loop_speed_quick(tmp_path):
                 assert e["max_abs_diff_vs_torch"] < 1e-2, (name, e)
 
 
+def test_backward_speed_small():
+    proc = subprocess.run([sys.executable, str(BENCH / "backward_speed.py"), "--size", "3x2x5x7", "--reps", "2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    errs = [float(line.split()[-1]) for line in proc.stdout.splitlines() if "max|grad - reference grad|" in line]
+    assert len(errs) == 2 and max(errs) <= 1e-5  # the fused backward equals autograd of the reference
+    assert "x native" in proc.stdout
+
+
 @pytest.mark.parametrize("spec, shape", [("64x4x128x128", (64, 4, 128, 128)), ("1e7x2", (10_000_000, 2))])
 def test_size_parsing(spec, shape):
     loader = importlib.util.spec_from_file_location("diffkern_bench_common", BENCH / "common.py")

@@ -28,14 +28,7 @@ from diffkern.training import geometric_sigmas, train_ddpm, train_score
 SLOW = os.environ.get("DIFFKERN_SLOW") == "1"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # These models are small: a second OpenMP thread gains little and costs a lot when the
-    # two cores are shared with other jobs.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -35,13 +35,7 @@ from diffkern.training import (
 )
 from diffkern.training.losses import DDPMLoss, DSMLoss
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomize_zero_inits(model, seed=0):

@@ -4,13 +4,48 @@
 // stay the definition. tests/native/simd_tests.cpp checks the equality for both widths.
 //
 // Why it exists: gcc vectorizes the scalar loop over groups at the width of its 64-bit
-// counter and products (8 lanes with AVX-512), about 1.8 ns per normal on a Zen 4 core;
-// written out here, Philox runs on 64-bit lanes without blends and the transform on full
-// float registers: 1.07 ns per normal with AVX-512.
+// counter and products (8 lanes with AVX-512; not at all with AVX2 alone); written out
+// here, Philox runs on 64-bit lanes without blends and the transform on full float
+// registers (benchmarks/native/cpu_probes.cpp times both).
 //
 // The algorithm is written once over a policy (V512, V256) that names the instructions.
+// fill_normals() is the entry point: the widest policy the build targets, else the scalar
+// loop below. `cpu_probes` (benchmarks/native) times each.
 #pragma once
 #include "philox.h"
+
+namespace diffkern {
+namespace simd {
+
+// out[4 i + j] = philox_normal4(key, first_group + i).v[j] for i < ngroups: the scalar
+// functions in a loop over groups that gcc vectorizes by itself (where it does: with
+// AVX-512, not with AVX2 alone). Results go through four arrays because a store to
+// out[4 i + j] inside the loop kept gcc from vectorizing it.
+inline void fill_normals_scalar(PhiloxKey key, uint64_t first_group, int64_t ngroups, float* out) {
+  constexpr int64_t kBlock = 512;
+  alignas(64) float z0[kBlock], z1[kBlock], z2[kBlock], z3[kBlock];
+  for (int64_t b = 0; b < ngroups; b += kBlock) {
+    const int64_t n = ngroups - b < kBlock ? ngroups - b : kBlock;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const Float4 z = philox_normal4(key, first_group + uint64_t(b + i));
+      z0[i] = z.v[0];
+      z1[i] = z.v[1];
+      z2[i] = z.v[2];
+      z3[i] = z.v[3];
+    }
+    float* o = out + 4 * b;
+    for (int64_t i = 0; i < n; ++i) {
+      o[4 * i + 0] = z0[i];
+      o[4 * i + 1] = z1[i];
+      o[4 * i + 2] = z2[i];
+      o[4 * i + 3] = z3[i];
+    }
+  }
+}
+
+}  // namespace simd
+}  // namespace diffkern
 
 #if !defined(__CUDACC__) && (defined(__AVX2__) || (defined(__AVX512F__) && defined(__AVX512DQ__)))
 #include <immintrin.h>
@@ -251,10 +286,7 @@ inline void fill_normals_with(PhiloxKey key, uint64_t first_group, int64_t ngrou
   int64_t i = 0;
   for (; i + NB * W <= ngroups; i += NB * W) normals<V, NB>(key, first_group + uint64_t(i), out + 4 * i);
   for (; i + W <= ngroups; i += W) normals<V, 1>(key, first_group + uint64_t(i), out + 4 * i);
-  for (; i < ngroups; ++i) {
-    const Float4 z = philox_normal4(key, first_group + uint64_t(i));
-    for (int j = 0; j < 4; ++j) out[4 * i + j] = z.v[j];
-  }
+  fill_normals_scalar(key, first_group + uint64_t(i), ngroups - i, out + 4 * i);
 }
 
 #if defined(__AVX512F__) && defined(__AVX512DQ__)
@@ -263,11 +295,21 @@ using Widest = V512;
 using Widest = V256;
 #endif
 
-inline void fill_normals(PhiloxKey key, uint64_t first_group, int64_t ngroups, float* out) {
-  fill_normals_with<Widest>(key, first_group, ngroups, out);
-}
-
 }  // namespace simd
 }  // namespace diffkern
 #pragma GCC diagnostic pop
 #endif
+
+namespace diffkern {
+namespace simd {
+
+inline void fill_normals(PhiloxKey key, uint64_t first_group, int64_t ngroups, float* out) {
+#if defined(DK_HAVE_SIMD_NORMALS)
+  fill_normals_with<Widest>(key, first_group, ngroups, out);
+#else
+  fill_normals_scalar(key, first_group, ngroups, out);
+#endif
+}
+
+}  // namespace simd
+}  // namespace diffkern

@@ -17,29 +17,6 @@ namespace cpu {
 
 constexpr int64_t kChunk = 2048;  // elements; a multiple of 4 so chunks start on a Philox group
 
-// out[4 i + j] = philox_normal4(key, first_group + i).v[j], i < ngroups <= kChunk / 4.
-inline void fill_normals(PhiloxKey key, uint64_t first_group, int64_t ngroups, float* out) {
-#if defined(DK_HAVE_SIMD_NORMALS)
-  simd::fill_normals(key, first_group, ngroups, out);
-#else
-  alignas(64) float z0[kChunk / 4], z1[kChunk / 4], z2[kChunk / 4], z3[kChunk / 4];
-#pragma omp simd
-  for (int64_t i = 0; i < ngroups; ++i) {
-    const Float4 z = philox_normal4(key, first_group + uint64_t(i));
-    z0[i] = z.v[0];
-    z1[i] = z.v[1];
-    z2[i] = z.v[2];
-    z3[i] = z.v[3];
-  }
-  for (int64_t i = 0; i < ngroups; ++i) {
-    out[4 * i + 0] = z0[i];
-    out[4 * i + 1] = z1[i];
-    out[4 * i + 2] = z2[i];
-    out[4 * i + 3] = z3[i];
-  }
-#endif
-}
-
 // Outputs this large bypass the cache (non-temporal stores): they cannot stay in it anyway,
 // and a normal store first reads every line it writes, a third more memory traffic for a
 // two-input step.
@@ -170,7 +147,7 @@ void run_elementwise(const Op& op, const StepIO& io, int64_t numel, int64_t inne
       const int64_t e1 = std::min(eend, e0 + span);
       T* out = stream ? obuf - e0 : static_cast<T*>(io.out);
       T* nout = static_cast<T*>(io.noise_out);
-      if (io.draw) fill_normals(io.key, uint64_t(e0 / 4), (e1 - e0 + 3) / 4, zbuf);
+      if (io.draw) simd::fill_normals(io.key, uint64_t(e0 / 4), (e1 - e0 + 3) / 4, zbuf);
       if constexpr (IsHalf<T>::value) {
         if (staged) {
           widen(static_cast<const T*>(io.x.data) + e0, fx, e1 - e0);

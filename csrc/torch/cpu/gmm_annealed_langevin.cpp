@@ -116,7 +116,7 @@ void chain_block(C* xs, int64_t p0, int P, int D, int K, const C* means, const s
       // This block's normals: logical indices step*numel + p0*D .. + P*D (gmm_step_noise's keying).
       const uint64_t base = step * numel + uint64_t(p0) * uint64_t(D);
       const uint64_t g0 = base >> 2, g1 = (base + uint64_t(P) * D - 1) >> 2;
-      cpu::fill_normals(key, g0, int64_t(g1 - g0 + 1), zbuf);
+      simd::fill_normals(key, g0, int64_t(g1 - g0 + 1), zbuf);
       const float* z = zbuf + (base - 4 * g0);
       if (D == 2) {  // the noise is point-major (z[2p + d]): a stride-2 pair gcc de-interleaves with
                      // permutes, where the general loop below gathers
