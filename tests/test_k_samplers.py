@@ -495,3 +495,23 @@ def test_schedule_helpers_are_k_diffusions():
     x, d = torch.randn(3, 2), torch.randn(3, 2)
     assert torch.equal(S.to_d(x, torch.tensor([1.0, 2.0, 4.0]), d), (x - d) / torch.tensor([[1.0], [2.0], [4.0]]))
     assert torch.equal(S.append_zero(torch.ones(2)), torch.tensor([1.0, 1.0, 0.0]))
+
+
+# ---- a real network: the digits UNet samples with every family through the wrappers ----------------
+@pytest.mark.parametrize("wrapper", [S.EpsDenoiser, S.VDenoiser], ids=["eps", "v"])
+def test_unet_samples_with_every_family(wrapper, one_thread):
+    from diffkern.models import UNet
+
+    torch.manual_seed(0)
+    unet = UNet(1, base_channels=8, num_res_blocks=1, num_classes=10).eval()
+    w = wrapper(unet, SCHED)
+    sigmas = w.get_sigmas(4)
+    x = torch.randn(2, 1, 8, 8, generator=gen(13)) * sigmas[0]
+    extra = {"y": torch.tensor([3, 7])}
+    for sampler in (S.sample_euler, S.sample_euler_ancestral, S.sample_heun, S.sample_dpmpp_2m, S.sample_lcm):
+        kw = {"generator": gen(14)} if sampler in (S.sample_euler_ancestral, S.sample_lcm) else {}
+        fused = sampler(w, x, sigmas, extra_args=extra, disable=True, **kw)
+        kw = {"generator": gen(14)} if kw else {}
+        unfused = sampler(w, x, sigmas, extra_args=extra, disable=True, callback=lambda d: None, **kw)
+        assert fused.shape == x.shape and torch.isfinite(fused).all()
+        assert max_rel_err(fused, unfused) < 1e-5, sampler.__name__
