@@ -379,7 +379,8 @@ class EpsDenoiser(DiscreteSchedule):
     prediction_type = "epsilon"
 
     def __init__(self, model, schedule, quantize=False):
-        super().__init__(((1 - _alphas_cumprod(schedule)) / _alphas_cumprod(schedule)) ** 0.5, quantize)
+        ac = _alphas_cumprod(schedule)
+        super().__init__(((1 - ac) / ac) ** 0.5, quantize)
         self.inner_model = model
         self.sigma_data = 1.
 
@@ -410,7 +411,8 @@ class VDenoiser(DiscreteSchedule):
     prediction_type = "v_prediction"
 
     def __init__(self, model, schedule, quantize=False):
-        super().__init__(((1 - _alphas_cumprod(schedule)) / _alphas_cumprod(schedule)) ** 0.5, quantize)
+        ac = _alphas_cumprod(schedule)
+        super().__init__(((1 - ac) / ac) ** 0.5, quantize)
         self.inner_model = model
         self.sigma_data = 1.
 

@@ -417,6 +417,15 @@ def test_flow_euler_equals_diffusers_flow_match_euler(stochastic):
     ours = S.sample_flow_euler(flow_velocity, x0, sched.sigmas, disable=True, stochastic=stochastic,
                                noise_sampler=lambda a, b: torch.randn(SHAPE, generator=g2))
     assert max_rel_err(ours, x) <= 1e-5
+    # in-kernel noise: the same loop with the Philox draws of generator= (one per step)
+    if stochastic:
+        randn, xs = philox_randn(gen(15)), x0.double()
+        for i in range(20):
+            s, s_next = sched.sigmas[i].double(), sched.sigmas[i + 1].double()
+            x0_hat = xs - s * flow_velocity(xs, s.reshape(1).expand(SHAPE[0]))
+            xs = (1 - s_next) * x0_hat + s_next * randn(xs)
+        ours = S.sample_flow_euler(flow_velocity, x0, sched.sigmas, disable=True, stochastic=True, generator=gen(15))
+        assert max_rel_err(ours, xs) <= 1e-5
     # and the per-step op with per-sample sigma
     if not stochastic:
         xs, s = x0.clone(), sched.sigmas
