@@ -116,6 +116,7 @@ class _Levels:
         self.dev = sigmas
         self.per_sample = sigmas.dim() == 2
         self.host = sigmas.detach().to("cpu", torch.float64)
+        self.host_native = sigmas.detach().cpu()  # sigmas' dtype: k compares s_tmin <= sigmas[i] in it
         self.s_in = x.new_ones([x.shape[0]])
 
     def __len__(self):
@@ -163,8 +164,8 @@ def _denoise(model, x, sigma, extra_args, fuse: bool):
 
 
 def _churn_gamma(levels, i, s_churn, s_tmin, s_tmax):
-    s = levels.host[i]
-    inside = bool(((s_tmin <= s) & (s <= s_tmax)).all()) if levels.per_sample else s_tmin <= float(s) <= s_tmax
+    s = levels.host_native[i]  # a float32 sigma is compared with float32 s_tmin/s_tmax, as in k-diffusion
+    inside = bool(((s_tmin <= s) & (s <= s_tmax)).all()) if levels.per_sample else bool(s_tmin <= s <= s_tmax)
     if levels.per_sample and not inside and bool(((s_tmin <= s) & (s <= s_tmax)).any()):
         raise ValueError(f"per-sample sigmas must all be inside or all outside [s_tmin, s_tmax] (row {i})")
     return min(s_churn / (len(levels) - 1), 2 ** 0.5 - 1) if inside else 0.

@@ -165,12 +165,20 @@ def test_euler_ancestral_equals_k_diffusion(model, eta, s_noise, dtype):
 
 def churned_steps(sigmas, s_churn, s_tmin, s_tmax):
     n = len(sigmas) - 1
-    return [i for i in range(n) if s_churn > 0 and s_tmin <= float(sigmas[i]) <= s_tmax]
+    return [i for i in range(n) if s_churn > 0 and bool(s_tmin <= sigmas[i] <= s_tmax)]  # in sigmas' dtype
+
+
+def _window_edges(sig):
+    """(s_tmin, s_tmax) just inside sig[1] and sig[3] in float64, on them once rounded to
+    float32: k-diffusion compares a float32 sigma with the float32-rounded bounds."""
+    lo, hi = float(sig[3]), float(sig[1])
+    return lo * (1 + 2.0**-26), hi * (1 - 2.0**-26)
 
 
 @pytest.mark.parametrize("dtype", [F32, F64])
 @pytest.mark.parametrize("s_churn,s_tmin,s_tmax,s_noise", [(1.0, 0., float('inf'), 1.), (20., 0.5, 5., 1.007),
-                                                            (3.0, 0.05, 1.0, 0.9), (2.0, 100., 200., 1.)])
+                                                            (3.0, 0.05, 1.0, 0.9), (2.0, 100., 200., 1.),
+                                                            (2.0, "edge", "edge", 1.)])
 @pytest.mark.parametrize("model", list(MODELS))
 @pytest.mark.parametrize("name", ["sample_euler", "sample_heun"])
 def test_churn_equals_k_diffusion_on_the_same_draws(name, model, s_churn, s_tmin, s_tmax, s_noise, dtype,
@@ -179,6 +187,9 @@ def test_churn_equals_k_diffusion_on_the_same_draws(name, model, s_churn, s_tmin
     draws through torch.randn_like (called on every step there), k-diffusion agrees."""
     m, ea = MODELS[model]()
     sig, x = sigma_schedule("karras", dtype), x_start(dtype)
+    if s_tmin == "edge":
+        s_tmin, s_tmax = _window_edges(sig)
+        assert churned_steps(sig, s_churn, s_tmin, s_tmax) == ([1, 2, 3] if dtype == F32 else [2])
     kw = dict(extra_args=ea, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
     g = gen(77)
     ours = getattr(S, name)(m, x, sig, generator=g, **kw)
