@@ -42,13 +42,13 @@ _tf_mode = torch._C._is_torch_function_mode_enabled
 
 def _fast(x, m) -> bool:
     """The eager entry applies: extension built, CPU plain tensors, nothing to trace."""
-    return (_F is not None and type(x) is _Tensor and type(m) is _Tensor and x.is_cpu and not _tf_mode()
-            and not _is_compiling())
+    return (_F is not None and not _is_compiling() and type(x) is _Tensor and type(m) is _Tensor and x.is_cpu
+            and not _tf_mode())
 
 
 def _eager(x, m) -> bool:
     """The eager entry on any device with kernels (after the Python-side conversions)."""
-    return _F is not None and type(x) is _Tensor and type(m) is _Tensor and not _tf_mode() and not _is_compiling()
+    return _F is not None and not _is_compiling() and type(x) is _Tensor and type(m) is _Tensor and not _tf_mode()
 
 
 def _use_native(x) -> bool:

@@ -488,3 +488,32 @@ def test_broken_extension_never_breaks_import(tmp_path, kind):
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("ok")
+
+
+@needs_native
+def test_modes_still_see_the_ops():
+    """The eager entry skips torch.ops' Python layer, not the dispatcher: a
+    TorchFunctionMode sends the call through torch.ops, and a TorchDispatchMode sees it."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class FunctionMode(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    class DispatchMode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x, m = randn(2, 3, seed=1), randn(2, 3, seed=2)
+    with FunctionMode():
+        dk.ddim_step(x, m, 10)
+    assert "diffkern.ddim_step" in seen
+    seen.clear()
+    with DispatchMode():
+        dk.ddim_step(x, m, 10, 1.0, generator=gen(0))
+    assert "diffkern.ddim_step.default" in seen
