@@ -7,6 +7,7 @@
 #include "kernels/gmm.h"
 #include "kernels/philox.h"
 #include "kernels/schedule.h"
+#include "kernels/step_ops.h"
 
 using namespace diffkern;
 
