@@ -157,7 +157,7 @@ def test_float32_native_vs_reference64(name, case):
         assert err <= 1e-6, f"{name} {case}: rel err {err:.3g}"
 
 
-@pytest.mark.parametrize("case", CASES[:4] + CASES[5:], ids=_case_id)
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[5]], ids=_case_id)
 @pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])
 @pytest.mark.parametrize("name", list(OPS))
 def test_half_native_vs_reference(name, dtype, case):
@@ -199,12 +199,11 @@ def _noncontig(kind, shape, dtype, seed):
 
 
 LAYOUTS = [("transposed", "sliced", "expanded", "permuted", "sliced"),
-           ("sliced", "expanded", "transposed", "expanded", "transposed"),
-           ("permuted", "transposed", "sliced", "transposed", "expanded")]
+           ("permuted", "transposed", "sliced", "expanded", "expanded")]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, F64, torch.bfloat16])
-@pytest.mark.parametrize("layout", LAYOUTS, ids=["tsepS", "setET", "ptstE"])
+@pytest.mark.parametrize("dtype", [F64, torch.bfloat16])  # float32: the broadcast test's strided path
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["tsepS", "ptstE"])
 @pytest.mark.parametrize("name", list(OPS))
 def test_noncontiguous_operands(name, layout, dtype):
     shape = (3, 4, 5, 6)
@@ -226,7 +225,7 @@ def test_noncontiguous_operands(name, layout, dtype):
             assert max_rel_err(g, r) <= (1e-13 if dtype == F64 else 1e-6)
 
 
-@pytest.mark.parametrize("bshape", [(1, 4, 5, 6), (5, 1), (6,), (3, 1, 1, 6)])
+@pytest.mark.parametrize("bshape", [(1, 4, 5, 6), (3, 1, 1, 6)])
 @pytest.mark.parametrize("name", list(OPS))
 def test_broadcast_model_outputs(name, bshape):
     shape = (3, 4, 5, 6)
@@ -331,29 +330,49 @@ def test_drawn_noise_half(name, dtype):
 
 # ---- the CPU driver's large-size paths (streaming stores; fp16/bf16 staging) -------------
 BIG = {
-    "dpmpp_vp_v_heun_denoised": OPS["dpmpp_vp_v_heun_denoised"],
-    "heun_eps": OPS["heun_eps"],
-    "euler_ancestral_gen": lambda o, a: GEN_OPS["euler_ancestral"](o, a, gen(3)),
-    "flow_q_sample_gen": lambda o, a: GEN_OPS["flow_q_sample"](o, a, gen(4)),
-    "lcm_gen": lambda o, a: GEN_OPS["lcm"](o, a, gen(5)),
+    "dpmpp_vp_v_heun_denoised": OPS["dpmpp_vp_v_heun_denoised"],  # two outputs
+    "heun_eps": OPS["heun_eps"],  # four inputs
+    "flow_q_sample_gen": lambda o, a: GEN_OPS["flow_q_sample"](o, a, gen(4)),  # drawn noise written out
 }
+BIG_SHAPE = (3, 2**19 * 3 // 2 + 5)  # 2^21 + 15 float32 elements: past kStreamBytes, a ragged last chunk
 
 
-@pytest.mark.parametrize("name", list(BIG))
+@pytest.mark.parametrize("name", ["dpmpp_vp_v_heun_denoised", "heun_eps"])
 def test_outputs_past_the_streaming_threshold(name):
     """float32 outputs of 8 MiB and more are written with non-temporal stores from L1
-    buffers; 2^21 + 15 elements give a ragged last chunk, per-sample levels a sample
-    boundary inside chunks."""
-    a = _args((3, 2**19 * 3 // 2 + 5), torch.float32, "ps32", 10)
-    got, ref = _outs(BIG[name](dk, a)), _outs(BIG[name](R, a))
-    for g, r in zip(got, ref, strict=True):
-        assert (g.double() - r.double()).abs().max().item() <= 2e-6 * max(1.0, r.abs().max().item()), name
+    buffers; per-sample levels put sample boundaries inside chunks."""
+    a = _args(BIG_SHAPE, torch.float32, "ps32", 10)
+    for g, r in zip(_outs(BIG[name](dk, a)), _outs(BIG[name](R, _up(a))), strict=True):
+        assert max_rel_err(g, r) <= 1e-6, name
+
+
+def test_streaming_with_drawn_noise():
+    """The drawn noise past the streaming threshold: flow_q_sample's noise output equals the
+    Philox stream (checked on slices across chunk and sample boundaries; the whole stream in
+    the reference takes seconds), x_t is formed from it, and the other drawing ops use the
+    same noise for the same generator state as when it is passed in."""
+    from diffkern import _rng
+
+    a = _args(BIG_SHAPE, torch.float32, "ps32", 12)
+    xt, z = dk.flow_q_sample(a.x, a.fs, generator=gen(4))
+    flat = z.reshape(-1)
+    n = flat.numel()
+    for start, count in ((0, 4100), (2**21 - 2048 - 3, 4096 + 3 + 15), (n // 3 - 7, 21), (n - 9, 9)):
+        want = _rng.philox_normal(count, 4, 0, start=start)
+        assert (flat[start:start + count].double() - want.double()).abs().max().item() <= 2e-6
+    s = a.fs.double().view(-1, 1)
+    assert max_rel_err(xt, (1 - s) * a.x.double() + s * z.double()) <= 1e-6
+    for name in ("euler_ancestral", "lcm"):
+        drawn = _outs(GEN_OPS[name](dk, a, gen(4)))
+        a.z = z
+        given = _outs(OPS[name](dk, a))
+        assert torch.equal(drawn[0], given[0]), name
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])
 @pytest.mark.parametrize("name", list(BIG))
 def test_half_staged_large(name, dtype):
-    a = _args((4, 65536 + 3), dtype, "ps32", 11)
+    a = _args((4, 8192 + 3), dtype, "ps32", 11)  # 16 chunks, a ragged last one
     for g, r in zip(_outs(BIG[name](dk, a)), _outs(BIG[name](R, a)), strict=True):
         _assert_half_close(g, r, name)
 
