@@ -9,17 +9,17 @@ kernel reads per sample (no host sync). Operands of different dtypes are cast to
 promoted dtype first (exact), so the result is the reference's. An impl returns
 ``NotImplemented`` where the reference must run: a noise level that needs a gradient, or
 noise whose dtype would round in the cast. Noise is keyed as the older ops key it
-(``ops._noise_source``): a CPU generator here, a CUDA generator's Philox state in the
-kernel (graph-safe).
+(``_noise_key``): a CPU generator here (diffkern._rng's rule), a CUDA generator's Philox
+state in the kernel (graph-safe).
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import _rng
 from . import sampler_ops as S
 from ._native import native_available
-from .ops import _noise_source
 
 _ops = torch.ops.diffkern if native_available() else None
 _LEVEL_DTYPES = (torch.float32, torch.float64)
@@ -56,6 +56,17 @@ def _noise_as(noise, dtype):
     return noise.to(dtype)
 
 
+def _noise_key(x, generator, draws: bool):
+    """(generator, seed, offset) for a raw op: CUDA generators go to the op (it reads
+    torch's Philox state, graph-safe); CPU ones are keyed here, as the older ops key them."""
+    if not draws:
+        return None, 0, 0
+    if x.device.type == "cuda" and (generator is None or generator.device.type == "cuda"):
+        return (generator if generator is not None else _rng.default_cuda_generator(x.device)), 0, 0
+    seed, offset = _rng.cpu_generator_key(generator)
+    return None, _rng._to_int64(seed), _rng._to_int64(offset)
+
+
 def _native(fn):
     def impl(*args):
         try:
@@ -73,7 +84,7 @@ def euler_step(x, m, sigma, sigma_next, eta, s_noise, gamma, prediction, noise, 
     noisy = eta > 0 or gamma > 0
     noise = _noise_as(noise, x.dtype) if noisy else None
     (st, s), (snt, sn) = _level(sigma), _level(sigma_next)
-    gen, seed, offset = _noise_source(x, generator, noisy and noise is None)
+    gen, seed, offset = _noise_key(x, generator, noisy and noise is None)
     return _ops.euler_step(x, m, st, snt, s, sn, eta, s_noise, gamma, prediction, noise, gen, seed, offset)
 
 
@@ -100,7 +111,7 @@ def flow_step(x, v, sigma, sigma_next, stochastic, noise, generator):
     x, v = _common(x, v)
     noise = _noise_as(noise, x.dtype) if stochastic else None
     (st, s), (snt, sn) = _level(sigma), _level(sigma_next)
-    gen, seed, offset = _noise_source(x, generator, stochastic and noise is None)
+    gen, seed, offset = _noise_key(x, generator, stochastic and noise is None)
     return _ops.flow_step(x, v, st, snt, s, sn, stochastic, noise, gen, seed, offset)
 
 
@@ -109,7 +120,7 @@ def flow_q_sample(x0, sigma, noise, generator):
     given = noise
     noise = _noise_as(noise, x0.dtype)
     st, s = _level(sigma)
-    gen, seed, offset = _noise_source(x0, generator, noise is None)
+    gen, seed, offset = _noise_key(x0, generator, noise is None)
     xt, drawn = _ops.flow_q_sample(x0, st, s, noise, gen, seed, offset)
     return xt, (given if given is not None else drawn)
 
@@ -121,7 +132,7 @@ def lcm_step(x, m, a, noise, generator):
     # One draw per call, also on the final step (the reference's generator advances the
     # same way); the kernel skips the noise when every sample is at its final step.
     renoise = not (a.t_prev.device.type == "cpu" and a.t_prev.numel() == 1 and int(a.t_prev) < 0)
-    gen, seed, offset = _noise_source(x, generator, noise is None)
+    gen, seed, offset = _noise_key(x, generator, noise is None)
     out, den = _ops.lcm_step(x, m, a.t, a.t_prev, a.table, a.timestep_scaling, a.sigma_data, a.prediction,
                              a.clip or 0.0, renoise, noise, gen, seed, offset, a.return_denoised)
     return (out, den) if a.return_denoised else out

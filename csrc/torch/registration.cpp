@@ -8,13 +8,21 @@
 // variance 0/1 = fixed_small/fixed_large; clip_sample <= 0 means no clipping. Noise is
 // `noise` when given, else drawn in-kernel: from `generator`'s Philox state on CUDA
 // (graph-safe), else keyed by (seed, offset) (see csrc/kernels/philox.h).
+// A CPU generator given to an op is keyed by the op itself (csrc/torch/cpu_generator.h),
+// and then (seed, offset) are ignored. Every argument is checked by the backend kernels
+// (csrc/torch/validate.h): raw calls get the same errors as the public functions.
 #include <Python.h>
 #include <torch/library.h>
 
+namespace diffkern {
+PyMethodDef* fast_call_methods();  // fast_call.cpp: the eager entry of the public step ops
+}
+
 extern "C" {
-// `import diffkern._C` only has to load this library: the ops register themselves.
+// `import diffkern._C` loads this library (the ops register themselves) and gives the
+// module the eager entry points of fast_call.cpp.
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, diffkern::fast_call_methods()};
   return PyModule_Create(&def);
 }
 }
