@@ -133,7 +133,11 @@ def lcm_step(x, m, a, noise, generator):
     # same way); the kernel skips the noise when every sample is at its final step.
     renoise = not (a.t_prev.device.type == "cpu" and a.t_prev.numel() == 1 and int(a.t_prev) < 0)
     gen, seed, offset = _noise_key(x, generator, noise is None)
-    out, den = _ops.lcm_step(x, m, a.t, a.t_prev, a.table, a.timestep_scaling, a.sigma_data, a.prediction,
+    t, t_prev = a.t, a.t_prev
+    if t.numel() != t_prev.numel():  # one is a single timestep for the batch: the kernel reads equal lengths
+        n = max(t.numel(), t_prev.numel())
+        t, t_prev = t.expand(n).contiguous(), t_prev.expand(n).contiguous()
+    out, den = _ops.lcm_step(x, m, t, t_prev, a.table, a.timestep_scaling, a.sigma_data, a.prediction,
                              a.clip or 0.0, renoise, noise, gen, seed, offset, a.return_denoised)
     return (out, den) if a.return_denoised else out
 

@@ -116,10 +116,12 @@ struct EulerOp {
   }
   template <bool kHasZ, class C>
   DK_HD void apply(const Coeffs<C>& k, C x, C m, C, C, C z, C& out, C&) const {
-    const C xh = kHasZ ? x + k.kz * z : x;
+    // A zero coefficient skips its noise term, as k-diffusion skips the draw on the final
+    // step (sigma_next = 0): a non-finite z there must not reach the output.
+    const C xh = (kHasZ && k.kz != C(0)) ? x + k.kz * z : x;
     const C den = k.pa * xh + k.pb * m;
     out = xh + (xh - den) * k.c;
-    if (kHasZ) out = out + k.kn * z;
+    if (kHasZ && k.kn != C(0)) out = out + k.kn * z;
   }
   // d out / d (x, m, -, -, z): the step is linear in its inputs.
   template <class S>
