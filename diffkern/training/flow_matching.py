@@ -47,12 +47,9 @@ def sample_flow_sigmas(n: int, *, sampling: str = "logit_normal", logit_mean: fl
 
 
 def _default_flow_q_sample():
-    from .. import ops
+    from ..sampler_ops import flow_q_sample
 
-    fn = getattr(ops, "flow_q_sample", None)
-    if fn is None:  # pragma: no cover - only before the sampler-family ops exist
-        raise RuntimeError("diffkern.flow_q_sample is not available; pass q_sample= explicitly")
-    return fn
+    return flow_q_sample
 
 
 def flow_matching_loss(model, x0: torch.Tensor, *, sigma_sampling: str = "logit_normal", logit_mean: float = 0.0,
