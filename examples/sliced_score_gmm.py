@@ -62,10 +62,10 @@ def plot_fields(mix, models: dict, device, path):
         logd = mix.log_prob(dpts, sigma=sigma).reshape(dgx.shape)
         for j, (title, fn) in enumerate(cols):
             ax = axes[i, j]
-            ax.contourf(dgx, dgy, logd.clamp_min(-40), levels=20, cmap="Greys", alpha=0.5)
+            ax.contourf(dgx.numpy(), dgy.numpy(), logd.clamp_min(-40).numpy(), levels=20, cmap="Greys", alpha=0.5)
             s = fn(coarse, sigma).cpu()
-            ax.quiver(gx.cpu(), gy.cpu(), s[:, 0].reshape(gx.shape), s[:, 1].reshape(gx.shape), color="C0",
-                      angles="xy")
+            ax.quiver(gx.cpu().numpy(), gy.cpu().numpy(), s[:, 0].reshape(gx.shape).numpy(),
+                      s[:, 1].reshape(gx.shape).numpy(), color="C0", angles="xy")
             sub = "" if j == 0 else f" (rel. L2 w. {errors(mix, fn, sigma, device)[1]:.3f})"
             ax.set_title(f"{title}, sigma={sigma:g}{sub}", fontsize=8)
             ax.set_aspect("equal")
