@@ -108,9 +108,11 @@ def main(argv=None):
             row[f"relL2 s={sigma:g}"] = g
             row[f"relL2w s={sigma:g}"] = w
         rows.append(row)
+    plot_fields(mix, models, device, out / "gmm_ssm_score_fields.png")
     # Time per step measured apart, the methods in turns (median of rounds), so that a
     # change of machine load during the runs above does not favour one method.
     times = {name: [] for name in trainers}
+    # (These extra steps move the weights on: the errors above are those of the trained models.)
     for _ in range(cfg["timing_rounds"]):
         for name, tr in trainers.items():
             t0 = time.perf_counter()
@@ -125,7 +127,6 @@ def main(argv=None):
                     "projections": "1 per sample",
                     "ms_per_step": "median over rounds of one step per method in turn (after training)",
                     **env_summary()})
-    plot_fields(mix, models, device, out / "gmm_ssm_score_fields.png")
     return rows
 
 
