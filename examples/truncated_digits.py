@@ -12,14 +12,14 @@ DDIM-50) are the reference. Fréchet distance and wall time per sample (prior in
 The epsilon UNet is the one ``samplers_digits.py`` and ``ddpm_digits.py`` use
 (``OUT/checkpoints/unet.pt``: reused, continued or trained). When ``OUT/digits_fd_vs_nfe.json``
 from ``samplers_digits.py`` holds a DDPM-1000 row for the same checkpoint, seed and sample
-count, that row is reused instead of sampling the 1000-step chain again.
+count, that row is reused instead of sampling the 1000-step chain again (and
+``samplers_digits.py`` reuses this script's row the same way).
 
     python examples/truncated_digits.py --quick --out runs/samplers_digits
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -30,7 +30,7 @@ from _common import ensure_diffkern_importable  # noqa: E402
 
 ensure_diffkern_importable()
 from _common import Timer, env_summary, log, make_parser, save_figure, setup, write_table  # noqa: E402
-from samplers_digits import IMAGE_SHAPE, add_model_options, train_or_load  # noqa: E402
+from samplers_digits import IMAGE_SHAPE, add_model_options, reused_ddpm_row, train_or_load  # noqa: E402
 from samplers_digits import settings as sampler_settings  # noqa: E402
 
 from diffkern import samplers  # noqa: E402
@@ -49,17 +49,6 @@ def settings(quick: bool) -> dict:
         cfg.update(vae=dict(latent_dim=16, base_channels=32), vae_steps=3000, t_starts=(100, 250, 500),
                    ddim_steps=50, full_ddpm_steps=1000)
     return cfg
-
-
-def _reused_ddpm_row(out: Path, eps_steps: int, n: int, seed: int):
-    path = out / "digits_fd_vs_nfe.json"
-    if not path.exists():
-        return None
-    table = json.loads(path.read_text())
-    meta = table.get("meta", {})
-    if meta.get("n") != n or meta.get("seed") != seed or meta.get("eps_steps") != eps_steps:
-        return None
-    return next((r for r in table["rows"] if r["sampler"] == "DDPM" and r["nfe"] == 1000), None)
 
 
 def plot(rows, floor, t_starts, path):
@@ -170,7 +159,8 @@ def main(argv=None):
                     grids.append((f"{name} + {chain} from t={t_start}: FD {fd:.1f}", x[:36]))
 
     z = torch.randn((n,) + IMAGE_SHAPE, generator=torch.Generator().manual_seed(args.seed + 1)).to(device)
-    reused = _reused_ddpm_row(out, eps_tr.step, n, args.seed) if cfg["full_ddpm_steps"] == T else None
+    reused = (reused_ddpm_row(out, "digits_fd_vs_nfe", eps_steps=eps_tr.step, n=n, seed=args.seed)
+              if cfg["full_ddpm_steps"] == T else None)
     if reused is not None:
         log("  full DDPM-1000: reusing the row of digits_fd_vs_nfe.json (same checkpoint, seed and n)")
         rows.append({"label": "full DDPM-1000 (from digits_fd_vs_nfe)", "prior": "none", "chain": "DDPM",
@@ -196,7 +186,8 @@ def main(argv=None):
                            f"{vae_loss:.3f} nats/pixel",
                     "DDPM": "all timesteps t_start .. 0; DDIM: eta 0, the leading 50-step schedule below t_start",
                     "seconds_per_sample": "prior sample + chain (VAE / classifier training excluded)",
-                    "n": n, "fd_floor (real held-out digits, same n)": f"{floor:.3f}", "device": str(device),
+                    "n": n, "seed": args.seed, "eps_steps": eps_tr.step,
+                    "fd_floor (real held-out digits, same n)": f"{floor:.3f}", "device": str(device),
                     **env_summary()})
     plot(rows, floor, cfg["t_starts"], out / "digits_truncated.png")
     from ddpm_digits import plot_grids
