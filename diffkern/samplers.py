@@ -1,5 +1,6 @@
-"""Sampling loops built on the public ops: DDPM, DDIM (any number of steps, any eta),
-deterministic score ascent, plain Langevin and annealed Langevin.
+"""Sampling loops built on the public ops: DDPM, DDIM (any number of steps, any eta, and
+truncated chains started from ``x_start`` at ``t_start``), deterministic score ascent,
+plain Langevin and annealed Langevin.
 
 Every loop takes ``generator=`` (the same generator and inputs give the same samples; a
 CPU generator works for samples on any device) and ``progress=`` (a tqdm bar). Timesteps
