@@ -45,9 +45,9 @@ def settings(quick: bool) -> dict:
         return dict(model=dict(base_channels=8, num_res_blocks=1), batch_size=64, eps_steps=30, flow_steps=30,
                     lr=2e-3, ema_decay=0.9, n_samples=32, nfes=(5, 10), ddpm_steps=50, classifier_epochs=3)
     # About 10 minutes on 2 idle CPU cores: 40 epochs (29 steps of 64) per model; DDPM-1000 on
-    # 200 samples is the largest item.
+    # 128 samples is the largest item.
     return dict(model=dict(base_channels=16, num_res_blocks=1), batch_size=64, eps_steps=1160, flow_steps=1160,
-                lr=2e-3, ema_decay=0.995, n_samples=200, nfes=(5, 10, 20, 50), ddpm_steps=1000, classifier_epochs=30)
+                lr=2e-3, ema_decay=0.995, n_samples=128, nfes=(5, 10, 20, 50), ddpm_steps=1000, classifier_epochs=30)
 
 
 def add_model_options(p) -> None:

@@ -46,7 +46,7 @@ def settings(quick: bool) -> dict:
         cfg.update(vae=dict(latent_dim=8, base_channels=8), vae_steps=40, t_starts=(10, 25), ddim_steps=20,
                    full_ddpm_steps=50)
     else:
-        cfg.update(vae=dict(latent_dim=16, base_channels=32), vae_steps=3000, t_starts=(100, 250, 500),
+        cfg.update(vae=dict(latent_dim=16, base_channels=32), vae_steps=1500, t_starts=(100, 250, 500),
                    ddim_steps=50, full_ddpm_steps=1000)
     return cfg
 
