@@ -58,6 +58,10 @@ def add_model_options(p) -> None:
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="where the metric classifier is cached (default $DIFFKERN_CACHE or ~/.cache/diffkern)")
     p.add_argument("--n-samples", type=int, default=None, help="samples per sampler")
+    p.add_argument("--clip-denoised", type=float, default=1.0,
+                   help="clip every sampler's predicted x0 (denoised sample) to [-c, c], the data range; 0 turns it "
+                        "off (default 1: as ddpm_digits' --clip-sample; without it the probability-flow ODE of a "
+                        "briefly trained model leaves the data range, see examples/results)")
 
 
 def _model_for(path: Path, cfg: dict) -> torch.nn.Module:
@@ -89,9 +93,9 @@ def train_or_load(kind: str, images, cfg: dict, *, path: Path, n_steps: int, dev
     return trainer.ema.model.eval(), trainer
 
 
-def reused_ddpm_row(out: Path, stem: str, *, eps_steps: int, n: int, seed: int, sampler: str = "DDPM"):
+def reused_ddpm_row(out: Path, stem: str, *, eps_steps: int, n: int, seed: int, clip, sampler: str = "DDPM"):
     """The DDPM-1000 row of the other digits script's table ``OUT/<stem>.json`` when it was
-    made from the same checkpoint (steps), seed and sample count: the same samples (same
+    made from the same checkpoint (steps), seed, sample count and clipping: the same samples (same
     starting noise and generator), so its FD and time are reused instead of sampling again."""
     import json
 
@@ -100,7 +104,7 @@ def reused_ddpm_row(out: Path, stem: str, *, eps_steps: int, n: int, seed: int, 
         return None
     table = json.loads(path.read_text())
     meta = table.get("meta", {})
-    if meta.get("n") != n or meta.get("seed") != seed or meta.get("eps_steps") != eps_steps:
+    if tuple(meta.get(k) for k in ("n", "seed", "eps_steps", "clip_denoised")) != (n, seed, eps_steps, clip):
         return None
     return next((r for r in table["rows"] if r.get("chain", r.get("sampler")) == sampler and r["nfe"] == 1000), None)
 
@@ -110,21 +114,50 @@ def heun_steps(nfe: int) -> int:
     return max(1, (nfe + 1) // 2)
 
 
-def run_eps_sampler(name: str, nfe: int, model, z, *, device, seed: int, schedule=None):
-    """Samples of the epsilon model from the unit noise ``z``; returns (x, actual NFE, steps)."""
+class ClampedDenoiser(torch.nn.Module):
+    """``clamp(D(x, sigma), -c, c)``: diffusers' ``clip_sample`` (the predicted x0 clipped to
+    the data range) for k-diffusion samplers, so that every sampler sees the same rule."""
+
+    def __init__(self, denoiser, clip: float):
+        super().__init__()
+        self.denoiser, self.clip = denoiser, float(clip)
+
+    def forward(self, x, sigma, **kwargs):
+        return self.denoiser(x, sigma, **kwargs).clamp(-self.clip, self.clip)
+
+
+class ClampedVelocity(torch.nn.Module):
+    """The velocity whose implied x0 ``x - sigma v`` is clipped to [-c, c] (sigma > 0)."""
+
+    def __init__(self, velocity, clip: float):
+        super().__init__()
+        self.velocity, self.clip = velocity, float(clip)
+
+    def forward(self, x, sigma, **kwargs):
+        v = self.velocity(x, sigma, **kwargs)
+        s = sigma.reshape(-1, *([1] * (x.dim() - 1)))
+        return (x - (x - s * v).clamp(-self.clip, self.clip)) / s
+
+
+def run_eps_sampler(name: str, nfe: int, model, z, *, device, seed: int, schedule=None, clip: float | None = None):
+    """Samples of the epsilon model from the unit noise ``z`` (the predicted x0 clipped to
+    [-clip, clip] in every step when ``clip``); returns (x, actual NFE, steps)."""
     g = torch.Generator().manual_seed(seed)
     if name == "DDPM":
-        x = samplers.ddpm_sample(model, None, n_steps=nfe, x_T=z, schedule=schedule, generator=g, device=device)
+        x = samplers.ddpm_sample(model, None, n_steps=nfe, x_T=z, schedule=schedule, clip_sample=clip, generator=g,
+                                 device=device)
         return x, nfe, nfe
     if name == "DDIM eta=0":
         x = samplers.ddim_sample(model, None, n_steps=nfe, eta=0.0, spacing="trailing", x_T=z, schedule=schedule,
-                                 device=device)
+                                 clip_sample=clip, device=device)
         return x, nfe, nfe
     denoiser = samplers.EpsDenoiser(model, schedule or dk.NoiseSchedule.linear())
     smin, smax = float(denoiser.sigmas.min()), float(denoiser.sigmas.max())
     steps = heun_steps(nfe) if name == "Heun" else nfe
     sigmas = samplers.get_sigmas_karras(steps, smin, smax, device=device)
     x = z * sigmas[0]
+    if clip:
+        denoiser = ClampedDenoiser(denoiser, clip)
     with torch.no_grad():
         if name == "Euler":
             x = samplers.sample_euler(denoiser, x, sigmas, disable=True)
@@ -139,8 +172,10 @@ def run_eps_sampler(name: str, nfe: int, model, z, *, device, seed: int, schedul
     return x, (2 * steps - 1 if name == "Heun" else steps), steps
 
 
-def run_flow_euler(nfe: int, velocity, z, *, device):
+def run_flow_euler(nfe: int, velocity, z, *, device, clip: float | None = None):
     sigmas = torch.linspace(1.0, 0.0, nfe + 1, device=device)
+    if clip:
+        velocity = ClampedVelocity(velocity, clip)
     with torch.no_grad():
         return samplers.sample_flow_euler(velocity, z.clone(), sigmas, disable=True)
 
@@ -178,6 +213,7 @@ def main(argv=None):
                    help="flow-matching training sigmas (default logit_normal, SD3's)")
     p.add_argument("--nfes", type=int, nargs="+", default=None, help="model-evaluation budgets")
     args = p.parse_args(argv)
+    args.clip_denoised = args.clip_denoised if args.clip_denoised > 0 else None
     device = setup(args)
     cfg = settings(args.quick)
     for key in ("eps_steps", "flow_steps", "n_samples", "nfes"):
@@ -211,7 +247,8 @@ def main(argv=None):
         return fd
 
     log(f"sampling {n} per sampler at NFE {list(cfg['nfes'])} (+ DDPM-{cfg['ddpm_steps']})")
-    reused = reused_ddpm_row(out, "digits_truncated", eps_steps=eps_tr.step, n=n, seed=args.seed)
+    reused = reused_ddpm_row(out, "digits_truncated", eps_steps=eps_tr.step, n=n, seed=args.seed,
+                             clip=args.clip_denoised)
     if reused is not None and cfg["ddpm_steps"] == 1000:
         log("  DDPM-1000: reusing the row of digits_truncated.json (same checkpoint, seed and n)")
         rows.append({"sampler": "DDPM", "nfe": 1000, "steps": 1000, "sigmas": "all timesteps", "fd": reused["fd"],
@@ -219,19 +256,20 @@ def main(argv=None):
     else:
         with Timer(device) as t:
             x, nfe, steps = run_eps_sampler("DDPM", cfg["ddpm_steps"], eps_model, z, device=device,
-                                            seed=args.seed + 2)
+                                            seed=args.seed + 2, clip=args.clip_denoised)
         fd = record("DDPM", nfe, steps, "all timesteps" if nfe == 1000 else "leading", x, t.seconds)
         grids.append((f"DDPM-{nfe}: FD {fd:.1f}", x[:36]))
     for name in EPS_SAMPLERS:
         for budget in cfg["nfes"]:
             with Timer(device) as t:
-                x, nfe, steps = run_eps_sampler(name, budget, eps_model, z, device=device, seed=args.seed + 2)
+                x, nfe, steps = run_eps_sampler(name, budget, eps_model, z, device=device, seed=args.seed + 2,
+                                                clip=args.clip_denoised)
             fd = record(name, nfe, steps, "trailing" if name.startswith("DDIM") else "Karras rho=7", x, t.seconds)
             if budget == mid_nfe:
                 grids.append((f"{name}, NFE {nfe}: FD {fd:.1f}", x[:36]))
     for budget in cfg["nfes"]:
         with Timer(device) as t:
-            x = run_flow_euler(budget, velocity, z, device=device)
+            x = run_flow_euler(budget, velocity, z, device=device, clip=args.clip_denoised)
         fd = record("flow Euler", budget, budget, "linspace 1 -> 0", x, t.seconds)
         if budget == mid_nfe:
             grids.append((f"flow Euler, NFE {budget}: FD {fd:.1f}", x[:36]))
@@ -246,7 +284,7 @@ def main(argv=None):
                     "starting noise": "all samplers (k-diffusion ones scale it by sigma_max)",
                     "fd": "Fréchet distance on the digits classifier's 64-d features vs all 1797 digits",
                     "fd_floor (real held-out digits, same n)": f"{floor:.3f}",
-                    "clip_sample": "none", "device": str(device), **env_summary()})
+                    "clip_denoised": args.clip_denoised, "device": str(device), **env_summary()})
     plot_fd_vs_nfe(rows, floor, out / "digits_fd_vs_nfe.png")
     from ddpm_digits import plot_grids
 

@@ -94,6 +94,8 @@ def main(argv=None):
     p.add_argument("--vae-steps", type=int, default=None, help="VAE training steps")
     p.add_argument("--t-starts", type=int, nargs="+", default=None, help="truncation timesteps")
     args = p.parse_args(argv)
+    args.clip_denoised = args.clip_denoised if args.clip_denoised > 0 else None
+    clip = args.clip_denoised
     device = setup(args)
     cfg = settings(args.quick)
     for key in ("eps_steps", "n_samples", "vae_steps", "t_starts"):
@@ -148,18 +150,18 @@ def main(argv=None):
 
                 with Timer(device) as t:
                     if chain == "DDPM":
-                        x = samplers.ddpm_sample(model, None, x_start=x0, t_start=t_start, generator=g,
-                                                 device=device)
+                        x = samplers.ddpm_sample(model, None, x_start=x0, t_start=t_start, clip_sample=clip,
+                                                 generator=g, device=device)
                     else:
                         x = samplers.ddim_sample(model, None, n_steps=cfg["ddim_steps"], x_start=x0, t_start=t_start,
-                                                 generator=g, device=device)
+                                                 clip_sample=clip, generator=g, device=device)
                 fd = record(f"{name} + {chain} t_start={t_start}", name, chain, t_start, len(counter), x,
                             prior_seconds + t.seconds)
                 if t_start == cfg["t_starts"][-1] or (chain == "DDPM" and t_start == cfg["t_starts"][0]):
                     grids.append((f"{name} + {chain} from t={t_start}: FD {fd:.1f}", x[:36]))
 
     z = torch.randn((n,) + IMAGE_SHAPE, generator=torch.Generator().manual_seed(args.seed + 1)).to(device)
-    reused = (reused_ddpm_row(out, "digits_fd_vs_nfe", eps_steps=eps_tr.step, n=n, seed=args.seed)
+    reused = (reused_ddpm_row(out, "digits_fd_vs_nfe", eps_steps=eps_tr.step, n=n, seed=args.seed, clip=clip)
               if cfg["full_ddpm_steps"] == T else None)
     if reused is not None:
         log("  full DDPM-1000: reusing the row of digits_fd_vs_nfe.json (same checkpoint, seed and n)")
@@ -168,13 +170,13 @@ def main(argv=None):
                      "seconds_per_sample": reused["seconds_per_sample"], "n": n})
     else:
         with Timer(device) as t:
-            x = samplers.ddpm_sample(eps_model, None, n_steps=cfg["full_ddpm_steps"], x_T=z,
+            x = samplers.ddpm_sample(eps_model, None, n_steps=cfg["full_ddpm_steps"], x_T=z, clip_sample=clip,
                                      generator=torch.Generator().manual_seed(args.seed + 2), device=device)
         fd = record(f"full DDPM-{cfg['full_ddpm_steps']}", "none", "DDPM", "full", cfg["full_ddpm_steps"], x,
                     t.seconds)
         grids.append((f"full DDPM-{cfg['full_ddpm_steps']}: FD {fd:.1f}", x[:36]))
     with Timer(device) as t:
-        x = samplers.ddim_sample(eps_model, None, n_steps=cfg["ddim_steps"], x_T=z, device=device)
+        x = samplers.ddim_sample(eps_model, None, n_steps=cfg["ddim_steps"], x_T=z, clip_sample=clip, device=device)
     fd = record(f"full DDIM-{cfg['ddim_steps']} eta=0", "none", "DDIM eta=0", "full", cfg["ddim_steps"], x, t.seconds)
     grids.append((f"full DDIM-{cfg['ddim_steps']}: FD {fd:.1f}", x[:36]))
 
@@ -186,7 +188,7 @@ def main(argv=None):
                            f"{vae_loss:.3f} nats/pixel",
                     "DDPM": "all timesteps t_start .. 0; DDIM: eta 0, the leading 50-step schedule below t_start",
                     "seconds_per_sample": "prior sample + chain (VAE / classifier training excluded)",
-                    "n": n, "seed": args.seed, "eps_steps": eps_tr.step,
+                    "n": n, "seed": args.seed, "eps_steps": eps_tr.step, "clip_denoised": clip,
                     "fd_floor (real held-out digits, same n)": f"{floor:.3f}", "device": str(device),
                     **env_summary()})
     plot(rows, floor, cfg["t_starts"], out / "digits_truncated.png")
