@@ -141,9 +141,9 @@ def test_truncation_bad_inputs(tiny_unet):
     with pytest.raises(ValueError, match="t_start"):
         samplers.ddpm_sample(tiny_unet, None, x_start=x0, **kw)
     with pytest.raises(ValueError, match="x_start"):
-        samplers.ddim_sample(tiny_unet, (2, 1, 8, 8), t_start=3, **kw)
+        samplers.ddim_sample(tiny_unet, (2, 1, 8, 8), n_steps=10, t_start=3, **kw)
     with pytest.raises(ValueError, match="x_T or x_start"):
-        samplers.ddim_sample(tiny_unet, None, x_T=x0, x_start=x0, t_start=3, **kw)
+        samplers.ddim_sample(tiny_unet, None, n_steps=10, x_T=x0, x_start=x0, t_start=3, **kw)
     with pytest.raises(ValueError, match="t_start must be in"):
         samplers.ddpm_sample(tiny_unet, None, x_start=x0, t_start=40, **kw)
 
