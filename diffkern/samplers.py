@@ -222,7 +222,9 @@ def annealed_langevin(score_fn, x: torch.Tensor, sigmas, *, n_steps_each: int = 
 
 # ---- k-diffusion's samplers (k_samplers.py): swap-in for k_diffusion.sampling ----------------
 from .k_samplers import (  # noqa: E402
+    DiscreteEpsDDPMDenoiser,
     DiscreteSchedule,
+    DiscreteVDDPMDenoiser,
     EpsDenoiser,
     VDenoiser,
     append_zero,
@@ -241,4 +243,5 @@ from .k_samplers import (  # noqa: E402
 
 __all__ += ["sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpmpp_2m", "sample_flow_euler",
             "sample_lcm", "get_sigmas_karras", "get_sigmas_exponential", "to_d", "get_ancestral_step", "append_zero",
-            "default_noise_sampler", "DiscreteSchedule", "EpsDenoiser", "VDenoiser"]
+            "default_noise_sampler", "DiscreteSchedule", "EpsDenoiser", "VDenoiser", "DiscreteEpsDDPMDenoiser",
+            "DiscreteVDDPMDenoiser"]
