@@ -83,6 +83,19 @@ def _gmm_score_eager(x, w, mu, sd, sigma):
     return (r[..., None] * diff / var).sum(-2)
 
 
+def _compiled(f):
+    """torch.compile(f, dynamic=True), built on first call (importing dynamo takes seconds,
+    and --no-compile runs never need it)."""
+    box = []
+
+    def call(*args):
+        if not box:
+            box.append(torch.compile(f, dynamic=True))
+        return box[0](*args)
+
+    return call
+
+
 def make_case(op: str, shape, threads_label: str):
     """-> (inputs, {impl: fn}) for one op and shape."""
     g = torch.Generator().manual_seed(0)
@@ -102,7 +115,7 @@ def make_case(op: str, shape, threads_label: str):
         def eager():
             return eager_f(x, torch.randn(x.shape, generator=gen))
 
-        cf = torch.compile(lambda x_: eager_f(x_, torch.randn_like(x_)), dynamic=True)
+        cf = _compiled(lambda x_: eager_f(x_, torch.randn_like(x_)))
         return x.numel(), {"diffkern": native, "eager": eager, "compile": lambda: cf(x)}
     x = torch.randn(*shape, generator=g)
     e = torch.randn(*shape, generator=g)
@@ -116,13 +129,13 @@ def make_case(op: str, shape, threads_label: str):
             ab = table[t_].view(view)
             return ab.sqrt() * x_ + (1 - ab).sqrt() * z
 
-        cf = torch.compile(lambda x_, t_: eager_f(x_, t_, torch.randn_like(x_)), dynamic=True)
+        cf = _compiled(lambda x_, t_: eager_f(x_, t_, torch.randn_like(x_)))
         return x.numel(), {"diffkern": lambda: dk.q_sample(x, t, generator=gen),
                            "eager": lambda: eager_f(x, t, torch.randn(x.shape, generator=gen)),
                            "compile": lambda: cf(x, t)}
     if op == "ddim_step_eta0":
         a, b = K["a0"], K["b0"]
-        cf = torch.compile(lambda x_, e_: a * x_ + b * e_, dynamic=True)
+        cf = _compiled(lambda x_, e_: a * x_ + b * e_)
         return x.numel(), {"diffkern": lambda: dk.ddim_step(x, e, T, 0.0, t_prev=T_PREV),
                            "eager": lambda: a * x + b * e, "compile": lambda: cf(x, e)}
     if op in ("ddim_step_eta1", "ddpm_step", "langevin_step"):
@@ -135,7 +148,7 @@ def make_case(op: str, shape, threads_label: str):
         else:
             a, b, s = 1.0, 0.01, math.sqrt(0.02)
             native = lambda: dk.langevin_step(x, e, 0.01, generator=gen)  # noqa: E731
-        cf = torch.compile(lambda x_, e_: a * x_ + b * e_ + s * torch.randn_like(x_), dynamic=True)
+        cf = _compiled(lambda x_, e_: a * x_ + b * e_ + s * torch.randn_like(x_))
         return x.numel(), {"diffkern": native,
                            "eager": lambda: a * x + b * e + s * torch.randn(x.shape, generator=gen),
                            "compile": lambda: cf(x, e)}
@@ -143,7 +156,7 @@ def make_case(op: str, shape, threads_label: str):
         xr, er = x.clone().requires_grad_(), e.clone().requires_grad_()
         gout = torch.randn(*shape, generator=g)
         a, b = K["a0"], K["b0"]
-        cf = torch.compile(lambda x_, e_: a * x_ + b * e_, dynamic=True)
+        cf = _compiled(lambda x_, e_: a * x_ + b * e_)
 
         def run(f):
             def call():
@@ -203,7 +216,7 @@ def per_call_figures(n_calls: int) -> list[dict]:
                      lambda: ops.ddim_step(x, e, tt, None, table, 0.0, 0, 0.0, None, None, 0, 0)))
     out = []
     for name, fn in rows:
-        for _ in range(2000):
+        for _ in range(min(2000, n_calls)):
             fn()
         best, cpu = [], []
         for _ in range(3):  # best of 3 means of n_calls: the machine is shared
@@ -227,6 +240,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", default="1,all", help="comma list of thread counts; 'all' = torch's default")
     ap.add_argument("--budget", type=float, default=0.04, help="seconds per timed batch")
     ap.add_argument("--quick", action="store_true", help="four sizes")
+    ap.add_argument("--shapes", default=None, help="comma list of shapes instead, e.g. 1,1x4x8x8")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--out", default=str(C.DEFAULT_OUT / "overhead_sweep"))
     args = ap.parse_args(argv)
@@ -244,6 +258,8 @@ def main(argv=None) -> int:
     all_threads = torch.get_num_threads()
     threads = [all_threads if s == "all" else int(s) for s in C.split_list(args.threads)]
     shapes = QUICK_SHAPES if args.quick else SHAPES
+    if args.shapes:
+        shapes = [C.parse_shape(v) for v in C.split_list(args.shapes)]
     ops = C.split_list(args.ops)
     results = []
     for op in ops:

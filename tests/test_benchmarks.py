@@ -131,8 +131,8 @@ def test_size_parsing(spec, shape):
 
 @pytest.mark.skipif(not NATIVE_CPU, reason="native ops not built")
 def test_overhead_sweep_quick(tmp_path):
-    _run("overhead_sweep.py", "--quick", "--no-compile", "--ops", "ddim_step_eta0,q_sample", "--threads", "1",
-         "--budget", "0.002", "--out", str(tmp_path))
+    _run("overhead_sweep.py", "--shapes", "1,1x4x8x8", "--no-compile", "--ops", "ddim_step_eta0,q_sample",
+         "--threads", "1", "--budget", "0.002", "--out", str(tmp_path))
     doc = json.loads((tmp_path / "overhead_sweep.json").read_text())
     assert doc["schema"] == "diffkern.benchmarks.overhead_sweep/1"
     assert (tmp_path / "overhead_sweep.png").stat().st_size > 0

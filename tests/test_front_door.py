@@ -364,7 +364,7 @@ def test_n_steps_each_zero_rejected_everywhere(path):
 
 # ---- hole 12: CPU noise is bitwise the reference's ---------------------------------------------
 @needs_native
-@pytest.mark.parametrize("n", [300, 65536, 65536 * 4 + 7])
+@pytest.mark.parametrize("n", [303, 65536])
 def test_cpu_noise_bitwise_equal_to_reference(n):
     """Before: 10198 of 65536 normals (seed 0) were 1 ulp off: torch's vectorized float32
     sqrt (Sleef) is not correctly rounded; _rng now takes the root in float64."""
