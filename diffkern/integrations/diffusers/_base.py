@@ -1,0 +1,262 @@
+"""What every fused scheduler shares: the constructor hook that checks the config, the
+per-device tables prepared in ``set_timesteps``, finding the step index without reading a
+tensor, noise arguments, and the calls into the fused ops.
+
+The ops are called below their public wrappers (``torch.ops.diffkern.*`` or the
+reference), with arguments validated once in ``set_timesteps``: the public wrappers
+check CPU-resident timesteps on the host on every call (``int(t)``, ``aminmax``), which
+is a host read per step, and their argument checks cost more host time than the step
+itself at small sizes.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import numbers
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from ... import _native
+from ... import _validate as V
+from ... import reference as R
+from ...ops import _noise_source
+
+__all__ = ["FusedSchedulerMixin", "promote", "ddim", "ddpm", "q_sample", "unsupported"]
+
+
+def _ops():
+    return torch.ops.diffkern
+
+
+def native(device: torch.device) -> bool:
+    return _native.native_available(device)
+
+
+def compiling() -> bool:
+    return V._compiling()
+
+
+def unsupported(sched, option: str, value, why: str):
+    """The NotImplementedError every fused class raises for a config value it cannot
+    reproduce: it names the option and points at the stock class."""
+    stock = type(sched)._dk_stock.__name__
+    return NotImplementedError(
+        f"{type(sched).__name__} does not support {option}={value!r} ({why}); use diffusers' {stock} for it")
+
+
+class _State:
+    """Device tensors for one device, built once per ``set_timesteps``."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def _device_key(device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def const_tensor(values, device, dtype) -> torch.Tensor:
+    """A tensor made outside inference mode (a cached inference tensor could not be saved
+    for backward by a later differentiable call)."""
+    with torch.inference_mode(False):
+        return torch.as_tensor(values, dtype=dtype).to(device)
+
+
+def per_step(values: torch.Tensor) -> list[torch.Tensor]:
+    """A (1,) view per entry: what a step hands the kernel, with no tensor op per step."""
+    return [values[i:i + 1] for i in range(values.shape[0])]
+
+
+class FusedSchedulerMixin:
+    """Mixed in before the stock class: ``class FusedX(FusedSchedulerMixin, X)``.
+
+    Subclasses implement ``_dk_check_config()`` (raise :func:`unsupported`) and
+    ``_dk_build(device) -> _State``; set_timesteps calls ``_dk_reset()``."""
+
+    _dk_stock: type
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        stock = next(b for b in cls.__mro__[1:] if b.__module__.startswith("diffusers."))
+        cls._dk_stock = stock
+        stock_init = stock.__init__
+
+        # functools.wraps keeps the stock signature visible (inspect follows __wrapped__):
+        # ConfigMixin reads the config keys from it.
+        @functools.wraps(stock_init)
+        def __init__(self, *args, **kw):
+            stock_init(self, *args, **kw)
+            self._dk_states = {}
+            self._dk_check_config()
+
+        cls.__init__ = __init__
+
+    # ---- config ---------------------------------------------------------------------
+    def to_json_string(self) -> str:
+        # The stock class name, so a saved config (and a pipeline saved with a fused
+        # scheduler) loads with plain diffusers.
+        d = json.loads(super().to_json_string())
+        d["_class_name"] = type(self)._dk_stock.__name__
+        return json.dumps(d, indent=2, sort_keys=True) + "\n"
+
+    def _dk_check_config(self) -> None:  # pragma: no cover - every subclass overrides it
+        raise NotImplementedError
+
+    def _dk_build(self, device: torch.device) -> _State:  # pragma: no cover
+        raise NotImplementedError
+
+    # ---- per-device state -------------------------------------------------------------
+    def _dk_reset(self, prebuild=()) -> None:
+        """Forget the tables (the schedule changed) and build them for ``prebuild``
+        devices now, so that a compiled step finds them ready."""
+        self._dk_check_config()
+        self._dk_states = {}
+        for d in prebuild:
+            if d is not None:
+                self._dk_state(d)
+
+    def _dk_state(self, device) -> _State:
+        states = self.__dict__.get("_dk_states")
+        if states is None:
+            states = self._dk_states = {}
+        st = states.get(device)
+        if st is None:
+            key = _device_key(device)
+            st = states.get(key)
+            if st is None:
+                st = self._dk_build(key)
+                st.finals = {1: const_tensor([-1], key, torch.int64)}  # ready for a compiled step
+                states[key] = st
+            states[device] = st
+        return st
+
+    def _dk_index_of(self, timestep) -> int | None:
+        """The position of ``timestep`` in ``self.timesteps`` when it is one of its elements
+        (``for t in scheduler.timesteps`` yields views), read from the view's storage
+        offset: no read of the value, so no host sync. None for any other tensor."""
+        if not isinstance(timestep, torch.Tensor) or timestep.dim() != 0 or compiling():
+            return None
+        ts = self.timesteps
+        base = timestep._base
+        if base is None or not isinstance(ts, torch.Tensor) or ts.dim() != 1 or not (base is ts or base is ts._base):
+            return None
+        d = timestep.storage_offset() - ts.storage_offset()
+        st = ts.stride(0)
+        if st <= 0 or d % st:
+            return None
+        i = d // st
+        return i if 0 <= i < ts.shape[0] else None
+
+
+# ---- arguments ------------------------------------------------------------------------
+def promote(sample: torch.Tensor, model_output: torch.Tensor):
+    """Both operands in the dtype torch's promotion gives them (an fp16 model output with
+    fp32 latents is computed and returned in fp32, as stock returns it)."""
+    if not isinstance(sample, torch.Tensor) or not isinstance(model_output, torch.Tensor):
+        raise TypeError("sample and model_output must be tensors")
+    if sample.dtype == model_output.dtype:
+        return sample, model_output
+    dt = torch.promote_types(sample.dtype, model_output.dtype)
+    return sample.to(dt), model_output.to(dt)
+
+
+def int_timestep(timestep) -> int | None:
+    if isinstance(timestep, bool):
+        return None
+    if isinstance(timestep, numbers.Integral):
+        return int(timestep)
+    return None
+
+
+def timestep_tensor(timestep, x: torch.Tensor) -> torch.Tensor:
+    """An integer timestep tensor (0-d, (1,) or (B,)) -> (1,) or (B,) int64 on x's device,
+    without reading it on the host."""
+    if not isinstance(timestep, torch.Tensor):
+        raise TypeError(f"timestep must be an int or a tensor, got {type(timestep).__name__}")
+    if timestep.dim() > 1 or (timestep.dim() == 1 and timestep.numel() not in (1, x.shape[0])):
+        raise ValueError(f"timestep must be a scalar or hold one entry per sample ({x.shape[0]}), "
+                         f"got shape {tuple(timestep.shape)}")
+    t = timestep.reshape(-1)
+    if t.dtype != torch.int64:
+        t = t.to(torch.int64)
+    if t.device != x.device:
+        t = t.to(x.device, non_blocking=True)
+    return t
+
+
+def noise_args(x: torch.Tensor, generator, variance_noise, draws: bool):
+    """(noise, generator) for a step that draws when ``draws``: ``variance_noise`` as given
+    (stock DDIM / DPM-Solver semantics: not together with a generator), a generator list
+    drawn with diffusers' randn_tensor (one generator per sample, as stock), else the
+    generator for the in-kernel draw."""
+    if not draws:
+        return None, None
+    if variance_noise is not None:
+        if generator is not None:
+            raise ValueError(
+                "Cannot pass both generator and variance_noise. Please make sure that either `generator` or"
+                " `variance_noise` stays `None`.")
+        if not isinstance(variance_noise, torch.Tensor):
+            raise TypeError(f"variance_noise must be a tensor, got {type(variance_noise).__name__}")
+        if tuple(variance_noise.shape) != tuple(x.shape):
+            raise ValueError(f"variance_noise has shape {tuple(variance_noise.shape)}, expected {tuple(x.shape)}")
+        return variance_noise.to(device=x.device, dtype=x.dtype), None
+    if isinstance(generator, (list, tuple)):
+        return randn_tensor(x.shape, generator=list(generator), device=x.device, dtype=x.dtype), None
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or a list of them, got {type(generator).__name__}")
+    if generator is not None and generator.device.type == "cuda" and x.device.type != "cuda":
+        raise ValueError(f"generator is on {generator.device} but the sample is on {x.device}")
+    return None, generator
+
+
+# ---- the fused ops, below their public wrappers -------------------------------------
+def _args(t, tp, table, prediction, clip):
+    a = R._StepArgs()
+    a.t, a.t_prev_arg, a.table, a.prediction, a.clip = t, tp, table, prediction, clip
+    return a
+
+
+def ddim(x, m, t, tp, table, eta, prediction, clip, noise=None, generator=None):
+    """dk.ddim_step on validated arguments (t, tp: (1,)/(B,) int64 on x's device)."""
+    if native(x.device):
+        gen, seed, off = _noise_source(x, generator, eta > 0 and noise is None)
+        return _ops().ddim_step(x, m, t, tp, table, eta, prediction, clip or 0.0, noise if eta > 0 else None,
+                                gen, seed, off)
+    return R._ddim(x, m, _args(t, tp, table, prediction, clip), eta, noise, generator)
+
+
+def ddpm(x, m, t, tp, table, variance, prediction, clip, noise=None, generator=None):
+    """dk.ddpm_step on validated arguments."""
+    if native(x.device):
+        gen, seed, off = _noise_source(x, generator, noise is None)
+        return _ops().ddpm_step(x, m, t, tp, table, variance, prediction, clip or 0.0, noise, gen, seed, off)
+    return R._ddpm(x, m, _args(t, tp, table, prediction, clip), variance, noise, generator)
+
+
+def q_sample(x0, t, table, noise):
+    """dk.q_sample on validated arguments, with the noise given."""
+    if native(x0.device):
+        return _ops().q_sample(x0, t, table, noise, None, 0, 0)[0]
+    return R._q_sample(x0, t, table, noise, None)[0]
+
+
+def pred_x0(x, m, t, st, prediction, clip):
+    """The predicted x0 (clipped) in one fused pass: a DDIM step with eta = 0 to
+    alphas_cumprod' = 1 (t_prev = -1) is exactly ``1 * x0 + 0 * eps``."""
+    return ddim(x, m, t, final_like(st, t), st.table, 0.0, prediction, clip)
+
+
+def final_like(st, t: torch.Tensor) -> torch.Tensor:
+    """t_prev = -1 with t's length (the kernel takes t_prev of t's length), cached."""
+    n = t.shape[0]
+    finals = st.finals
+    f = finals.get(n)
+    if f is None:
+        f = finals[n] = const_tensor([-1] * n, t.device, torch.int64)
+    return f
