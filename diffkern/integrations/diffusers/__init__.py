@@ -39,5 +39,12 @@ except ImportError as e:  # pragma: no cover - exercised by monkeypatching sys.m
 
 from .ddim import FusedDDIMScheduler
 from .ddpm import FusedDDPMScheduler
+from .dpm import FusedDPMSolverMultistepScheduler
+from .euler import FusedEulerAncestralDiscreteScheduler, FusedEulerDiscreteScheduler
+from .flow import FusedFlowMatchEulerDiscreteScheduler
+from .heun import FusedHeunDiscreteScheduler
+from .lcm import FusedLCMScheduler
 
-__all__ = ["FusedDDIMScheduler", "FusedDDPMScheduler"]
+__all__ = ["FusedDDIMScheduler", "FusedDDPMScheduler", "FusedEulerDiscreteScheduler",
+           "FusedEulerAncestralDiscreteScheduler", "FusedHeunDiscreteScheduler", "FusedDPMSolverMultistepScheduler",
+           "FusedFlowMatchEulerDiscreteScheduler", "FusedLCMScheduler"]

@@ -21,6 +21,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from ... import _native
 from ... import _validate as V
 from ... import reference as R
+from ... import reference_samplers as RS
+from ... import sampler_ops as SO
 from ...ops import _noise_source
 
 __all__ = ["FusedSchedulerMixin", "promote", "ddim", "ddpm", "q_sample", "unsupported"]
@@ -82,7 +84,9 @@ class FusedSchedulerMixin:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        stock = next(b for b in cls.__mro__[1:] if b.__module__.startswith("diffusers."))
+        stock = next((b for b in cls.__mro__[1:] if b.__module__.startswith("diffusers.")), None)
+        if stock is None:  # another mixin
+            return
         cls._dk_stock = stock
         stock_init = stock.__init__
 
@@ -95,6 +99,19 @@ class FusedSchedulerMixin:
             self._dk_check_config()
 
         cls.__init__ = __init__
+
+        if "set_timesteps" not in cls.__dict__:
+            stock_set = stock.set_timesteps
+
+            # wraps: pipelines read set_timesteps' signature (retrieve_timesteps checks for
+            # `timesteps` / `sigmas` parameters).
+            @functools.wraps(stock_set)
+            def set_timesteps(self, *args, **kw):
+                out = stock_set(self, *args, **kw)
+                self._dk_reset(prebuild=(self.timesteps.device,))
+                return out
+
+            cls.set_timesteps = set_timesteps
 
     # ---- config ---------------------------------------------------------------------
     def to_json_string(self) -> str:
@@ -260,3 +277,122 @@ def final_like(st, t: torch.Tensor) -> torch.Tensor:
     if f is None:
         f = finals[n] = const_tensor([-1] * n, t.device, torch.int64)
     return f
+
+
+# ---- the sampler-family ops, below their public wrappers ------------------------------
+# Scalars are Python floats or contiguous 1-D tensors (length 1 or B) on x's device, as
+# sampler_ops' native hook takes them.
+def _family(name, ref, x, *args):
+    impl = SO._native_impl(name, x)
+    if impl is not None:
+        out = impl(x, *args)
+        if out is not NotImplemented:
+            return out
+    return ref(x, *args)
+
+
+def euler(x, m, sigma, sigma_next, eta, s_noise, gamma, prediction, noise=None, generator=None):
+    return _family("euler_step", RS._euler, x, m, sigma, sigma_next, eta, s_noise, gamma, prediction, noise,
+                   generator)
+
+
+def heun(x, m, x_proposal, m_proposal, sigma, sigma_next, prediction):
+    return _family("heun_step", RS._heun, x, m, x_proposal, m_proposal, sigma, sigma_next, prediction)
+
+
+def dpmpp_2m(x, m, old, sigma, sigma_next, sigma_prev, prediction, solver_type, vp, return_denoised):
+    return _family("dpmpp_2m_step", RS._dpmpp_2m, x, m, old, sigma, sigma_next, sigma_prev, prediction, solver_type,
+                   vp, return_denoised)
+
+
+def denoised(x, m, sigma, prediction, vp=False):
+    """The denoised sample D(x, m; sigma) in one fused pass: a DPM++ step to sigma 0 is D exactly."""
+    return dpmpp_2m(x, m, None, sigma, 0.0, None, prediction, "midpoint", vp, False)
+
+
+def flow(x, v, sigma, sigma_next, stochastic, noise=None, generator=None):
+    return _family("flow_step", RS._flow, x, v, sigma, sigma_next, stochastic, noise, generator)
+
+
+def flow_q_sample(x0, sigma, noise):
+    return _family("flow_q_sample", RS._flow_q_sample, x0, sigma, noise, None)[0]
+
+
+def lcm(x, m, t, t_prev, table, prediction, timestep_scaling, sigma_data, clip, noise=None, generator=None):
+    """(x_prev, denoised)."""
+    a = RS._LcmArgs()
+    a.t, a.t_prev, a.table, a.prediction = t, t_prev, table, prediction
+    a.timestep_scaling, a.sigma_data, a.clip, a.return_denoised = float(timestep_scaling), float(sigma_data), clip, True
+    return _family("lcm_step", RS._lcm, x, m, a, noise, generator)
+
+
+# ---- schedulers indexed by a step counter (Euler, Heun, DPM-Solver, flow, LCM) -----------
+class IndexedSchedulerMixin(FusedSchedulerMixin):
+    """Stock keeps ``_step_index`` (a Python int) and reads sigmas from a CPU table; the
+    fused classes read the same index into host lists built in set_timesteps, so a step
+    passes Python floats to the kernel. The first step finds its index as stock does
+    (``begin_index``, else the timestep's position), from the view's storage offset
+    when the timestep is an element of ``self.timesteps`` (no read), else with stock's
+    ``index_for_timestep`` (one host read, once per loop).
+
+    A (B,) timestep, and any step under torch.compile, find each sample's position from
+    the timestep's value on the device instead (no read, no Python int to specialise on)
+    and leave ``step_index`` alone."""
+
+    _dk_first_match_second = True  # stock's index_for_timestep takes the 2nd of several matches
+
+    def _dk_sigma_tables(self, device):
+        """sigmas (host list + device tensor), timesteps on the device, and stock's first
+        index for the timestep at each position."""
+        sig = self.sigmas.detach().to("cpu", torch.float32)
+        ts = self.timesteps.detach().to("cpu")
+        vals = ts.tolist()
+        where: dict = {}
+        for i, v in enumerate(vals):
+            where.setdefault(v, []).append(i)
+        init = []
+        for v in vals:
+            pos = where[v]
+            init.append(pos[1] if len(pos) > 1 and self._dk_first_match_second else pos[0])
+        return dict(sig_host=sig.tolist(), sig_dev=const_tensor(sig, device, torch.float32),
+                    ts_dev=const_tensor(ts, device, ts.dtype), init_index=init, n=len(vals))
+
+    def _dk_host_index(self, timestep, st) -> int | None:
+        """Stock's step index (advancing nothing); None for the device-lookup path."""
+        if compiling() or (isinstance(timestep, torch.Tensor) and timestep.dim() > 0 and timestep.numel() > 1):
+            return None
+        if self._step_index is None:
+            if self._begin_index is not None:
+                self._step_index = self._begin_index
+            else:
+                i = self._dk_index_of(timestep)
+                if i is not None:
+                    self._step_index = st.init_index[i]
+                else:
+                    self._init_step_index(timestep)  # stock's lookup: one host read
+        return self._step_index
+
+    def _dk_positions(self, timestep, x, st, last=False):
+        """Each sample's position in ``timesteps`` from the timestep's value, on the device:
+        (idx, valid) as (B,) / (1,) tensors; the first match (the last with ``last``)."""
+        if not isinstance(timestep, torch.Tensor):
+            timestep = torch.tensor(timestep)
+        t = timestep.reshape(-1)
+        if t.device != x.device:
+            t = t.to(x.device, non_blocking=True)
+        if t.numel() not in (1, x.shape[0]):
+            raise ValueError(f"timestep must be a scalar or hold one entry per sample ({x.shape[0]}), "
+                             f"got shape {tuple(timestep.shape)}")
+        eq = st.ts_dev[None, :] == t.to(st.ts_dev.dtype)[:, None]
+        if last:
+            idx = (st.n - 1) - eq.flip(1).to(torch.uint8).argmax(1)
+        else:
+            idx = eq.to(torch.uint8).argmax(1)
+        return idx, eq.any(1)
+
+    @staticmethod
+    def _dk_take(table: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """table[idx] per sample, NaN where the timestep was not in the schedule (stock
+        raises there; a device value is not read back to check)."""
+        v = table.index_select(0, idx.clamp(0, table.shape[0] - 1))
+        return torch.where(valid, v, torch.full_like(v, float("nan")))
