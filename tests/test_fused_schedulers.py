@@ -17,7 +17,7 @@ import sys
 
 import pytest
 import torch
-from conftest import NATIVE, PREDICTION_TYPES, gen, max_rel_err
+from conftest import PREDICTION_TYPES, gen, max_rel_err
 from torch.utils._python_dispatch import TorchDispatchMode
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is needed for the fused schedulers")
@@ -426,9 +426,37 @@ def test_lcm_custom_timesteps_quirk(monkeypatch):
               set_kw=dict(timesteps=[999, 759, 499, 259], strength=0.6))
 
 
-# ---- add_noise ------------------------------------------------------------------------
-@pytest.mark.parametrize("cls", [(DDIMScheduler, FusedDDIMScheduler), (DDPMScheduler, FusedDDPMScheduler)],
-                         ids=["ddim", "ddpm"])
+# ---- every class: add_noise, per-sample timesteps, dtypes, syncs, configs, compile -------------
+ALL = {  # name: (fused class, config, step kwargs, steps, per-sample positions)
+    "ddim": (FusedDDIMScheduler, dict(prediction_type="v_prediction"), dict(eta=1.0), 20, (0, 9, 18)),
+    "ddpm": (FusedDDPMScheduler, dict(), dict(), 20, (0, 9, 18)),
+    "euler": (FusedEulerDiscreteScheduler, dict(use_karras_sigmas=True), dict(), 20, (0, 9, 18)),
+    "euler_a": (FusedEulerAncestralDiscreteScheduler, dict(prediction_type="v_prediction"), dict(), 20, (0, 9, 18)),
+    "heun": (FusedHeunDiscreteScheduler, dict(), dict(), 10, (0, 4, 14)),
+    "dpm": (FusedDPMSolverMultistepScheduler, dict(solver_type="heun"), dict(), 20, (0, 9, 18)),
+    "flow": (FusedFlowMatchEulerDiscreteScheduler, dict(shift=3.0, stochastic_sampling=True), dict(), 20, (0, 9, 18)),
+    "lcm": (FusedLCMScheduler, dict(), dict(), 8, (0, 3, 6)),
+}
+NAMES = list(ALL)
+
+
+def make(name, n=None):
+    cls, cfg, kw, steps, pos = ALL[name]
+    sched = cls(**cfg)
+    sched.set_timesteps(n or steps)
+    return sched, kw, pos
+
+
+def takes_noise(sched):
+    return "variance_noise" in inspect.signature(sched.step).parameters
+
+
+def noise_kw(sched, z):
+    return dict(variance_noise=z) if takes_noise(sched) else {}
+
+
+@pytest.mark.parametrize("cls", [(DDIMScheduler, FusedDDIMScheduler), (DDPMScheduler, FusedDDPMScheduler),
+                                 (LCMScheduler, FusedLCMScheduler)], ids=["ddim", "ddpm", "lcm"])
 def test_add_noise_matches_stock(cls):
     stock_cls, fused_cls = cls
     stock = stock_cls(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
@@ -446,50 +474,91 @@ def test_add_noise_matches_stock(cls):
     assert max_rel_err(got, stock.add_noise(x0.half().float(), z.half().float(), t)) <= 1e-3
 
 
-# ---- per-sample timesteps, dtypes ---------------------------------------------------------------
-FUSED_STEP_CASES = {
-    "ddim": (FusedDDIMScheduler, dict(prediction_type="v_prediction"), dict(eta=1.0)),
-    "ddpm": (FusedDDPMScheduler, dict(), dict()),
-}
+@pytest.mark.parametrize("name", ["euler", "euler_a", "heun", "dpm"])
+def test_sigma_add_noise_matches_stock(name):
+    fused, _, _ = make(name)
+    stock = type(fused)._dk_stock.from_config(fused.config)
+    stock.set_timesteps(ALL[name][3])
+    g = gen(6)
+    x0, z = rand(g, (3, 3, 5, 7)).float(), rand(g, (3, 3, 5, 7)).float()
+    t = stock.timesteps[[0, 4, 9]]
+    assert max_rel_err(fused.add_noise(x0, z, t), stock.add_noise(x0, z, t)) <= TOL
+    fused.set_begin_index(2)
+    stock.set_begin_index(2)
+    assert max_rel_err(fused.add_noise(x0, z, t), stock.add_noise(x0, z, t)) <= TOL
 
 
-@pytest.mark.parametrize("name", list(FUSED_STEP_CASES))
+@pytest.mark.parametrize("name", NAMES)
 def test_per_sample_timesteps_equal_separate_calls(name):
-    cls, cfg, kw = FUSED_STEP_CASES[name]
-    sched = cls(**cfg)
-    sched.set_timesteps(20)
+    """Two steps with a (B,) timestep (each sample at its own position) equal, per sample,
+    two scalar steps of a copy of the scheduler (stock refuses (B,) timesteps)."""
+    sched, kw, pos = make(name)
     g = gen(11)
-    x, m, z = (rand(g, (3, 3, 8, 8)).float() for _ in range(3))
-    t = sched.timesteps[[0, 9, 19]]
-    out = sched.step(m, t, x, variance_noise=z, **kw)
-    for b in range(3):
-        one = sched.step(m[b:b + 1], t[b], x[b:b + 1], variance_noise=z[b:b + 1], **kw)
-        for f in ("prev_sample", "pred_original_sample"):
-            assert max_rel_err(getattr(out, f)[b:b + 1], getattr(one, f)) <= 1e-6, (b, f)
+    B = len(pos)
+    batch, singles = copy.deepcopy(sched), [copy.deepcopy(sched) for _ in range(B)]
+    x = rand(g, (B, 3, 8, 8)).float()
+    xs = [x[b:b + 1] for b in range(B)]
+    for call in range(2):
+        p = [q + call for q in pos]
+        t = sched.timesteps[p]
+        m, z = rand(g, (B, 3, 8, 8)).float(), rand(g, (B, 3, 8, 8)).float()
+        if hasattr(batch, "scale_model_input"):
+            scaled = batch.scale_model_input(x, t)
+        out = batch.step(m, t, x, **kw, **noise_kw(batch, z))
+        for b, one in enumerate(singles):
+            tb = t[b:b + 1].reshape(())  # not a view of one.timesteps: found by value, as stock
+            if hasattr(one, "scale_model_input"):
+                assert max_rel_err(scaled[b:b + 1], one.scale_model_input(xs[b], tb)) <= 1e-6
+            o = one.step(m[b:b + 1], tb, xs[b], **kw, **noise_kw(one, z[b:b + 1]))
+            for f in ("prev_sample", "pred_original_sample", "denoised"):
+                if getattr(o, f, None) is not None:
+                    assert max_rel_err(getattr(out, f)[b:b + 1], getattr(o, f)) <= 1e-6, (call, b, f)
+            xs[b] = o.prev_sample
+        x = out.prev_sample
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("name", list(FUSED_STEP_CASES))
+@pytest.mark.parametrize("name", NAMES)
 def test_half_precision_computed_in_float32(monkeypatch, name, dtype):
-    cls, cfg, kw = FUSED_STEP_CASES[name]
-    stock_cls = cls._dk_stock
-    stock, fused = stock_cls(**cfg), cls(**cfg)
-    stock.set_timesteps(20)
-    fused.set_timesteps(20)
+    """Half-precision storage is computed in float32: within a rounding of the result of a
+    float32 run of stock on the same (rounded) inputs. An fp16 model output with fp32
+    latents gives stock's output dtype, within 1e-5 of stock float32."""
+    fused, kw, _ = make(name)
+    stock_cls = type(fused)._dk_stock
+    runs = {}
+    for key in ("stock", "half", "mixed"):
+        sched = copy.deepcopy(fused) if key != "stock" else stock_cls.from_config(fused.config)
+        if key == "stock":
+            sched.set_timesteps(ALL[name][3])
+        runs[key] = sched
     box = NoiseBox(monkeypatch, stock_cls)
     g = gen(12)
     x, m, z = (rand(g).to(dtype) for _ in range(3))
     box.z = z.float()
-    t = fused.timesteps[5]
-    ref = stock.step(m.float(), t, x.float(), **(dict(kw, variance_noise=z.float()) if name == "ddim" else kw))
-    out = fused.step(m, t, x, variance_noise=z, **kw)
+    t = fused.timesteps[3]
+    for sched in runs.values():
+        sched.set_begin_index(3) if hasattr(sched, "set_begin_index") else None
+    stock = runs["stock"]
+    if hasattr(stock, "scale_model_input"):
+        for sched in runs.values():
+            sched.scale_model_input(x.float(), t)
+    ref = stock.step(m.float(), t, x.float(), **kw, **noise_kw(stock, z.float()))
+    out = runs["half"].step(m, t, x, **kw, **noise_kw(runs["half"], z))
     assert out.prev_sample.dtype == dtype
-    tol = 2 * torch.finfo(dtype).eps
-    assert max_rel_err(out.prev_sample, ref.prev_sample) <= tol
-    # fp16 model output with fp32 latents: fp32 result, as stock
-    mixed = fused.step(m, t, x.float(), variance_noise=z.float(), **kw)
-    assert mixed.prev_sample.dtype == torch.float32
-    assert max_rel_err(mixed.prev_sample, ref.prev_sample) <= TOL
+    assert max_rel_err(out.prev_sample, ref.prev_sample) <= 2 * torch.finfo(dtype).eps
+    mixed = runs["mixed"].step(m, t, x.float(), **kw, **noise_kw(runs["mixed"], z.float()))
+    stock_mixed = copy.deepcopy(fused)  # only for its dtype: the stock dtype rule
+    del stock_mixed
+    expect = stock_cls.from_config(fused.config)
+    expect.set_timesteps(ALL[name][3])
+    if hasattr(expect, "set_begin_index"):
+        expect.set_begin_index(3)
+    if hasattr(expect, "scale_model_input"):
+        expect.scale_model_input(x.float(), t)
+    dtype_stock = expect.step(m, t, x.float(), **kw, **noise_kw(expect, z.float())).prev_sample.dtype
+    assert mixed.prev_sample.dtype == dtype_stock
+    tol = TOL if dtype_stock == torch.float32 else 2 * torch.finfo(dtype_stock).eps
+    assert max_rel_err(mixed.prev_sample, ref.prev_sample) <= tol
 
 
 def test_generator_draws_in_kernel():
@@ -515,6 +584,20 @@ def test_generator_draws_in_kernel():
     assert max_rel_err(d, expect) <= 1e-6
 
 
+@pytest.mark.parametrize("name", ["euler_a", "flow", "lcm"])
+def test_generator_families(name):
+    sched, kw, _ = make(name)
+    x = torch.randn(SHAPE)
+    outs = []
+    for seed in (1, 1, 2):
+        s = copy.deepcopy(sched)
+        t = s.timesteps[1]
+        if hasattr(s, "scale_model_input"):
+            s.scale_model_input(x, t)
+        outs.append(s.step(torch.randn(SHAPE, generator=gen(9)), t, x, generator=gen(seed), **kw).prev_sample)
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
+
+
 # ---- no host syncs ------------------------------------------------------------------
 class CountSyncs(TorchDispatchMode):
     def __init__(self):
@@ -527,77 +610,124 @@ class CountSyncs(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("name", list(FUSED_STEP_CASES))
+@pytest.mark.parametrize("name", NAMES)
 def test_no_host_sync_per_step(name):
-    cls, cfg, kw = FUSED_STEP_CASES[name]
-    sched = cls(**cfg)
-    sched.set_timesteps(10)
-    stock = cls._dk_stock(**cfg)
-    stock.set_timesteps(10)
+    """After set_timesteps: no aten._local_scalar_dense in a whole loop (CPU tensors: the
+    same code path as device-resident timesteps), nor in a (B,) step or add_noise."""
+    sched, kw, _ = make(name)
+    stock = type(sched)._dk_stock.from_config(sched.config)
+    stock.set_timesteps(ALL[name][3])
     x = torch.randn(SHAPE)
+    g = gen(0)
     with CountSyncs() as c:
         for t in sched.timesteps:
-            m = torch.randn(SHAPE)
-            x = sched.step(m, t, x, generator=gen(0), **kw).prev_sample
-        x = sched.step(torch.randn(SHAPE), sched.timesteps[[1, 2]], x, variance_noise=torch.randn(SHAPE),
-                       **kw).prev_sample  # (B,) timesteps
-        x = sched.add_noise(x, torch.randn(SHAPE), sched.timesteps[[1, 2]])
+            if hasattr(sched, "scale_model_input"):
+                sched.scale_model_input(x, t)
+            gkw = dict(generator=g) if "generator" in inspect.signature(sched.step).parameters else {}
+            x = sched.step(torch.randn(SHAPE), t, x, **gkw, **kw).prev_sample
+        tb = sched.timesteps[[1, 2]]
+        x = sched.step(torch.randn(SHAPE), tb, x, **kw, **noise_kw(sched, torch.randn(SHAPE))).prev_sample
+        add = getattr(sched, "add_noise", None) if name != "flow" else sched.scale_noise
+        if add is not None and name != "flow":
+            x = add(x, torch.randn(SHAPE), tb)
+        elif name == "flow":
+            x = add(x, tb, torch.randn(SHAPE))
     assert c.n == 0
-    with CountSyncs() as c:  # the counter counts: stock reads its timesteps on the host
-        stock.step(torch.randn(SHAPE), stock.timesteps[1], x, **kw)
+    with CountSyncs() as c:  # the counter counts: stock reads its timestep (or sigma) on the host
+        t = stock.timesteps[1]
+        if hasattr(stock, "scale_model_input"):
+            stock.scale_model_input(x, t)
+        stock.step(torch.randn(SHAPE), t, x, **kw)
+        if name in ("ddim", "ddpm", "lcm"):
+            stock.step(torch.randn(SHAPE), stock.timesteps[2], x, **kw)
     assert c.n > 0
 
 
 # ---- config round trips, errors --------------------------------------------------------
-@pytest.mark.parametrize("cls", [FusedDDIMScheduler, FusedDDPMScheduler], ids=lambda c: c.__name__)
+FUSED_CLASSES = [ALL[n][0] for n in NAMES]
+
+
+@pytest.mark.parametrize("cls", FUSED_CLASSES, ids=lambda c: c.__name__)
 def test_config_round_trips(tmp_path, cls):
     stock_cls = cls._dk_stock
-    stock = stock_cls(beta_schedule="scaled_linear", prediction_type="v_prediction", timestep_spacing="trailing")
+    kw = dict(num_train_timesteps=800) if "FlowMatch" in stock_cls.__name__ else dict(
+        beta_schedule="scaled_linear", timestep_spacing="trailing")
+    stock = stock_cls(**kw)
     fused = cls.from_config(stock.config)
-    assert isinstance(fused, stock_cls) and dict(fused.config) | {"_class_name": None} == dict(stock.config) | {
-        "_class_name": None}
+    assert isinstance(fused, stock_cls)
+    strip = {"_class_name": None, "_use_default_values": None, "_diffusers_version": None}
+    assert dict(fused.config) | strip == dict(stock.config) | strip
     back = stock_cls.from_config(fused.config)
-    assert type(back) is stock_cls and back.config.prediction_type == "v_prediction"
+    assert type(back) is stock_cls and dict(back.config) | strip == dict(stock.config) | strip
     assert sorted(c.__name__ for c in fused.compatibles) == sorted(c.__name__ for c in stock.compatibles)
     fused.save_config(tmp_path)
     saved = json.loads((tmp_path / "scheduler_config.json").read_text())
     assert saved["_class_name"] == stock_cls.__name__
     loaded = stock_cls.from_pretrained(tmp_path)
-    assert type(loaded) is stock_cls and loaded.config.timestep_spacing == "trailing"
+    assert type(loaded) is stock_cls and dict(loaded.config) | strip == dict(stock.config) | strip
     again = cls.from_pretrained(tmp_path)
-    assert type(again) is cls and again.config.beta_schedule == "scaled_linear"
+    assert type(again) is cls and dict(again.config) | strip == dict(stock.config) | strip
+    # from another scheduler's config, as pipelines swap them
+    other = cls.from_config(DDIMScheduler(beta_schedule="scaled_linear").config)
+    assert type(other) is cls
+    assert inspect.signature(cls.set_timesteps).parameters.keys() == inspect.signature(
+        stock_cls.set_timesteps).parameters.keys()
 
 
-@pytest.mark.parametrize("cls,option,value", [
-    (FusedDDIMScheduler, "thresholding", True),
-    (FusedDDPMScheduler, "variance_type", "learned_range"),
-    (FusedDDPMScheduler, "variance_type", "learned"),
-    (FusedDDPMScheduler, "variance_type", "fixed_large_log"),
-])
-def test_unsupported_options_raise_at_construction(cls, option, value):
+@pytest.mark.parametrize("cls,options", [
+    (FusedDDIMScheduler, dict(thresholding=True)),
+    (FusedDDPMScheduler, dict(variance_type="learned_range")),
+    (FusedDDPMScheduler, dict(variance_type="learned")),
+    (FusedDDPMScheduler, dict(variance_type="fixed_large_log")),
+    (FusedEulerAncestralDiscreteScheduler, dict(prediction_type="sample")),
+    (FusedDPMSolverMultistepScheduler, dict(algorithm_type="sde-dpmsolver++")),
+    (FusedDPMSolverMultistepScheduler, dict(algorithm_type="dpmsolver", final_sigmas_type="sigma_min")),
+    (FusedDPMSolverMultistepScheduler, dict(solver_order=3)),
+    (FusedDPMSolverMultistepScheduler, dict(use_flow_sigmas=True)),
+    (FusedDPMSolverMultistepScheduler, dict(prediction_type="flow_prediction")),
+], ids=lambda v: v.__name__ if isinstance(v, type) else opt_id(v))
+def test_unsupported_options_raise_at_construction(cls, options):
+    option = next(iter(options))
     with pytest.raises(NotImplementedError, match=option):
-        cls(**{option: value})
+        cls(**options)
     with pytest.raises(NotImplementedError, match=option):
-        cls.from_config(cls._dk_stock(**{option: value}).config)
+        cls.from_config(cls._dk_stock(**options).config)
+
+
+def test_unsupported_step_arguments_raise():
+    flow, _, _ = make("flow")
+    with pytest.raises(NotImplementedError, match="per_token_timesteps"):
+        flow.step(torch.randn(SHAPE), flow.timesteps[0], torch.randn(SHAPE), per_token_timesteps=torch.ones(2, 64))
+    euler, _, _ = make("euler")
+    with pytest.raises(NotImplementedError, match="s_churn"):
+        euler.step(torch.randn(SHAPE), euler.timesteps[[0, 1]], torch.randn(SHAPE), s_churn=1.0)
+    dpm = FusedDPMSolverMultistepScheduler(final_sigmas_type="sigma_min")
+    dpm.set_timesteps(10)
+    with pytest.raises(NotImplementedError, match="per-sample"):
+        dpm.step(torch.randn(SHAPE), dpm.timesteps[[0, 1]], torch.randn(SHAPE))
 
 
 # ---- loops you can compile ---------------------------------------------------------
-@pytest.mark.skipif(not NATIVE, reason="compiles the native op")
-def test_compiled_loop_body_has_no_graph_breaks():
-    sched = FusedDDIMScheduler(prediction_type="v_prediction")
-    sched.set_timesteps(10)
+@pytest.mark.parametrize("name", ["ddim", "euler", "dpm"])
+def test_compiled_loop_body_has_no_graph_breaks(name):
+    """torch.compile(fullgraph=True) of model + scale + step: no graph break, the eager
+    loop's numbers. (The compiled step finds its sigma from the timestep on the device.)"""
+    sched, kw, _ = make(name, n=6)
+    kw = dict(kw, eta=0.0) if name == "ddim" else kw
+    eager = copy.deepcopy(sched)
     w = torch.randn(3, 3)
 
-    def body(x, t):
-        m = torch.einsum("bchw,cd->bdhw", x, w) * 0.1 + t.float() * 1e-3
-        return sched.step(m, t, x, return_dict=False)[0]
+    def body(s, x, t):
+        xin = s.scale_model_input(x, t)
+        m = torch.einsum("bchw,cd->bdhw", xin, w) * 0.1 + t.float() * 1e-3
+        return s.step(m, t, x, return_dict=False, **kw)[0]
 
     compiled = torch.compile(body, fullgraph=True, backend="eager")
     x = torch.randn(SHAPE)
     xe = x.clone()
     for t in sched.timesteps[:3]:
-        x = compiled(x, t)
-        xe = body(xe, t)
+        x = compiled(sched, x, t)
+        xe = body(eager, xe, t)
     assert max_rel_err(x, xe) <= 1e-6
 
 

@@ -114,6 +114,11 @@ class FusedSchedulerMixin:
             cls.set_timesteps = set_timesteps
 
     # ---- config ---------------------------------------------------------------------
+    @classmethod
+    def _get_compatibles(cls):
+        # stock's list (stock looks its own name up in diffusers, which has no Fused* names)
+        return cls._dk_stock._get_compatibles()
+
     def to_json_string(self) -> str:
         # The stock class name, so a saved config (and a pipeline saved with a fused
         # scheduler) loads with plain diffusers.

@@ -97,8 +97,9 @@ class FusedDPMSolverMultistepScheduler(B.IndexedSchedulerMixin, DPMSolverMultist
         self.model_outputs[-1] = x0
         if self.lower_order_nums < c.solver_order:
             self.lower_order_nums += 1
-        if prev.dtype != model_output.dtype:
-            prev = prev.to(model_output.dtype)
+        out_dtype = torch.promote_types(sample.dtype, model_output.dtype)  # stock: its x0's dtype
+        if prev.dtype != out_dtype:
+            prev = prev.to(out_dtype)
         if i is not None:
             self._step_index += 1
         if not return_dict:

@@ -22,7 +22,8 @@ class FusedHeunDiscreteScheduler(_KarrasVEMixin, HeunDiscreteScheduler):
     (the ``pred_original_sample`` pass, clamped) is what the steps read. As stock, the math
     runs in the inputs' dtype (float32 for float16/bfloat16 storage here).
 
-    A (B,) timestep is looked up per sample (first occurrence in the first stage, second
+    A (B,) timestep is looked up per sample (timesteps hold each t twice, at the second-stage
+    position then the first-stage one: the last occurrence in the first stage, the first
     in the second); all samples share the stage."""
 
     def _dk_check_config(self):
@@ -41,7 +42,7 @@ class FusedHeunDiscreteScheduler(_KarrasVEMixin, HeunDiscreteScheduler):
         if i is not None:
             sigma, sigma_next = (st.sig_host[i], st.sig_host[i + 1]) if first else (st.sig_host[i - 1], st.sig_host[i])
         else:
-            idx, valid = self._dk_positions(timestep, sample, st, last=not first)
+            idx, valid = self._dk_positions(timestep, sample, st, last=first)
             lo = idx if first else idx - 1
             sigma, sigma_next = self._dk_take(st.sig_dev, lo, valid), self._dk_take(st.sig_dev, lo + 1, valid)
         x, m = sample, model_output
