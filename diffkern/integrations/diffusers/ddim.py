@@ -60,7 +60,7 @@ class FusedDDIMScheduler(B.FusedSchedulerMixin, DDIMScheduler):
 
     def _dk_pair(self, timestep, x, st):
         i = self._dk_index_of(timestep)
-        if i is not None and timestep.device == x.device:
+        if i is not None:  # the per-step tensors live on x.device, whatever device timesteps are on
             return st.t_steps[i], st.tp_steps[i]
         ti = B.int_timestep(timestep)
         if ti is not None:

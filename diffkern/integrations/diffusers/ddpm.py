@@ -74,7 +74,7 @@ class FusedDDPMScheduler(B.FusedSchedulerMixin, DDPMScheduler):
     def _dk_pair(self, timestep, x, st):
         """(t, t_prev, t on the host or None)."""
         i = self._dk_index_of(timestep)
-        if i is not None and timestep.device == x.device:
+        if i is not None:  # the per-step tensors live on x.device, whatever device timesteps are on
             return st.t_steps[i], st.tp_steps[i], st.ts_host[i]
         ti = B.int_timestep(timestep)
         if ti is not None:
