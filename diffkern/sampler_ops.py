@@ -23,12 +23,26 @@ Conventions shared by every op here:
   generator advances the same way with host or device scalars).
 - Differentiable w.r.t. the tensor inputs.
 
-Native hook: ``_NATIVE_IMPLS[op_name]`` (filled by the native side) is called with the
-validated arguments, in the order of the reference's private ``_<op>`` function:
-scalars as a Python float or a contiguous 1-D tensor of length 1 or B on x's device,
-``prediction_type`` as its int code (``_validate.PREDICTION_TYPES``), lcm_step's
-timesteps, table and options as the ``_LcmArgs`` record. It may return ``NotImplemented``
-for a case it does not cover; the reference then runs.
+Native hook: ``_NATIVE_IMPLS[op_name]`` (filled by the native side) is called, when
+``native_available(x.device)``, with the validated arguments, positionally, in the order
+of the reference's private function of the op:
+
+- ``euler_step``:    (x, denoised, sigma, sigma_next, eta, s_noise, gamma, prediction, noise, generator)
+- ``heun_step``:     (x, denoised, x_proposal, denoised_proposal, sigma, sigma_next, prediction)
+- ``dpmpp_2m_step``: (x, denoised, old_denoised, sigma, sigma_next, sigma_prev, prediction, solver_type,
+  variance_preserving, return_denoised)
+- ``flow_step``:     (x, velocity, sigma, sigma_next, stochastic, noise, generator)
+- ``flow_q_sample``: (x0, sigma, noise, generator) -> (x_t, noise)
+- ``lcm_step``:      (x, model_output, args, noise, generator), ``args`` a
+  ``reference_samplers._LcmArgs``: t, t_prev (int64 (1,)/(B,) on x's device, t_prev < 0 =
+  final), table (float32 alphas_cumprod on x's device), prediction, timestep_scaling,
+  sigma_data, clip (float or None), return_denoised
+
+Scalars are a Python float or a contiguous 1-D float tensor of length 1 or B on x's
+device (any float dtype); ``prediction`` is the int code of ``_validate.PREDICTION_TYPES``;
+``solver_type`` the string; eta/s_noise/gamma Python floats; tensors may broadcast, have
+any strides, and differ in dtype from x. The impl may return ``NotImplemented`` for a case
+it does not cover; the reference then runs.
 """
 
 from __future__ import annotations

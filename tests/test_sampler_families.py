@@ -605,3 +605,11 @@ def test_device_resident_levels_are_not_read_back():
     meta = torch.ones(3, device="meta")
     assert V.host_levels(meta) is None
     V.check_level_order(torch.full((3,), 5.0, device="meta"), 1.0, "never raised")
+
+
+def test_public_and_reference_signatures_agree():
+    import inspect
+
+    for name in ("euler_step", "heun_step", "dpmpp_2m_step", "flow_step", "flow_q_sample", "lcm_step"):
+        assert inspect.signature(getattr(dk, name)) == inspect.signature(getattr(R, name)), name
+        assert name in dk.__all__ and name in R.__all__
