@@ -36,6 +36,11 @@ def native(device: torch.device) -> bool:
     return _native.native_available(device)
 
 
+def _native_for(x: torch.Tensor) -> bool:
+    """native_available(x.device) without building a device object (host time per step)."""
+    return _native._loaded and (x.is_cpu or (x.is_cuda and _native._cuda))
+
+
 def compiling() -> bool:
     return V._compiling()
 
@@ -246,8 +251,8 @@ def _args(t, tp, table, prediction, clip):
 
 def ddim(x, m, t, tp, table, eta, prediction, clip, noise=None, generator=None):
     """dk.ddim_step on validated arguments (t, tp: (1,)/(B,) int64 on x's device)."""
-    if native(x.device):
-        gen, seed, off = _noise_source(x, generator, eta > 0 and noise is None)
+    if _native_for(x):
+        gen, seed, off = _noise_source(x, generator, True) if eta > 0 and noise is None else (None, 0, 0)
         return _ops().ddim_step(x, m, t, tp, table, eta, prediction, clip or 0.0, noise if eta > 0 else None,
                                 gen, seed, off)
     return R._ddim(x, m, _args(t, tp, table, prediction, clip), eta, noise, generator)
@@ -255,15 +260,15 @@ def ddim(x, m, t, tp, table, eta, prediction, clip, noise=None, generator=None):
 
 def ddpm(x, m, t, tp, table, variance, prediction, clip, noise=None, generator=None):
     """dk.ddpm_step on validated arguments."""
-    if native(x.device):
-        gen, seed, off = _noise_source(x, generator, noise is None)
+    if _native_for(x):
+        gen, seed, off = _noise_source(x, generator, True) if noise is None else (None, 0, 0)
         return _ops().ddpm_step(x, m, t, tp, table, variance, prediction, clip or 0.0, noise, gen, seed, off)
     return R._ddpm(x, m, _args(t, tp, table, prediction, clip), variance, noise, generator)
 
 
 def q_sample(x0, t, table, noise):
     """dk.q_sample on validated arguments, with the noise given."""
-    if native(x0.device):
+    if _native_for(x0):
         return _ops().q_sample(x0, t, table, noise, None, 0, 0)[0]
     return R._q_sample(x0, t, table, noise, None)[0]
 
