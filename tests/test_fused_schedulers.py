@@ -368,6 +368,22 @@ def test_dpm_options_match_stock(monkeypatch, options, n_steps):
               m_scale=m_scale)
 
 
+def test_dpm_learned_variance_output_is_sliced():
+    """variance_type learned: stock keeps model_output[:, :3] (the epsilon half)."""
+    cfg = dict(variance_type="learned_range")
+    stock, fused = DPMSolverMultistepScheduler(**cfg), FusedDPMSolverMultistepScheduler(**cfg)
+    stock.set_timesteps(6)
+    fused.set_timesteps(6)
+    g = gen(4)
+    xs = rand(g).float()
+    xf = xs.clone()
+    for t, tf in zip(stock.timesteps, fused.timesteps, strict=True):
+        m = rand(g, (2, 6, 8, 8)).float()
+        xs = stock.step(m, t, xs).prev_sample
+        xf = fused.step(m, tf, xf).prev_sample
+        assert max_rel_err(xf, xs) <= TOL
+
+
 # ---- flow matching ----------------------------------------------------------------------
 FLOW_OPTIONS = [
     (dict(), {}),
