@@ -614,6 +614,30 @@ def test_generator_families(name):
     assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
 
 
+@pytest.mark.parametrize("name", ["ddim", "euler"])
+def test_replaced_timesteps_are_followed(name):
+    """A pipeline that assigns scheduler.timesteps after set_timesteps (a slice of them):
+    positions are those of the new tensor, as stock's lookups by value give."""
+    fused, _, _ = make(name)
+    stock = type(fused)._dk_stock.from_config(fused.config)
+    stock.set_timesteps(ALL[name][3])
+    fused.timesteps = fused.timesteps[5:]
+    stock.timesteps = stock.timesteps[5:]
+    if name == "euler":
+        fused.set_begin_index(5)
+        stock.set_begin_index(5)
+    g = gen(2)
+    x = rand(g).float()
+    for t, tf in list(zip(stock.timesteps, fused.timesteps, strict=True))[:3]:
+        m = rand(g).float()
+        if hasattr(stock, "scale_model_input"):
+            stock.scale_model_input(x, t)
+            fused.scale_model_input(x, tf)
+        skw = dict(eta=0.0) if name == "ddim" else {}
+        a, b = stock.step(m, t, x, **skw), fused.step(m, tf, x, **skw)
+        assert max_rel_err(b.prev_sample, a.prev_sample) <= TOL
+
+
 # ---- no host syncs ------------------------------------------------------------------
 class CountSyncs(TorchDispatchMode):
     def __init__(self):

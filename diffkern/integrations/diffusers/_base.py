@@ -152,12 +152,17 @@ class FusedSchedulerMixin:
         if states is None:
             states = self._dk_states = {}
         st = states.get(device)
+        if st is not None and st.timesteps is not self.timesteps:
+            # timesteps replaced after set_timesteps: positions (and tables) are rebuilt
+            states.clear()
+            st = None
         if st is None:
             key = _device_key(device)
             st = states.get(key)
             if st is None:
                 st = self._dk_build(key)
                 st.finals = {1: const_tensor([-1], key, torch.int64)}  # ready for a compiled step
+                st.timesteps = self.timesteps
                 states[key] = st
             states[device] = st
         return st
