@@ -18,12 +18,11 @@ import numbers
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from ... import _native
+from ... import _native, _rng
 from ... import _validate as V
 from ... import reference as R
 from ... import reference_samplers as RS
 from ... import sampler_ops as SO
-from ...ops import _noise_source
 
 __all__ = ["FusedSchedulerMixin", "promote", "ddim", "ddpm", "q_sample", "unsupported"]
 
@@ -248,8 +247,20 @@ def noise_args(x: torch.Tensor, generator, variance_noise, draws: bool):
 
 
 # ---- the fused ops, below their public wrappers -------------------------------------
+def _noise_source(x, generator, draws: bool):
+    """(generator, seed, offset) for a raw op, keyed as the public ops key them: CUDA
+    generators go to the op (it reads torch's Philox state, graph-safe), CPU ones are
+    keyed here (diffkern._rng)."""
+    if not draws:
+        return None, 0, 0
+    if x.device.type == "cuda" and (generator is None or generator.device.type == "cuda"):
+        return (generator if generator is not None else _rng.default_cuda_generator(x.device)), 0, 0
+    seed, offset = _rng.cpu_generator_key(generator)
+    return None, _rng._to_int64(seed), _rng._to_int64(offset)
+
+
 def _args(t, tp, table, prediction, clip):
-    a = R._StepArgs()
+    a = R.StepArgs()
     a.t, a.t_prev_arg, a.table, a.prediction, a.clip = t, tp, table, prediction, clip
     return a
 
@@ -278,10 +289,10 @@ def q_sample(x0, t, table, noise):
     return R._q_sample(x0, t, table, noise, None)[0]
 
 
-def pred_x0(x, m, t, st, prediction, clip):
+def pred_x0(x, m, t, st, prediction, clip, table=None):
     """The predicted x0 (clipped) in one fused pass: a DDIM step with eta = 0 to
     alphas_cumprod' = 1 (t_prev = -1) is exactly ``1 * x0 + 0 * eps``."""
-    return ddim(x, m, t, final_like(st, t), st.table, 0.0, prediction, clip)
+    return ddim(x, m, t, final_like(st, t), st.table if table is None else table, 0.0, prediction, clip)
 
 
 def final_like(st, t: torch.Tensor) -> torch.Tensor:

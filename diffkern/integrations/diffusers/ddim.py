@@ -40,25 +40,33 @@ class FusedDDIMScheduler(B.FusedSchedulerMixin, DDIMScheduler):
         self._dk_reset(prebuild=(self.timesteps.device,))
 
     def _dk_build(self, device):
+        # The kernels take t_prev < t, with t_prev < 0 reading alphas_cumprod' = 1. Stock
+        # reads final_alpha_cumprod below 0, which is alphas_cumprod[0] without
+        # set_alpha_to_one: at t = 0 that is a step from t to itself. So the step runs on a
+        # table shifted by one, ext[t + 1] = alphas_cumprod[t], ext[0] = final_alpha_cumprod,
+        # and every t_prev < 0 becomes index 0 (t_prev + 1 < t + 1 always).
         c = self.config
         N = c.num_train_timesteps
         jump = N // self.num_inference_steps if self.num_inference_steps else 1  # (add_noise needs no schedule)
-        final = -1 if c.set_alpha_to_one else 0  # t_prev < 0 reads 1, t_prev = 0 reads alphas_cumprod[0]
-        prev = torch.arange(N, dtype=torch.int64) - jump
-        prev = torch.where(prev < 0, torch.full_like(prev, final), prev)
+        ac = self.alphas_cumprod.to("cpu", torch.float32)
+        final = torch.ones(1) if c.set_alpha_to_one else ac[:1]
+        ext = torch.cat([final, ac])
+        prev = (torch.arange(N, dtype=torch.int64) - jump).clamp_min(-1) + 1  # shifted
         ts = self.timesteps.to("cpu", torch.int64)
-        ts_dev = B.const_tensor(ts, device, torch.int64)
-        tp_dev = B.const_tensor(prev[ts.clamp(0, N - 1)], device, torch.int64)
+        tp = prev[ts.clamp(0, N - 1)]
         return B._State(
-            table=B.const_tensor(self.alphas_cumprod, device, torch.float32),
+            table=B.const_tensor(ac, device, torch.float32),
+            table_ext=B.const_tensor(ext, device, torch.float32),
             prev=B.const_tensor(prev, device, torch.int64),
             prev_host=prev.tolist(),
-            t_steps=B.per_step(ts_dev), tp_steps=B.per_step(tp_dev),
+            t_steps=B.per_step(B.const_tensor(ts + 1, device, torch.int64)),
+            tp_steps=B.per_step(B.const_tensor(tp, device, torch.int64)),
             prediction=V.PREDICTION_TYPES[c.prediction_type],
             clip=float(c.clip_sample_range) if c.clip_sample else None,
         )
 
     def _dk_pair(self, timestep, x, st):
+        """(t + 1, t_prev + 1) for the shifted table."""
         i = self._dk_index_of(timestep)
         if i is not None:  # the per-step tensors live on x.device, whatever device timesteps are on
             return st.t_steps[i], st.tp_steps[i]
@@ -66,9 +74,9 @@ class FusedDDIMScheduler(B.FusedSchedulerMixin, DDIMScheduler):
         if ti is not None:
             if not 0 <= ti < self.config.num_train_timesteps:
                 raise IndexError(f"timestep {ti} is outside [0, {self.config.num_train_timesteps})")
-            return V._int_timestep_tensor(ti, x.device), V._int_timestep_tensor(st.prev_host[ti], x.device)
+            return V._int_timestep_tensor(ti + 1, x.device), V._int_timestep_tensor(st.prev_host[ti], x.device)
         t = B.timestep_tensor(timestep, x)
-        return t, st.prev.index_select(0, t)
+        return t + 1, st.prev.index_select(0, t)
 
     def step(self, model_output, timestep, sample, eta: float = 0.0, use_clipped_model_output: bool = False,
              generator=None, variance_noise=None, return_dict: bool = True):
@@ -81,12 +89,12 @@ class FusedDDIMScheduler(B.FusedSchedulerMixin, DDIMScheduler):
         t, tp = self._dk_pair(timestep, x, st)
         eta = float(eta)
         noise, gen = B.noise_args(x, generator, variance_noise, eta > 0)
-        x0 = B.pred_x0(x, m, t, st, st.prediction, st.clip)
+        x0 = B.pred_x0(x, m, t, st, st.prediction, st.clip, table=st.table_ext)
         if use_clipped_model_output and st.clip is not None:
             # eps re-derived from the clipped x0 (Glide): a DDIM step on x0 as a "sample" prediction
-            prev = B.ddim(x, x0, t, tp, st.table, eta, V.PREDICTION_TYPES["sample"], None, noise, gen)
+            prev = B.ddim(x, x0, t, tp, st.table_ext, eta, V.PREDICTION_TYPES["sample"], None, noise, gen)
         else:
-            prev = B.ddim(x, m, t, tp, st.table, eta, st.prediction, st.clip, noise, gen)
+            prev = B.ddim(x, m, t, tp, st.table_ext, eta, st.prediction, st.clip, noise, gen)
         if not return_dict:
             return (prev, x0)
         return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)

@@ -41,12 +41,28 @@ class FusedLCMScheduler(B.IndexedSchedulerMixin, LCMScheduler):
         nxt = [int(ts[k + 1]) if k + 1 < n else int(ts[k]) for k in range(n)]
         if nis is not None and 0 < nis <= n:
             nxt[nis - 1] = -1
+        ac = self.alphas_cumprod.to("cpu", torch.float32)
+        step_table = ac
+        # The kernels take t_prev < t. Stock's quirk steps from t to t: the step reads a copy
+        # of the table whose entry t - 1 holds alphas_cumprod[t] (c_skip / c_out use t itself).
+        vals = set(ts.tolist()) | {v for v in nxt if v >= 0}
+        for k in range(n if nis is not None else 0):  # (before set_timesteps only add_noise runs)
+            if nxt[k] == int(ts[k]):
+                tq = nxt[k]
+                if tq < 1 or (tq - 1) in vals:
+                    raise B.unsupported(self, "timesteps", ts.tolist()[-4:], f"a step from t={tq} to itself "
+                                        "(custom timesteps with strength < 1) needs t - 1 free in the schedule")
+                if step_table is ac:
+                    step_table = ac.clone()
+                step_table[tq - 1] = ac[tq]
+                nxt[k] = tq - 1
         prev = torch.arange(N, dtype=torch.int64) - 1
         for k in range(n - 1, -1, -1):
             if 0 <= ts[k] < N:
                 prev[ts[k]] = nxt[k]
         return B._State(ts_dev=B.const_tensor(ts, device, torch.int64), n=n, init_index=self._dk_init_positions(ts),
-                        table=B.const_tensor(self.alphas_cumprod, device, torch.float32),
+                        table=B.const_tensor(ac, device, torch.float32),
+                        step_table=B.const_tensor(step_table, device, torch.float32),
                         prev=B.const_tensor(prev, device, torch.int64),
                         t_steps=B.per_step(B.const_tensor(ts, device, torch.int64)),
                         tp_steps=B.per_step(B.const_tensor(nxt, device, torch.int64)),
@@ -82,9 +98,9 @@ class FusedLCMScheduler(B.IndexedSchedulerMixin, LCMScheduler):
             gen = generator
         pred, clip = st.prediction, st.clip
         if c.thresholding:
-            m = self._threshold_sample(B.pred_x0(x, m, t, st, pred, None))
+            m = self._threshold_sample(B.pred_x0(x, m, t, st, pred, None, table=st.step_table))
             pred = V.PREDICTION_TYPES["sample"]
-        prev, den = B.lcm(x, m, t, tp, st.table, pred, c.timestep_scaling, 0.5, clip, noise, gen)
+        prev, den = B.lcm(x, m, t, tp, st.step_table, pred, c.timestep_scaling, 0.5, clip, noise, gen)
         if i is not None:
             self._step_index += 1
         if not return_dict:
