@@ -344,8 +344,15 @@ def flow_q_sample(x0, sigma, noise):
     return _family("flow_q_sample", RS._flow_q_sample, x0, sigma, noise, None)[0]
 
 
-def lcm(x, m, t, t_prev, table, prediction, timestep_scaling, sigma_data, clip, noise=None, generator=None):
-    """(x_prev, denoised)."""
+def lcm(x, m, t, t_prev, table, prediction, timestep_scaling, sigma_data, clip, noise=None, generator=None,
+        final=None):
+    """(x_prev, denoised). ``final``: whether every sample is at its last step, when the
+    caller knows it on the host (the native hook would read a CPU t_prev to find out)."""
+    if final is not None and _native_for(x) and x.dtype == m.dtype and (noise is None or noise.dtype == x.dtype):
+        gen, seed, off = _noise_source(x, generator, noise is None)
+        out, den = _ops().lcm_step(x, m, t, t_prev, table, float(timestep_scaling), float(sigma_data), prediction,
+                                   clip or 0.0, not final, noise, gen, seed, off, True)
+        return out, den
     a = RS._LcmArgs()
     a.t, a.t_prev, a.table, a.prediction = t, t_prev, table, prediction
     a.timestep_scaling, a.sigma_data, a.clip, a.return_denoised = float(timestep_scaling), float(sigma_data), clip, True

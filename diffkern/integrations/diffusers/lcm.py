@@ -100,7 +100,8 @@ class FusedLCMScheduler(B.IndexedSchedulerMixin, LCMScheduler):
         if c.thresholding:
             m = self._threshold_sample(B.pred_x0(x, m, t, st, pred, None, table=st.step_table))
             pred = V.PREDICTION_TYPES["sample"]
-        prev, den = B.lcm(x, m, t, tp, st.step_table, pred, c.timestep_scaling, 0.5, clip, noise, gen)
+        final = None if i is None else i == self.num_inference_steps - 1
+        prev, den = B.lcm(x, m, t, tp, st.step_table, pred, c.timestep_scaling, 0.5, clip, noise, gen, final=final)
         if i is not None:
             self._step_index += 1
         if not return_dict:
