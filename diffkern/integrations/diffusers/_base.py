@@ -40,6 +40,19 @@ def _native_for(x: torch.Tensor) -> bool:
     return _native._loaded and (x.is_cpu or (x.is_cuda and _native._cuda))
 
 
+_tf_mode = torch._C._is_torch_function_mode_enabled
+
+
+def _fast_entry(x: torch.Tensor, m: torch.Tensor):
+    """The extension's eager entry points (no torch.ops Python layer; CPU generators keyed
+    in C++ as diffkern._rng keys them) when they apply: CPU plain tensors, nothing traced."""
+    F = getattr(_native, "_fast", None)
+    if F is None or type(x) is not torch.Tensor or type(m) is not torch.Tensor or not x.is_cpu or _tf_mode() \
+            or compiling():
+        return None
+    return F
+
+
 def compiling() -> bool:
     return V._compiling()
 
@@ -267,6 +280,10 @@ def _args(t, tp, table, prediction, clip):
 
 def ddim(x, m, t, tp, table, eta, prediction, clip, noise=None, generator=None):
     """dk.ddim_step on validated arguments (t, tp: (1,)/(B,) int64 on x's device)."""
+    F = _fast_entry(x, m)
+    if F is not None:
+        return F._ddim_step(x, m, t, tp, table, eta, prediction, clip or 0.0, noise if eta > 0 else None,
+                            generator if eta > 0 else None)
     if _native_for(x):
         gen, seed, off = _noise_source(x, generator, True) if eta > 0 and noise is None else (None, 0, 0)
         return _ops().ddim_step(x, m, t, tp, table, eta, prediction, clip or 0.0, noise if eta > 0 else None,
@@ -276,6 +293,9 @@ def ddim(x, m, t, tp, table, eta, prediction, clip, noise=None, generator=None):
 
 def ddpm(x, m, t, tp, table, variance, prediction, clip, noise=None, generator=None):
     """dk.ddpm_step on validated arguments."""
+    F = _fast_entry(x, m)
+    if F is not None:
+        return F._ddpm_step(x, m, t, tp, table, variance, prediction, clip or 0.0, noise, generator)
     if _native_for(x):
         gen, seed, off = _noise_source(x, generator, True) if noise is None else (None, 0, 0)
         return _ops().ddpm_step(x, m, t, tp, table, variance, prediction, clip or 0.0, noise, gen, seed, off)
@@ -284,6 +304,9 @@ def ddpm(x, m, t, tp, table, variance, prediction, clip, noise=None, generator=N
 
 def q_sample(x0, t, table, noise):
     """dk.q_sample on validated arguments, with the noise given."""
+    F = _fast_entry(x0, noise)
+    if F is not None:
+        return F._q_sample(x0, t, table, noise, None)[0]
     if _native_for(x0):
         return _ops().q_sample(x0, t, table, noise, None, 0, 0)[0]
     return R._q_sample(x0, t, table, noise, None)[0]
