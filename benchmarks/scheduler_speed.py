@@ -23,7 +23,6 @@ Stochastic classes (DDPM, Euler ancestral, LCM) draw their noise from a generato
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
 from pathlib import Path
@@ -107,22 +106,31 @@ class Loop:
                 host.append(time.perf_counter() - t0)
 
 
-def time_loop(loop: Loop, reps: int) -> dict:
-    n = loop.calls()
-    loop.run(loop.reset())  # warm-up (allocator, caches, first-call paths)
-    walls, host = [], []
+def time_loops(loops: dict, reps: int) -> dict:
+    """Each loop timed ``reps`` times, the loops in turns (stock, fused, stock, ...), so a
+    change of machine load during the row hits both alike."""
+    n = {k: lp.calls() for k, lp in loops.items()}
+    for lp in loops.values():
+        lp.run(lp.reset())  # warm-up (allocator, caches, first-call paths)
+    walls = {k: [] for k in loops}
+    host = {k: [] for k in loops}
     for _ in range(reps):
-        ts = loop.reset()
-        C.sync(loop.device)
-        t0 = time.perf_counter()
-        loop.run(ts, host)
-        C.sync(loop.device)
-        walls.append((time.perf_counter() - t0) * 1e3 / n)
-    ts = loop.reset()  # set_timesteps may read the host; the steps after it may not
-    with CountSyncs() as c:
-        loop.run(ts)
-    return {"ms_per_step": C.summarize(walls), "host_us_per_step": sorted(host)[len(host) // 2] * 1e6,
-            "syncs_per_step": c.n / n, "calls": n}
+        for k, lp in loops.items():
+            ts = lp.reset()
+            C.sync(lp.device)
+            t0 = time.perf_counter()
+            lp.run(ts, host[k])
+            C.sync(lp.device)
+            walls[k].append((time.perf_counter() - t0) * 1e3 / n[k])
+    out = {}
+    for k, lp in loops.items():
+        ts = lp.reset()  # set_timesteps may read the host; the steps after it may not
+        with CountSyncs() as c:
+            lp.run(ts)
+        h = sorted(host[k])
+        out[k] = {"ms_per_step": C.summarize(walls[k]), "host_us_per_step": h[len(h) // 2] * 1e6,
+                  "syncs_per_step": c.n / n[k], "calls": n[k]}
+    return out
 
 
 def main(argv=None):
@@ -160,21 +168,23 @@ def main(argv=None):
             host_cpu = {}
             if dev.type == "cpu":  # host cost: at a size where the arithmetic is negligible
                 stock, fused, steps, kw = make_pair(diffusers_mod, name)
-                for impl, sched in (("stock", stock), ("fused", fused)):
-                    r = time_loop(Loop(sched, steps, kw, HOST_SHAPE, dev, dtype), reps)
-                    host_cpu[impl] = r["ms_per_step"]["median_ms"] * 1e3
+                r = time_loops({k: Loop(sc, steps, kw, HOST_SHAPE, dev, dtype)
+                                for k, sc in (("stock", stock), ("fused", fused))}, max(3 * reps, 10))
+                host_cpu = {k: v["ms_per_step"]["median_ms"] * 1e3 for k, v in r.items()}
             for shape in shapes:
                 stock, fused, steps, kw = make_pair(diffusers_mod, name)
                 row = {"device": str(dev), "class": name, "shape": C.shape_str(shape), "dtype": C.dtype_name(dtype),
                        "steps": steps}
-                for impl, sched in (("stock", stock), ("fused", fused)):
-                    r = time_loop(Loop(copy.deepcopy(sched), steps, kw, shape, dev, dtype), reps)
+                r = time_loops({k: Loop(sc, steps, kw, shape, dev, dtype)
+                                for k, sc in (("stock", stock), ("fused", fused))}, reps)
+                for impl in ("stock", "fused"):
                     if dev.type == "cpu":
-                        r["host_us_per_step"] = host_cpu[impl]
-                        r["host_shape"] = C.shape_str(HOST_SHAPE)
-                    row[impl] = r
-                    print(f"  {dev} {name:19s} {row['shape']:>14s} {impl}: "
-                          f"{C.fmt_ms(r['ms_per_step']['median_ms'])} ms/step", file=sys.stderr)
+                        r[impl]["host_us_per_step"] = host_cpu[impl]
+                        r[impl]["host_shape"] = C.shape_str(HOST_SHAPE)
+                    row[impl] = r[impl]
+                sm, fm = r["stock"]["ms_per_step"]["median_ms"], r["fused"]["ms_per_step"]["median_ms"]
+                print(f"  {dev} {name:19s} {row['shape']:>14s}: stock {C.fmt_ms(sm)}, fused {C.fmt_ms(fm)} ms/step",
+                      file=sys.stderr)
                 rows.append(row)
 
     header = ("| device | scheduler | shape | stock ms/step | fused ms/step | speedup | stock host us/step | "
@@ -189,12 +199,13 @@ def main(argv=None):
               f"{C.fmt_ratio(s['host_us_per_step'] / f['host_us_per_step'])} | {s['syncs_per_step']:.2f} | "
               f"{f['syncs_per_step']:.2f} |")
     if any(d.type == "cpu" for d in devices):
-        print(f"\nCPU host us/step: measured at {C.shape_str(HOST_SHAPE)} (the ops run inside the call on the CPU); "
-              f"{torch.get_num_threads()} threads.")
+        print(f"\nms/step: median of {reps} loops. CPU host us/step: measured at {C.shape_str(HOST_SHAPE)} "
+              f"(the ops run inside the call on the CPU); {torch.get_num_threads()} threads; "
+              f"load average {C.loadavg()}.")
 
     doc = {"schema": SCHEMA, "created": C.now_iso(), "argv": sys.argv[1:], "machine": C.machine_info(devices),
            "versions": C.versions(diffusers_mod), "native": C.native_info(devices),
-           "threads": torch.get_num_threads(), "reps": reps, "rows": rows,
+           "threads": torch.get_num_threads(), "reps": reps, "loadavg": C.loadavg(), "rows": rows,
            "elapsed_s": time.perf_counter() - started}
     if a.tag:
         path = Path(a.out) / a.tag / "scheduler_speed.json"
