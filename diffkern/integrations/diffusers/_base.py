@@ -1,0 +1,454 @@
+"""What every fused scheduler shares: the constructor hook that checks the config, the
+per-device tables prepared in ``set_timesteps``, finding the step index without reading a
+tensor, noise arguments, and the calls into the fused ops.
+
+The ops are called below their public wrappers (``torch.ops.diffkern.*`` or the
+reference), with arguments validated once in ``set_timesteps``: the public wrappers
+check CPU-resident timesteps on the host on every call (``int(t)``, ``aminmax``), which
+is a host read per step, and their argument checks cost more host time than the step
+itself at small sizes.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import numbers
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from ... import _native, _rng
+from ... import _validate as V
+from ... import reference as R
+from ... import reference_samplers as RS
+from ... import sampler_ops as SO
+
+__all__ = ["FusedSchedulerMixin", "promote", "ddim", "ddpm", "q_sample", "unsupported"]
+
+
+def _ops():
+    return torch.ops.diffkern
+
+
+def native(device: torch.device) -> bool:
+    return _native.native_available(device)
+
+
+def _native_for(x: torch.Tensor) -> bool:
+    """native_available(x.device) without building a device object (host time per step)."""
+    return _native._loaded and (x.is_cpu or (x.is_cuda and _native._cuda))
+
+
+_tf_mode = torch._C._is_torch_function_mode_enabled
+
+
+def _fast_entry(x: torch.Tensor, m: torch.Tensor):
+    """The extension's eager entry points (no torch.ops Python layer; CPU generators keyed
+    in C++ as diffkern._rng keys them) when they apply: CPU plain tensors, nothing traced."""
+    F = getattr(_native, "_fast", None)
+    if F is None or type(x) is not torch.Tensor or type(m) is not torch.Tensor or not x.is_cpu or _tf_mode() \
+            or compiling():
+        return None
+    return F
+
+
+def compiling() -> bool:
+    return V._compiling()
+
+
+def unsupported(sched, option: str, value, why: str):
+    """The NotImplementedError every fused class raises for a config value it cannot
+    reproduce: it names the option and points at the stock class."""
+    stock = type(sched)._dk_stock.__name__
+    return NotImplementedError(
+        f"{type(sched).__name__} does not support {option}={value!r} ({why}); use diffusers' {stock} for it")
+
+
+class _State:
+    """Device tensors for one device, built once per ``set_timesteps``."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def _device_key(device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def const_tensor(values, device, dtype) -> torch.Tensor:
+    """A tensor made outside inference mode (a cached inference tensor could not be saved
+    for backward by a later differentiable call)."""
+    with torch.inference_mode(False):
+        return torch.as_tensor(values, dtype=dtype).to(device)
+
+
+def per_step(values: torch.Tensor) -> list[torch.Tensor]:
+    """A (1,) view per entry: what a step hands the kernel, with no tensor op per step."""
+    return [values[i:i + 1] for i in range(values.shape[0])]
+
+
+class FusedSchedulerMixin:
+    """Mixed in before the stock class: ``class FusedX(FusedSchedulerMixin, X)``.
+
+    Subclasses implement ``_dk_check_config()`` (raise :func:`unsupported`) and
+    ``_dk_build(device) -> _State``; set_timesteps calls ``_dk_reset()``."""
+
+    _dk_stock: type
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        stock = next((b for b in cls.__mro__[1:] if b.__module__.startswith("diffusers.")), None)
+        if stock is None:  # another mixin
+            return
+        cls._dk_stock = stock
+        stock_init = stock.__init__
+
+        # functools.wraps keeps the stock signature visible (inspect follows __wrapped__):
+        # ConfigMixin reads the config keys from it.
+        @functools.wraps(stock_init)
+        def __init__(self, *args, **kw):
+            stock_init(self, *args, **kw)
+            self._dk_states = {}
+            self._dk_check_config()
+
+        cls.__init__ = __init__
+
+        if "set_timesteps" not in cls.__dict__:
+            stock_set = stock.set_timesteps
+
+            # wraps: pipelines read set_timesteps' signature (retrieve_timesteps checks for
+            # `timesteps` / `sigmas` parameters).
+            @functools.wraps(stock_set)
+            def set_timesteps(self, *args, **kw):
+                out = stock_set(self, *args, **kw)
+                self._dk_reset(prebuild=(self.timesteps.device,))
+                return out
+
+            cls.set_timesteps = set_timesteps
+
+    # ---- config ---------------------------------------------------------------------
+    @classmethod
+    def _get_compatibles(cls):
+        # stock's list (stock looks its own name up in diffusers, which has no Fused* names)
+        return cls._dk_stock._get_compatibles()
+
+    def to_json_string(self) -> str:
+        # The stock class name, so a saved config (and a pipeline saved with a fused
+        # scheduler) loads with plain diffusers.
+        d = json.loads(super().to_json_string())
+        d["_class_name"] = type(self)._dk_stock.__name__
+        return json.dumps(d, indent=2, sort_keys=True) + "\n"
+
+    def _dk_check_config(self) -> None:  # pragma: no cover - every subclass overrides it
+        raise NotImplementedError
+
+    def _dk_build(self, device: torch.device) -> _State:  # pragma: no cover
+        raise NotImplementedError
+
+    # ---- per-device state -------------------------------------------------------------
+    def _dk_reset(self, prebuild=()) -> None:
+        """Forget the tables (the schedule changed) and build them for ``prebuild``
+        devices now, so that a compiled step finds them ready."""
+        self._dk_check_config()
+        self._dk_states = {}
+        for d in prebuild:
+            if d is not None:
+                self._dk_state(d)
+
+    def _dk_state(self, device) -> _State:
+        states = self.__dict__.get("_dk_states")
+        if states is None:
+            states = self._dk_states = {}
+        st = states.get(device)
+        if st is not None and st.timesteps is not self.timesteps:
+            # timesteps replaced after set_timesteps: positions (and tables) are rebuilt
+            states.clear()
+            st = None
+        if st is None:
+            key = _device_key(device)
+            st = states.get(key)
+            if st is None:
+                st = self._dk_build(key)
+                st.finals = {1: const_tensor([-1], key, torch.int64)}  # ready for a compiled step
+                st.timesteps = self.timesteps
+                states[key] = st
+            states[device] = st
+        return st
+
+    def _dk_index_of(self, timestep) -> int | None:
+        """The position of ``timestep`` in ``self.timesteps`` when it is one of its elements
+        (``for t in scheduler.timesteps`` yields views), read from the view's storage
+        offset: no read of the value, so no host sync. None for any other tensor."""
+        if not isinstance(timestep, torch.Tensor) or timestep.dim() != 0 or compiling():
+            return None
+        ts = self.timesteps
+        base = timestep._base
+        if base is None or not isinstance(ts, torch.Tensor) or ts.dim() != 1 or not (base is ts or base is ts._base):
+            return None
+        d = timestep.storage_offset() - ts.storage_offset()
+        st = ts.stride(0)
+        if st <= 0 or d % st:
+            return None
+        i = d // st
+        return i if 0 <= i < ts.shape[0] else None
+
+
+# ---- arguments ------------------------------------------------------------------------
+def promote(sample: torch.Tensor, model_output: torch.Tensor):
+    """Both operands in the dtype torch's promotion gives them (an fp16 model output with
+    fp32 latents is computed and returned in fp32, as stock returns it)."""
+    if not isinstance(sample, torch.Tensor) or not isinstance(model_output, torch.Tensor):
+        raise TypeError("sample and model_output must be tensors")
+    if sample.dtype == model_output.dtype:
+        return sample, model_output
+    dt = torch.promote_types(sample.dtype, model_output.dtype)
+    return sample.to(dt), model_output.to(dt)
+
+
+def int_timestep(timestep) -> int | None:
+    if isinstance(timestep, bool):
+        return None
+    if isinstance(timestep, numbers.Integral):
+        return int(timestep)
+    return None
+
+
+def timestep_tensor(timestep, x: torch.Tensor) -> torch.Tensor:
+    """An integer timestep tensor (0-d, (1,) or (B,)) -> (1,) or (B,) int64 on x's device,
+    without reading it on the host."""
+    if not isinstance(timestep, torch.Tensor):
+        raise TypeError(f"timestep must be an int or a tensor, got {type(timestep).__name__}")
+    if timestep.dim() > 1 or (timestep.dim() == 1 and timestep.numel() not in (1, x.shape[0])):
+        raise ValueError(f"timestep must be a scalar or hold one entry per sample ({x.shape[0]}), "
+                         f"got shape {tuple(timestep.shape)}")
+    t = timestep.reshape(-1)
+    if t.dtype != torch.int64:
+        t = t.to(torch.int64)
+    if t.device != x.device:
+        t = t.to(x.device, non_blocking=True)
+    return t
+
+
+def noise_args(x: torch.Tensor, generator, variance_noise, draws: bool):
+    """(noise, generator) for a step that draws when ``draws``: ``variance_noise`` as given
+    (stock DDIM / DPM-Solver semantics: not together with a generator), a generator list
+    drawn with diffusers' randn_tensor (one generator per sample, as stock), else the
+    generator for the in-kernel draw."""
+    if not draws:
+        return None, None
+    if variance_noise is not None:
+        if generator is not None:
+            raise ValueError(
+                "Cannot pass both generator and variance_noise. Please make sure that either `generator` or"
+                " `variance_noise` stays `None`.")
+        if not isinstance(variance_noise, torch.Tensor):
+            raise TypeError(f"variance_noise must be a tensor, got {type(variance_noise).__name__}")
+        if tuple(variance_noise.shape) != tuple(x.shape):
+            raise ValueError(f"variance_noise has shape {tuple(variance_noise.shape)}, expected {tuple(x.shape)}")
+        return variance_noise.to(device=x.device, dtype=x.dtype), None
+    if isinstance(generator, (list, tuple)):
+        return randn_tensor(x.shape, generator=list(generator), device=x.device, dtype=x.dtype), None
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or a list of them, got {type(generator).__name__}")
+    if generator is not None and generator.device.type == "cuda" and x.device.type != "cuda":
+        raise ValueError(f"generator is on {generator.device} but the sample is on {x.device}")
+    return None, generator
+
+
+# ---- the fused ops, below their public wrappers -------------------------------------
+def _noise_source(x, generator, draws: bool):
+    """(generator, seed, offset) for a raw op, keyed as the public ops key them: CUDA
+    generators go to the op (it reads torch's Philox state, graph-safe), CPU ones are
+    keyed here (diffkern._rng)."""
+    if not draws:
+        return None, 0, 0
+    if x.device.type == "cuda" and (generator is None or generator.device.type == "cuda"):
+        return (generator if generator is not None else _rng.default_cuda_generator(x.device)), 0, 0
+    seed, offset = _rng.cpu_generator_key(generator)
+    return None, _rng._to_int64(seed), _rng._to_int64(offset)
+
+
+def _args(t, tp, table, prediction, clip):
+    a = R.StepArgs()
+    a.t, a.t_prev_arg, a.table, a.prediction, a.clip = t, tp, table, prediction, clip
+    return a
+
+
+def ddim(x, m, t, tp, table, eta, prediction, clip, noise=None, generator=None):
+    """dk.ddim_step on validated arguments (t, tp: (1,)/(B,) int64 on x's device)."""
+    F = _fast_entry(x, m)
+    if F is not None:
+        return F._ddim_step(x, m, t, tp, table, eta, prediction, clip or 0.0, noise if eta > 0 else None,
+                            generator if eta > 0 else None)
+    if _native_for(x):
+        gen, seed, off = _noise_source(x, generator, True) if eta > 0 and noise is None else (None, 0, 0)
+        return _ops().ddim_step(x, m, t, tp, table, eta, prediction, clip or 0.0, noise if eta > 0 else None,
+                                gen, seed, off)
+    return R._ddim(x, m, _args(t, tp, table, prediction, clip), eta, noise, generator)
+
+
+def ddpm(x, m, t, tp, table, variance, prediction, clip, noise=None, generator=None):
+    """dk.ddpm_step on validated arguments."""
+    F = _fast_entry(x, m)
+    if F is not None:
+        return F._ddpm_step(x, m, t, tp, table, variance, prediction, clip or 0.0, noise, generator)
+    if _native_for(x):
+        gen, seed, off = _noise_source(x, generator, True) if noise is None else (None, 0, 0)
+        return _ops().ddpm_step(x, m, t, tp, table, variance, prediction, clip or 0.0, noise, gen, seed, off)
+    return R._ddpm(x, m, _args(t, tp, table, prediction, clip), variance, noise, generator)
+
+
+def q_sample(x0, t, table, noise):
+    """dk.q_sample on validated arguments, with the noise given."""
+    F = _fast_entry(x0, noise)
+    if F is not None:
+        return F._q_sample(x0, t, table, noise, None)[0]
+    if _native_for(x0):
+        return _ops().q_sample(x0, t, table, noise, None, 0, 0)[0]
+    return R._q_sample(x0, t, table, noise, None)[0]
+
+
+def pred_x0(x, m, t, st, prediction, clip, table=None):
+    """The predicted x0 (clipped) in one fused pass: a DDIM step with eta = 0 to
+    alphas_cumprod' = 1 (t_prev = -1) is exactly ``1 * x0 + 0 * eps``."""
+    return ddim(x, m, t, final_like(st, t), st.table if table is None else table, 0.0, prediction, clip)
+
+
+def final_like(st, t: torch.Tensor) -> torch.Tensor:
+    """t_prev = -1 with t's length (the kernel takes t_prev of t's length), cached."""
+    n = t.shape[0]
+    finals = st.finals
+    f = finals.get(n)
+    if f is None:
+        f = finals[n] = const_tensor([-1] * n, t.device, torch.int64)
+    return f
+
+
+# ---- the sampler-family ops, below their public wrappers ------------------------------
+# Scalars are Python floats or contiguous 1-D tensors (length 1 or B) on x's device, as
+# sampler_ops' native hook takes them.
+def _family(name, ref, x, *args):
+    impl = SO._native_impl(name, x)
+    if impl is not None:
+        out = impl(x, *args)
+        if out is not NotImplemented:
+            return out
+    return ref(x, *args)
+
+
+def euler(x, m, sigma, sigma_next, eta, s_noise, gamma, prediction, noise=None, generator=None):
+    return _family("euler_step", RS._euler, x, m, sigma, sigma_next, eta, s_noise, gamma, prediction, noise,
+                   generator)
+
+
+def heun(x, m, x_proposal, m_proposal, sigma, sigma_next, prediction):
+    return _family("heun_step", RS._heun, x, m, x_proposal, m_proposal, sigma, sigma_next, prediction)
+
+
+def dpmpp_2m(x, m, old, sigma, sigma_next, sigma_prev, prediction, solver_type, vp, return_denoised):
+    return _family("dpmpp_2m_step", RS._dpmpp_2m, x, m, old, sigma, sigma_next, sigma_prev, prediction, solver_type,
+                   vp, return_denoised)
+
+
+def denoised(x, m, sigma, prediction, vp=False):
+    """The denoised sample D(x, m; sigma) in one fused pass: a DPM++ step to sigma 0 is D exactly."""
+    return dpmpp_2m(x, m, None, sigma, 0.0, None, prediction, "midpoint", vp, False)
+
+
+def flow(x, v, sigma, sigma_next, stochastic, noise=None, generator=None):
+    return _family("flow_step", RS._flow, x, v, sigma, sigma_next, stochastic, noise, generator)
+
+
+def flow_q_sample(x0, sigma, noise):
+    return _family("flow_q_sample", RS._flow_q_sample, x0, sigma, noise, None)[0]
+
+
+def lcm(x, m, t, t_prev, table, prediction, timestep_scaling, sigma_data, clip, noise=None, generator=None,
+        final=None):
+    """(x_prev, denoised). ``final``: whether every sample is at its last step, when the
+    caller knows it on the host (the native hook would read a CPU t_prev to find out)."""
+    if final is not None and _native_for(x) and x.dtype == m.dtype and (noise is None or noise.dtype == x.dtype):
+        gen, seed, off = _noise_source(x, generator, noise is None)
+        out, den = _ops().lcm_step(x, m, t, t_prev, table, float(timestep_scaling), float(sigma_data), prediction,
+                                   clip or 0.0, not final, noise, gen, seed, off, True)
+        return out, den
+    a = RS._LcmArgs()
+    a.t, a.t_prev, a.table, a.prediction = t, t_prev, table, prediction
+    a.timestep_scaling, a.sigma_data, a.clip, a.return_denoised = float(timestep_scaling), float(sigma_data), clip, True
+    return _family("lcm_step", RS._lcm, x, m, a, noise, generator)
+
+
+# ---- schedulers indexed by a step counter (Euler, Heun, DPM-Solver, flow, LCM) -----------
+class IndexedSchedulerMixin(FusedSchedulerMixin):
+    """Stock keeps ``_step_index`` (a Python int) and reads sigmas from a CPU table; the
+    fused classes read the same index into host lists built in set_timesteps, so a step
+    passes Python floats to the kernel. The first step finds its index as stock does
+    (``begin_index``, else the timestep's position), from the view's storage offset
+    when the timestep is an element of ``self.timesteps`` (no read), else with stock's
+    ``index_for_timestep`` (one host read, once per loop).
+
+    A (B,) timestep, and any step under torch.compile, find each sample's position from
+    the timestep's value on the device instead (no read, no Python int to specialise on)
+    and leave ``step_index`` alone."""
+
+    _dk_first_match_second = True  # stock's index_for_timestep takes the 2nd of several matches
+
+    def _dk_sigma_tables(self, device):
+        """sigmas (host list + device tensor), timesteps on the device, and stock's first
+        index for the timestep at each position."""
+        sig = self.sigmas.detach().to("cpu", torch.float32)
+        ts = self.timesteps.detach().to("cpu")
+        vals = ts.tolist()
+        where: dict = {}
+        for i, v in enumerate(vals):
+            where.setdefault(v, []).append(i)
+        init = []
+        for v in vals:
+            pos = where[v]
+            init.append(pos[1] if len(pos) > 1 and self._dk_first_match_second else pos[0])
+        return dict(sig_host=sig.tolist(), sig_dev=const_tensor(sig, device, torch.float32),
+                    ts_dev=const_tensor(ts, device, ts.dtype), init_index=init, n=len(vals))
+
+    def _dk_host_index(self, timestep, st) -> int | None:
+        """Stock's step index (advancing nothing); None for the device-lookup path."""
+        if compiling() or (isinstance(timestep, torch.Tensor) and timestep.dim() > 0 and timestep.numel() > 1):
+            return None
+        if self._step_index is None:
+            if self._begin_index is not None:
+                self._step_index = self._begin_index
+            else:
+                i = self._dk_index_of(timestep)
+                if i is not None:
+                    self._step_index = st.init_index[i]
+                else:
+                    self._init_step_index(timestep)  # stock's lookup: one host read
+        return self._step_index
+
+    def _dk_positions(self, timestep, x, st, last=False):
+        """Each sample's position in ``timesteps`` from the timestep's value, on the device:
+        (idx, valid) as (B,) / (1,) tensors; the first match (the last with ``last``)."""
+        if not isinstance(timestep, torch.Tensor):
+            timestep = torch.tensor(timestep)
+        t = timestep.reshape(-1)
+        if t.device != x.device:
+            t = t.to(x.device, non_blocking=True)
+        if t.numel() not in (1, x.shape[0]):
+            raise ValueError(f"timestep must be a scalar or hold one entry per sample ({x.shape[0]}), "
+                             f"got shape {tuple(timestep.shape)}")
+        eq = st.ts_dev[None, :] == t.to(st.ts_dev.dtype)[:, None]
+        if last:
+            idx = (st.n - 1) - eq.flip(1).to(torch.uint8).argmax(1)
+        else:
+            idx = eq.to(torch.uint8).argmax(1)
+        return idx, eq.any(1)
+
+    @staticmethod
+    def _dk_take(table: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """table[idx] per sample, NaN where the timestep was not in the schedule (stock
+        raises there; a device value is not read back to check)."""
+        v = table.index_select(0, idx.clamp(0, table.shape[0] - 1))
+        return torch.where(valid, v, torch.full_like(v, float("nan")))

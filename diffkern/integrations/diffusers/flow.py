@@ -1,0 +1,70 @@
+"""FusedFlowMatchEulerDiscreteScheduler: FlowMatchEulerDiscreteScheduler with dk.flow_step."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
+
+from . import _base as B
+
+__all__ = ["FusedFlowMatchEulerDiscreteScheduler"]
+
+
+class FusedFlowMatchEulerDiscreteScheduler(B.IndexedSchedulerMixin, FlowMatchEulerDiscreteScheduler):
+    """:class:`diffusers.FlowMatchEulerDiscreteScheduler` with a fused ``step``
+    (``dk.flow_step``) and ``scale_noise`` (``dk.flow_q_sample``). Every schedule option
+    (``shift``, dynamic shifting, ``shift_terminal``, ``invert_sigmas``, Karras /
+    exponential / beta sigmas, custom ``sigmas`` / ``timesteps``) only shapes
+    ``self.sigmas`` and is supported; ``stochastic_sampling`` uses the op's stochastic
+    form (``variance_noise=`` gives its noise). As stock, ``s_churn`` etc. are accepted and
+    ignored. Not supported: ``per_token_timesteps`` (``NotImplementedError`` at the step);
+    a (B,) ``timestep`` gives each sample its own sigma instead."""
+
+    def _dk_check_config(self):
+        pass
+
+    def _dk_build(self, device):
+        return B._State(**self._dk_sigma_tables(device))
+
+    def step(self, model_output, timestep, sample, s_churn: float = 0.0, s_tmin: float = 0.0,
+             s_tmax: float = float("inf"), s_noise: float = 1.0, generator=None, per_token_timesteps=None,
+             return_dict: bool = True, variance_noise=None):
+        """FlowMatchEulerDiscreteScheduler.step, fused; ``timestep`` may be a (B,) tensor."""
+        if isinstance(timestep, int) or isinstance(timestep, (torch.IntTensor, torch.LongTensor)):
+            raise ValueError(
+                "Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to"
+                " `FlowMatchEulerDiscreteScheduler.step()` is not supported. Make sure to pass"
+                " one of the `scheduler.timesteps` as a timestep.")
+        if per_token_timesteps is not None:
+            raise NotImplementedError(f"{type(self).__name__} does not support per_token_timesteps (a per-token dt); "
+                                      "use diffusers' FlowMatchEulerDiscreteScheduler for it")
+        st = self._dk_state(sample.device)
+        i = self._dk_host_index(timestep, st)
+        if i is not None:
+            sigma, sigma_next = st.sig_host[i], st.sig_host[i + 1]
+        else:
+            idx, valid = self._dk_positions(timestep, sample, st)
+            sigma, sigma_next = self._dk_take(st.sig_dev, idx, valid), self._dk_take(st.sig_dev, idx + 1, valid)
+        stochastic = bool(self.config.stochastic_sampling)
+        noise, gen = B.noise_args(sample, generator, variance_noise, stochastic)
+        prev = B.flow(sample, model_output, sigma, sigma_next, stochastic, noise, gen)
+        if prev.dtype != model_output.dtype:
+            prev = prev.to(model_output.dtype)
+        if i is not None:
+            self._step_index += 1
+        if not return_dict:
+            return (prev,)
+        return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev)
+
+    def scale_noise(self, sample, timestep, noise=None):
+        """Stock's ``sigma z + (1 - sigma) x`` (dk.flow_q_sample), each sample's sigma found
+        on the device."""
+        x0, z = B.promote(sample, noise)
+        st = self._dk_state(x0.device)
+        if self.begin_index is None:
+            idx, valid = self._dk_positions(timestep, x0, st)
+            sigma = self._dk_take(st.sig_dev, idx, valid)
+        else:
+            sigma = st.sig_host[self.step_index if self.step_index is not None else self.begin_index]
+        return B.flow_q_sample(x0, sigma, z)
