@@ -24,6 +24,15 @@ from .schedules import NoiseSchedule
 
 __version__ = "0.1.0"
 
+
+def show_config(file=None) -> None:
+    """Prints how diffkern was built and which implementation each op uses on each device
+    (also ``python -m diffkern.info``)."""
+    from .info import show_config as _show
+
+    _show(file)
+
+
 _SUBMODULES = ("models", "training", "samplers", "metrics", "data")
 
 
@@ -39,4 +48,5 @@ def __getattr__(name):
 __all__ = [
     "NoiseSchedule", "q_sample", "ddpm_step", "ddim_step", "langevin_step", "annealed_langevin", "gmm_score",
     "gmm_annealed_langevin", "native_available", "native_error", "reference", "MismatchError",
+    "show_config",
 ]
