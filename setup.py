@@ -60,7 +60,7 @@ class BuildPyWithSources(build_py):
 
     def run(self):
         super().run()
-        if not os.path.isdir(CSRC):  # building from an sdist that has it as diffkern/_csrc already
+        if not os.path.isdir(CSRC):
             return
         dst = os.path.join(self.build_lib, "diffkern", "_csrc")
         if os.path.isdir(dst):
