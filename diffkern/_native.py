@@ -82,7 +82,7 @@ def _aot(level: str) -> tuple[dict | None, str | None]:
     if bad:
         return None, f"the ahead-of-time build is stale ({'; '.join(bad)}): not loaded"
     cpu = _aot_file(f"_cpu_{level}")
-    if cpu is None:
+    if cpu is None or level not in info.get("levels", []):  # a file left from another build is not this one
         return None, (f"the ahead-of-time build has no CPU library for level {level} "
                       f"(built: {', '.join(info.get('levels', [])) or 'none'})")
     info = dict(info, kind="aot")
