@@ -178,6 +178,10 @@ def ensure(level: str) -> dict:
     os.makedirs(p["key_dir"], exist_ok=True)
     with _FileLock(os.path.join(p["key_dir"], ".lock")):
         need = [lib for lib in libs if not _done(lib, key)]  # another process may have built them
+        for lib in need:  # ... or failed while we waited
+            err = _failed(lib)
+            if err:
+                raise JitError(f"an earlier JIT build failed (delete {p['key_dir']} to retry): {err}")
         if need:
             _build(p, need)
     p["info"].update(_read_info(libs[-1]))

@@ -126,6 +126,8 @@ def _load() -> str | None:
             p = _jit.ensure(level)
         except _jit.JitError as e:
             return str(e)
+        except OSError as e:  # e.g. a read-only cache directory
+            return f"JIT build impossible: {e} (set DIFFKERN_CACHE_DIR)"
         _load_libs(p)
     _state["kind"] = p["info"]["kind"]
     _state["build"] = p["info"]
