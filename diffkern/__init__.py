@@ -25,6 +25,15 @@ from .schedules import NoiseSchedule
 
 __version__ = "0.1.0"
 
+
+def show_config(file=None) -> None:
+    """Prints how diffkern was built and which implementation each op uses on each device
+    (also ``python -m diffkern.info``)."""
+    from .info import show_config as _show
+
+    _show(file)
+
+
 _SUBMODULES = ("models", "training", "samplers", "metrics", "data")
 
 
@@ -40,5 +49,6 @@ def __getattr__(name):
 __all__ = [
     "NoiseSchedule", "q_sample", "ddpm_step", "ddim_step", "langevin_step", "annealed_langevin", "gmm_score",
     "gmm_annealed_langevin", "native_available", "native_error", "reference", "MismatchError",
+    "show_config",
 ]
 __all__ += ["euler_step", "heun_step", "dpmpp_2m_step", "flow_step", "flow_q_sample", "lcm_step"]
