@@ -26,7 +26,7 @@ def _rand(shape, dtype, seed):
 
 def _tol(dtype):
     # fp32 math with float32 coefficients on the GPU vs a float64 oracle; half types are
-    # compared with the fp32 reference rounded to the dtype (2 ulp).
+    # compared with the fp32 reference rounded to the dtype (see _check).
     return {torch.float64: 1e-12, torch.float32: 1e-6}[dtype]
 
 
@@ -34,10 +34,17 @@ def _check(out, ref64, dtype, ref_same_dtype=None):
     assert out.dtype == dtype and out.shape == ref64.shape
     assert torch.isfinite(out).all()
     if dtype in (torch.float16, torch.bfloat16):
+        # The kernel's fp32 value may differ from the reference's by the fp32 tolerance
+        # (nvcc contracts a*x + b*m into FMAs; the CPU build and the reference do not), and
+        # each side then rounds to the dtype. Near zero (cancellation: outputs of 3e-6 at
+        # 8k elements in bf16, about 1e-7 absolute fp32 error there) that fp32 difference
+        # is larger than 2 ulp of the output, so it is allowed as an absolute term.
         ref = ref_same_dtype.to(torch.float64)
         ulp = torch.finfo(dtype).eps * ref.abs().clamp_min(torch.finfo(dtype).tiny)
+        fp32_slack = _tol(torch.float32) * ref64.abs().max()
         err = (out.double() - ref).abs()
-        assert bool((err <= 2 * ulp + 1e-30).all()), f"max err/ulp {(err / ulp).max().item():.3g}"
+        # The slack is below one ulp wherever |ref| > 1.3e-4 max|ref| (bf16), 1e-3 max|ref| (fp16).
+        assert bool((err <= 2 * ulp + fp32_slack).all()), f"max err/ulp {(err / ulp).max().item():.3g}"
     else:
         err = (out.double() - ref64).abs().max() / ref64.abs().max()
         assert err <= _tol(dtype), f"relative error {err:.3g}"
