@@ -83,19 +83,55 @@ EOF
 )
 export CPATH=${NV_INC}${CPATH:+:$CPATH}
 
-# Build in a scratch copy: the checkout's build/ and in-place .so belong to the CPU build.
+# Build in a mirror of the checkout kept beside the venv, not in the checkout: its build/
+# belongs to the CPU build, and the mirror's build/ survives between CI runs, so ninja
+# recompiles only what changed. Only files whose bytes differ are rewritten (and so get a
+# new mtime): a fresh clone, whose every file is new, then costs no full rebuild.
+SRC=$CACHE/cuda-src
+[ -f "$CACHE/cuda-src.torch" ] && [ "$(cat "$CACHE/cuda-src.torch")" == "$TORCH_PIN" ] || rm -rf "$SRC"
+mkdir -p "$SRC" && echo "$TORCH_PIN" > "$CACHE/cuda-src.torch"
+{ git ls-files -co --exclude-standard -z 2>/dev/null || find . -path ./build -prune -o -type f -print0; } \
+  | "$PY" -c '
+import os, shutil, sys
+src, dst = os.getcwd(), sys.argv[1]
+keep = {p for p in sys.stdin.read().split("\0") if p and os.path.isfile(p)}
+changed = 0
+for rel in keep:
+    d = os.path.join(dst, rel)
+    with open(rel, "rb") as f:
+        data = f.read()
+    if os.path.isfile(d):
+        with open(d, "rb") as f:
+            if f.read() == data:
+                continue
+    os.makedirs(os.path.dirname(d) or ".", exist_ok=True)
+    with open(d, "wb") as f:
+        f.write(data)
+    shutil.copymode(rel, d)
+    changed += 1
+removed = 0
+for top, dirs, files in os.walk(dst):
+    dirs[:] = [x for x in dirs if os.path.relpath(os.path.join(top, x), dst) not in ("build", "dist")
+               and not x.endswith(".egg-info")]
+    for name in files:
+        rel = os.path.relpath(os.path.join(top, name), dst)
+        if rel not in keep:
+            os.remove(os.path.join(top, name))
+            removed += 1
+print(f"[ci_cuda_build] mirror {dst}: {len(keep)} files, {changed} written, {removed} removed")
+' "$SRC"
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 stamp "compiling for sm_${TORCH_CUDA_ARCH_LIST//[.;]/} with MAX_JOBS=$MAX_JOBS (pip wheel --no-build-isolation --no-deps .)"
 t1=$SECONDS
-if ! "$PY" -m pip wheel -v --no-build-isolation --no-deps -w "$WORK/dist" . > "$WORK/build.log" 2>&1; then
+if ! (cd "$SRC" && "$PY" -m pip wheel -v --no-build-isolation --no-deps -w "$WORK/dist" .) > "$WORK/build.log" 2>&1; then
   grep -E "error|Error|FAILED" "$WORK/build.log" | head -60 || true
   tail -40 "$WORK/build.log"
   stamp "FAILED: the CUDA extension does not compile (after $((SECONDS - t1)) s)"
   exit 1
 fi
-grep -E "diffkern build" "$WORK/build.log" || true
-stamp "compiled in $((SECONDS - t1)) s"
+grep -E "diffkern build" "$WORK/build.log" | sort -u || true
+stamp "compiled in $((SECONDS - t1)) s ($(grep -cE "^ *\[[0-9]+/[0-9]+\] " "$WORK/build.log" || true) ninja steps run)"
 
 # The extension must load under the CUDA torch (no GPU needed to import it) and register a
 # CUDA kernel for every op that has a CPU one: a binding file that compiled but did not
