@@ -8,6 +8,11 @@
 # in its own virtual environment OUTSIDE the checkout, created when missing and reused
 # afterwards (CI clones the checkout afresh; the venv survives between runs):
 #   $DIFFKERN_CI_CACHE (default $HOME/.cache/diffkern-ci)/cuda-venv
+# and the build runs in a mirror of the checkout beside it (cuda-src/), whose build/ is
+# kept too, so ninja recompiles only the sources that changed since the last run.
+# Measured on the 2-core CI kind of machine: venv from nothing 123 s (torch 2.14.1+cu130
+# and its nvidia-* wheels from the local index), full compile of 22 sources 3.3 CPU-min
+# (846 s wall on a machine loaded ~6x over; about 100 s idle), an unchanged tree 40 s.
 #
 # Environment:
 #   DIFFKERN_CI_CACHE      where the venv lives (default $HOME/.cache/diffkern-ci)
@@ -18,6 +23,7 @@
 #                          /usr/local/cuda-13.0 when present)
 #   TORCH_CUDA_ARCH_LIST   default 9.0 (one architecture: the point is that it compiles)
 #   MAX_JOBS               parallel compile jobs (default: the number of CPUs)
+#   DIFFKERN_CI_CPU_ONLY_OPS  ops that have a CPU kernel and, by design, no CUDA one
 # Exit status: non-zero when the venv cannot be made or any source fails to compile, or
 # when the built extension lacks a CUDA kernel of an op (a binding that did not register).
 set -euo pipefail
@@ -51,6 +57,7 @@ EOF
 
 if venv_ok 2>/dev/null; then
   stamp "reusing $VENV"
+  "$PY" -c "import numpy" 2>/dev/null || "$PY" -m pip install -q numpy > "$CACHE/cuda-venv-install.log" 2>&1 || true
 else
   stamp "creating $VENV with torch==$TORCH_PIN (a CUDA build)"
   rm -rf "$VENV"
@@ -138,6 +145,7 @@ stamp "compiled in $((SECONDS - t1)) s ($(grep -cE "^ *\[[0-9]+/[0-9]+\] " "$WOR
 # register (or registered under another name) fails here.
 "$PY" -m pip install -q --no-deps --no-index --target "$WORK/site" "$WORK"/dist/diffkern-*.whl
 (cd "$WORK" && PYTHONPATH="$WORK/site" "$PY" - <<'EOF'
+import os
 import sys
 
 import torch
@@ -150,7 +158,9 @@ has = torch._C._dispatch_has_kernel_for_dispatch_key
 ops = sorted(n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("diffkern::"))
 cpu = [o for o in ops if has(f"diffkern::{o}", "CPU")]
 cuda = [o for o in ops if has(f"diffkern::{o}", "CUDA")]
-missing = [o for o in cpu if o not in cuda]
+# An op meant to be CPU-only is named in DIFFKERN_CI_CPU_ONLY_OPS (comma list).
+cpu_only = set(filter(None, os.environ.get("DIFFKERN_CI_CPU_ONLY_OPS", "").split(",")))
+missing = [o for o in cpu if o not in cuda and o not in cpu_only]
 print(f"[ci_cuda_build] {len(ops)} ops; CPU kernels {len(cpu)}, CUDA kernels {len(cuda)}: {', '.join(cuda)}")
 if missing or not cuda:
     sys.exit(f"[ci_cuda_build] FAILED: ops with a CPU kernel but no CUDA kernel: {', '.join(missing) or '(all)'}")
