@@ -16,6 +16,11 @@ import diffkern as dk
 # (the reference serves where the extension is not built), to catch API drift before
 # spending GPU time.
 dev = os.environ.get("DIFFKERN_WORKLOAD_DEVICE", "cuda")
+# DIFFKERN_WORKLOAD_DTYPES=float32: fewer kernel instantiations (racecheck looks at shared
+# memory, whose use does not change with the dtype; every distinct kernel costs the
+# sanitizer a patching pass).
+DTYPES = [getattr(torch, d) for d in os.environ.get("DIFFKERN_WORKLOAD_DTYPES",
+                                                    "float32,bfloat16,float16,float64").split(",")]
 if dev == "cuda" and not dk.native_available("cuda"):
     sys.exit(f"diffkern has no CUDA kernels here: {dk.native_error()}")
 g = torch.Generator(device=dev).manual_seed(0)
@@ -31,7 +36,7 @@ def views(dtype):
             (x, m[:1].expand_as(x)))
 
 
-for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+for dtype in DTYPES:
     t = torch.tensor([900, 300, 2], device=dev)
     for xx, mm in views(dtype):
         dk.ddim_step(xx, mm, t, 0.5, generator=g, clip_sample=1.0)
@@ -67,7 +72,7 @@ def family(name, calls):
     if fn is None:
         skipped.append(name)
         return
-    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+    for dtype in DTYPES:
         for xx, mm in views(dtype):
             s, sn = sigma_pair(xx)
             for call in calls:
