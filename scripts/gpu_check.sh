@@ -46,6 +46,12 @@ PY=${PYTHON:-python3}
 BUDGET=${GPU_CHECK_BUDGET:-530}
 declare -A STAGE_BUDGET=([build]=${BUILD_BUDGET:-180} [tests]=${TESTS_BUDGET:-130} [sanitizer]=${SANITIZER_BUDGET:-90}
                          [bench]=${BENCH_BUDGET:-200})
+# torch takes CUDA_HOME as the folder above `which nvcc`: wrong when that nvcc is a link or
+# a wrapper in /usr/local/bin (as on the CI machine). nvcc says where its toolkit is.
+if [ -z "${CUDA_HOME:-}" ] && command -v nvcc > /dev/null; then
+  top=$(nvcc -dryrun -E -x cu /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -1)
+  [ -n "$top" ] && [ -f "$top/include/cuda_runtime_api.h" ] && CUDA_HOME=$(cd "$top" && pwd) && export CUDA_HOME
+fi
 export DIFFKERN_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 # A failed ahead-of-time build must show as a failure, not be papered over by a compile on
@@ -181,18 +187,22 @@ DIFFUSERS=$($PY -c "import importlib.metadata as m; print(m.version('diffusers')
 note "diffusers: $DIFFUSERS"
 
 # ---- build -----------------------------------------------------------------------------
+NATIVE_OK=0
 native_ok() {  # the installed diffkern (not the source tree) has CUDA kernels and is this tree's
+  ((NATIVE_OK)) && return 0
   [ -f "$STAMPS/build" ] && [ "$(cat "$STAMPS/build")" == "$BUILD_KEY" ] \
-    && (cd /tmp && $PY -c "import diffkern as dk, sys; sys.exit(0 if dk.native_available('cuda') else 1)" 2>/dev/null)
+    && (cd /tmp && $PY -c "import diffkern as dk, sys; sys.exit(0 if dk.native_available('cuda') else 1)" 2>/dev/null) \
+    && NATIVE_OK=1
 }
 build_cmd() {
   # Headers torch's CUDA headers include (cusparse.h, cublas_v2.h, ...) from torch's
   # nvidia-* wheels, in case the toolkit there lacks them (as the CI machine's does).
   local inc
   inc=$($PY -c "
-import glob, os, site
-print(':'.join(d for sp in site.getsitepackages() for d in sorted(glob.glob(os.path.join(sp, 'nvidia', '**', 'include'),
-      recursive=True)) if os.path.isdir(d)))")
+import glob, os, site, sys
+sps = dict.fromkeys(site.getsitepackages() + [p for p in sys.path if p.endswith('-packages')])
+print(':'.join(d for sp in sps for d in sorted(glob.glob(os.path.join(sp, 'nvidia', '**', 'include'), recursive=True))
+               if os.path.isdir(d)))")
   export CPATH=${CPATH:+$CPATH:}$inc
   echo "CPATH=$CPATH"
   # -Xptxas -v: registers, spills and stack frames of every kernel, in the log.
@@ -228,10 +238,10 @@ tests_cmd() {
   cd /tmp || return 1
   PYTHONPATH=$ROOT/scripts${PYTHONPATH:+:$PYTHONPATH} DIFFKERN_REQUIRE_NATIVE=1 $PY -m pytest "$ROOT/tests" \
     -p pytest_cuda_select --cuda-list "$LOGS/cuda_tests.txt" -q -rfEs -p no:cacheprovider \
-    --junitxml="$LOGS/pytest_cuda.xml" -o faulthandler_timeout=100 ${PYTEST_ARGS:-}
-  local rc=$?
+    --junitxml="$LOGS/pytest_cuda.xml" -o faulthandler_timeout=100 ${PYTEST_ARGS:-} 2>&1 | tee "$LOGS/pytest.txt"
+  local rc=${PIPESTATUS[0]}
   # A CUDA test skipped for want of a GPU or of CUDA kernels is a failure here.
-  if grep -E "^SKIPPED.*(needs a CUDA device|built without CUDA|native ops not built)" "$LOGS/tests.log"; then
+  if grep -E "^SKIPPED.*(needs a CUDA device|built without CUDA|native ops not built)" "$LOGS/pytest.txt"; then
     echo "CUDA tests were skipped on a GPU machine"; return 3
   fi
   return $rc
@@ -240,13 +250,17 @@ tests_cmd() {
 # ---- compute-sanitizer ---------------------------------------------------------------------
 sanitizer_cmd() {
   cd /tmp || return 1
+  local cs
+  cs=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}"/bin/compute-sanitizer \
+       "${CUDA_HOME:-/usr/local/cuda}"/compute-sanitizer/compute-sanitizer /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+  [ -n "$cs" ] || { echo "compute-sanitizer not found"; return 127; }
   # No caching allocator: each tensor is its own allocation, so memcheck sees an access
   # one element past a tensor (inside a cached block it could not).
   # racecheck: fp32 only (shared-memory hazards do not depend on the dtype).
   local dtypes=float32,bfloat16,float16,float64
   [ "$1" == racecheck ] && dtypes=float32
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 DIFFKERN_WORKLOAD_DTYPES=$dtypes \
-    compute-sanitizer --tool "$1" --error-exitcode 9 --print-limit 30 $PY "$ROOT/scripts/sanitizer_workload.py"
+    "$cs" --tool "$1" --error-exitcode 9 --print-limit 30 $PY "$ROOT/scripts/sanitizer_workload.py"
 }
 
 # ---- benchmarks ----------------------------------------------------------------------------
