@@ -12,7 +12,8 @@
 # kept too, so ninja recompiles only the sources that changed since the last run.
 # Measured on the 2-core CI kind of machine: venv from nothing 123 s (torch 2.14.1+cu130
 # and its nvidia-* wheels from the local index), full compile of 22 sources 3.3 CPU-min
-# (846 s wall on a machine loaded ~6x over; about 100 s idle), an unchanged tree 40 s.
+# (846 s wall here with the 2 cores shared ~6x over; the issue measured 75 s idle), an
+# unchanged tree (fresh clone, 0 ninja steps) 42 s.
 #
 # Environment:
 #   DIFFKERN_CI_CACHE      where the venv lives (default $HOME/.cache/diffkern-ci)
