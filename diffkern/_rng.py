@@ -13,7 +13,8 @@ with ``g = i // 4``, turned into normals by Box-Muller on the lane pairs (0,1), 
     z_a = sqrt(-2 log u) cos(2 pi v),  z_b = sqrt(-2 log u) sin(2 pi v)
 
 log, sin and cos are the polynomial forms below, written once in C++ and mirrored here
-op for op, so the native noise equals this up to floating-point contraction (FMA).
+op for op. The CPU kernels (built with -ffp-contract=off) equal this bitwise; CUDA
+within a few ulps (nvcc contracts the polynomials into FMAs).
 
 Generator position: a CUDA generator gives ``(initial_seed, philox offset)`` and each
 call advances the offset by 4 (graph-safe, via torch's Philox state). A CPU generator
@@ -100,7 +101,11 @@ def _sincos_2pi(v: torch.Tensor):
 def _box_muller(a: torch.Tensor, b: torch.Tensor):
     u = ((a >> 9).to(torch.float32) + 0.5) * (2.0**-23)
     v = (b >> 9).to(torch.float32) * (2.0**-23)
-    r = torch.sqrt(-2.0 * _log_poly(u))
+    # sqrt in float64, then rounded: torch's vectorized float32 sqrt (Sleef, <= 0.5001 ulp)
+    # is not always correctly rounded, and the kernels' sqrtf is; rounding the float64
+    # root is (it carries more than 2*24 + 2 bits). This made 10198 of 65536 normals
+    # differ by 1 ulp on an AVX-512 host.
+    r = torch.sqrt((-2.0 * _log_poly(u)).double()).float()
     s, c = _sincos_2pi(v)
     return r * c, r * s
 
@@ -179,8 +184,21 @@ def _to_int64(v: int) -> int:
     return v - (1 << 64) if v >= (1 << 63) else v
 
 
+# The extension's C++ keying (csrc/torch/cpu_generator.cpp), set by diffkern._native when
+# it loads: the same rule without Python, and one table of generator positions for the
+# native ops and the reference alike.
+_native_key = None
+
+
 def cpu_generator_key(gen: torch.Generator | None) -> tuple[int, int]:
     """(seed, offset) for the next call drawing from a CPU generator; advances it."""
+    if _native_key is not None:
+        return _native_key(gen)
+    return py_cpu_generator_key(gen)
+
+
+def py_cpu_generator_key(gen: torch.Generator | None) -> tuple[int, int]:
+    """cpu_generator_key in Python (used without the extension)."""
     if gen is None:
         gen = torch.default_generator
     seed = gen.initial_seed()
