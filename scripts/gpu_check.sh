@@ -267,19 +267,8 @@ sanitizer_cmd() {
 # step_speed ops, all of them (whatever OPS lists on this tree), the GMM loop apart (it is
 # timed on its own, compute-bound, against the reference loop).
 STEP_OPS=$(cd "$ROOT/benchmarks" && $PY -c "
-import ast
-tree = ast.parse(open('step_speed.py').read())
-ops = None
-for node in tree.body:
-    if isinstance(node, ast.Assign) and any(getattr(t, 'id', '') == 'OPS' for t in node.targets):
-        try:
-            ops = ast.literal_eval(node.value)
-        except ValueError:
-            ops = None
-if ops is None:  # OPS is computed: import the script (imports torch and diffkern)
-    import step_speed
-    ops = step_speed.OPS
-print(','.join(o for o in ops if 'gmm' not in o))" 2>/dev/null)
+import step_speed
+print(','.join(o for o in step_speed.OPS if 'gmm' not in o))" 2>/dev/null | tail -1)
 STEP_OPS=${STEP_OPS:-q_sample,ddpm_step,ddim_step,langevin_step}
 STEP=("$PY" "$ROOT/benchmarks/step_speed.py" --device cuda --out "$RES" --no-plot)
 REPS=(--min-reps 100 --reps 100 --budget 0.05 --warmup 5)
@@ -300,11 +289,14 @@ run_selected() {  # UNIT CAP COMMAND...
   if ! have_native; then STATUS[$u]=FAILED-no-build; note "$u: not run, no CUDA build"; pack; return 1; fi
   run_unit "$@"
 }
-run_optional() {  # UNIT SCRIPT CAP: a benchmark another branch adds, run when the tree has it
+run_optional() {  # UNIT SCRIPT CAP [ARGS]: a benchmark another branch adds, run when the tree
+  # has it; --device cuda / --out and those of ARGS that its --help knows
   local u=$1 script=$ROOT/benchmarks/$2 cap=$3
   selected "$u" || return 0
   if [ ! -f "$script" ]; then STATUS[$u]=absent; note "$u: benchmarks/$2 not in this tree"; return 0; fi
   local -a extra; mapfile -t extra < <(flags_for "$script")
+  local help a; help=$($PY "$script" --help 2>/dev/null)
+  for a in ${4:-}; do [[ $a != --* || $help == *"$a"* ]] && extra+=("$a"); done
   run_selected "$u" "$cap" "$PY" "$script" "${extra[@]}"
 }
 run_selected tests 130 tests_cmd
@@ -321,8 +313,10 @@ run_selected bench_overhead 40 "${STEP[@]}" --ops "$STEP_OPS" --sizes 1x4x64x64 
 run_selected bench_gmm 30 "${STEP[@]}" --ops gmm_annealed_langevin --sizes 1e6x2 --impls native,eager,reference \
   --min-reps 3 --reps 20 --budget 1 --no-overhead --tag cuda-gmm
 # Benchmarks other branches add, run when the tree has them (flags read from their --help).
-run_optional bench_scheduler scheduler_speed.py 40
-run_optional bench_sweep overhead_sweep.py 40
+run_optional bench_scheduler scheduler_speed.py 40 "${SCHEDULER_ARGS:-}"
+# overhead_sweep is a CPU benchmark (host cost per call, issue 10): its --calls figures on
+# this machine's CPU; SWEEP_ARGS="" runs the whole sweep (minutes).
+run_optional bench_sweep overhead_sweep.py 40 "${SWEEP_ARGS---calls}"
 # Whole loops with a small UNet (50-step DDIM) and an MLP score (annealed Langevin), eager
 # and captured in one CUDA graph; LOOP_ARGS="--loops ddim50,ddpm1000,langevin" adds DDPM.
 run_selected bench_loop 45 "$PY" "$ROOT/benchmarks/loop_speed.py" --device cuda --out "$RES" --tag cuda \
