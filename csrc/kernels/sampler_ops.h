@@ -315,11 +315,13 @@ struct FlowOp {
     const Coeffs<double> k{sn - s, s, 1.0 - sn, sn};
     return Coeffs<S>::from(k);
   }
+  // The bindings pass noise exactly when the step is stochastic, so kHasZ (a compile-time
+  // switch) picks the form; a test of the member inside the loop cost a third of the speed.
   template <bool kHasZ, class C>
   DK_HD void apply(const Coeffs<C>& k, C x, C v, C, C, C z, C& out, C&) const {
-    if (stochastic) {
+    if (kHasZ) {
       const C x0 = x - k.s * v;
-      out = kHasZ ? k.keep * x0 + k.std * z : k.keep * x0;
+      out = k.keep * x0 + k.std * z;
     } else {
       out = x + k.dt * v;
     }
