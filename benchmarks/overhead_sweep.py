@@ -7,7 +7,9 @@ PyTorch and torch.compile of it? (issue 10: a call must cost about one torch op.
     python benchmarks/overhead_sweep.py --quick --no-compile
 
 ``--calls``: the per-call figures of the issue: mean of ``--n-calls`` (20000) calls after
-warm-up, one CPU thread, 1x4x8x8 float32, the call exactly as a sampling loop writes it.
+warm-up, one CPU thread, 1x4x8x8 float32, the call exactly as a sampling loop writes it;
+best of 3 such means, as wall time and as this thread's CPU time (the steadier of the
+two on a shared machine).
 
 The sweep: for every op and size (1 element to 64x4x128x128) and for one thread and all
 threads, three rows on the same inputs:
@@ -20,7 +22,9 @@ threads, three rows on the same inputs:
   ``torch.randn_like`` inside the graph (a generator would graph-break).
 
 Each point is the median over 5 batches of the mean time per call (a batch runs for
-about ``--budget`` seconds); on the CPU that is the host time of a call. Writes
+about ``--budget`` seconds), as wall time and as the process's CPU time (all threads).
+The plot shows CPU time for one thread (the host cost of a call, steady on a shared
+machine) and wall time for all threads. Writes
 ``overhead_sweep.json`` and a log-log plot ``overhead_sweep.png`` (time per call vs
 elements, one panel per op) into ``--out``.
 """
@@ -79,6 +83,19 @@ def _gmm_score_eager(x, w, mu, sd, sigma):
     return (r[..., None] * diff / var).sum(-2)
 
 
+def _compiled(f):
+    """torch.compile(f, dynamic=True), built on first call (importing dynamo takes seconds,
+    and --no-compile runs never need it)."""
+    box = []
+
+    def call(*args):
+        if not box:
+            box.append(torch.compile(f, dynamic=True))
+        return box[0](*args)
+
+    return call
+
+
 def make_case(op: str, shape, threads_label: str):
     """-> (inputs, {impl: fn}) for one op and shape."""
     g = torch.Generator().manual_seed(0)
@@ -98,7 +115,7 @@ def make_case(op: str, shape, threads_label: str):
         def eager():
             return eager_f(x, torch.randn(x.shape, generator=gen))
 
-        cf = torch.compile(lambda x_: eager_f(x_, torch.randn_like(x_)), dynamic=True)
+        cf = _compiled(lambda x_: eager_f(x_, torch.randn_like(x_)))
         return x.numel(), {"diffkern": native, "eager": eager, "compile": lambda: cf(x)}
     x = torch.randn(*shape, generator=g)
     e = torch.randn(*shape, generator=g)
@@ -112,13 +129,13 @@ def make_case(op: str, shape, threads_label: str):
             ab = table[t_].view(view)
             return ab.sqrt() * x_ + (1 - ab).sqrt() * z
 
-        cf = torch.compile(lambda x_, t_: eager_f(x_, t_, torch.randn_like(x_)), dynamic=True)
+        cf = _compiled(lambda x_, t_: eager_f(x_, t_, torch.randn_like(x_)))
         return x.numel(), {"diffkern": lambda: dk.q_sample(x, t, generator=gen),
                            "eager": lambda: eager_f(x, t, torch.randn(x.shape, generator=gen)),
                            "compile": lambda: cf(x, t)}
     if op == "ddim_step_eta0":
         a, b = K["a0"], K["b0"]
-        cf = torch.compile(lambda x_, e_: a * x_ + b * e_, dynamic=True)
+        cf = _compiled(lambda x_, e_: a * x_ + b * e_)
         return x.numel(), {"diffkern": lambda: dk.ddim_step(x, e, T, 0.0, t_prev=T_PREV),
                            "eager": lambda: a * x + b * e, "compile": lambda: cf(x, e)}
     if op in ("ddim_step_eta1", "ddpm_step", "langevin_step"):
@@ -131,7 +148,7 @@ def make_case(op: str, shape, threads_label: str):
         else:
             a, b, s = 1.0, 0.01, math.sqrt(0.02)
             native = lambda: dk.langevin_step(x, e, 0.01, generator=gen)  # noqa: E731
-        cf = torch.compile(lambda x_, e_: a * x_ + b * e_ + s * torch.randn_like(x_), dynamic=True)
+        cf = _compiled(lambda x_, e_: a * x_ + b * e_ + s * torch.randn_like(x_))
         return x.numel(), {"diffkern": native,
                            "eager": lambda: a * x + b * e + s * torch.randn(x.shape, generator=gen),
                            "compile": lambda: cf(x, e)}
@@ -139,7 +156,7 @@ def make_case(op: str, shape, threads_label: str):
         xr, er = x.clone().requires_grad_(), e.clone().requires_grad_()
         gout = torch.randn(*shape, generator=g)
         a, b = K["a0"], K["b0"]
-        cf = torch.compile(lambda x_, e_: a * x_ + b * e_, dynamic=True)
+        cf = _compiled(lambda x_, e_: a * x_ + b * e_)
 
         def run(f):
             def call():
@@ -152,21 +169,24 @@ def make_case(op: str, shape, threads_label: str):
     raise ValueError(op)
 
 
-def time_per_call(fn, budget_s: float, batches: int = 5) -> float:
-    """Median over batches of the mean wall time per call, in microseconds."""
+def time_per_call(fn, budget_s: float, batches: int = 5) -> tuple[float, float]:
+    """Median over batches of the mean time per call in microseconds: wall time, and the
+    process's CPU time (all its threads; the steadier one on a shared machine, and with
+    one thread the host cost of the call)."""
     for _ in range(3):
         fn()
     t0 = time.perf_counter()
     fn()
     est = max(time.perf_counter() - t0, 1e-7)
     n = int(min(max(budget_s / est, 3), 20000))
-    means = []
+    means, cpu = [], []
     for _ in range(batches):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(n):
             fn()
         means.append((time.perf_counter() - t0) / n * 1e6)
-    return statistics.median(means)
+        cpu.append((time.process_time() - c0) / n * 1e6)
+    return statistics.median(means), statistics.median(cpu)
 
 
 def per_call_figures(n_calls: int) -> list[dict]:
@@ -196,16 +216,19 @@ def per_call_figures(n_calls: int) -> list[dict]:
                      lambda: ops.ddim_step(x, e, tt, None, table, 0.0, 0, 0.0, None, None, 0, 0)))
     out = []
     for name, fn in rows:
-        for _ in range(2000):
+        for _ in range(min(2000, n_calls)):
             fn()
-        best = []
+        best, cpu = [], []
         for _ in range(3):  # best of 3 means of n_calls: the machine is shared
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             for _ in range(n_calls):
                 fn()
             best.append((time.perf_counter() - t0) / n_calls * 1e6)
-        out.append({"call": name, "us": min(best), "us_all": best})
-        print(f"{min(best):8.2f} us  {name}", flush=True)
+            cpu.append((time.thread_time() - c0) / n_calls * 1e6)
+        # thread CPU time: what the call costs this thread, less sensitive than wall time to
+        # other processes on a shared machine
+        out.append({"call": name, "us": min(best), "us_all": best, "cpu_us": min(cpu), "cpu_us_all": cpu})
+        print(f"{min(best):8.2f} us wall {min(cpu):8.2f} us cpu  {name}", flush=True)
     return out
 
 
@@ -217,6 +240,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", default="1,all", help="comma list of thread counts; 'all' = torch's default")
     ap.add_argument("--budget", type=float, default=0.04, help="seconds per timed batch")
     ap.add_argument("--quick", action="store_true", help="four sizes")
+    ap.add_argument("--shapes", default=None, help="comma list of shapes instead, e.g. 1,1x4x8x8")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--out", default=str(C.DEFAULT_OUT / "overhead_sweep"))
     args = ap.parse_args(argv)
@@ -234,6 +258,8 @@ def main(argv=None) -> int:
     all_threads = torch.get_num_threads()
     threads = [all_threads if s == "all" else int(s) for s in C.split_list(args.threads)]
     shapes = QUICK_SHAPES if args.quick else SHAPES
+    if args.shapes:
+        shapes = [C.parse_shape(v) for v in C.split_list(args.shapes)]
     ops = C.split_list(args.ops)
     results = []
     for op in ops:
@@ -245,14 +271,15 @@ def main(argv=None) -> int:
                     if impl == "compile" and args.no_compile:
                         continue
                     try:
-                        us = time_per_call(fn, args.budget)
+                        us, cpu_us = time_per_call(fn, args.budget)
                     except Exception as exc:  # e.g. compile unavailable
                         print(f"{op} {shape} {impl}: {type(exc).__name__}: {exc}"[:300], file=sys.stderr)
-                        us = None
+                        us = cpu_us = None
                     results.append({"op": op, "shape": list(shape), "numel": numel, "threads": nt, "impl": impl,
-                                    "us_per_call": us})
+                                    "us_per_call": us, "cpu_us_per_call": cpu_us})
                     print(f"{op:22s} {C.shape_str(shape):14s} thr={nt} {impl:9s} "
-                          f"{'-' if us is None else f'{us:10.2f}'} us", flush=True)
+                          f"{'-' if us is None else f'{us:10.2f}'} us wall "
+                          f"{'-' if cpu_us is None else f'{cpu_us:10.2f}'} us cpu", flush=True)
     torch.set_num_threads(all_threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -279,11 +306,12 @@ def _plot(results, ops, threads, path: Path) -> None:
     for ax, op in zip(axes.flat, ops, strict=False):
         for impl, style in styles.items():
             for nt in threads:
-                pts = sorted((r["numel"], r["us_per_call"]) for r in results
-                             if r["op"] == op and r["impl"] == impl and r["threads"] == nt and r["us_per_call"])
+                key = "cpu_us_per_call" if nt == 1 else "us_per_call"  # 1 thread: host cost; else latency
+                pts = sorted((r["numel"], r[key]) for r in results
+                             if r["op"] == op and r["impl"] == impl and r["threads"] == nt and r.get(key))
                 if pts:
                     ax.loglog(*zip(*pts, strict=True), style, ms=3, alpha=0.9 if nt == 1 else 0.5,
-                              label=f"{impl} {nt}thr")
+                              label=f"{impl} {nt}thr {'cpu' if nt == 1 else 'wall'}")
         ax.set_title(op, fontsize=9)
         ax.set_xlabel("elements")
         ax.set_ylabel("us per call")

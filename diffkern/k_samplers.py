@@ -115,8 +115,8 @@ class _Levels:
             raise ValueError(f"sigmas has {sigmas.shape[1]} columns but x has batch size {x.shape[0]}")
         self.dev = sigmas
         self.per_sample = sigmas.dim() == 2
-        self.host = sigmas.detach().to("cpu", torch.float64)
         self.host_native = sigmas.detach().cpu()  # sigmas' dtype: k compares s_tmin <= sigmas[i] in it
+        self.host = self.host_native.to(torch.float64)
         self.s_in = x.new_ones([x.shape[0]])
 
     def __len__(self):

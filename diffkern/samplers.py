@@ -1,5 +1,6 @@
-"""Sampling loops built on the public ops: DDPM, DDIM (any number of steps, any eta),
-deterministic score ascent, plain Langevin and annealed Langevin.
+"""Sampling loops built on the public ops: DDPM, DDIM (any number of steps, any eta, and
+truncated chains started from ``x_start`` at ``t_start``), deterministic score ascent,
+plain Langevin and annealed Langevin.
 
 Every loop takes ``generator=`` (the same generator and inputs give the same samples; a
 CPU generator works for samples on any device) and ``progress=`` (a tqdm bar). Timesteps
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .ops import annealed_langevin as _annealed_langevin
-from .ops import ddim_step, ddpm_step, langevin_step
+from .ops import ddim_step, ddpm_step, langevin_step, q_sample
 from .schedules import NoiseSchedule
 
 __all__ = ["timesteps", "ddpm_sample", "ddim_sample", "score_ascent", "langevin", "annealed_langevin"]
@@ -61,11 +62,37 @@ def _model_eps(model, x, t, labels):
     return model(x, t) if labels is None else model(x, t, labels)
 
 
+def _truncate(ts, sched, x_T, x_start, t_start, start_noise, generator, device):
+    """ES-DDPM / SDEdit start: ``x_start`` noised to ``t_start`` by :func:`diffkern.q_sample`
+    (``start_noise`` or noise from ``generator``); the chain then runs ``t_start`` followed by
+    the schedule's timesteps below it, so ``t_start`` on the schedule keeps its tail as is
+    and all-steps DDPM visits ``t_start, t_start - 1, ..., 0``."""
+    if x_start is None:
+        if t_start is not None or start_noise is not None:
+            raise ValueError("t_start and start_noise need x_start")
+        return ts, None
+    if x_T is not None:
+        raise ValueError("give x_T or x_start, not both")
+    if t_start is None:
+        raise ValueError("x_start needs t_start")
+    t_start = int(t_start)
+    if not 0 <= t_start < sched.num_timesteps:
+        raise ValueError(f"t_start must be in [0, {sched.num_timesteps}), got {t_start}")
+    x_start = x_start.to(device)
+    if start_noise is None:
+        x, _ = q_sample(x_start, t_start, schedule=sched, generator=generator)
+    else:
+        x, _ = q_sample(x_start, t_start, start_noise.to(device), schedule=sched)
+    return [t_start] + [t for t in ts if t < t_start], x
+
+
 def _step_loop(step, model, shape, *, n_steps, spacing, schedule, labels, x_T, generator, device, progress, desc,
-               return_intermediates, **step_kwargs):
+               return_intermediates, x_start=None, t_start=None, start_noise=None, **step_kwargs):
     sched = schedule or NoiseSchedule.linear()
     ts = timesteps(n_steps, sched.num_timesteps, spacing)
-    x = x_T.to(device) if x_T is not None else _randn(shape, generator, device)
+    ts, x = _truncate(ts, sched, x_T, x_start, t_start, start_noise, generator, device)
+    if x is None:
+        x = x_T.to(device) if x_T is not None else _randn(shape, generator, device)
     B = x.shape[0]
     # One contiguous (B,) row of timesteps per step, made once on x's device.
     t_all = torch.tensor(ts + [-1], dtype=torch.int64, device=x.device)[:, None].repeat(1, B)
@@ -82,35 +109,47 @@ def _step_loop(step, model, shape, *, n_steps, spacing, schedule, labels, x_T, g
 
 def ddpm_sample(model, shape, *, n_steps: int | None = None, spacing: str = "leading", schedule=None, labels=None,
                 variance: str = "fixed_small", clip_sample: float | None = None, x_T: torch.Tensor | None = None,
-                generator: torch.Generator | None = None, device=None, progress: bool = False,
-                return_intermediates: bool = False):
+                x_start: torch.Tensor | None = None, t_start: int | None = None,
+                start_noise: torch.Tensor | None = None, generator: torch.Generator | None = None, device=None,
+                progress: bool = False, return_intermediates: bool = False):
     """Ancestral DDPM sampling (Ho et al. 2020, Algorithm 2) with :func:`diffkern.ddpm_step`.
 
     ``model(x, t[, labels]) -> eps``. ``n_steps=None`` visits all ``T`` timesteps (1000
     for the default schedule); fewer steps jump ``t -> t_prev`` with the effective beta of
     the jump. Starts from ``x_T`` or N(0, I) of ``shape`` drawn from ``generator``.
-    Returns the samples (and the list of every step's x if ``return_intermediates``)."""
+
+    Truncated chain (ES-DDPM, Lyu et al. 2022; SDEdit, Meng et al. 2022): with ``x_start``
+    (samples of another generator, or images to edit) and ``t_start``, the chain starts
+    from ``q_sample(x_start, t_start, start_noise)`` and visits ``t_start`` and then the
+    schedule's timesteps below it (``t_start + 1`` steps with all timesteps). ``shape`` may
+    be None. Returns the samples (and the list of every step's x if ``return_intermediates``)."""
     sched = schedule or NoiseSchedule.linear()
-    device = device or (x_T.device if x_T is not None else next(model.parameters()).device)
+    given = x_T if x_T is not None else x_start
+    device = device or (given.device if given is not None else next(model.parameters()).device)
     return _step_loop(ddpm_step, model, shape, n_steps=n_steps or sched.num_timesteps, spacing=spacing,
                       schedule=sched, labels=labels, x_T=x_T, generator=generator, device=device, progress=progress,
-                      desc="ddpm", return_intermediates=return_intermediates, variance=variance,
-                      clip_sample=clip_sample)
+                      desc="ddpm", return_intermediates=return_intermediates, x_start=x_start, t_start=t_start,
+                      start_noise=start_noise, variance=variance, clip_sample=clip_sample)
 
 
 def ddim_sample(model, shape, *, n_steps: int = 50, eta: float = 0.0, spacing: str = "leading", schedule=None,
                 labels=None, clip_sample: float | None = None, x_T: torch.Tensor | None = None,
-                generator: torch.Generator | None = None, device=None, progress: bool = False,
-                return_intermediates: bool = False):
+                x_start: torch.Tensor | None = None, t_start: int | None = None,
+                start_noise: torch.Tensor | None = None, generator: torch.Generator | None = None, device=None,
+                progress: bool = False, return_intermediates: bool = False):
     """DDIM sampling (Song et al. 2021) with :func:`diffkern.ddim_step` over ``n_steps``
     timesteps chosen by ``spacing`` (see :func:`timesteps`), each step given its explicit
     ``t_prev``. ``eta=0`` is deterministic given ``x_T``; ``eta=1`` adds the DDPM
-    posterior noise. Other arguments as in :func:`ddpm_sample`."""
-    device = device or (x_T.device if x_T is not None else next(model.parameters()).device)
+    posterior noise. ``x_start``/``t_start``: a truncated chain, as in :func:`ddpm_sample`
+    (the steps are those of the ``n_steps`` schedule below ``t_start``, so the step size
+    stays that of the full chain). Other arguments as in :func:`ddpm_sample`."""
+    given = x_T if x_T is not None else x_start
+    device = device or (given.device if given is not None else next(model.parameters()).device)
     sched = schedule or NoiseSchedule.linear()
     return _step_loop(ddim_step, model, shape, n_steps=n_steps, spacing=spacing, schedule=sched, labels=labels,
                       x_T=x_T, generator=generator, device=device, progress=progress, desc=f"ddim{n_steps}",
-                      return_intermediates=return_intermediates, eta=eta, clip_sample=clip_sample)
+                      return_intermediates=return_intermediates, x_start=x_start, t_start=t_start,
+                      start_noise=start_noise, eta=eta, clip_sample=clip_sample)
 
 
 def score_ascent(score_fn, x: torch.Tensor, sigma: float, *, n_steps: int = 1000, step_size: float = 0.01,
@@ -183,7 +222,9 @@ def annealed_langevin(score_fn, x: torch.Tensor, sigmas, *, n_steps_each: int = 
 
 # ---- k-diffusion's samplers (k_samplers.py): swap-in for k_diffusion.sampling ----------------
 from .k_samplers import (  # noqa: E402
+    DiscreteEpsDDPMDenoiser,
     DiscreteSchedule,
+    DiscreteVDDPMDenoiser,
     EpsDenoiser,
     VDenoiser,
     append_zero,
@@ -202,4 +243,5 @@ from .k_samplers import (  # noqa: E402
 
 __all__ += ["sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpmpp_2m", "sample_flow_euler",
             "sample_lcm", "get_sigmas_karras", "get_sigmas_exponential", "to_d", "get_ancestral_step", "append_zero",
-            "default_noise_sampler", "DiscreteSchedule", "EpsDenoiser", "VDenoiser"]
+            "default_noise_sampler", "DiscreteSchedule", "EpsDenoiser", "VDenoiser", "DiscreteEpsDDPMDenoiser",
+            "DiscreteVDDPMDenoiser"]

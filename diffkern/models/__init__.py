@@ -1,13 +1,16 @@
-"""Models: a small time-conditioned :class:`UNet` for images and :class:`ScoreNet`, an MLP
-score model for low-dimensional data conditioned on sigma."""
+"""Models: a small time-conditioned :class:`UNet` for images, :class:`ScoreNet`, an MLP
+score model for low-dimensional data conditioned on sigma, and crude image generators to
+start truncated chains from (:class:`PixelGaussian`, a small :class:`VAE`)."""
 
 from .embeddings import sinusoidal_embedding
 from .score_net import ScoreNet
 from .unet import ResidualBlock, UNet
+from .vae import VAE, PixelGaussian
 
-__all__ = ["UNet", "ResidualBlock", "ScoreNet", "sinusoidal_embedding", "build_model", "count_parameters"]
+__all__ = ["UNet", "ResidualBlock", "ScoreNet", "VAE", "PixelGaussian", "sinusoidal_embedding", "build_model",
+           "count_parameters"]
 
-_REGISTRY = {"UNet": UNet, "ScoreNet": ScoreNet}
+_REGISTRY = {"UNet": UNet, "ScoreNet": ScoreNet, "VAE": VAE, "PixelGaussian": PixelGaussian}
 
 
 def build_model(name: str, config: dict):

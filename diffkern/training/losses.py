@@ -16,7 +16,7 @@ import torch
 from ..ops import q_sample
 from ..schedules import NoiseSchedule
 
-__all__ = ["ddpm_loss", "dsm_loss", "DDPMLoss", "DSMLoss", "geometric_sigmas"]
+__all__ = ["ddpm_loss", "dsm_loss", "DDPMLoss", "DSMLoss", "VAELoss", "geometric_sigmas"]
 
 
 def _gen_device(generator) -> torch.device:
@@ -94,3 +94,12 @@ class DSMLoss:
 
     def __call__(self, model, x, y, generator):
         return dsm_loss(model, x, self.sigmas, generator=generator)
+
+
+@dataclass
+class VAELoss:
+    """The negative ELBO of a :class:`~diffkern.models.VAE` (``model.loss``), as a trainer objective."""
+    beta: float = 1.0
+
+    def __call__(self, model, x, y, generator):
+        return model.loss(x, beta=self.beta, generator=generator)

@@ -10,9 +10,11 @@ import torch
 from ..schedules import NoiseSchedule
 from .checkpoint import load_checkpoint, save_checkpoint
 from .ema import EMA
-from .losses import DDPMLoss, DSMLoss
+from .flow_matching import FlowMatchingLoss
+from .losses import DDPMLoss, DSMLoss, VAELoss
+from .sliced import SlicedScoreMatchingLoss
 
-__all__ = ["Trainer", "train_ddpm", "train_score", "load_model"]
+__all__ = ["Trainer", "train_ddpm", "train_flow", "train_score", "train_sliced_score", "train_vae", "load_model"]
 
 
 def _step_seed(seed: int, step: int) -> int:
@@ -185,3 +187,51 @@ def train_score(model, points: torch.Tensor, sigmas, *, n_steps: int, batch_size
                       grad_clip=grad_clip, ema_decay=ema_decay, seed=seed, device=device)
     return _run(trainer, n_steps, checkpoint_path, resume, progress=progress, desc="dsm", callback=callback,
                 callback_every=callback_every, checkpoint_every=checkpoint_every)
+
+
+def train_flow(model, images: torch.Tensor, *, n_steps: int, labels: torch.Tensor | None = None,
+               sigma_sampling: str = "logit_normal", logit_mean: float = 0.0, logit_std: float = 1.0,
+               time_scale: float = 1000.0, q_sample=None, class_dropout: float = 0.1, batch_size: int = 128,
+               lr: float = 2e-4, warmup_steps: int = 100, ema_decay: float = 0.999, grad_clip: float | None = 1.0,
+               seed: int = 0, device=None, checkpoint_path=None, checkpoint_every: int | None = None,
+               resume: bool = True, progress: bool = True, callback=None, callback_every: int | None = None) -> Trainer:
+    """Train a velocity model ``model(x_t, sigma * time_scale) ~ noise - x0`` by flow matching
+    (:func:`~diffkern.training.flow_matching_loss`; ``q_sample`` defaults to
+    :func:`diffkern.flow_q_sample`). EMA, checkpoints, resume and progress as
+    :func:`train_ddpm`; sample the EMA model through
+    :class:`~diffkern.training.VelocityModel` ``(trainer.ema.model, time_scale)``."""
+    loss = FlowMatchingLoss(sigma_sampling, logit_mean, logit_std, time_scale,
+                            class_dropout if labels is not None else 0.0, q_sample)
+    trainer = Trainer(model, loss, images, labels=labels, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
+                      grad_clip=grad_clip, ema_decay=ema_decay, seed=seed, device=device)
+    return _run(trainer, n_steps, checkpoint_path, resume, progress=progress, desc="flow", callback=callback,
+                callback_every=callback_every, checkpoint_every=checkpoint_every)
+
+
+def train_sliced_score(model, points: torch.Tensor, sigmas, *, n_steps: int, n_projections: int = 1,
+                       projection: str = "rademacher", variance_reduced: bool = True, batch_size: int = 512,
+                       lr: float = 1e-3, warmup_steps: int = 0, ema_decay: float = 0.995,
+                       grad_clip: float | None = 1.0, seed: int = 0, device=None, checkpoint_path=None,
+                       checkpoint_every: int | None = None, resume: bool = True, progress: bool = True,
+                       callback=None, callback_every: int | None = None) -> Trainer:
+    """Sliced score matching (:func:`~diffkern.training.sliced_score_matching_loss`, SSM-VR by
+    default) of ``model(x, sigma)`` on ``points`` perturbed at ``sigmas`` (sigma^2-weighted,
+    comparable with :func:`train_score`'s DSM), or of ``model(x)`` with ``sigmas=None``.
+    Same checkpoint/resume behaviour as :func:`train_ddpm`."""
+    loss = SlicedScoreMatchingLoss(sigmas, n_projections, projection, variance_reduced)
+    trainer = Trainer(model, loss, points, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
+                      grad_clip=grad_clip, ema_decay=ema_decay, seed=seed, device=device)
+    return _run(trainer, n_steps, checkpoint_path, resume, progress=progress, desc="ssm", callback=callback,
+                callback_every=callback_every, checkpoint_every=checkpoint_every)
+
+
+def train_vae(model, images: torch.Tensor, *, n_steps: int, beta: float = 1.0, batch_size: int = 128,
+              lr: float = 1e-3, warmup_steps: int = 0, ema_decay: float = 0.99, grad_clip: float | None = 1.0,
+              seed: int = 0, device=None, checkpoint_path=None, checkpoint_every: int | None = None,
+              resume: bool = True, progress: bool = True) -> Trainer:
+    """Train a :class:`~diffkern.models.VAE` on its negative ELBO (:class:`VAELoss`), with the
+    same EMA and checkpoints as the other loops."""
+    trainer = Trainer(model, VAELoss(beta), images, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
+                      grad_clip=grad_clip, ema_decay=ema_decay, seed=seed, device=device)
+    return _run(trainer, n_steps, checkpoint_path, resume, progress=progress, desc="vae",
+                checkpoint_every=checkpoint_every)

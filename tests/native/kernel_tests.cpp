@@ -8,6 +8,7 @@
 #include "kernels/sampler_ops.h"
 #include "kernels/philox.h"
 #include "kernels/schedule.h"
+#include "kernels/step_ops.h"
 
 using namespace diffkern;
 

@@ -1,0 +1,70 @@
+"""``--quick`` runs of the sampler-zoo, truncated-chain and sliced-score examples (tiny
+models, a few seconds of CPU each): every output is written and every table row is there.
+Quality is not judged here (the quick models are barely trained); the examples' full
+runs are recorded in examples/results/."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _example(name):
+    if str(EXAMPLES) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES))
+    return importlib.import_module(name)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """One output folder for the digits examples: truncated_digits reuses the UNet
+    checkpoint samplers_digits writes (and both the cached metric classifier)."""
+    return tmp_path_factory.mktemp("examples")
+
+
+def _common_args(out: Path) -> list[str]:
+    return ["--quick", "--no-progress", "--out", str(out), "--cache-dir", str(out / "cache"), "--device", "cpu"]
+
+
+def test_samplers_digits_quick(run_dir):
+    rows = _example("samplers_digits").main(_common_args(run_dir))
+    names = {r["sampler"] for r in rows}
+    assert names == {"DDPM", "DDIM eta=0", "Euler", "Euler ancestral", "Heun", "DPM++ 2M", "flow Euler"}
+    heun = sorted(r["nfe"] for r in rows if r["sampler"] == "Heun")
+    assert heun == [5, 9]  # 3 and 5 steps: 2 n - 1 evaluations within the budgets 5 and 10
+    assert all(math.isfinite(r["fd"]) and r["seconds_per_sample"] > 0 for r in rows)
+    table = json.loads((run_dir / "digits_fd_vs_nfe.json").read_text())
+    assert {"sampler", "nfe", "fd", "seconds_per_sample"} <= set(table["rows"][0])
+    for f in ("digits_fd_vs_nfe.png", "digits_fd_vs_nfe.md", "digits_fd_vs_nfe_samples.png",
+              "checkpoints/unet.pt", "checkpoints/unet_flow.pt"):
+        assert (run_dir / f).exists(), f
+
+
+def test_truncated_digits_quick_reuses_the_checkpoint(run_dir, capsys):
+    if not (run_dir / "checkpoints" / "unet.pt").exists():
+        pytest.skip("needs samplers_digits' checkpoint (test order)")
+    rows = _example("truncated_digits").main(_common_args(run_dir))
+    assert "(0 trained now" in capsys.readouterr().out  # the epsilon UNet came from the checkpoint
+    labels = [r["label"] for r in rows]
+    assert len(labels) == 2 * (1 + 2 * 2) + 2
+    assert all(math.isfinite(r["fd"]) for r in rows)
+    trunc = [r for r in rows if r["chain"] == "DDPM" and r["prior"] != "none"]
+    assert sorted({r["nfe"] for r in trunc}) == [11, 26]  # t_start + 1 steps
+    for f in ("digits_truncated.png", "digits_truncated.json", "digits_truncated_samples.png", "checkpoints/vae.pt"):
+        assert (run_dir / f).exists(), f
+
+
+def test_sliced_score_gmm_quick(tmp_path):
+    rows = _example("sliced_score_gmm").main(["--quick", "--no-progress", "--out", str(tmp_path), "--device", "cpu"])
+    assert [r["method"] for r in rows] == ["DSM", "SSM-VR rademacher", "SSM-VR gaussian", "SSM gaussian"]
+    assert all(0 < r["relL2w s=7"] < 1 and r["ms_per_step"] > 0 for r in rows)
+    assert (tmp_path / "gmm_ssm_score_fields.png").exists() and (tmp_path / "gmm_ssm_vs_dsm.md").exists()
