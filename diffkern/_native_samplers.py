@@ -132,12 +132,12 @@ def lcm_step(x, m, a, noise, generator):
     # One draw per call, also on the final step (the reference's generator advances the
     # same way); the kernel skips the noise when every sample is at its final step.
     renoise = not (a.t_prev.device.type == "cpu" and a.t_prev.numel() == 1 and int(a.t_prev) < 0)
+    t, tp = a.t, a.t_prev
+    if t.numel() != tp.numel():  # one of them per-sample: the kernel reads both at one length
+        n = max(t.numel(), tp.numel())
+        t, tp = t.expand(n).contiguous(), tp.expand(n).contiguous()
     gen, seed, offset = _noise_key(x, generator, noise is None)
-    t, t_prev = a.t, a.t_prev
-    if t.numel() != t_prev.numel():  # one is a single timestep for the batch: the kernel reads equal lengths
-        n = max(t.numel(), t_prev.numel())
-        t, t_prev = t.expand(n).contiguous(), t_prev.expand(n).contiguous()
-    out, den = _ops.lcm_step(x, m, t, t_prev, a.table, a.timestep_scaling, a.sigma_data, a.prediction,
+    out, den = _ops.lcm_step(x, m, t, tp, a.table, a.timestep_scaling, a.sigma_data, a.prediction,
                              a.clip or 0.0, renoise, noise, gen, seed, offset, a.return_denoised)
     return (out, den) if a.return_denoised else out
 

@@ -516,3 +516,14 @@ def test_compile_traces_the_native_ops():
     want = f(a.x, a.m, a.m2)
     for g, w in zip(got, want, strict=True):
         assert torch.equal(g, w)
+
+
+def test_final_rows_take_no_noise_term():
+    """Rows at their final step (sigma_next = 0, t_prev < 0) are the reference's exactly,
+    even for a non-finite noise: a select in the kernel, not 0 * z."""
+    a = _args((3, 4, 5), torch.float32, "ps32", 98)
+    a.z = torch.full_like(a.x, float("inf"))
+    for name in ("euler_ancestral", "lcm_v_clip_denoised"):
+        got, ref = _outs(OPS[name](dk, a))[0], _outs(OPS[name](R, a))[0]
+        assert torch.isfinite(got[1]).all() and not torch.isfinite(got[0]).any(), name
+        assert torch.equal(got.isfinite(), ref.isfinite()) and max_rel_err(got[1], ref[1]) <= 1e-6, name

@@ -86,8 +86,11 @@ struct EulerOp {
   template <class C>
   struct Coeffs {
     C pa, pb, c, kz, kn;
+    bool noise_term;  // ancestral rows with sigma_next > 0 (k-diffusion adds no noise at sigma 0)
     template <class S>
-    static DK_HD Coeffs from(const Coeffs<S>& s) { return {C(s.pa), C(s.pb), C(s.c), C(s.kz), C(s.kn)}; }
+    static DK_HD Coeffs from(const Coeffs<S>& s) {
+      return {C(s.pa), C(s.pb), C(s.c), C(s.kz), C(s.kn), s.noise_term};
+    }
   };
   DK_HD bool uses_noise() const { return eta > 0 || gamma > 0; }
   DK_HD bool per_sample() const { return sigma.per_sample() || sigma_next.per_sample(); }
@@ -95,33 +98,33 @@ struct EulerOp {
   template <class S>
   DK_HD Coeffs<S> coeffs(int64_t b) const {
     const double s = sigma.at(b), sn = sigma_next.at(b);
-    Coeffs<double> k{0, 0, 0, 0, 0};
+    Coeffs<double> k{0, 0, 0, 0, 0, false};
     if (gamma > 0) {
       const double sh = s * (1.0 + gamma);
       // diffusers forms x0 with sigma_hat for epsilon but with sigma for v_prediction
       const DenoisedCoeffs d = ve_denoised_coeffs(prediction, prediction == kVPrediction ? s : sh);
       // sqrt(sh^2 - s^2) = s sqrt(gamma (gamma + 2)): no cancellation at small gamma
-      k = {d.pa, d.pb, (sn - sh) / sh, s_noise * s * dk_sqrt<double>(gamma * (gamma + 2.0)), 0.0};
+      k = {d.pa, d.pb, (sn - sh) / sh, s_noise * s * dk_sqrt<double>(gamma * (gamma + 2.0)), 0.0, false};
     } else if (eta > 0) {
       // get_ancestral_step: sigma_up = min(sn, eta sqrt(sn^2 (s^2 - sn^2)/s^2))
       const double up = min_d(sn, eta * dk_sqrt<double>(max0(sn * sn * (s * s - sn * sn) / (s * s))));
       const double down = dk_sqrt<double>(max0(sn * sn - up * up));
       const DenoisedCoeffs d = ve_denoised_coeffs(prediction, s);
-      k = {d.pa, d.pb, (down - s) / s, 0.0, sn > 0 ? s_noise * up : 0.0};
+      k = {d.pa, d.pb, (down - s) / s, 0.0, sn > 0 ? s_noise * up : 0.0, sn > 0};
     } else {
       const DenoisedCoeffs d = ve_denoised_coeffs(prediction, s);
-      k = {d.pa, d.pb, (sn - s) / s, 0.0, 0.0};
+      k = {d.pa, d.pb, (sn - s) / s, 0.0, 0.0, false};
     }
     return Coeffs<S>::from(k);
   }
   template <bool kHasZ, class C>
   DK_HD void apply(const Coeffs<C>& k, C x, C m, C, C, C z, C& out, C&) const {
-    // A zero coefficient skips its noise term, as k-diffusion skips the draw on the final
-    // step (sigma_next = 0): a non-finite z there must not reach the output.
-    const C xh = (kHasZ && k.kz != C(0)) ? x + k.kz * z : x;
+    // Each noise term only where the step has it (a select, not 0 * z: a non-finite z must
+    // not reach a sample that takes no noise, as in the reference).
+    const C xh = kHasZ && gamma > 0 ? x + k.kz * z : x;
     const C den = k.pa * xh + k.pb * m;
     out = xh + (xh - den) * k.c;
-    if (kHasZ && k.kn != C(0)) out = out + k.kn * z;
+    if (kHasZ) out = k.noise_term ? out + k.kn * z : out;
   }
   // d out / d (x, m, -, -, z): the step is linear in its inputs.
   template <class S>
@@ -312,11 +315,13 @@ struct FlowOp {
     const Coeffs<double> k{sn - s, s, 1.0 - sn, sn};
     return Coeffs<S>::from(k);
   }
+  // The bindings pass noise exactly when the step is stochastic, so kHasZ (a compile-time
+  // switch) picks the form; a test of the member inside the loop cost a third of the speed.
   template <bool kHasZ, class C>
   DK_HD void apply(const Coeffs<C>& k, C x, C v, C, C, C z, C& out, C&) const {
-    if (stochastic) {
+    if (kHasZ) {
       const C x0 = x - k.s * v;
-      out = kHasZ ? k.keep * x0 + k.std * z : k.keep * x0;
+      out = k.keep * x0 + k.std * z;
     } else {
       out = x + k.dt * v;
     }
@@ -387,9 +392,10 @@ struct LcmOp {
   template <class C>
   struct Coeffs {
     C a0, b0, c_out, c_skip, c0, std;
+    bool renoise;  // t_prev >= 0: the final step is the denoised sample, whatever z is
     template <class S>
     static DK_HD Coeffs from(const Coeffs<S>& s) {
-      return {C(s.a0), C(s.b0), C(s.c_out), C(s.c_skip), C(s.c0), C(s.std)};
+      return {C(s.a0), C(s.b0), C(s.c_out), C(s.c_skip), C(s.c0), C(s.std), s.renoise};
     }
   };
   DK_HD bool uses_noise() const { return noise; }
@@ -403,7 +409,7 @@ struct LcmOp {
     prediction_coeffs<double>(ab, prediction, p);
     const double scaled = double(t) * timestep_scaling, sd2 = sigma_data * sigma_data;
     const double q = scaled * scaled + sd2;
-    Coeffs<double> k{p.a0, p.b0, scaled / dk_sqrt<double>(q), sd2 / q, 1.0, 0.0};
+    Coeffs<double> k{p.a0, p.b0, scaled / dk_sqrt<double>(q), sd2 / q, 1.0, 0.0, tp >= 0};
     if (tp >= 0) {
       const double abp = table_lookup<double>(ts.table, ts.num_timesteps, tp, false);
       k.c0 = dk_sqrt<double>(abp);
@@ -416,7 +422,7 @@ struct LcmOp {
     C x0 = k.a0 * x + k.b0 * m;
     if (has_clip) x0 = clamp_abs(x0, C(clip));
     const C den = k.c_out * x0 + k.c_skip * x;
-    out = kHasZ ? k.c0 * den + k.std * z : k.c0 * den;
+    out = kHasZ && k.renoise ? k.c0 * den + k.std * z : k.c0 * den;
     den_out = den;
   }
   // Without clipping; with it, LcmBackwardOp passes the gradient where x0 is unclipped.

@@ -118,7 +118,10 @@ template <class Op>
 static double run1(const Op& op, double a0, double a1, double a2, double a3, double z, double* second = nullptr) {
   const auto k = op.template coeffs<double>(0);
   double o0 = 0, o1 = 0;
-  op.template apply<true, double>(k, a0, a1, a2, a3, z, o0, o1);
+  if (op.uses_noise())  // as the drivers call it: with noise exactly when the step takes some
+    op.template apply<true, double>(k, a0, a1, a2, a3, z, o0, o1);
+  else
+    op.template apply<false, double>(k, a0, a1, a2, a3, z, o0, o1);
   if (second) *second = o1;
   return o0;
 }
