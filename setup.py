@@ -127,8 +127,11 @@ def extension_modules():
             raise RuntimeError(f"DIFFKERN_CPU_CAPABILITIES: unknown level(s) {bad} on {mach} ({', '.join(levels)})")
         levels = tuple(lv for lv in levels if lv in want_levels)
 
+    def rel(paths):  # setuptools wants paths relative to setup.py's folder
+        return [os.path.relpath(p, ROOT).replace(os.sep, "/") for p in paths]
+
     exts = []
-    core = B.core_sources(CSRC, use_cuda)
+    core = rel(B.core_sources(CSRC, use_cuda))
     kw = dict(extra_link_args=list(B.COMMON_LD))
     if use_cuda:
         exts.append(ce.CUDAExtension("diffkern._C", core, define_macros=[("DIFFKERN_WITH_CUDA", None)],
@@ -136,7 +139,7 @@ def extension_modules():
     else:
         exts.append(ce.CppExtension("diffkern._C", core, extra_compile_args={"cxx": B.core_cxx()}, **kw))
     for lv in levels:
-        exts.append(ce.CppExtension(f"diffkern._cpu_{lv}", B.cpu_sources(CSRC),
+        exts.append(ce.CppExtension(f"diffkern._cpu_{lv}", rel(B.cpu_sources(CSRC)),
                                     extra_compile_args={"cxx": B.cpu_cxx(lv, mach)}, **kw))
 
     info = {
