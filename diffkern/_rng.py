@@ -5,8 +5,9 @@ the reference ops draw, so a run gives the same numbers with or without the exte
 
 Keying (the same in C++ and CUDA): the i-th element (row-major logical index) of a call
 keyed by ``(seed, offset)`` takes lane ``i % 4`` of
-``philox4x32_10(counter=(g_lo, g_hi, offset_lo, offset_hi), key=(seed_lo, seed_hi))``
-with ``g = i // 4``, turned into normals by Box-Muller on the lane pairs (0,1), (2,3)::
+``philox4x32_10(counter=(c_lo, c_hi, g_lo, g_hi), key=(seed_lo, seed_hi))`` with
+``c = offset // 4`` and ``g = i // 4``, turned into normals by Box-Muller on the lane pairs
+(0,1), (2,3)::
 
     u = ((bits_a >> 9) + 0.5) * 2**-23     in (0, 1)
     v = (bits_b >> 9) * 2**-23             in [0, 1)
@@ -15,16 +16,27 @@ with ``g = i // 4``, turned into normals by Box-Muller on the lane pairs (0,1), 
 log, sin and cos are the polynomial forms below, written once in C++ and mirrored here
 op for op, so the native noise equals this up to floating-point contraction (FMA).
 
-Generator position: a CUDA generator gives ``(initial_seed, philox offset)`` and each
-call advances the offset by 4 (graph-safe, via torch's Philox state). A CPU generator
-has no offset, so diffkern keeps one beside it: it restarts at 0 whenever the
-generator's state is what ``manual_seed(initial_seed)`` leaves, and continues from the
-last call otherwise. The same seed thus gives the same noise on the CPU and on CUDA.
+The counter layout is torch's: its CUDA kernels draw with
+``curand_init(seed, subsequence=thread, offset)``, counter ``(offset/4 + k, thread)``.
+Group ``g`` plays a thread and a call reserves 4 offsets of its own, so diffkern never
+reuses counters an earlier ``torch.randn`` on the same generator drew.
+
+Per-sample keys (``seeds=``, ``step=``): element ``j`` of sample ``b`` is element ``j`` of
+the stream keyed by ``(seeds[b], 4 * step)`` with the group's top bit set
+(``g = 2**63 + j // 4``), which no generator-driven call reaches (:func:`keyed_normal`).
+
+Generator position:
+- a CUDA generator gives ``(initial_seed, philox offset)`` and each call advances the
+  offset by 4 (graph-safe, via torch's Philox state);
+- a CPU generator (Mersenne Twister, no offset) gives two 64-bit words of its own
+  stream, ``(seed, offset) = (random64(), random64())``, drawn under its lock. The noise
+  is thus a function of the generator's state: ``g.set_state(s)`` or
+  ``torch.random.fork_rng`` replays it, and concurrent callers get different words.
+  The same seed no longer gives the same noise on a CPU and a CUDA generator; per-sample
+  keys are the device-independent path.
 """
 
 from __future__ import annotations
-
-import weakref
 
 import torch
 
@@ -105,6 +117,20 @@ def _box_muller(a: torch.Tensor, b: torch.Tensor):
     return r * c, r * s
 
 
+def philox_counter(offset: int, g: torch.Tensor):
+    """The counter words of group(s) ``g`` (int64 tensor) of a call at ``offset``: torch's
+    ``curand_init(seed, subsequence=g, offset)`` layout, ``(offset/4 lo, hi, g lo, g hi)``."""
+    offset &= (1 << 64) - 1
+    return (torch.full_like(g, (offset >> 2) & MASK32), torch.full_like(g, offset >> 34), g & MASK32,
+            (g >> 32) & MASK32)
+
+
+def philox_bits(seed: int, offset: int, g: torch.Tensor):
+    """The four Philox words of group(s) ``g`` of the stream keyed by ``(seed, offset)``."""
+    seed &= (1 << 64) - 1
+    return philox4x32_10(*philox_counter(offset, g), torch.full_like(g, seed & MASK32), torch.full_like(g, seed >> 32))
+
+
 def philox_normal(numel: int, seed: int, offset: int, *, start: int = 0, device=None) -> torch.Tensor:
     """Float32 normals for logical indices ``start .. start+numel-1`` of the stream keyed by
     ``(seed, offset)`` (both taken mod 2^64)."""
@@ -115,14 +141,9 @@ def philox_normal(numel: int, seed: int, offset: int, *, start: int = 0, device=
         return torch.empty(0, dtype=torch.float32, device=device)
     g0 = start // 4
     g1 = (start + numel - 1) // 4 + 1
-    g = torch.arange(g0, g1, dtype=torch.int64, device=device)
-    c0 = g & MASK32
-    c1 = (g >> 32) & MASK32
-    c2 = torch.full_like(g, offset & MASK32)
-    c3 = torch.full_like(g, offset >> 32)
-    k0 = torch.full_like(g, seed & MASK32)
-    k1 = torch.full_like(g, seed >> 32)
-    r0, r1, r2, r3 = philox4x32_10(c0, c1, c2, c3, k0, k1)
+    # groups mod 2^64 in int64 (the addition wraps; arange alone would overflow past 2^63)
+    g = torch.arange(0, g1 - g0, dtype=torch.int64, device=device) + _to_int64(g0)
+    r0, r1, r2, r3 = philox_bits(seed, offset, g)
     z0, z1 = _box_muller(r0, r1)
     z2, z3 = _box_muller(r2, r3)
     z = torch.stack([z0, z1, z2, z3], dim=1).flatten()
@@ -130,75 +151,50 @@ def philox_normal(numel: int, seed: int, offset: int, *, start: int = 0, device=
     return z[lo:lo + numel]
 
 
+def keyed_normal(seeds: torch.Tensor, step: int, inner: int, *, start: int = 0, numel: int | None = None,
+                 device=None) -> torch.Tensor:
+    """Float32 normals of shape ``(B, numel)`` under per-sample keys: row ``b`` holds
+    elements ``start .. start+numel-1`` of sample ``b`` keyed by ``(seeds[b], step)``.
+    ``inner`` (elements per sample) does not change the values; it is the default numel."""
+    device = torch.device(device) if device is not None else seeds.device
+    seeds = seeds.to(device=device, dtype=torch.int64).reshape(-1, 1)
+    numel = inner - start if numel is None else numel
+    B = seeds.shape[0]
+    if numel <= 0 or B == 0:
+        return torch.empty(B, max(numel, 0), dtype=torch.float32, device=device)
+    g0 = start // 4
+    g1 = (start + numel - 1) // 4 + 1
+    g = torch.arange(g0, g1, dtype=torch.int64, device=device).expand(B, -1)
+    ctr = (int(step) & ((1 << 64) - 1)) & MASK32, ((int(step) & ((1 << 64) - 1)) >> 32) & 0x3FFFFFFF
+    c0 = torch.full_like(g, ctr[0])
+    c1 = torch.full_like(g, ctr[1])
+    c2 = g & MASK32
+    c3 = ((g >> 32) & MASK32) | 0x80000000  # kKeyedGroup: the top bit of the group
+    k0 = (seeds & MASK32).expand_as(g)
+    k1 = ((seeds >> 32) & MASK32).expand_as(g)
+    r0, r1, r2, r3 = philox4x32_10(c0, c1, c2, c3, k0, k1)
+    z0, z1 = _box_muller(r0, r1)
+    z2, z3 = _box_muller(r2, r3)
+    z = torch.stack([z0, z1, z2, z3], dim=2).reshape(B, -1)
+    lo = start - 4 * g0
+    return z[:, lo:lo + numel]
+
+
 # ---- generator -> (seed, offset) -------------------------------------------------
-_fresh_states: dict[int, torch.Tensor] = {}
-
-
-class _Positions:
-    """generator -> (its state after our last draw, next offset). Weak references where
-    torch.Generator supports them (torch >= 2.12); otherwise a bounded map by id that
-    holds the generator itself, so an id cannot be reused while its entry lives."""
-
-    def __init__(self, limit: int = 1024):
-        self._weak: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._strong: dict[int, tuple] = {}
-        self._limit = limit
-
-    def get(self, gen):
-        try:
-            return self._weak.get(gen)
-        except TypeError:
-            entry = self._strong.get(id(gen))
-            return entry[1] if entry is not None and entry[0] is gen else None
-
-    def __setitem__(self, gen, value):
-        try:
-            self._weak[gen] = value
-        except TypeError:
-            if len(self._strong) >= self._limit:
-                self._strong.pop(next(iter(self._strong)))
-            self._strong.pop(id(gen), None)
-            self._strong[id(gen)] = (gen, value)
-
-
-_cpu_positions = _Positions()
-
-
-def _fresh_state(seed: int) -> torch.Tensor:
-    st = _fresh_states.get(seed)
-    if st is None:
-        st = torch.Generator().manual_seed(seed).get_state()
-        if len(_fresh_states) > 64:
-            _fresh_states.clear()
-        _fresh_states[seed] = st
-    return st
-
-
 def _to_int64(v: int) -> int:
     v &= (1 << 64) - 1
     return v - (1 << 64) if v >= (1 << 63) else v
 
 
 def cpu_generator_key(gen: torch.Generator | None) -> tuple[int, int]:
-    """(seed, offset) for the next call drawing from a CPU generator; advances it."""
+    """(seed, offset) for the next call drawing from a CPU generator: its next two 64-bit
+    words (mt19937 ``random64()``, what ``random_(-2**63, None)`` on int64 draws), taken
+    under the generator's lock. The native CPU ops draw the same words in C++
+    (csrc/torch/common.h ``cpu_philox_key``)."""
     if gen is None:
         gen = torch.default_generator
-    seed = gen.initial_seed()
-    state = gen.get_state()
-    last = _cpu_positions.get(gen)
-    if last is not None and torch.equal(last[0], state):
-        offset = last[1]
-    elif torch.equal(state, _fresh_state(seed)):
-        offset = 0
-    else:
-        # Used elsewhere since our last call: jump to a fresh region drawn from it, so the
-        # noise stays a function of the generator's state and never repeats an earlier call's.
-        offset = int(torch.randint(0, 1 << 60, (1,), generator=gen)) * OFFSET_INCREMENT
-    # Step the Mersenne state once so "our last state" never equals a freshly seeded one:
-    # that is how a later manual_seed(seed) is told apart from "continue".
-    torch.randint(0, 2, (1,), generator=gen)
-    _cpu_positions[gen] = (gen.get_state(), offset + OFFSET_INCREMENT)
-    return seed, offset
+    w = torch.empty(2, dtype=torch.int64).random_(-(1 << 63), None, generator=gen).tolist()
+    return w[0] & ((1 << 64) - 1), w[1] & ((1 << 64) - 1)
 
 
 def cuda_generator_key(gen: torch.Generator) -> tuple[int, int]:

@@ -263,9 +263,10 @@ template <class V, int NB>
 inline void normals(PhiloxKey key, uint64_t g0, float* out) {
   constexpr int W = V::kWidth, H = W / 2;  // groups per batch; 64-bit lanes per register
   U4<V> c[2 * NB];
+  const uint64_t ctr = key.offset >> 2;  // philox_bits' layout: (offset / 4, group)
   for (int h = 0; h < 2 * NB; ++h) {
     const auto g = V::add_64(V::set1_64(g0 + uint64_t(H) * uint64_t(h)), V::iota_64());
-    c[h] = U4<V>{g, V::shr32_64(g), V::set1_64(uint32_t(key.offset)), V::set1_64(key.offset >> 32)};
+    c[h] = U4<V>{V::set1_64(uint32_t(ctr)), V::set1_64(ctr >> 32), g, V::shr32_64(g)};
   }
   const uint32_t k0 = uint32_t(key.seed), k1 = uint32_t(key.seed >> 32);
   for (uint32_t r = 0; r < 10; ++r)

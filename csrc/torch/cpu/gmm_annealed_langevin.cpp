@@ -171,7 +171,7 @@ void chain(C* xs, int64_t npoints, int D, int K, const C* weights, const C* mean
 
 at::Tensor gmm_annealed_langevin_cpu(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& means,
                                      const at::Tensor& stds, const at::Tensor& sigmas, int64_t n_steps_each,
-                                     double step_lr, bool denoise, const std::optional<at::Generator>& /*generator*/,
+                                     double step_lr, bool denoise, const std::optional<at::Generator>& generator,
                                      int64_t seed, int64_t offset) {
   TORCH_CHECK(x.dim() >= 1, "x must be (..., D)");
   const int D = int(x.size(-1));
@@ -187,7 +187,7 @@ at::Tensor gmm_annealed_langevin_cpu(const at::Tensor& x, const at::Tensor& weig
     const at::Tensor w = weights.to(x.scalar_type()).contiguous(), mu = means.to(x.scalar_type()).contiguous(),
                      sd = stds.to(x.scalar_type()).expand({K, D}).contiguous();
     chain<scalar_t>(out.data_ptr<scalar_t>(), out.numel() / D, D, K, w.data_ptr<scalar_t>(), mu.data_ptr<scalar_t>(),
-                    sd.data_ptr<scalar_t>(), sv, n_steps_each, step_lr, denoise, PhiloxKey{as_u64(seed), as_u64(offset)});
+                    sd.data_ptr<scalar_t>(), sv, n_steps_each, step_lr, denoise, cpu_philox_key(generator, seed, offset));
   });
   return out;
 }
