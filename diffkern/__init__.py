@@ -20,6 +20,7 @@ from .ops import (
     langevin_step,
     q_sample,
 )
+from .sampler_ops import dpmpp_2m_step, euler_step, flow_q_sample, flow_step, heun_step, lcm_step
 from .schedules import NoiseSchedule
 
 __version__ = "0.1.0"
@@ -40,3 +41,4 @@ __all__ = [
     "NoiseSchedule", "q_sample", "ddpm_step", "ddim_step", "langevin_step", "annealed_langevin", "gmm_score",
     "gmm_annealed_langevin", "native_available", "native_error", "reference", "MismatchError",
 ]
+__all__ += ["euler_step", "heun_step", "dpmpp_2m_step", "flow_step", "flow_q_sample", "lcm_step"]

@@ -6,6 +6,7 @@ divide by zero are rejected here, before any output is allocated.
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass
 
@@ -294,3 +295,94 @@ def check_mixture(x: torch.Tensor, weights, means, stds) -> Mixture:
 
 def check_sigma(sigma) -> float:
     return check_nonneg(sigma, "sigma")
+
+
+# ---- sampler families: per-sample noise levels and model outputs ----------------------
+def check_operand(x: torch.Tensor, other, name: str) -> torch.Tensor:
+    """A model output (or proposal) for the sampler-family ops: a floating tensor on x's
+    device whose shape broadcasts to x's. Its dtype may differ from x's (a float16 model
+    beside a float32 state): the result promotes as torch does."""
+    if not isinstance(other, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(other).__name__}")
+    if other.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {other.dtype}")
+    if other.device != x.device:
+        raise MismatchError(f"{name} is on {other.device} but x is on {x.device}")
+    if other.shape != x.shape and not _broadcasts_to(other.shape, x.shape):
+        raise ValueError(f"{name} of shape {tuple(other.shape)} does not broadcast to x's shape {tuple(x.shape)}")
+    return other
+
+
+def check_noise_level(v, x: torch.Tensor, name: str, *, positive: bool = False, at_most_one: bool = False):
+    """A per-sample noise level (sigma, sigma_next, ...): a real number, or a floating tensor
+    of shape (), (1,) or (B,) (B = x.shape[0]) on the CPU or on x's device.
+
+    Values must be finite and >= 0 (> 0 with ``positive``, where the op divides by them;
+    <= 1 with ``at_most_one``). Python numbers and CPU tensors are checked here; a tensor
+    on x's device is not read back (that would stall the stream).
+
+    Returns a Python float, or a contiguous 1-D tensor of length 1 or B on x's device
+    (a one-element CPU tensor that needs no gradient becomes a float: the cheap path)."""
+    if isinstance(v, bool) or (isinstance(v, torch.Tensor) and v.dtype == torch.bool):
+        raise TypeError(f"{name} must be a real number or a floating tensor, got a bool")
+    if isinstance(v, numbers.Real):
+        f = float(v)
+        _check_level_range(f, f, name, positive, at_most_one)
+        return f
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"{name} must be a real number or a floating tensor, got {type(v).__name__}")
+    if not v.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got {v.dtype}")
+    if v.dim() > 1:
+        raise ValueError(f"{name} must be 0-d or 1-D, got shape {tuple(v.shape)}")
+    if v.dim() == 1 and v.numel() != _batch(x) and v.numel() != 1:
+        raise ValueError(f"{name} has {v.numel()} entries but x has batch size {_batch(x)}")
+    if v.device.type != "cpu" and v.device != x.device:
+        raise MismatchError(f"{name} is on {v.device} but x is on {x.device}")
+    if v.device.type == "cpu" and not _compiling():
+        if v.numel() == 1 and not v.requires_grad:
+            f = float(v)
+            _check_level_range(f, f, name, positive, at_most_one)
+            return f
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError(f"{name} must be finite")
+        lo, hi = (float(u) for u in torch.aminmax(v.detach()))
+        _check_level_range(lo, hi, name, positive, at_most_one)
+    v = v.reshape(-1)
+    if not v.is_contiguous():
+        v = v.contiguous()
+    return v.to(x.device, non_blocking=True) if v.device != x.device else v
+
+
+def _check_level_range(lo: float, hi: float, name: str, positive: bool, at_most_one: bool) -> None:
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"{name} must be finite, got {lo if not math.isfinite(lo) else hi}")
+    if positive and not lo > 0:
+        raise ValueError(f"{name} must be > 0 (the step divides by it), got {lo}")
+    if lo < 0:
+        raise ValueError(f"{name} must be >= 0, got {lo}")
+    if at_most_one and hi > 1:
+        raise ValueError(f"{name} must be <= 1, got {hi}")
+
+
+def host_levels(v):
+    """A noise level as passed by the caller, as a float64 CPU tensor when its values are
+    on the host (a Python number or a CPU tensor), else None (it lives on a device)."""
+    if _compiling():
+        return None
+    if isinstance(v, numbers.Real):
+        return torch.tensor([float(v)], dtype=torch.float64)
+    if isinstance(v, torch.Tensor) and v.device.type == "cpu":
+        return v.detach().to(torch.float64).reshape(-1)
+    return None
+
+
+def check_level_order(lower, upper, message: str, *, strict: bool = False) -> None:
+    """Raise ValueError(message) unless lower <= upper (lower < upper with ``strict``)
+    everywhere, for levels known on the host; device-resident levels are not read."""
+    a, b = host_levels(lower), host_levels(upper)
+    if a is None or b is None:
+        return
+    bad = (a >= b) if strict else (a > b)
+    if bool(bad.any()):
+        raise ValueError(message)

@@ -290,3 +290,19 @@ def _gmm_loop(x, mix, s, n, lr, denoise, seed, offset):
     if denoise:
         xc = xc + sigma_L**2 * _gmm_score(xc, mix, sigma_L)
     return xc.to(x.dtype)
+
+
+# ---- Sampler families (k-diffusion / diffusers) ---------------------------------------
+# Euler, Euler ancestral, Heun, DPM-Solver++(2M), flow matching and LCM live in
+# reference_samplers.py (one module per family of formulas); exported here so that
+# dk.reference.<op> names every op.
+from .reference_samplers import (  # noqa: E402
+    dpmpp_2m_step,
+    euler_step,
+    flow_q_sample,
+    flow_step,
+    heun_step,
+    lcm_step,
+)
+
+__all__ += ["euler_step", "heun_step", "dpmpp_2m_step", "flow_step", "flow_q_sample", "lcm_step"]

@@ -179,3 +179,27 @@ def annealed_langevin(score_fn, x: torch.Tensor, sigmas, *, n_steps_each: int = 
             traj.append(out)
         return out, torch.stack(traj)
     return out
+
+
+# ---- k-diffusion's samplers (k_samplers.py): swap-in for k_diffusion.sampling ----------------
+from .k_samplers import (  # noqa: E402
+    DiscreteSchedule,
+    EpsDenoiser,
+    VDenoiser,
+    append_zero,
+    default_noise_sampler,
+    get_ancestral_step,
+    get_sigmas_exponential,
+    get_sigmas_karras,
+    sample_dpmpp_2m,
+    sample_euler,
+    sample_euler_ancestral,
+    sample_flow_euler,
+    sample_heun,
+    sample_lcm,
+    to_d,
+)
+
+__all__ += ["sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpmpp_2m", "sample_flow_euler",
+            "sample_lcm", "get_sigmas_karras", "get_sigmas_exponential", "to_d", "get_ancestral_step", "append_zero",
+            "default_noise_sampler", "DiscreteSchedule", "EpsDenoiser", "VDenoiser"]

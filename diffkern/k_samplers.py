@@ -1,0 +1,435 @@
+"""k-diffusion's samplers on diffkern's fused steps.
+
+``from diffkern.samplers import sample_euler_ancestral`` replaces
+``from k_diffusion.sampling import sample_euler_ancestral``: same signatures, same
+arithmetic (crowsonkb/k-diffusion ``sampling.py`` and ``external.py``; ComfyUI's
+``sample_lcm``), each update one call of a :mod:`diffkern.sampler_ops` op.
+
+``model(x, sigma, **extra_args)`` returns the denoised sample, ``sigma`` being
+``sigmas[i] * s_in`` (a (B,) tensor) as in k-diffusion. Differences, all opt-in or
+invisible to the results:
+
+- Noise: a given ``noise_sampler(sigma, sigma_next)`` is called exactly where k-diffusion
+  calls it. Without one, noise is drawn in-kernel from ``generator=`` (keyword-only; the
+  Philox stream of the other ops), not by ``torch.randn_like`` — so the stream differs
+  from k-diffusion's, and the churn of sample_euler/sample_heun draws only where
+  ``gamma > 0`` (k-diffusion draws on every step).
+- ``sigmas`` may also be (n+1, B): a schedule per sample (each row is one step; the
+  zeros must agree across samples where the sampler branches on them).
+- With the :class:`EpsDenoiser` / :class:`VDenoiser` wrappers (and no ``callback``) the
+  samplers pass the raw epsilon / v to the ops, which form the denoised sample in the
+  same pass (``prediction_type=``) instead of the wrapper spending one more.
+- The branches on sigma values read a host copy of ``sigmas`` made once per call (k
+  syncs on them every step).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _rng
+from . import _validate as V
+from .ops import langevin_step
+from .sampler_ops import dpmpp_2m_step, euler_step, flow_step, heun_step
+from .schedules import NoiseSchedule
+
+__all__ = ["append_zero", "get_sigmas_karras", "get_sigmas_exponential", "to_d", "get_ancestral_step",
+           "default_noise_sampler", "sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpmpp_2m",
+           "sample_flow_euler", "sample_lcm", "DiscreteSchedule", "EpsDenoiser", "VDenoiser"]
+
+
+# ---- k-diffusion's utilities -------------------------------------------------------------
+def append_dims(x: torch.Tensor, target_dims: int) -> torch.Tensor:
+    """Append trailing singleton dimensions until x has target_dims dimensions."""
+    dims_to_append = target_dims - x.ndim
+    if dims_to_append < 0:
+        raise ValueError(f"input has {x.ndim} dims but target_dims is {target_dims}, which is less")
+    return x[(...,) + (None,) * dims_to_append]
+
+
+def append_zero(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, x.new_zeros([1])])
+
+
+def get_sigmas_karras(n, sigma_min, sigma_max, rho=7., device='cpu'):
+    """The noise levels of Karras et al. (2022), eq. 5, followed by a zero."""
+    ramp = torch.linspace(0, 1, n, device=device)
+    min_inv_rho = sigma_min ** (1 / rho)
+    max_inv_rho = sigma_max ** (1 / rho)
+    sigmas = (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+    return append_zero(sigmas).to(device)
+
+
+def get_sigmas_exponential(n, sigma_min, sigma_max, device='cpu'):
+    """Noise levels evenly spaced in log sigma, followed by a zero."""
+    sigmas = torch.linspace(math.log(sigma_max), math.log(sigma_min), n, device=device).exp()
+    return append_zero(sigmas)
+
+
+def to_d(x, sigma, denoised):
+    """The Karras ODE derivative dx/dsigma = (x - D(x; sigma)) / sigma."""
+    return (x - denoised) / append_dims(sigma, x.ndim)
+
+
+def get_ancestral_step(sigma_from, sigma_to, eta=1.):
+    """(sigma_down, sigma_up) for an ancestral step from sigma_from to sigma_to."""
+    if not eta:
+        return sigma_to, 0.
+    sigma_up = min(sigma_to, eta * (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2) ** 0.5)
+    sigma_down = (sigma_to ** 2 - sigma_up ** 2) ** 0.5
+    return sigma_down, sigma_up
+
+
+def default_noise_sampler(x):
+    return lambda sigma, sigma_next: torch.randn_like(x)
+
+
+def _trange(n, disable):
+    from tqdm.auto import trange
+
+    return trange(n, disable=disable)
+
+
+# ---- the sigma schedule, read once ----------------------------------------------------------
+class _Levels:
+    """``sigmas`` as given (for the model, as k-diffusion passes it) plus one host copy
+    (for the branches). Rows are steps; a 2-D ``sigmas`` has one column per sample."""
+
+    def __init__(self, sigmas, x: torch.Tensor):
+        if not isinstance(sigmas, torch.Tensor):
+            sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
+        if not sigmas.is_floating_point():
+            raise TypeError(f"sigmas must be a floating tensor, got {sigmas.dtype}")
+        if sigmas.dim() not in (1, 2) or sigmas.shape[0] < 1:
+            raise ValueError(f"sigmas must have shape (n+1,) or (n+1, B), got {tuple(sigmas.shape)}")
+        if sigmas.dim() == 2 and sigmas.shape[1] != x.shape[0]:
+            raise ValueError(f"sigmas has {sigmas.shape[1]} columns but x has batch size {x.shape[0]}")
+        self.dev = sigmas
+        self.per_sample = sigmas.dim() == 2
+        self.host = sigmas.detach().to("cpu", torch.float64)
+        self.s_in = x.new_ones([x.shape[0]])
+
+    def __len__(self):
+        return self.dev.shape[0]
+
+    def op(self, i, scale: float = 1.0):
+        """sigmas[i] (times scale) as the ops take it: a float, or the (B,) row."""
+        if self.per_sample:
+            return self.dev[i] * scale if scale != 1.0 else self.dev[i]
+        return float(self.host[i]) * scale
+
+    def model(self, i, scale: float = 1.0):
+        """sigmas[i] (times scale) * s_in, as k-diffusion hands it to the model."""
+        s = self.dev[i] * (scale) if scale != 1.0 else self.dev[i]
+        return s if self.per_sample else s * self.s_in
+
+    def zero(self, i) -> bool:
+        """Whether sigmas[i] is 0 (for every sample)."""
+        z = self.host[i] == 0
+        if self.per_sample and bool(z.any()) != bool(z.all()):
+            raise ValueError(f"per-sample sigmas must reach 0 at the same step (row {i} mixes zeros and non-zeros)")
+        return bool(z.all())
+
+    def positive(self, i) -> bool:
+        return bool((self.host[i] > 0).any())
+
+    def scalar(self, i):
+        """sigmas[i] as k-diffusion hands it to noise_sampler and callback."""
+        return self.dev[i]
+
+
+def _denoise(model, x, sigma, extra_args, fuse: bool):
+    """(model output, prediction_type): the raw epsilon / v of a diffkern wrapper when the
+    step op may form the denoised sample itself, else model(...)'s denoised sample."""
+    if fuse and isinstance(model, DiscreteSchedule) and model.prediction_type != "sample":
+        return model.model_output(x, sigma, **extra_args), model.prediction_type
+    return model(x, sigma, **extra_args), "sample"
+
+
+def _churn_gamma(levels, i, s_churn, s_tmin, s_tmax):
+    s = levels.host[i]
+    inside = bool(((s_tmin <= s) & (s <= s_tmax)).all()) if levels.per_sample else s_tmin <= float(s) <= s_tmax
+    if levels.per_sample and not inside and bool(((s_tmin <= s) & (s <= s_tmax)).any()):
+        raise ValueError(f"per-sample sigmas must all be inside or all outside [s_tmin, s_tmax] (row {i})")
+    return min(s_churn / (len(levels) - 1), 2 ** 0.5 - 1) if inside else 0.
+
+
+def _add_noise(x, scale, generator):
+    """x + scale z with z drawn in-kernel from generator (the ops' Philox stream). For a
+    scalar scale that is langevin_step with a zero score and step_size = scale^2/2: one
+    fused pass with the draw. A per-sample scale draws the same stream and adds it."""
+    if isinstance(scale, torch.Tensor):
+        z = _rng.normal_like(x.shape, generator, x.device, torch.float64 if x.dtype == torch.float64 else torch.float32)
+        return (x + append_dims(scale.to(x.device), x.ndim) * z).to(x.dtype)
+    return langevin_step(x, x.new_zeros(()).expand(x.shape), scale * scale / 2, generator=generator)
+
+
+def _add_churn(x, levels, i, gamma, s_noise, generator):
+    """k-diffusion's churn before the model: x + s_noise sqrt(sigma_hat^2 - sigma^2) z."""
+    scale = s_noise * math.sqrt(gamma * (gamma + 2))  # sqrt(sigma_hat^2 - sigma^2) / sigma
+    return _add_noise(x, levels.op(i, scale), generator)
+
+
+# ---- samplers --------------------------------------------------------------------------------
+@torch.no_grad()
+def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
+                 s_tmax=float('inf'), s_noise=1., *, generator=None):
+    """Algorithm 2 (Euler steps) from Karras et al. (2022), with churn."""
+    extra_args = {} if extra_args is None else extra_args
+    levels = _Levels(sigmas, x)
+    V.check_generator(generator, x, None)
+    for i in _trange(len(levels) - 1, disable):
+        gamma = _churn_gamma(levels, i, s_churn, s_tmin, s_tmax)
+        if gamma > 0:
+            x = _add_churn(x, levels, i, gamma, s_noise, generator)
+        m, pt = _denoise(model, x, levels.model(i, gamma + 1), extra_args, callback is None)
+        if callback is not None:
+            callback({'x': x, 'i': i, 'sigma': levels.scalar(i), 'sigma_hat': levels.scalar(i) * (gamma + 1),
+                      'denoised': m})
+        x = euler_step(x, m, levels.op(i, gamma + 1), levels.op(i + 1), prediction_type=pt)
+    return x
+
+
+@torch.no_grad()
+def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
+                           noise_sampler=None, *, generator=None):
+    """Ancestral sampling with Euler method steps."""
+    extra_args = {} if extra_args is None else extra_args
+    levels = _Levels(sigmas, x)
+    V.check_generator(generator, x, None)
+    for i in _trange(len(levels) - 1, disable):
+        m, pt = _denoise(model, x, levels.model(i), extra_args, callback is None)
+        if callback is not None:
+            callback({'x': x, 'i': i, 'sigma': levels.scalar(i), 'sigma_hat': levels.scalar(i), 'denoised': m})
+        if levels.positive(i + 1):
+            noise = noise_sampler(levels.scalar(i), levels.scalar(i + 1)) if noise_sampler is not None else None
+            x = euler_step(x, m, levels.op(i), levels.op(i + 1), eta=eta, s_noise=s_noise, prediction_type=pt,
+                           noise=noise, generator=generator if noise is None and eta > 0 else None)
+        else:  # the last step: sigma_down = sigma_up = 0
+            x = euler_step(x, m, levels.op(i), levels.op(i + 1), prediction_type=pt)
+    return x
+
+
+@torch.no_grad()
+def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
+                s_tmax=float('inf'), s_noise=1., *, generator=None):
+    """Implements Algorithm 2 (Heun steps) from Karras et al. (2022)."""
+    extra_args = {} if extra_args is None else extra_args
+    levels = _Levels(sigmas, x)
+    V.check_generator(generator, x, None)
+    fuse = callback is None
+    for i in _trange(len(levels) - 1, disable):
+        gamma = _churn_gamma(levels, i, s_churn, s_tmin, s_tmax)
+        if gamma > 0:
+            x = _add_churn(x, levels, i, gamma, s_noise, generator)
+        sigma_hat = levels.op(i, gamma + 1)
+        m, pt = _denoise(model, x, levels.model(i, gamma + 1), extra_args, fuse)
+        if callback is not None:
+            callback({'x': x, 'i': i, 'sigma': levels.scalar(i), 'sigma_hat': levels.scalar(i) * (gamma + 1),
+                      'denoised': m})
+        x_2 = euler_step(x, m, sigma_hat, levels.op(i + 1), prediction_type=pt)
+        if levels.zero(i + 1):
+            x = x_2  # Euler method
+        else:  # Heun's method
+            m_2, _ = _denoise(model, x_2, levels.model(i + 1), extra_args, fuse)
+            x = heun_step(x, m, x_2, m_2, sigma_hat, levels.op(i + 1), prediction_type=pt)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """DPM-Solver++(2M)."""
+    extra_args = {} if extra_args is None else extra_args
+    levels = _Levels(sigmas, x)
+    old_denoised = None
+    for i in _trange(len(levels) - 1, disable):
+        m, pt = _denoise(model, x, levels.model(i), extra_args, callback is None)
+        if callback is not None:
+            callback({'x': x, 'i': i, 'sigma': levels.scalar(i), 'sigma_hat': levels.scalar(i), 'denoised': m})
+        sigma_prev = levels.op(i - 1) if old_denoised is not None else None
+        if pt == "sample":
+            x = dpmpp_2m_step(x, m, old_denoised, levels.op(i), levels.op(i + 1), sigma_prev)
+            old_denoised = m
+        else:
+            x, old_denoised = dpmpp_2m_step(x, m, old_denoised, levels.op(i), levels.op(i + 1), sigma_prev,
+                                            prediction_type=pt, return_denoised=True)
+    return x
+
+
+@torch.no_grad()
+def sample_flow_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, stochastic=False,
+                      noise_sampler=None, *, generator=None):
+    """Flow-matching Euler (diffusers' FlowMatchEulerDiscreteScheduler) for a velocity model:
+    ``v = model(x, sigma, **extra_args)`` on ``x = (1 - sigma) x0 + sigma z``; ``sigmas``
+    from 1 (noise) down to 0. ``stochastic=True`` re-noises every step as diffusers'
+    ``stochastic_sampling`` (noise from ``noise_sampler(sigma, sigma_next)``, called on every
+    step as diffusers draws, or in-kernel from ``generator``)."""
+    extra_args = {} if extra_args is None else extra_args
+    levels = _Levels(sigmas, x)
+    V.check_generator(generator, x, None)
+    for i in _trange(len(levels) - 1, disable):
+        v = model(x, levels.model(i), **extra_args)
+        if callback is not None:
+            s = append_dims(levels.model(i).to(x.dtype), x.ndim)
+            callback({'x': x, 'i': i, 'sigma': levels.scalar(i), 'sigma_hat': levels.scalar(i),
+                      'denoised': x - s * v})
+        noise = noise_sampler(levels.scalar(i), levels.scalar(i + 1)) if stochastic and noise_sampler else None
+        x = flow_step(x, v, levels.op(i), levels.op(i + 1), stochastic=stochastic, noise=noise,
+                      generator=generator if stochastic and noise is None else None)
+    return x
+
+
+@torch.no_grad()
+def sample_lcm(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None, *,
+               generator=None):
+    """Latent-consistency sampling as ComfyUI's k-diffusion ``sample_lcm``: ``x = D(x; sigma)``,
+    then re-noised to the next level, ``x = D + sigma_next z`` (the VE form of LCMScheduler's
+    ``sqrt(ab') D + sqrt(1-ab') z``), except at the last step. ``model`` returns the
+    denoised sample including the consistency boundary condition (c_skip, c_out);
+    :func:`diffkern.lcm_step` is the same step on diffusers' VP state and timesteps."""
+    extra_args = {} if extra_args is None else extra_args
+    levels = _Levels(sigmas, x)
+    V.check_generator(generator, x, None)
+    for i in _trange(len(levels) - 1, disable):
+        denoised = model(x, levels.model(i), **extra_args)
+        if callback is not None:
+            callback({'x': x, 'i': i, 'sigma': levels.scalar(i), 'sigma_hat': levels.scalar(i), 'denoised': denoised})
+        x = denoised
+        if levels.positive(i + 1):
+            if noise_sampler is not None:
+                sn = levels.scalar(i + 1)
+                x = x + noise_sampler(levels.scalar(i), sn) * (append_dims(sn, x.ndim) if sn.dim() else sn)
+            else:
+                x = _add_noise(x, levels.op(i + 1), generator)
+    return x
+
+
+# ---- denoiser wrappers (k-diffusion's external.py) ---------------------------------------
+def _alphas_cumprod(schedule) -> torch.Tensor:
+    if isinstance(schedule, NoiseSchedule):
+        ac = schedule.alphas_cumprod
+    elif isinstance(schedule, torch.Tensor):
+        ac = schedule.detach().to(torch.float32)
+    else:
+        raise TypeError(f"schedule must be a diffkern.NoiseSchedule or an alphas_cumprod tensor, "
+                        f"got {type(schedule).__name__}")
+    if ac.dim() != 1 or ac.numel() < 2:
+        raise ValueError(f"alphas_cumprod must be 1-D with at least 2 entries, got shape {tuple(ac.shape)}")
+    if not bool(((ac > 0) & (ac < 1)).all()):
+        raise ValueError("alphas_cumprod must lie in (0, 1): a zero-terminal-SNR schedule has an infinite "
+                         "sigma_max, which the sigma-space samplers cannot start from")
+    return ac
+
+
+class DiscreteSchedule(torch.nn.Module):
+    """A mapping between continuous noise levels (sigmas) and a list of discrete noise
+    levels (k-diffusion's DiscreteSchedule): sigma <-> timestep interpolated in log sigma."""
+
+    prediction_type = "sample"
+
+    def __init__(self, sigmas, quantize):
+        super().__init__()
+        self.register_buffer('sigmas', sigmas)
+        self.register_buffer('log_sigmas', sigmas.log())
+        self.quantize = quantize
+
+    @property
+    def sigma_min(self):
+        return self.sigmas[0]
+
+    @property
+    def sigma_max(self):
+        return self.sigmas[-1]
+
+    def get_sigmas(self, n=None):
+        if n is None:
+            return append_zero(self.sigmas.flip(0))
+        t_max = len(self.sigmas) - 1
+        t = torch.linspace(t_max, 0, n, device=self.sigmas.device)
+        return append_zero(self.t_to_sigma(t))
+
+    def sigma_to_t(self, sigma, quantize=None):
+        quantize = self.quantize if quantize is None else quantize
+        log_sigma = sigma.log()
+        dists = log_sigma - self.log_sigmas[:, None]
+        if quantize:
+            return dists.abs().argmin(dim=0).view(sigma.shape)
+        low_idx = dists.ge(0).cumsum(dim=0).argmax(dim=0).clamp(max=self.log_sigmas.shape[0] - 2)
+        high_idx = low_idx + 1
+        low, high = self.log_sigmas[low_idx], self.log_sigmas[high_idx]
+        w = (low - log_sigma) / (low - high)
+        w = w.clamp(0, 1)
+        t = (1 - w) * low_idx + w * high_idx
+        return t.view(sigma.shape)
+
+    def t_to_sigma(self, t):
+        t = t.float()
+        low_idx, high_idx, w = t.floor().long(), t.ceil().long(), t.frac()
+        log_sigma = (1 - w) * self.log_sigmas[low_idx] + w * self.log_sigmas[high_idx]
+        return log_sigma.exp()
+
+
+class EpsDenoiser(DiscreteSchedule):
+    """k-diffusion's DiscreteEpsDDPMDenoiser over a diffkern :class:`NoiseSchedule`: turns
+    an epsilon model ``model(x, t, **kwargs)`` into a denoiser ``D(x; sigma) = x - sigma
+    eps(x / sqrt(sigma^2 + 1), sigma_to_t(sigma))``, t fractional unless ``quantize``."""
+
+    prediction_type = "epsilon"
+
+    def __init__(self, model, schedule, quantize=False):
+        ac = _alphas_cumprod(schedule)
+        super().__init__(((1 - ac) / ac) ** 0.5, quantize)
+        self.inner_model = model
+        self.sigma_data = 1.
+
+    def get_scalings(self, sigma):
+        c_out = -sigma
+        c_in = 1 / (sigma ** 2 + self.sigma_data ** 2) ** 0.5
+        return c_out, c_in
+
+    def get_eps(self, *args, **kwargs):
+        return self.inner_model(*args, **kwargs)
+
+    def model_output(self, input, sigma, **kwargs):
+        """The raw epsilon at (input, sigma): the samplers hand it to the fused steps."""
+        c_in = append_dims(self.get_scalings(sigma)[1], input.ndim)
+        return self.get_eps(input * c_in, self.sigma_to_t(sigma), **kwargs)
+
+    def forward(self, input, sigma, **kwargs):
+        c_out, c_in = [append_dims(x, input.ndim) for x in self.get_scalings(sigma)]
+        eps = self.get_eps(input * c_in, self.sigma_to_t(sigma), **kwargs)
+        return input + eps * c_out
+
+
+class VDenoiser(DiscreteSchedule):
+    """k-diffusion's DiscreteVDDPMDenoiser over a diffkern :class:`NoiseSchedule`:
+    ``D(x; sigma) = v c_out + x c_skip`` with ``c_skip = 1/(sigma^2+1)``,
+    ``c_out = -sigma/sqrt(sigma^2+1)``, v the model's output at ``x / sqrt(sigma^2+1)``."""
+
+    prediction_type = "v_prediction"
+
+    def __init__(self, model, schedule, quantize=False):
+        ac = _alphas_cumprod(schedule)
+        super().__init__(((1 - ac) / ac) ** 0.5, quantize)
+        self.inner_model = model
+        self.sigma_data = 1.
+
+    def get_scalings(self, sigma):
+        c_skip = self.sigma_data ** 2 / (sigma ** 2 + self.sigma_data ** 2)
+        c_out = -sigma * self.sigma_data / (sigma ** 2 + self.sigma_data ** 2) ** 0.5
+        c_in = 1 / (sigma ** 2 + self.sigma_data ** 2) ** 0.5
+        return c_skip, c_out, c_in
+
+    def get_v(self, *args, **kwargs):
+        return self.inner_model(*args, **kwargs)
+
+    def model_output(self, input, sigma, **kwargs):
+        """The raw v at (input, sigma): the samplers hand it to the fused steps."""
+        c_in = append_dims(self.get_scalings(sigma)[2], input.ndim)
+        return self.get_v(input * c_in, self.sigma_to_t(sigma), **kwargs)
+
+    def forward(self, input, sigma, **kwargs):
+        c_skip, c_out, c_in = [append_dims(x, input.ndim) for x in self.get_scalings(sigma)]
+        return self.get_v(input * c_in, self.sigma_to_t(sigma), **kwargs) * c_out + input * c_skip

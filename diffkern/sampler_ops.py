@@ -1,0 +1,238 @@
+"""The sampler-family ops of today's pipelines: Euler, Euler ancestral, Heun,
+DPM-Solver++(2M), flow-matching Euler, flow noising and LCM (CONTRACT.md,
+SAMPLER_SEMANTICS.md).
+
+Each function validates once, then runs the native kernel when one is registered for the
+op and built for x's device, else the pure-PyTorch reference
+(:mod:`diffkern.reference_samplers`, same numbers, same drawn noise).
+
+Conventions shared by every op here:
+
+- Per-sample scalars (``sigma``, ``sigma_next``, ``sigma_prev``): a Python number, a 0-d
+  tensor, or a (B,) floating tensor (B = ``x.shape[0]``) on the CPU or on x's device.
+  Range checks (finite, > 0 where the step divides, orderings) run for host values only:
+  a device tensor is never read back, so a GPU loop does not stall.
+- Dtypes: float16/bfloat16/float32/float64 storage, float32 math (float64 when any
+  operand is float64). The model outputs may differ in dtype from x; the result has the
+  promoted dtype (as ``x + d * dt`` in torch), so with matching dtypes it is x's dtype.
+- Shapes: any shape and strides; model outputs and ``noise`` broadcast to x's shape;
+  the result has x's shape.
+- Noise: ``noise=`` is used exactly as given; otherwise, when the step is stochastic, one
+  x-shaped draw of the in-kernel Philox stream keyed by ``generator`` (as the DDPM/DDIM
+  ops draw it). An op that draws, draws on every call whatever the sigma values (so the
+  generator advances the same way with host or device scalars).
+- Differentiable w.r.t. the tensor inputs.
+
+Native hook: ``_NATIVE_IMPLS[op_name]`` (filled by the native side) is called, when
+``native_available(x.device)``, with the validated arguments, positionally, in the order
+of the reference's private function of the op:
+
+- ``euler_step``:    (x, denoised, sigma, sigma_next, eta, s_noise, gamma, prediction, noise, generator)
+- ``heun_step``:     (x, denoised, x_proposal, denoised_proposal, sigma, sigma_next, prediction)
+- ``dpmpp_2m_step``: (x, denoised, old_denoised, sigma, sigma_next, sigma_prev, prediction, solver_type,
+  variance_preserving, return_denoised)
+- ``flow_step``:     (x, velocity, sigma, sigma_next, stochastic, noise, generator)
+- ``flow_q_sample``: (x0, sigma, noise, generator) -> (x_t, noise)
+- ``lcm_step``:      (x, model_output, args, noise, generator), ``args`` a
+  ``reference_samplers._LcmArgs``: t, t_prev (int64 (1,)/(B,) on x's device, t_prev < 0 =
+  final), table (float32 alphas_cumprod on x's device), prediction, timestep_scaling,
+  sigma_data, clip (float or None), return_denoised
+
+Scalars are a Python float or a contiguous 1-D float tensor of length 1 or B on x's
+device (any float dtype); ``prediction`` is the int code of ``_validate.PREDICTION_TYPES``;
+``solver_type`` the string; eta/s_noise/gamma Python floats; tensors may broadcast, have
+any strides, and differ in dtype from x. The impl may return ``NotImplemented`` for a case
+it does not cover; the reference then runs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference_samplers as R
+from ._native import native_available
+
+__all__ = ["euler_step", "heun_step", "dpmpp_2m_step", "flow_step", "flow_q_sample", "lcm_step"]
+
+# op name -> callable(validated args...) registered by the native side; empty without it.
+_NATIVE_IMPLS: dict = {}
+
+
+def _native_impl(name: str, x: torch.Tensor):
+    impl = _NATIVE_IMPLS.get(name)
+    if impl is None or not native_available(x.device):
+        return None
+    return impl
+
+
+# ---- euler_step ----------------------------------------------------------------------
+def euler_step(x, denoised, sigma, sigma_next, *, eta=0.0, s_noise=1.0, gamma=0.0, prediction_type="sample",
+               noise=None, generator=None):
+    """One Euler step in k-diffusion's sigma space, from ``sigma`` to ``sigma_next``.
+
+    ``D`` is the denoised sample formed from ``denoised`` (the model output m) per
+    ``prediction_type``: ``"sample"`` ``D = m``; ``"epsilon"`` ``D = x - sigma m``;
+    ``"v_prediction"`` ``D = m (-sigma/sqrt(sigma^2+1)) + x/(sigma^2+1)``. Then
+    ``d = (x - D)/sigma`` and:
+
+    - ``eta == 0, gamma == 0`` (k-diffusion's sample_euler): ``x + d (sigma_next - sigma)``.
+      No noise is drawn; ``noise`` is ignored.
+    - ``eta > 0`` (sample_euler_ancestral): ``sigma_up = min(sigma_next, eta sqrt(sigma_next^2
+      (sigma^2 - sigma_next^2)/sigma^2))``, ``sigma_down = sqrt(sigma_next^2 - sigma_up^2)``,
+      ``x + d (sigma_down - sigma) + s_noise sigma_up z``, the noise term only where
+      ``sigma_next > 0``. Needs ``sigma_next <= sigma``.
+    - ``gamma > 0`` (diffusers' EulerDiscreteScheduler churn, after the model ran at
+      ``sigma``): ``sigma_hat = sigma (1 + gamma)``, ``x_hat = x + s_noise sqrt(sigma_hat^2 -
+      sigma^2) z``, D from (x_hat, m) with ``sigma_hat`` (``"v_prediction"``: with ``sigma``,
+      as diffusers), ``x_hat + (x_hat - D)/sigma_hat (sigma_next - sigma_hat)``.
+      ``eta`` and ``gamma`` are exclusive.
+
+    Args:
+        x: (B, ...) state. denoised: model output, broadcastable to x.
+        sigma: > 0, finite. sigma_next: >= 0 (0 is the final step). Per-sample scalars.
+        eta, s_noise, gamma: Python numbers >= 0.
+        noise / generator: z as given, or drawn (one x-shaped draw when eta > 0 or gamma > 0).
+
+    Returns: the state at ``sigma_next``.
+    """
+    a = R._euler_args(x, denoised, sigma, sigma_next, eta, s_noise, gamma, prediction_type, noise, generator)
+    impl = _native_impl("euler_step", x)
+    if impl is not None:
+        out = impl(x, denoised, *a, noise, generator)
+        if out is not NotImplemented:
+            return out
+    return R._euler(x, denoised, *a, noise, generator)
+
+
+# ---- heun_step -----------------------------------------------------------------------
+def heun_step(x, denoised, x_proposal, denoised_proposal, sigma, sigma_next, *, prediction_type="sample"):
+    """Heun's second stage (k-diffusion's sample_heun; Karras et al. 2022, Alg. 1).
+
+    ``d = (x - D)/sigma`` with D formed from ``denoised`` at ``sigma``;
+    ``d' = (x_proposal - D')/sigma_next`` with D' formed from ``denoised_proposal`` at
+    ``sigma_next``; ``x + (d + d')/2 (sigma_next - sigma)``. The first stage is
+    ``x_proposal = euler_step(x, denoised, sigma, sigma_next)``; in sample_heun with churn
+    ``sigma`` is sigma_hat. The last step to sigma 0 is a plain :func:`euler_step`.
+
+    Args: x, x_proposal: (B, ...) states; denoised, denoised_proposal: model outputs
+    (``prediction_type`` as in :func:`euler_step`); sigma, sigma_next: > 0, per-sample.
+    No noise. Returns the state at ``sigma_next``.
+    """
+    a = R._heun_args(x, denoised, x_proposal, denoised_proposal, sigma, sigma_next, prediction_type)
+    impl = _native_impl("heun_step", x)
+    if impl is not None:
+        out = impl(x, denoised, x_proposal, denoised_proposal, *a)
+        if out is not NotImplemented:
+            return out
+    return R._heun(x, denoised, x_proposal, denoised_proposal, *a)
+
+
+# ---- dpmpp_2m_step -------------------------------------------------------------------
+def dpmpp_2m_step(x, denoised, old_denoised, sigma, sigma_next, sigma_prev=None, *, prediction_type="sample",
+                  solver_type="midpoint", variance_preserving=False, return_denoised=False):
+    """One DPM-Solver++(2M) step (Lu et al. 2022; k-diffusion's sample_dpmpp_2m).
+
+    With ``t = -log sigma``, ``h = t_next - t`` and D the denoised sample formed from
+    ``denoised`` (per ``prediction_type``):
+
+    - ``old_denoised`` None (first step): ``x' = (sigma_next/sigma) x - expm1(-h) D``;
+    - else ``r = (t - t_prev)/h``, ``t_prev = -log sigma_prev``; ``"midpoint"`` (k-diffusion):
+      ``D_d = (1 + 1/(2r)) D - (1/(2r)) old_denoised``, ``x' = (sigma_next/sigma) x -
+      expm1(-h) D_d``; ``"heun"`` (diffusers): ``x' = (sigma_next/sigma) x - expm1(-h) D +
+      (expm1(-h)/h + 1) (D - old_denoised)/r``;
+    - ``sigma_next == 0``: ``x' = D`` exactly.
+
+    ``variance_preserving=True``: x and x' are diffusers' VP state ``x_ve/sqrt(sigma^2+1)``;
+    with ``alpha = 1/sqrt(sigma^2+1)``, ``sigma_vp = sigma alpha``, D is ``(x - sigma_vp m)/alpha``
+    (epsilon), ``alpha x - sigma_vp m`` (v_prediction) or m (sample), and
+    ``x'_vp = x'_ve / sqrt(sigma_next^2+1)`` (DPMSolverMultistepScheduler, dpmsolver++, order 2).
+
+    Args:
+        x: (B, ...) state. denoised: model output. old_denoised: the previous step's
+            *denoised sample* D (not its raw model output; see ``return_denoised``) or None.
+        sigma > 0; sigma_next >= 0; sigma_prev (needed with old_denoised) > sigma; with
+            old_denoised also sigma_next < sigma. Per-sample scalars.
+        return_denoised: also return D (the next call's ``old_denoised``), promoted dtype.
+    No noise. Returns x' or ``(x', D)``.
+    """
+    a = R._dpmpp_2m_args(x, denoised, old_denoised, sigma, sigma_next, sigma_prev, prediction_type, solver_type,
+                         variance_preserving, return_denoised)
+    impl = _native_impl("dpmpp_2m_step", x)
+    if impl is not None:
+        out = impl(x, denoised, old_denoised, *a)
+        if out is not NotImplemented:
+            return out
+    return R._dpmpp_2m(x, denoised, old_denoised, *a)
+
+
+# ---- flow_step -----------------------------------------------------------------------
+def flow_step(x, velocity, sigma, sigma_next, *, stochastic=False, noise=None, generator=None):
+    """One flow-matching Euler step on ``x_sigma = (1 - sigma) x0 + sigma z`` with the
+    velocity ``v = z - x0`` (diffusers' FlowMatchEulerDiscreteScheduler.step).
+
+    - ``stochastic=False``: ``x + (sigma_next - sigma) v``; no noise.
+    - ``stochastic=True`` (``stochastic_sampling=True``): ``x0 = x - sigma v``,
+      ``(1 - sigma_next) x0 + sigma_next z``, z drawn (one x-shaped draw) or ``noise``.
+
+    Args: x: (B, ...); velocity: model output, broadcastable; sigma, sigma_next: finite,
+    >= 0, per-sample. Returns the state at ``sigma_next``.
+    """
+    a = R._flow_args(x, velocity, sigma, sigma_next, stochastic, noise, generator)
+    impl = _native_impl("flow_step", x)
+    if impl is not None:
+        out = impl(x, velocity, *a, noise, generator)
+        if out is not NotImplemented:
+            return out
+    return R._flow(x, velocity, *a, noise, generator)
+
+
+# ---- flow_q_sample -------------------------------------------------------------------
+def flow_q_sample(x0, sigma, noise=None, *, generator=None):
+    """Noise clean samples for rectified-flow / flow-matching training (diffusers'
+    ``scale_noise``): ``x_sigma = (1 - sigma) x0 + sigma noise``; the velocity target is
+    ``noise - x0``.
+
+    Args: x0: (B, ...); sigma: per-sample in [0, 1]; noise: broadcastable to x0, drawn
+    (one x0-shaped draw) when None. Returns ``(x_sigma, noise)``, noise being the tensor
+    used (drawn noise in x0's dtype).
+    """
+    s = R._flow_q_sample_args(x0, sigma, noise, generator)
+    impl = _native_impl("flow_q_sample", x0)
+    if impl is not None:
+        out = impl(x0, s, noise, generator)
+        if out is not NotImplemented:
+            return out
+    return R._flow_q_sample(x0, s, noise, generator)
+
+
+# ---- lcm_step ------------------------------------------------------------------------
+def lcm_step(x, model_output, t, t_prev, *, schedule=None, prediction_type="epsilon", timestep_scaling=10.0,
+             sigma_data=0.5, clip_sample=None, noise=None, generator=None, return_denoised=False):
+    """One latent-consistency step (Luo et al. 2023; diffusers' LCMScheduler.step) on the
+    VP state, from timestep ``t`` to ``t_prev``.
+
+    With ``ab = alphas_cumprod[t]``, ``ab' = alphas_cumprod[t_prev]`` and ``u = t *
+    timestep_scaling``: ``c_skip = sigma_data^2/(u^2 + sigma_data^2)``, ``c_out = u/sqrt(u^2
+    + sigma_data^2)``; x0 from the model output as DDIM forms it (epsilon ``(x -
+    sqrt(1-ab) m)/sqrt(ab)``, sample ``m``, v ``sqrt(ab) x - sqrt(1-ab) m``), clamped to
+    ``[-clip_sample, clip_sample]`` if given; ``denoised = c_out x0 + c_skip x``;
+    ``x_prev = sqrt(ab') denoised + sqrt(1 - ab') z``, and ``x_prev = denoised`` where
+    ``t_prev < 0`` (the final step).
+
+    Args:
+        x: (B, ...). model_output: broadcastable to x.
+        t, t_prev: int or int64 0-d/(B,) tensors on the CPU or x's device, ``t_prev < t``.
+        schedule: :class:`NoiseSchedule` (default: linear 1e-4..0.02, T = 1000).
+        noise / generator: z as given, or one x-shaped draw per call (also on the final
+            step, whose result does not use it).
+        return_denoised: also return ``denoised`` (diffusers' ``denoised`` output).
+    Returns ``x_prev`` or ``(x_prev, denoised)``.
+    """
+    a = R._lcm_args(x, model_output, t, t_prev, schedule, prediction_type, timestep_scaling, sigma_data,
+                    clip_sample, noise, generator, return_denoised)
+    impl = _native_impl("lcm_step", x)
+    if impl is not None:
+        out = impl(x, model_output, a, noise, generator)
+        if out is not NotImplemented:
+            return out
+    return R._lcm(x, model_output, a, noise, generator)
