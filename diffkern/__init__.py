@@ -10,6 +10,7 @@ says why not); ``DIFFKERN_DISABLE_NATIVE=1`` forces the reference.
 
 from . import reference
 from ._native import native_available, native_error
+from ._rng import keyed_randn
 from ._validate import MismatchError
 from .ops import (
     annealed_langevin,
@@ -25,7 +26,7 @@ from .schedules import NoiseSchedule
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("models", "training", "samplers", "metrics", "data")
+_SUBMODULES = ("models", "training", "samplers", "metrics", "data", "distributed")
 
 
 def __getattr__(name):
@@ -42,3 +43,4 @@ __all__ = [
     "gmm_annealed_langevin", "native_available", "native_error", "reference", "MismatchError",
 ]
 __all__ += ["euler_step", "heun_step", "dpmpp_2m_step", "flow_step", "flow_q_sample", "lcm_step"]
+__all__ += ["keyed_randn"]

@@ -151,11 +151,17 @@ def philox_normal(numel: int, seed: int, offset: int, *, start: int = 0, device=
     return z[lo:lo + numel]
 
 
-def keyed_normal(seeds: torch.Tensor, step: int, inner: int, *, start: int = 0, numel: int | None = None,
+MAX_STEP = 1 << 62  # the step fills counter words 0-1 as offset/4 does (keyed_key: offset = 4 step)
+X_T_STEP = MAX_STEP - 1  # the samplers' x_T under seeds= (keyed_randn(seeds, shape, step=X_T_STEP))
+
+
+def keyed_normal(seeds: torch.Tensor, step, inner: int, *, start: int = 0, numel: int | None = None,
                  device=None) -> torch.Tensor:
     """Float32 normals of shape ``(B, numel)`` under per-sample keys: row ``b`` holds
-    elements ``start .. start+numel-1`` of sample ``b`` keyed by ``(seeds[b], step)``.
-    ``inner`` (elements per sample) does not change the values; it is the default numel."""
+    elements ``start .. start+numel-1`` of sample ``b`` keyed by ``(seeds[b], step)``
+    (``seeds`` int64 (B,); ``step`` an int or a one-element int64 tensor, read with tensor
+    ops, so a CUDA graph replays whatever step its buffer holds). ``inner`` (elements per
+    sample) does not change the values; it is the default numel."""
     device = torch.device(device) if device is not None else seeds.device
     seeds = seeds.to(device=device, dtype=torch.int64).reshape(-1, 1)
     numel = inner - start if numel is None else numel
@@ -165,9 +171,12 @@ def keyed_normal(seeds: torch.Tensor, step: int, inner: int, *, start: int = 0, 
     g0 = start // 4
     g1 = (start + numel - 1) // 4 + 1
     g = torch.arange(g0, g1, dtype=torch.int64, device=device).expand(B, -1)
-    ctr = (int(step) & ((1 << 64) - 1)) & MASK32, ((int(step) & ((1 << 64) - 1)) >> 32) & 0x3FFFFFFF
-    c0 = torch.full_like(g, ctr[0])
-    c1 = torch.full_like(g, ctr[1])
+    if isinstance(step, torch.Tensor):
+        st = step.to(device=device, dtype=torch.int64).reshape(())
+    else:
+        st = torch.tensor(int(step) % MAX_STEP, dtype=torch.int64, device=device)
+    c0 = (st & MASK32).expand_as(g)
+    c1 = ((st >> 32) & 0x3FFFFFFF).expand_as(g)
     c2 = g & MASK32
     c3 = ((g >> 32) & MASK32) | 0x80000000  # kKeyedGroup: the top bit of the group
     k0 = (seeds & MASK32).expand_as(g)
@@ -180,10 +189,136 @@ def keyed_normal(seeds: torch.Tensor, step: int, inner: int, *, start: int = 0, 
     return z[:, lo:lo + numel]
 
 
+# ---- per-sample keys: arguments and the draw ----------------------------------------
+def check_seeds(seeds, B: int, device: torch.device) -> torch.Tensor:
+    """``seeds=`` as an int64 tensor on ``device`` (x's): (1,) for an int (every sample),
+    else (B,) (a CPU tensor is copied without a sync; a device one is used as it is, so a
+    captured graph reads its buffer)."""
+    if isinstance(seeds, bool):
+        raise TypeError("seeds must be an int or an int64 tensor, got bool")
+    if isinstance(seeds, int):
+        if not -(1 << 63) <= seeds < (1 << 64):
+            raise ValueError(f"seeds must fit in 64 bits, got {seeds}")
+        return _int_tensor(_to_int64(seeds), device)
+    if not isinstance(seeds, torch.Tensor):
+        raise TypeError(f"seeds must be an int or an int64 tensor, got {type(seeds).__name__}")
+    if seeds.dtype != torch.int64:
+        raise TypeError(f"seeds must be an int64 tensor, got {seeds.dtype}")
+    if seeds.device.type != "cpu" and seeds.device != device:
+        raise ValueError(f"seeds must be on the CPU or on x's device ({device}), got {seeds.device}")
+    if seeds.dim() == 0:
+        seeds = seeds.reshape(1)
+    if seeds.dim() != 1 or seeds.numel() not in (1, B):
+        raise ValueError(f"seeds must be an int or a tensor of shape ({B},) (one per sample), "
+                         f"got shape {tuple(seeds.shape)}")
+    return seeds.to(device, non_blocking=True)
+
+
+def check_step(step, device: torch.device):
+    """``step=`` as an int in [0, 2^62) or a one-element int64 tensor on ``device``."""
+    if step is None:
+        return 0
+    if isinstance(step, bool):
+        raise TypeError("step must be an int or a 0-d int64 tensor, got bool")
+    if isinstance(step, int):
+        if not 0 <= step < MAX_STEP:
+            raise ValueError(f"step must be in [0, 2**62), got {step}")
+        return step
+    if not isinstance(step, torch.Tensor):
+        raise TypeError(f"step must be an int or a 0-d int64 tensor, got {type(step).__name__}")
+    if step.dtype != torch.int64 or step.numel() != 1:
+        raise TypeError(f"step must be an int or a 0-d int64 tensor, got {step.dtype} of shape {tuple(step.shape)}")
+    if step.device.type != "cpu" and step.device != device:
+        raise ValueError(f"step must be on the CPU or on x's device ({device}), got {step.device}")
+    return step.reshape(()).to(device, non_blocking=True)
+
+
+_int_tensors: dict = {}
+
+
+def _int_tensor(v: int, device: torch.device) -> torch.Tensor:
+    """A cached (1,) int64 tensor (never written to): an int seed costs no copy per call."""
+    key = (v, device)
+    t = _int_tensors.get(key)
+    if t is None:
+        if len(_int_tensors) > 4096:
+            _int_tensors.clear()
+        with torch.inference_mode(False):
+            t = torch.tensor([v], dtype=torch.int64, device=device)
+        _int_tensors[key] = t
+    return t
+
+
+def _native_keyed(device: torch.device) -> bool:
+    return _HAS_KEYED_OP and _native.native_available(device)
+
+
+def keyed_randn(seeds, shape, *, step=0, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Normals of ``shape`` (B, ...) whose row ``b`` is sample ``b``'s stream keyed by
+    ``(seeds[b], step)``: the same values as the noise an op draws with ``seeds=``,
+    ``step=`` for an x of this shape (e.g. a sampler's x_T; give it a step the loop does
+    not use)."""
+    shape = tuple(int(s) for s in shape)
+    if not shape:
+        raise ValueError("shape must have a leading (sample) dimension")
+    if device is None:
+        device = seeds.device if isinstance(seeds, torch.Tensor) else torch.device("cpu")
+    device = torch.device(device)
+    s = check_seeds(seeds, shape[0], device)
+    st = check_step(step, device)
+    return _keyed_draw(s, st, shape, device).to(dtype)
+
+
+def _keyed_draw(seeds: torch.Tensor, step, shape, device, native: bool = True) -> torch.Tensor:
+    B = shape[0]
+    inner = 1
+    for d in shape[1:]:
+        inner *= d
+    if native and _native_keyed(device):
+        st_t, st = (step, 0) if isinstance(step, torch.Tensor) else (None, step)
+        z = torch.ops.diffkern.keyed_normal(seeds, st_t, st, B, inner)
+    else:
+        z = keyed_normal(seeds.expand(B) if seeds.numel() == 1 else seeds, step, inner)
+    return z.reshape(shape)
+
+
+def nonzero(v) -> bool:
+    """Whether a stochastic-strength argument (eta, gamma) asks for noise; invalid values
+    count as nonzero and are rejected by the op's own checks."""
+    return not (isinstance(v, (int, float)) and not isinstance(v, bool) and v == 0)
+
+
+def keyed_noise(x: torch.Tensor, seeds, step, generator=None, noise=None, draws: bool = True, native: bool = True):
+    """The ops' ``seeds=``/``step=`` front door: ``noise`` unchanged without seeds; else the
+    noise of x's shape, x's dtype, whose sample ``b`` is a pure function of
+    ``(seeds[b], step)`` (None when the call draws nothing). seeds excludes generator and
+    noise. ``native=False``: drawn by :func:`keyed_normal` (the reference's oracle)."""
+    if seeds is None:
+        if step is not None:
+            raise ValueError("step= needs seeds=")
+        return noise
+    if generator is not None:
+        raise ValueError("pass either seeds or generator, not both")
+    if noise is not None:
+        raise ValueError("pass either seeds or noise, not both")
+    s = check_seeds(seeds, x.shape[0] if x.dim() > 0 else 1, x.device)
+    st = check_step(step, x.device)
+    if not draws:
+        return None
+    shape = tuple(x.shape) if x.dim() > 0 else (1,)
+    return _keyed_draw(s, st, shape, x.device, native).reshape(x.shape).to(x.dtype)
+
+
 # ---- generator -> (seed, offset) -------------------------------------------------
 def _to_int64(v: int) -> int:
     v &= (1 << 64) - 1
     return v - (1 << 64) if v >= (1 << 63) else v
+
+
+def _register_fake():
+    @torch.library.register_fake("diffkern::keyed_normal")
+    def _(seeds, step_t, step, batch, inner):
+        return seeds.new_empty((batch, inner), dtype=torch.float32)
 
 
 def cpu_generator_key(gen: torch.Generator | None) -> tuple[int, int]:
@@ -230,3 +365,11 @@ def normal_like(shape, gen: torch.Generator | None, device, dtype) -> torch.Tens
     for s in shape:
         n *= int(s)
     return philox_normal(n, seed, offset, device=device).reshape(shape).to(dtype)
+
+
+from . import _native  # noqa: E402  (after the definitions: _native imports no diffkern module)
+
+# An extension built before the op existed still serves the rest (keyed noise: the reference).
+_HAS_KEYED_OP = _native.native_available() and hasattr(torch.ops.diffkern, "keyed_normal")
+if _HAS_KEYED_OP:
+    _register_fake()

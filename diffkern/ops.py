@@ -41,7 +41,7 @@ def _noise_source(x: torch.Tensor, generator, draws: bool):
 
 
 # ---- q_sample ----------------------------------------------------------------------
-def q_sample(x0, t, noise=None, *, schedule=None, generator=None):
+def q_sample(x0, t, noise=None, *, schedule=None, generator=None, seeds=None, step=None):
     """Noise clean samples to timestep ``t`` (diffusers' ``add_noise``).
 
     ``x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) noise`` with ``ab = schedule.alphas_cumprod``.
@@ -52,11 +52,14 @@ def q_sample(x0, t, noise=None, *, schedule=None, generator=None):
         noise: optional tensor broadcastable to x0; drawn in-kernel (Philox) when None.
         schedule: :class:`NoiseSchedule` (default: linear 1e-4..0.02, T = 1000).
         generator: torch.Generator for the drawn noise (CPU or CUDA).
+        seeds, step: per-sample keys instead: the noise of sample b is a pure function of
+            (seeds[b], step) (README "Reproducible noise"); seeds an int or (B,) int64.
 
     Returns:
         ``(x_t, noise)``, both of x0's dtype; ``noise`` is the tensor used.
     """
     x0 = V.check_x(x0, "x0")
+    noise = _rng.keyed_noise(x0, seeds, step, generator, noise)
     sched = V.check_schedule(schedule)
     tt = V.check_timesteps(t, x0, sched.num_timesteps)
     if noise is not None:
@@ -72,7 +75,7 @@ def q_sample(x0, t, noise=None, *, schedule=None, generator=None):
 
 # ---- ddim_step ---------------------------------------------------------------------
 def ddim_step(x, eps, t, eta=0.0, *, t_prev=None, schedule=None, prediction_type="epsilon", clip_sample=None,
-              noise=None, generator=None):
+              noise=None, generator=None, seeds=None, step=None):
     """One DDIM step (Song et al. 2021, eq. 12) from ``t`` to ``t_prev``.
 
     ``x' = sqrt(ab') x0 + sqrt(1 - ab' - std^2) eps + std z``, ``std = eta sqrt(var)``,
@@ -86,9 +89,11 @@ def ddim_step(x, eps, t, eta=0.0, *, t_prev=None, schedule=None, prediction_type
         t, t_prev: int or int64 (B,) tensors; ``t_prev`` defaults to ``t - 1``, and
             ``t_prev < 0`` is the final step (``ab' = 1``).
         noise / generator: the z to use, or the generator to draw it from (in-kernel).
+        seeds, step: per-sample keys instead of a generator (:func:`q_sample`).
 
     Returns: ``x_{t_prev}``, x's dtype and shape (contiguous).
     """
+    noise = _rng.keyed_noise(V.check_x(x), seeds, step, generator, noise, draws=_rng.nonzero(eta))
     a = R._step_args(x, eps, t, t_prev, schedule, prediction_type, clip_sample, noise, generator)
     eta = V.check_nonneg(eta, "eta")
     if not _use_native(x):
@@ -100,7 +105,7 @@ def ddim_step(x, eps, t, eta=0.0, *, t_prev=None, schedule=None, prediction_type
 
 # ---- ddpm_step ---------------------------------------------------------------------
 def ddpm_step(x, eps, t, *, t_prev=None, schedule=None, variance="fixed_small", prediction_type="epsilon",
-              clip_sample=None, noise=None, generator=None):
+              clip_sample=None, noise=None, generator=None, seeds=None, step=None):
     """One ancestral DDPM step (Ho et al. 2020, Algorithm 2) from ``t`` to ``t_prev``.
 
     With ``a = ab/ab'``, ``b = 1 - a``: ``mean = sqrt(ab') b/(1-ab) x0 + sqrt(a)(1-ab')/(1-ab) x``
@@ -108,6 +113,7 @@ def ddpm_step(x, eps, t, *, t_prev=None, schedule=None, variance="fixed_small", 
     ``std z`` with ``std^2 = max((1-ab')/(1-ab) b, 1e-20)`` (``"fixed_small"``) or ``b``
     (``"fixed_large"``); no noise where ``t == 0``. Arguments as in :func:`ddim_step`.
     """
+    noise = _rng.keyed_noise(V.check_x(x), seeds, step, generator, noise)
     a = R._step_args(x, eps, t, t_prev, schedule, prediction_type, clip_sample, noise, generator)
     var = V.check_variance(variance)
     if not _use_native(x):
@@ -118,12 +124,14 @@ def ddpm_step(x, eps, t, *, t_prev=None, schedule=None, variance="fixed_small", 
 
 
 # ---- langevin_step -----------------------------------------------------------------
-def langevin_step(x, score, step_size, *, noise=None, generator=None):
+def langevin_step(x, score, step_size, *, noise=None, generator=None, seeds=None, step=None):
     """One Langevin step ``x + step_size * score + sqrt(2 step_size) z``.
 
     This is the NCSN *code* convention; the NCSN paper writes ``x + (e/2) s + sqrt(e) z``,
-    i.e. its ``e`` is ``2 * step_size`` here."""
+    i.e. its ``e`` is ``2 * step_size`` here. ``seeds``/``step``: per-sample keys
+    (:func:`q_sample`)."""
     V.check_x(x)
+    noise = _rng.keyed_noise(x, seeds, step, generator, noise)
     V.check_like(x, score, "score")
     step = V.check_nonneg(step_size, "step_size")
     if noise is not None:
@@ -136,16 +144,19 @@ def langevin_step(x, score, step_size, *, noise=None, generator=None):
 
 
 def annealed_langevin(score_fn, x, sigmas, *, n_steps_each=100, step_lr=2e-5, denoise=False, generator=None,
-                      callback=None):
+                      callback=None, seeds=None):
     """NCSN annealed Langevin dynamics; ``score_fn(x, sigma)`` is the (learned) score.
 
     Level ``i`` uses ``alpha_i = step_lr (sigma_i / sigma_L)^2`` for ``n_steps_each`` steps
     of :func:`langevin_step` (fused, in-kernel noise); ``denoise=True`` adds NCSNv2's final
     ``x + sigma_L^2 s(x, sigma_L)``. ``callback(level, step, sigma, x)`` runs after each step.
-    Stable for ``step_lr < 2 sigma_L^2``."""
+    Stable for ``step_lr < 2 sigma_L^2``. ``seeds=``: per-sample keys, chain step ``k``
+    (counting over all levels from 0) drawing with ``step=k``."""
     return R.annealed_langevin(score_fn, x, sigmas, n_steps_each=n_steps_each, step_lr=step_lr, denoise=denoise,
-                               generator=generator, callback=callback,
-                               _step=lambda x_, s_, a_: langevin_step(x_, s_, a_, generator=generator))
+                               generator=generator, callback=callback, seeds=seeds,
+                               _step=lambda x_, s_, a_, k_=None: langevin_step(
+                                   x_, s_, a_, generator=generator, seeds=seeds,
+                                   step=k_ if seeds is not None else None))
 
 
 # ---- Gaussian mixtures -------------------------------------------------------------

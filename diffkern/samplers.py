@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from . import _rng
 from .ops import annealed_langevin as _annealed_langevin
 from .ops import ddim_step, ddpm_step, langevin_step
 from .schedules import NoiseSchedule
@@ -62,10 +63,18 @@ def _model_eps(model, x, t, labels):
 
 
 def _step_loop(step, model, shape, *, n_steps, spacing, schedule, labels, x_T, generator, device, progress, desc,
-               return_intermediates, **step_kwargs):
+               return_intermediates, seeds=None, **step_kwargs):
     sched = schedule or NoiseSchedule.linear()
     ts = timesteps(n_steps, sched.num_timesteps, spacing)
-    x = x_T.to(device) if x_T is not None else _randn(shape, generator, device)
+    if x_T is not None:
+        x = x_T.to(device)
+    elif seeds is not None:  # per-sample keys: x_T of sample b from (seeds[b], X_T_STEP)
+        if generator is not None:
+            raise ValueError("pass either seeds or generator, not both")
+        x = _rng.keyed_randn(seeds, shape, step=_rng.X_T_STEP, device=device)
+    else:
+        x = _randn(shape, generator, device)
+    noise_kw = {"generator": generator} if seeds is None else {"seeds": seeds}
     B = x.shape[0]
     # One contiguous (B,) row of timesteps per step, made once on x's device.
     t_all = torch.tensor(ts + [-1], dtype=torch.int64, device=x.device)[:, None].repeat(1, B)
@@ -74,7 +83,9 @@ def _step_loop(step, model, shape, *, n_steps, spacing, schedule, labels, x_T, g
         for i in _progress(range(len(ts)), total=len(ts), desc=desc, enabled=progress):
             t, t_prev = t_all[i], t_all[i + 1]
             eps = _model_eps(model, x, t, labels)
-            x = step(x, eps.to(x.dtype), t, t_prev=t_prev, schedule=sched, generator=generator, **step_kwargs)
+            if seeds is not None:
+                noise_kw["step"] = i  # step i of the loop draws with step=i
+            x = step(x, eps.to(x.dtype), t, t_prev=t_prev, schedule=sched, **noise_kw, **step_kwargs)
             if return_intermediates:
                 intermediates.append(x)
     return (x, intermediates) if return_intermediates else x
@@ -83,25 +94,29 @@ def _step_loop(step, model, shape, *, n_steps, spacing, schedule, labels, x_T, g
 def ddpm_sample(model, shape, *, n_steps: int | None = None, spacing: str = "leading", schedule=None, labels=None,
                 variance: str = "fixed_small", clip_sample: float | None = None, x_T: torch.Tensor | None = None,
                 generator: torch.Generator | None = None, device=None, progress: bool = False,
-                return_intermediates: bool = False):
+                return_intermediates: bool = False, seeds=None):
     """Ancestral DDPM sampling (Ho et al. 2020, Algorithm 2) with :func:`diffkern.ddpm_step`.
 
     ``model(x, t[, labels]) -> eps``. ``n_steps=None`` visits all ``T`` timesteps (1000
     for the default schedule); fewer steps jump ``t -> t_prev`` with the effective beta of
     the jump. Starts from ``x_T`` or N(0, I) of ``shape`` drawn from ``generator``.
+    ``seeds=`` (int or (B,) int64) instead of a generator: sample ``b`` is a pure function
+    of ``seeds[b]`` (x_T from ``keyed_randn(seeds, shape, step=X_T_STEP)``, loop step ``i``
+    drawing with ``step=i``), whatever the batch it runs in; sample k of a large run can be
+    regenerated alone with ``seeds=[k]``.
     Returns the samples (and the list of every step's x if ``return_intermediates``)."""
     sched = schedule or NoiseSchedule.linear()
     device = device or (x_T.device if x_T is not None else next(model.parameters()).device)
     return _step_loop(ddpm_step, model, shape, n_steps=n_steps or sched.num_timesteps, spacing=spacing,
                       schedule=sched, labels=labels, x_T=x_T, generator=generator, device=device, progress=progress,
                       desc="ddpm", return_intermediates=return_intermediates, variance=variance,
-                      clip_sample=clip_sample)
+                      clip_sample=clip_sample, seeds=seeds)
 
 
 def ddim_sample(model, shape, *, n_steps: int = 50, eta: float = 0.0, spacing: str = "leading", schedule=None,
                 labels=None, clip_sample: float | None = None, x_T: torch.Tensor | None = None,
                 generator: torch.Generator | None = None, device=None, progress: bool = False,
-                return_intermediates: bool = False):
+                return_intermediates: bool = False, seeds=None):
     """DDIM sampling (Song et al. 2021) with :func:`diffkern.ddim_step` over ``n_steps``
     timesteps chosen by ``spacing`` (see :func:`timesteps`), each step given its explicit
     ``t_prev``. ``eta=0`` is deterministic given ``x_T``; ``eta=1`` adds the DDPM
@@ -110,7 +125,7 @@ def ddim_sample(model, shape, *, n_steps: int = 50, eta: float = 0.0, spacing: s
     sched = schedule or NoiseSchedule.linear()
     return _step_loop(ddim_step, model, shape, n_steps=n_steps, spacing=spacing, schedule=sched, labels=labels,
                       x_T=x_T, generator=generator, device=device, progress=progress, desc=f"ddim{n_steps}",
-                      return_intermediates=return_intermediates, eta=eta, clip_sample=clip_sample)
+                      return_intermediates=return_intermediates, eta=eta, clip_sample=clip_sample, seeds=seeds)
 
 
 def score_ascent(score_fn, x: torch.Tensor, sigma: float, *, n_steps: int = 1000, step_size: float = 0.01,
@@ -142,11 +157,12 @@ def langevin(score_fn, x: torch.Tensor, sigma: float, *, n_steps: int = 1000, st
 
 def annealed_langevin(score_fn, x: torch.Tensor, sigmas, *, n_steps_each: int = 100, step_lr: float = 2e-5,
                       denoise: bool = False, generator: torch.Generator | None = None, progress: bool = False,
-                      return_trajectory: bool = False, trajectory_every: int = 1):
+                      return_trajectory: bool = False, trajectory_every: int = 1, seeds=None):
     """NCSN annealed Langevin via :func:`diffkern.annealed_langevin`: level ``i`` runs
     ``n_steps_each`` steps with ``alpha_i = step_lr (sigma_i / sigma_L)^2``. Stable for
     ``step_lr < 2 sigma_L^2``. ``return_trajectory`` also returns every
-    ``trajectory_every``-th state, stacked."""
+    ``trajectory_every``-th state, stacked. ``seeds=``: per-sample keys (chain step k draws
+    with ``step=k``)."""
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64).reshape(-1)
     total = sigmas.numel() * n_steps_each
     traj = [x]
@@ -170,7 +186,7 @@ def annealed_langevin(score_fn, x: torch.Tensor, sigmas, *, n_steps_each: int = 
     try:
         with torch.no_grad():
             out = _annealed_langevin(score, x, sigmas, n_steps_each=n_steps_each, step_lr=step_lr, denoise=denoise,
-                                     generator=generator, callback=callback)
+                                     generator=generator, callback=callback, seeds=seeds)
     finally:
         if bar is not None:
             bar.close()

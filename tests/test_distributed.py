@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -80,6 +82,25 @@ def _free_port() -> int:
 
 
 SIZES = (7, 1)  # 7 samples on 2 ranks (4 + 3); 1 sample (rank 1 holds none)
+TRAIN = [(6, "sgd"), (5, "adam")]  # (global batch, optimizer): 3 + 3 and 3 + 2 examples per rank
+
+
+def _ddp_train(global_batch: int, optimizer: str, steps: int = 4):
+    """A few DDP steps of examples/ddpm_digits.py's trainer on a tiny UNet; parameters and
+    losses (1 process when no process group is up)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    from ddpm_digits import DDPTrainer
+
+    from diffkern.models import UNet
+
+    torch.manual_seed(0)
+    model = UNet(1, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, groups=4)
+    images = torch.randn(20, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    tr = DDPTrainer(model, images, global_batch=global_batch, lr=1e-2 if optimizer == "sgd" else 1e-3,
+                    warmup_steps=2, ema_decay=0.9, seed=3, optimizer=optimizer).fit(steps)
+    return {"params": torch.cat([p.detach().flatten() for p in tr.model.parameters()]),
+            "ema": torch.cat([p.detach().flatten() for p in tr.ema.model.parameters()]),
+            "loss": torch.tensor(tr.loss_history)}
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str):
@@ -91,6 +112,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str):
         for n in SIZES:
             idx = dkd.shard_indices(n)
             res[n] = {"idx": idx, "all": dkd.gather_shards(sample_shard(idx), n)}
+        for cfg in TRAIN:
+            res[cfg] = _ddp_train(*cfg)
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -111,3 +134,25 @@ def test_two_gloo_processes_match_one_process_bitwise(two_ranks, n):
     for r, res in enumerate(two_ranks):
         assert res[n]["idx"].tolist() == list(range(*dkd.shard_bounds(n, r, len(two_ranks))))
         assert torch.equal(res[n]["all"], one)
+
+
+@pytest.mark.parametrize("cfg", TRAIN, ids=["sgd-3+3", "adam-3+2"])
+def test_ddp_training_on_two_ranks_matches_one_process(two_ranks, cfg):
+    """The same parameters after 4 steps as 1 process on the same global batch, up to the
+    all-reduce's rounding (two partial sums added instead of one sum)."""
+    one = _ddp_train(*cfg)
+    init = _ddp_train(cfg[0], cfg[1], steps=0)["params"]
+    moved = (one["params"] - init).abs().max().item()  # how far 4 steps move the parameters
+    # SGD passes the gradients' rounding through (measured 4e-8 of `moved`); Adam divides
+    # by sqrt(v), which magnifies it for gradients near zero (measured 1.1e-4)
+    tol = 1e-6 if cfg[1] == "sgd" else 1e-3
+    for res in two_ranks:
+        got = res[cfg]
+        assert torch.equal(got["params"], two_ranks[0][cfg]["params"])  # the ranks agree exactly
+        assert (got["loss"] - one["loss"]).abs().max().item() <= 1e-5 * one["loss"].abs().max().item()
+        for k in ("params", "ema"):
+            diff = (got[k] - one[k]).abs().max().item()
+            assert diff <= tol * moved, (k, diff, moved)
+    if cfg[1] == "sgd":  # a test that can fail: another global batch moves the parameters elsewhere
+        other = _ddp_train(cfg[0] + 1, cfg[1])["params"]
+        assert (other - one["params"]).abs().max().item() > 0.01 * moved

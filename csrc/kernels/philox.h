@@ -156,4 +156,12 @@ DK_HD float philox_normal_at(PhiloxKey key, uint64_t index) {
   return philox_normal4(key, index >> 2).v[index & 3];
 }
 
+// Per-sample keys: the stream of the sample keyed by (seed, step); element j of the
+// sample is lane j % 4 of group kKeyedGroup + j / 4. step < 2^62.
+DK_HD PhiloxKey keyed_key(uint64_t seed, uint64_t step) { return PhiloxKey{seed, step << 2}; }
+
+DK_HD float keyed_normal_at(uint64_t seed, uint64_t step, uint64_t j) {
+  return philox_normal4(keyed_key(seed, step), kKeyedGroup + (j >> 2)).v[j & 3];
+}
+
 }  // namespace diffkern
