@@ -266,20 +266,19 @@ def keyed_randn(seeds, shape, *, step=0, device=None, dtype=torch.float32) -> to
     device = torch.device(device)
     s = check_seeds(seeds, shape[0], device)
     st = check_step(step, device)
-    return _keyed_draw(s, st, shape, device).to(dtype)
-
-
-def _keyed_draw(seeds: torch.Tensor, step, shape, device, native: bool = True) -> torch.Tensor:
-    B = shape[0]
     inner = 1
     for d in shape[1:]:
         inner *= d
+    return _keyed_draw(s, st, shape[0], inner, device).view(shape).to(dtype)
+
+
+def _keyed_draw(seeds: torch.Tensor, step, B: int, inner: int, device, native: bool = True) -> torch.Tensor:
+    """(B, inner) float32 keyed normals, by the native op when built for ``device``."""
     if native and _native_keyed(device):
-        st_t, st = (step, 0) if isinstance(step, torch.Tensor) else (None, step)
-        z = torch.ops.diffkern.keyed_normal(seeds, st_t, st, B, inner)
-    else:
-        z = keyed_normal(seeds.expand(B) if seeds.numel() == 1 else seeds, step, inner)
-    return z.reshape(shape)
+        if isinstance(step, torch.Tensor):
+            return _keyed_op(seeds, step, 0, B, inner)
+        return _keyed_op(seeds, None, step, B, inner)
+    return keyed_normal(seeds.expand(B) if seeds.numel() == 1 else seeds, step, inner)
 
 
 def nonzero(v) -> bool:
@@ -301,12 +300,13 @@ def keyed_noise(x: torch.Tensor, seeds, step, generator=None, noise=None, draws:
         raise ValueError("pass either seeds or generator, not both")
     if noise is not None:
         raise ValueError("pass either seeds or noise, not both")
-    s = check_seeds(seeds, x.shape[0] if x.dim() > 0 else 1, x.device)
+    B = x.shape[0] if x.dim() > 0 else 1
+    s = check_seeds(seeds, B, x.device)
     st = check_step(step, x.device)
     if not draws:
         return None
-    shape = tuple(x.shape) if x.dim() > 0 else (1,)
-    return _keyed_draw(s, st, shape, x.device, native).reshape(x.shape).to(x.dtype)
+    z = _keyed_draw(s, st, B, x.numel() // B if B else 0, x.device, native).view(x.shape)
+    return z if x.dtype == torch.float32 else z.to(x.dtype)
 
 
 # ---- generator -> (seed, offset) -------------------------------------------------
@@ -373,3 +373,4 @@ from . import _native  # noqa: E402  (after the definitions: _native imports no 
 _HAS_KEYED_OP = _native.native_available() and hasattr(torch.ops.diffkern, "keyed_normal")
 if _HAS_KEYED_OP:
     _register_fake()
+    _keyed_op = torch.ops.diffkern.keyed_normal.default
