@@ -9,6 +9,7 @@ import torch
 _error: str | None = None
 _loaded = False
 _cuda = False
+_fast = None  # the extension module, when it has the eager entry points (fast_call.cpp)
 
 if os.environ.get("DIFFKERN_DISABLE_NATIVE", "0") not in ("", "0"):
     _error = "disabled by DIFFKERN_DISABLE_NATIVE"
@@ -16,8 +17,15 @@ else:
     try:
         from . import _C  # noqa: F401  (registers torch.ops.diffkern.*)
 
-        _loaded = True
         _cuda = bool(torch.ops.diffkern.built_with_cuda())
+        from . import _C as _ext
+
+        _fast = _ext if hasattr(_ext, "_ddim_step") else None  # a stale build lacks the eager entries
+        if _fast is not None:
+            from . import _rng
+
+            _rng._native_key = _fast._cpu_generator_key
+        _loaded = True
     except ImportError as e:  # not built, or built against another torch
         _error = f"diffkern._C could not be imported: {e}"
     except Exception as e:  # pragma: no cover - an ABI mismatch can raise other errors

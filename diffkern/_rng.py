@@ -14,7 +14,8 @@ keyed by ``(seed, offset)`` takes lane ``i % 4`` of
     z_a = sqrt(-2 log u) cos(2 pi v),  z_b = sqrt(-2 log u) sin(2 pi v)
 
 log, sin and cos are the polynomial forms below, written once in C++ and mirrored here
-op for op, so the native noise equals this up to floating-point contraction (FMA).
+op for op. The CPU kernels (built with -ffp-contract=off) equal this bitwise; CUDA
+within a few ulps (nvcc contracts the polynomials into FMAs).
 
 The counter layout is torch's: its CUDA kernels draw with
 ``curand_init(seed, subsequence=thread, offset)``, counter ``(offset/4 + k, thread)``.
@@ -112,7 +113,11 @@ def _sincos_2pi(v: torch.Tensor):
 def _box_muller(a: torch.Tensor, b: torch.Tensor):
     u = ((a >> 9).to(torch.float32) + 0.5) * (2.0**-23)
     v = (b >> 9).to(torch.float32) * (2.0**-23)
-    r = torch.sqrt(-2.0 * _log_poly(u))
+    # sqrt in float64, then rounded: torch's vectorized float32 sqrt (Sleef, <= 0.5001 ulp)
+    # is not always correctly rounded, and the kernels' sqrtf is; rounding the float64
+    # root is (it carries more than 2*24 + 2 bits). This made 10198 of 65536 normals
+    # differ by 1 ulp on an AVX-512 host.
+    r = torch.sqrt((-2.0 * _log_poly(u)).double()).float()
     s, c = _sincos_2pi(v)
     return r * c, r * s
 
@@ -249,8 +254,29 @@ def _int_tensor(v: int, device: torch.device) -> torch.Tensor:
     return t
 
 
+_keyed_state = None
+
+
+def keyed_op():
+    """torch.ops.diffkern.keyed_normal (its fake kernel registered), or None without it:
+    an extension built before the op existed still serves the rest (keyed noise then
+    comes from the reference). Resolved on first use: _native imports this module while
+    it loads the extension."""
+    global _keyed_state
+    if _keyed_state is None:
+        from ._native import native_available
+
+        ok = native_available() and hasattr(torch.ops.diffkern, "keyed_normal")
+        if ok:
+            _register_fake()
+        _keyed_state = torch.ops.diffkern.keyed_normal.default if ok else False
+    return _keyed_state or None
+
+
 def _native_keyed(device: torch.device) -> bool:
-    return _HAS_KEYED_OP and _native.native_available(device)
+    from ._native import native_available
+
+    return keyed_op() is not None and native_available(device)
 
 
 def keyed_randn(seeds, shape, *, step=0, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -276,8 +302,8 @@ def _keyed_draw(seeds: torch.Tensor, step, B: int, inner: int, device, native: b
     """(B, inner) float32 keyed normals, by the native op when built for ``device``."""
     if native and _native_keyed(device):
         if isinstance(step, torch.Tensor):
-            return _keyed_op(seeds, step, 0, B, inner)
-        return _keyed_op(seeds, None, step, B, inner)
+            return _keyed_state(seeds, step, 0, B, inner)
+        return _keyed_state(seeds, None, step, B, inner)
     return keyed_normal(seeds.expand(B) if seeds.numel() == 1 else seeds, step, inner)
 
 
@@ -321,11 +347,23 @@ def _register_fake():
         return seeds.new_empty((batch, inner), dtype=torch.float32)
 
 
+# The extension's C++ keying (csrc/torch/cpu_generator.cpp), set by diffkern._native when
+# it loads: the same rule without Python.
+_native_key = None
+
+
 def cpu_generator_key(gen: torch.Generator | None) -> tuple[int, int]:
     """(seed, offset) for the next call drawing from a CPU generator: its next two 64-bit
-    words (mt19937 ``random64()``, what ``random_(-2**63, None)`` on int64 draws), taken
-    under the generator's lock. The native CPU ops draw the same words in C++
-    (csrc/torch/common.h ``cpu_philox_key``)."""
+    words (mt19937 ``random64()``), taken under the generator's lock; advances it by them."""
+    if _native_key is not None:
+        return _native_key(gen if gen is not None else torch.default_generator)
+    return py_cpu_generator_key(gen)
+
+
+def py_cpu_generator_key(gen: torch.Generator | None) -> tuple[int, int]:
+    """cpu_generator_key in Python (used without the extension, and as its oracle):
+    ``random_(-2**63, None)`` on two int64 draws exactly two ``random64()`` words, in
+    order, under the generator's lock."""
     if gen is None:
         gen = torch.default_generator
     w = torch.empty(2, dtype=torch.int64).random_(-(1 << 63), None, generator=gen).tolist()
@@ -366,11 +404,3 @@ def normal_like(shape, gen: torch.Generator | None, device, dtype) -> torch.Tens
         n *= int(s)
     return philox_normal(n, seed, offset, device=device).reshape(shape).to(dtype)
 
-
-from . import _native  # noqa: E402  (after the definitions: _native imports no diffkern module)
-
-# An extension built before the op existed still serves the rest (keyed noise: the reference).
-_HAS_KEYED_OP = _native.native_available() and hasattr(torch.ops.diffkern, "keyed_normal")
-if _HAS_KEYED_OP:
-    _register_fake()
-    _keyed_op = torch.ops.diffkern.keyed_normal.default

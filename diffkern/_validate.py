@@ -1,7 +1,15 @@
-"""Argument checking shared by the public ops and the reference: one place, clear messages.
+"""Argument checks of the reference (fallback) path, and the conversions of Python values
+that the public functions share with it.
 
-Every error names the argument. Values that would make a kernel read out of bounds or
-divide by zero are rejected here, before any output is allocated.
+The native ops check their arguments in C++ (csrc/torch/validate.h), for every caller;
+this module makes the pure-PyTorch fallback (no extension, DIFFKERN_DISABLE_NATIVE=1, a
+device without kernels) reject the same inputs with the same exception types, naming
+the same arguments (tests/test_front_door.py runs one table through every path). The
+reference math (reference.py) checks nothing.
+
+Device mismatches raise :class:`MismatchError`, a ValueError (as the native ops raise)
+that is also a TypeError for code written against diffkern <= 0.1. Mixed floating
+dtypes are not an error: they promote as torch does.
 """
 
 from __future__ import annotations
@@ -41,13 +49,14 @@ def check_x(x, name: str = "x") -> torch.Tensor:
 
 
 def check_like(x: torch.Tensor, other, name: str, *, broadcast: bool = True) -> torch.Tensor:
-    """``other`` must be a tensor of x's dtype and device whose shape broadcasts to x's."""
+    """``other`` must be a floating tensor on x's device whose shape broadcasts to x's
+    (its dtype may differ: the result promotes)."""
     if not isinstance(other, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(other).__name__}")
     if other.device != x.device:
         raise MismatchError(f"{name} is on {other.device} but x is on {x.device}")
-    if other.dtype != x.dtype:
-        raise MismatchError(f"{name} has dtype {other.dtype} but x has {x.dtype}; cast one of them")
+    if other.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {other.dtype}")
     if other.shape == x.shape:  # the common case; torch.broadcast_shapes costs ~20 us
         return other
     if broadcast:
@@ -56,6 +65,25 @@ def check_like(x: torch.Tensor, other, name: str, *, broadcast: bool = True) -> 
     elif other.shape != x.shape:
         raise ValueError(f"{name} must have x's shape {tuple(x.shape)}, got {tuple(other.shape)}")
     return other
+
+
+def result_dtype(x: torch.Tensor, *others) -> torch.dtype:
+    """torch's promotion over the floating inputs that enter the result (None skipped)."""
+    dt = x.dtype
+    for o in others:
+        if o is not None and o.dtype != dt:
+            dt = torch.promote_types(dt, o.dtype)
+    return dt
+
+
+def output_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last stays channels_last; every other layout gives contiguous outputs (the
+    native ops' rule, csrc/torch/validate.cpp output_format)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
 
 
 def _broadcasts_to(shape, target) -> bool:
@@ -111,20 +139,37 @@ def _as_int(t) -> int | None:
 _INT_DTYPES = frozenset({torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8})
 
 
+def int_timestep(tv: int, T: int, name: str = "t", *, allow_negative: bool = False) -> int:
+    """Range check of a Python-int timestep (the native ops check tensors; an int the public
+    face turns into a cached device tensor is checked here, before that)."""
+    if tv >= T or (tv < 0 and not allow_negative):
+        lo = -1 if allow_negative else 0
+        raise ValueError(f"{name}={tv} is outside [{lo}, {T}) for a schedule of {T} timesteps")
+    return max(tv, -1)
+
+
 def check_timesteps(t, x: torch.Tensor, T: int, name: str = "t", *, allow_negative: bool = False) -> torch.Tensor:
     """A Python int, a 0-d or 1-D integer tensor of length x.shape[0], on the CPU or on x's
     device -> an int64 tensor of shape (1,) or (B,) on x's device.
 
     Range checks run on the host only when t is already there; a t on the GPU is not
-    copied back (that would stall the stream), and the kernels turn an out-of-range entry
+    copied back (that would stall the stream), and the math turns an out-of-range entry
     into NaN output instead of reading out of bounds."""
+    return _move(check_timesteps_host(t, x, T, name, allow_negative=allow_negative), x)
+
+
+def _move(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return t.to(x.device, non_blocking=True) if t.device != x.device else t
+
+
+def check_timesteps_host(t, x: torch.Tensor, T: int, name: str = "t", *, allow_negative: bool = False):
+    """check_timesteps without the final move to x's device (t_prev is compared with t on
+    the host first)."""
     if isinstance(t, bool) or (isinstance(t, torch.Tensor) and t.dtype == torch.bool):
         raise TypeError(f"{name} must be an int or an integer tensor, got a bool")
     tv = _as_int(t)
     if tv is not None:
-        if tv >= T or (tv < 0 and not allow_negative):
-            raise ValueError(f"{name}={tv} is outside [0, {T}) for a schedule of {T} timesteps")
-        return _int_timestep_tensor(max(tv, -1), x.device)
+        return _int_timestep_tensor(int_timestep(tv, T, name, allow_negative=allow_negative), torch.device("cpu"))
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be an int or an integer tensor, got {type(t).__name__}")
     if t.is_floating_point() or t.is_complex():
@@ -144,20 +189,20 @@ def check_timesteps(t, x: torch.Tensor, T: int, name: str = "t", *, allow_negati
         t = t.reshape(-1).to(torch.int64).contiguous()
     if allow_negative and t.device.type == "cpu":
         t = t.clamp_min(-1)
-    return t.to(x.device, non_blocking=True) if t.device != x.device else t
+    return t
 
 
 def check_t_prev(t_prev, t: torch.Tensor, x: torch.Tensor, T: int, t_raw=None) -> torch.Tensor:
     """``t_prev`` validated like ``t`` (negative means the final step) and checked to be
-    below ``t``; ``t_raw`` is ``t`` as the caller passed it, so that two Python ints are
-    compared as ints (this runs on every sampling step)."""
+    below ``t`` wherever both are on the host (``t`` as check_timesteps_host returned
+    it, before any move to x's device: the check holds for CUDA x too)."""
     if t_prev is None:
         return t - 1
     tp_int, t_int = _as_int(t_prev), _as_int(t_raw)
     ints = tp_int is not None and t_int is not None
     if ints and tp_int >= t_int:
         raise ValueError(_T_PREV_ORDER)
-    tp = check_timesteps(t_prev, x, T, "t_prev", allow_negative=True)
+    tp = check_timesteps_host(t_prev, x, T, "t_prev", allow_negative=True)
     if not ints and tp.device.type == "cpu" and t.device.type == "cpu" and not _compiling():
         if bool((tp >= t).any()):
             raise ValueError(_T_PREV_ORDER)
@@ -171,12 +216,16 @@ def check_nonneg(v, name: str) -> float:
     if isinstance(v, torch.Tensor):
         if v.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got shape {tuple(v.shape)}")
+        if v.device.type != "cpu":
+            # .item() would wait for the device (and break CUDA-graph capture)
+            raise TypeError(f"{name} must be a Python number or a CPU tensor, got a tensor on {v.device}; "
+                            f"reading it would synchronize with the device")
         v = v.item()
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
     v = float(v)
-    if not v >= 0:  # also rejects NaN
-        raise ValueError(f"{name} must be >= 0, got {v}")
+    if not (v >= 0 and math.isfinite(v)):  # also rejects NaN
+        raise ValueError(f"{name} must be a finite number >= 0, got {v}")
     return v
 
 
@@ -217,16 +266,54 @@ def check_generator(generator, x: torch.Tensor, noise) -> None:
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     if noise is not None:
         raise ValueError("pass either noise or generator, not both")
-    if generator.device.type == "cuda" and x.device.type != "cuda":
+    if generator.device.type != "cpu" and generator.device.type != x.device.type:
         raise MismatchError(f"generator is on {generator.device} but x is on {x.device}")
 
 
-def check_zero_snr(schedule: NoiseSchedule, t: torch.Tensor, prediction: int) -> None:
+def step_args(x, eps, t, t_prev, schedule, prediction_type, clip_sample, noise, generator):
+    """The checked arguments of a DDPM/DDIM step on the reference path (reference.StepArgs)."""
+    from .reference import StepArgs
+
+    check_x(x)
+    check_like(x, eps, "eps")
+    sched = check_schedule(schedule)
+    T = sched.num_timesteps
+    a = StepArgs()
+    a.schedule = sched
+    t_int = _as_int(t)
+    t = t if t_int is None else t_int
+    t_host = check_timesteps_host(t, x, T)
+    if t_prev is not None:
+        tp_int = _as_int(t_prev)
+        t_prev = t_prev if tp_int is None else tp_int
+    tp = None if t_prev is None else check_t_prev(t_prev, t_host, x, T, t)
+    a.prediction = check_prediction_type(prediction_type)
+    a.clip = check_clip(clip_sample)
+    if noise is not None:
+        check_like(x, noise, "noise")
+    check_generator(generator, x, noise)
+    check_zero_snr(sched, t_host if t_int is None else t_int, a.prediction)
+    a.t = _move(t_host, x)
+    a.t_prev_arg = None if tp is None else _move(tp, x)
+    a.table = sched.table(x.device)
+    return a
+
+
+def check_zero_snr(schedule: NoiseSchedule, t, prediction: int) -> None:
     """Epsilon prediction divides by sqrt(alphas_cumprod[t]); with a zero-terminal-SNR
-    schedule that is 0 at the last t (diffusers returns inf/NaN there)."""
-    if prediction != PREDICTION_TYPES["epsilon"] or not schedule.has_zero_terminal_snr or _compiling():
+    schedule that is 0 at the last t (diffusers returns inf/NaN there). Checked where t is
+    on the host (an int or a CPU tensor); a device t is not read back (no sync, graph
+    capture keeps working): the math and the kernels make those samples NaN."""
+    if prediction != PREDICTION_TYPES["epsilon"] or not schedule.has_zero_terminal_snr:
         return
-    if bool((t == schedule.num_timesteps - 1).any()):
+    last = schedule.num_timesteps - 1
+    if isinstance(t, torch.Tensor):
+        if t.device.type != "cpu" or _compiling():
+            return
+        hit = bool((t == last).any())
+    else:
+        hit = t == last
+    if hit:
         raise ValueError(
             "epsilon prediction is undefined at the last timestep of a zero-terminal-SNR schedule "
             "(alphas_cumprod[t] == 0); use prediction_type='v_prediction' or 'sample'")
@@ -250,10 +337,12 @@ def check_sigmas(sigmas, x: torch.Tensor) -> torch.Tensor:
 
 
 def check_steps(n, name: str) -> int:
+    """At least one step per level, for annealed_langevin and gmm_annealed_langevin alike
+    (a chain of zero steps is nearly always a rounding mistake in n_total // levels)."""
     if isinstance(n, bool) or not isinstance(n, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(n).__name__}")
-    if n < 0:
-        raise ValueError(f"{name} must be >= 0, got {n}")
+    if n < 1:
+        raise ValueError(f"{name} must be >= 1, got {n}")
     return int(n)
 
 

@@ -1,5 +1,9 @@
 """Pure-PyTorch implementations of every diffkern op: the fallback and the test oracle.
 
+This file is the math: it converts arguments (ints to tensors, names to codes) and checks
+nothing. The public functions check first, natively in C++ or, on the fallback path,
+with diffkern/_validate.py before calling the functions here.
+
 Each op accepts float64 (and then computes in float64), so the native kernels are tested
 against this file evaluated in float64. Per-sample coefficients are formed in float64 from
 the float32 ``alphas_cumprod`` table, with the cancellation-free forms the kernels use
@@ -27,14 +31,37 @@ import math
 import torch
 
 from . import _rng
-from . import _validate as V
+from .schedules import NoiseSchedule, default_schedule
 
 __all__ = ["q_sample", "ddpm_step", "ddim_step", "langevin_step", "annealed_langevin", "gmm_score",
            "gmm_annealed_langevin", "step_coefficients"]
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+def _compute_dtype(x) -> torch.dtype:
+    dt = x if isinstance(x, torch.dtype) else x.dtype
+    return torch.float64 if dt == torch.float64 else torch.float32
+
+
+_PREDICTION = {"epsilon": 0, "sample": 1, "v_prediction": 2}
+_VARIANCE = {"fixed_small": 0, "fixed_large": 1}
+
+
+def _result_dtype(x: torch.Tensor, *others) -> torch.dtype:
+    """Mixed floating inputs promote as in torch (an fp16 model output with fp32 x: fp32)."""
+    dt = x.dtype
+    for o in others:
+        if o is not None and o.dtype != dt:
+            dt = torch.promote_types(dt, o.dtype)
+    return dt
+
+
+def _in_format(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The outputs' layout: channels_last stays channels_last, anything else is contiguous."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return out.contiguous(memory_format=torch.channels_last)
+    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return out.contiguous(memory_format=torch.channels_last_3d)
+    return out.contiguous()
 
 
 def _per_sample(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -57,8 +84,11 @@ def _prediction_coefficients(ab: torch.Tensor, prediction: int):
     """x0 = a0 x + b0 m and eps = a1 x + b1 m."""
     sa, s1a = ab.sqrt(), (1 - ab).sqrt()
     one, zero = torch.ones_like(ab), torch.zeros_like(ab)
-    if prediction == 0:  # epsilon
-        return 1 / sa, -s1a / sa, zero, one
+    if prediction == 0:  # epsilon; undefined (NaN, not inf) where ab == 0: a zero terminal SNR
+        nan = torch.full_like(ab, float("nan"))
+        ok = ab > 0
+        return (torch.where(ok, 1 / sa, nan), torch.where(ok, -s1a / sa, nan), torch.where(ok, zero, nan),
+                torch.where(ok, one, nan))
     if prediction == 1:  # sample
         return zero, one, 1 / s1a, -sa / s1a
     return sa, -s1a, s1a, sa  # v_prediction
@@ -91,7 +121,7 @@ def step_coefficients(kind: str, ab: torch.Tensor, ab_prev: torch.Tensor, t: tor
 
 
 def _apply_step(x, m, coeffs, clip, noise, out_dtype):
-    cd = _compute_dtype(x)
+    cd = _compute_dtype(out_dtype)
     a0, b0, a1, b1, c0, c1, c2, std = (_per_sample(c, x).to(cd) for c in coeffs)
     xc, mc = x.to(cd), m.to(cd)
     x0 = a0 * xc + b0 * mc
@@ -100,70 +130,91 @@ def _apply_step(x, m, coeffs, clip, noise, out_dtype):
     out = c0 * x0 + c1 * (a1 * xc + b1 * mc) + c2 * xc
     if noise is not None:
         out = out + std * noise.to(cd)
-    return out.to(out_dtype)
+    return _in_format(out.to(out_dtype), x)
 
 
-def _draw(x: torch.Tensor, generator) -> torch.Tensor:
-    return _rng.normal_like(x.shape, generator, x.device, _compute_dtype(x))
+def _draw(x: torch.Tensor, generator, dtype=None) -> torch.Tensor:
+    return _rng.normal_like(x.shape, generator, x.device, _compute_dtype(dtype or x.dtype))
+
+
+def _timesteps(t, x: torch.Tensor) -> torch.Tensor:
+    """int / 0-d / 1-D integer timesteps -> an int64 (n,) tensor on x's device."""
+    if isinstance(t, torch.Tensor):
+        return t.reshape(-1).to(device=x.device, dtype=torch.int64)
+    return torch.tensor([int(t)], dtype=torch.int64, device=x.device)
+
+
+def _clip(c):
+    if c is None or c is False:
+        return None
+    return 1.0 if c is True else float(c)
 
 
 # ---- public reference ops ----------------------------------------------------------
 def q_sample(x0, t, noise=None, *, schedule=None, generator=None, seeds=None, step=None):
     """Forward noising ``x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) noise`` with per-sample ``t``;
     returns ``(x_t, noise)``. Noise is drawn (Philox, see :mod:`diffkern._rng`) when not given."""
-    x0 = V.check_x(x0, "x0")
     noise = _rng.keyed_noise(x0, seeds, step, generator, noise, native=False)
-    sched = V.check_schedule(schedule)
-    tt = V.check_timesteps(t, x0, sched.num_timesteps)
-    if noise is not None:
-        V.check_like(x0, noise, "noise")
-    V.check_generator(generator, x0, noise)
-    return _q_sample(x0, tt, sched.table(x0.device), noise, generator)
+    sched = schedule if schedule is not None else default_schedule()
+    return _q_sample(x0, _timesteps(t, x0), sched.table(x0.device), noise, generator)
 
 
 def _q_sample(x0, t, table, noise, generator):
-    cd = _compute_dtype(x0)
+    out_dtype = _result_dtype(x0, noise)
+    cd = _compute_dtype(out_dtype)
     ab = _per_sample(_lookup(table, t, False), x0)
-    z = _draw(x0, generator) if noise is None else noise
+    z = _draw(x0, generator, out_dtype) if noise is None else noise
     xt = ab.sqrt().to(cd) * x0.to(cd) + (1 - ab).sqrt().to(cd) * z.to(cd)
-    return xt.to(x0.dtype), (z.to(x0.dtype) if noise is None else noise)
+    return _in_format(xt.to(out_dtype), x0), (_in_format(z.to(out_dtype), x0) if noise is None else noise)
 
 
 def ddim_step(x, eps, t, eta=0.0, *, t_prev=None, schedule=None, prediction_type="epsilon", clip_sample=None,
               noise=None, generator=None, seeds=None, step=None):
     """One DDIM step (Song et al. 2021, eq. 12) from ``t`` to ``t_prev`` (default ``t-1``)."""
-    noise = _rng.keyed_noise(V.check_x(x), seeds, step, generator, noise, draws=_rng.nonzero(eta), native=False)
-    a = _step_args(x, eps, t, t_prev, schedule, prediction_type, clip_sample, noise, generator)
-    eta = V.check_nonneg(eta, "eta")
-    return _ddim(x, eps, a, eta, noise, generator)
+    noise = _rng.keyed_noise(x, seeds, step, generator, noise, draws=_rng.nonzero(eta), native=False)
+    a = _step_args(x, t, t_prev, schedule, prediction_type, clip_sample)
+    return _ddim(x, eps, a, float(eta), noise, generator)
+
+
+def _prev_lookup(a) -> torch.Tensor:
+    """alphas_cumprod[t_prev]; NaN where t_prev >= t (only reachable with device-resident
+    timesteps, which are never read back to check), as the kernels do."""
+    abp = _lookup(a.table, a.t_prev, True)
+    if a.t_prev_arg is None:
+        return abp
+    return torch.where(a.t_prev < a.t, abp, torch.full_like(abp, float("nan")))
 
 
 def _ddim(x, m, a, eta, noise, generator):
-    ab, abp = _lookup(a.table, a.t, False), _lookup(a.table, a.t_prev, True)
+    ab, abp = _lookup(a.table, a.t, False), _prev_lookup(a)
     coeffs = step_coefficients("ddim", ab, abp, a.t, prediction=a.prediction, eta=eta)
+    out_dtype = _result_dtype(x, m, noise if eta > 0 else None)
     if eta > 0 and noise is None:
-        noise = _draw(x, generator)
-    return _apply_step(x, m, coeffs, a.clip, noise if eta > 0 else None, x.dtype)
+        noise = _draw(x, generator, out_dtype)
+    return _apply_step(x, m, coeffs, a.clip, noise if eta > 0 else None, out_dtype)
 
 
 def ddpm_step(x, eps, t, *, t_prev=None, schedule=None, variance="fixed_small", prediction_type="epsilon",
               clip_sample=None, noise=None, generator=None, seeds=None, step=None):
     """One ancestral DDPM step (Ho et al. 2020, Algorithm 2) from ``t`` to ``t_prev``."""
-    noise = _rng.keyed_noise(V.check_x(x), seeds, step, generator, noise, native=False)
-    a = _step_args(x, eps, t, t_prev, schedule, prediction_type, clip_sample, noise, generator)
-    var = V.check_variance(variance)
-    return _ddpm(x, eps, a, var, noise, generator)
+    noise = _rng.keyed_noise(x, seeds, step, generator, noise, native=False)
+    a = _step_args(x, t, t_prev, schedule, prediction_type, clip_sample)
+    return _ddpm(x, eps, a, _VARIANCE[variance], noise, generator)
 
 
 def _ddpm(x, m, a, variance, noise, generator):
-    ab, abp = _lookup(a.table, a.t, False), _lookup(a.table, a.t_prev, True)
+    ab, abp = _lookup(a.table, a.t, False), _prev_lookup(a)
     coeffs = step_coefficients("ddpm", ab, abp, a.t, prediction=a.prediction, variance=variance)
+    out_dtype = _result_dtype(x, m, noise)
     if noise is None:
-        noise = _draw(x, generator)
-    return _apply_step(x, m, coeffs, a.clip, noise, x.dtype)
+        noise = _draw(x, generator, out_dtype)
+    return _apply_step(x, m, coeffs, a.clip, noise, out_dtype)
 
 
-class _StepArgs:
+class StepArgs:
+    """A step's converted arguments: t (and t_prev) as int64 tensors on x's device, the
+    float32 alphas_cumprod table there, the prediction code, the clip bound or None."""
+
     __slots__ = ("t", "t_prev_arg", "table", "prediction", "clip", "schedule")
 
     @property
@@ -173,48 +224,29 @@ class _StepArgs:
         return self.t - 1 if self.t_prev_arg is None else self.t_prev_arg
 
 
-def _step_args(x, eps, t, t_prev, schedule, prediction_type, clip_sample, noise, generator) -> _StepArgs:
-    V.check_x(x)
-    V.check_like(x, eps, "eps")
-    sched = V.check_schedule(schedule)
-    a = _StepArgs()
-    a.schedule = sched
-    # scalar CPU tensors read once as ints: the int path is the cheap one, and a sampling
-    # loop calls this every step
-    t_int = V._as_int(t)
-    t = t if t_int is None else t_int
-    a.t = V.check_timesteps(t, x, sched.num_timesteps)
-    if t_prev is not None:
-        tp_int = V._as_int(t_prev)
-        t_prev = t_prev if tp_int is None else tp_int
-    a.t_prev_arg = None if t_prev is None else V.check_t_prev(t_prev, a.t, x, sched.num_timesteps, t)
-    a.prediction = V.check_prediction_type(prediction_type)
-    a.clip = V.check_clip(clip_sample)
-    if noise is not None:
-        V.check_like(x, noise, "noise")
-    V.check_generator(generator, x, noise)
-    V.check_zero_snr(sched, a.t, a.prediction)
-    a.table = sched.table(x.device)
+def _step_args(x, t, t_prev, schedule, prediction_type, clip_sample) -> StepArgs:
+    a = StepArgs()
+    a.schedule = schedule if isinstance(schedule, NoiseSchedule) else default_schedule()
+    a.t = _timesteps(t, x)
+    a.t_prev_arg = None if t_prev is None else _timesteps(t_prev, x).clamp_min(-1)
+    a.prediction = _PREDICTION[prediction_type]
+    a.clip = _clip(clip_sample)
+    a.table = a.schedule.table(x.device)
     return a
 
 
 def langevin_step(x, score, step_size, *, noise=None, generator=None, seeds=None, step=None):
     """``x + step_size * score + sqrt(2 * step_size) * z`` (the NCSN code's convention; the
     NCSN paper's ``epsilon`` is ``2 * step_size``)."""
-    V.check_x(x)
     noise = _rng.keyed_noise(x, seeds, step, generator, noise, native=False)
-    V.check_like(x, score, "score")
-    step = V.check_nonneg(step_size, "step_size")
-    if noise is not None:
-        V.check_like(x, noise, "noise")
-    V.check_generator(generator, x, noise)
-    return _langevin(x, score, step, noise, generator)
+    return _langevin(x, score, float(step_size), noise, generator)
 
 
 def _langevin(x, score, step, noise, generator):
-    cd = _compute_dtype(x)
-    z = _draw(x, generator) if noise is None else noise.to(cd)
-    return (x.to(cd) + step * score.to(cd) + math.sqrt(2 * step) * z).to(x.dtype)
+    out_dtype = _result_dtype(x, score, noise)
+    cd = _compute_dtype(out_dtype)
+    z = _draw(x, generator, out_dtype) if noise is None else noise.to(cd)
+    return _in_format((x.to(cd) + step * score.to(cd) + math.sqrt(2 * step) * z).to(out_dtype), x)
 
 
 def annealed_langevin(score_fn, x, sigmas, *, n_steps_each=100, step_lr=2e-5, denoise=False, generator=None,
@@ -226,20 +258,19 @@ def annealed_langevin(score_fn, x, sigmas, *, n_steps_each=100, step_lr=2e-5, de
     ``denoise=True`` ends with NCSNv2's ``x <- x + sigma_L^2 s(x, sigma_L)``. The state is
     never clamped. ``callback(level, step, sigma, x)`` runs after every step. ``seeds=``:
     per-sample keys, chain step ``k`` (over all levels, from 0) drawing with ``step=k``."""
-    V.check_x(x)
-    s = V.check_sigmas(sigmas, x)
-    n = V.check_steps(n_steps_each, "n_steps_each")
-    lr = V.check_positive(step_lr, "step_lr")
-    V.check_generator(generator, x, None)
-    _rng.keyed_noise(x, seeds, None, generator, None, draws=False)  # validates seeds
-    step = _step or (lambda x_, sc, a, k_=None: langevin_step(x_, sc, a, generator=generator, seeds=seeds,
-                                                              step=k_ if seeds is not None else None))
+    s = _sigmas(sigmas)
+    n, lr = int(n_steps_each), float(step_lr)
+    if _step is None:
+        def _step(x_, sc, a, k):
+            if seeds is not None:
+                return langevin_step(x_, sc, a, seeds=seeds, step=k)
+            return langevin_step(x_, sc, a, generator=generator)
     sigma_L = float(s[-1])
     k = 0
     for i, sigma in enumerate(s.tolist()):
         alpha = lr * (sigma / sigma_L) ** 2
         for j in range(n):
-            x = step(x, score_fn(x, sigma), alpha, k)
+            x = _step(x, score_fn(x, sigma), alpha, k)
             k += 1
             if callback is not None:
                 callback(i, j, sigma, x)
@@ -252,9 +283,30 @@ def gmm_score(x, weights, means, stds, sigma):
     """Exact score of ``sum_k w_k N(mu_k, diag(s_k^2))`` convolved with ``N(0, sigma^2 I)``:
     ``sum_k r_k(x) (mu_k - x)/(s_k^2 + sigma^2)``, ``r`` = softmax_k of ``log w_k + log N_k(x)``.
     ``x`` is (..., D); ``means`` (K, D); ``stds`` (K, D) or (K,)."""
-    V.check_x(x)
-    mix = V.check_mixture(x, weights, means, stds)
-    return _gmm_score(x, mix, V.check_sigma(sigma))
+    return _gmm_score(x, mixture(x, weights, means, stds), float(sigma))
+
+
+class Mixture:
+    """weights (K,), means (K, D), stds (K, D), in x's compute dtype."""
+
+    __slots__ = ("weights", "means", "stds")
+
+    def __init__(self, weights, means, stds):
+        self.weights, self.means, self.stds = weights, means, stds
+
+
+def mixture(x, weights, means, stds) -> Mixture:
+    dt = _compute_dtype(x)
+    K, D = weights.numel(), x.shape[-1]
+    if stds.dim() == 1:
+        stds = stds[:, None].expand(K, D)
+    return Mixture(weights.to(dt), means.to(dt), stds.to(dt).contiguous())
+
+
+def _sigmas(sigmas) -> torch.Tensor:
+    if isinstance(sigmas, torch.Tensor):
+        return sigmas.detach().to("cpu", torch.float64).reshape(-1)
+    return torch.tensor(list(sigmas), dtype=torch.float64)
 
 
 def _gmm_score(x, mix, sigma):
@@ -274,12 +326,8 @@ def gmm_annealed_langevin(x, weights, means, stds, sigmas, *, n_steps_each=100, 
     The whole chain draws from one generator position: step ``k`` (``k = level *
     n_steps_each + step``) uses the normals at logical indices ``k*N*D .. (k+1)*N*D - 1``
     with ``N*D = x.numel()``, so the fused kernel and this loop draw identical noise."""
-    V.check_x(x)
-    mix = V.check_mixture(x, weights, means, stds)
-    s = V.check_sigmas(sigmas, x)
-    n = V.check_steps(n_steps_each, "n_steps_each")
-    lr = V.check_positive(step_lr, "step_lr")
-    V.check_generator(generator, x, None)
+    mix = mixture(x, weights, means, stds)
+    s, n, lr = _sigmas(sigmas), int(n_steps_each), float(step_lr)
     seed, offset = _rng.generator_key(generator, x.device)
     return _gmm_loop(x, mix, s, n, lr, denoise, seed, offset)
 

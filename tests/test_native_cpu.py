@@ -2,7 +2,9 @@
 per-sample t, t_prev = -1, broadcast operands, explicit noise and generator= noise.
 
 Oracle: fp64/fp32 inputs -> the reference evaluated on float64 upcasts of the same inputs,
-max|native - ref64| / max|ref64| <= 1e-6. fp16/bf16 -> the reference on the same half
+max|native - ref64| / max|ref64| <= 1e-6 for float32 and <= 1e-13 (a few hundred float64
+ulps of the largest value: enough to see any float32 rounding inside the float64 path,
+which would show at ~1e-7) for float64. fp16/bf16 -> the reference on the same half
 inputs (it computes in fp32 and rounds), within 2 ulp of the output.
 """
 
@@ -21,6 +23,7 @@ R = dk.reference
 F64 = torch.float64
 HALF = (torch.float16, torch.bfloat16)
 SCHED_COSINE = dk.NoiseSchedule.cosine()
+TOL = {torch.float32: 1e-6, F64: 1e-13}  # max relative error against the float64 reference
 
 # name -> f(ops, x, m, z, t, t_prev) ; m is the model output / score, z the noise
 OPS = {
@@ -82,7 +85,7 @@ def test_native_vs_ref64(name, dtype, case):
     got = OPS[name](dk, x, m, z, t, tp)
     assert got.dtype == dtype and got.shape == x.shape and got.is_contiguous()
     err = max_rel_err(got, _ref64(name, x, m, z, t, tp))
-    assert err <= 1e-6, f"{name} {dtype} {shape}: rel err {err:.3g}"
+    assert err <= TOL[dtype], f"{name} {dtype} {shape}: rel err {err:.3g}"
 
 
 @pytest.mark.parametrize("name", ["q_sample", "ddim_eta0", "ddim_eta0.5", "ddpm_small_clip", "langevin"])

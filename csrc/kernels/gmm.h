@@ -1,6 +1,8 @@
-// Annealed Langevin on the exact score of a diagonal Gaussian mixture, one point's chain
-// at a time: the score is a streaming log-sum-exp over components, so K is unbounded and
-// a point's state (D <= kGmmMaxDim values) stays in registers for the whole chain.
+// Annealed Langevin on the exact score of a diagonal Gaussian mixture. The score's terms
+// (gmm_quad_term, gmm_log_weight, gmm_pull) and their order are written once here: the
+// CUDA kernel evaluates them a point at a time (gmm_score_point, a point's state in
+// registers for the whole chain), the CPU chain (csrc/torch/cpu/gmm_annealed_langevin.cpp)
+// a block of points at a time, vectorized over points; both as a two-pass softmax.
 #pragma once
 #include "philox.h"
 
@@ -75,28 +77,44 @@ DK_HD void gmm_component_constants(const C* weights, const C* stds, int k, int D
   lognorm[k] = acc;
 }
 
-// score(x) = sum_k r_k (mu_k - x) / var_k, r = softmax_k(lognorm_k - 1/2 |x - mu_k|^2_var).
+// The terms of score(x) = sum_k r_k (mu_k - x) / var_k, r = softmax_k(lp_k),
+// lp_k = lognorm_k - 1/2 q_k, q_k = sum_d (mu_kd - x_d)^2 / var_kd (summed in d order).
+template <class C>
+DK_HD C gmm_quad_term(C mu, C x, C inv_var) {
+  const C diff = mu - x;
+  return diff * diff * inv_var;
+}
+template <class C>
+DK_HD C gmm_log_weight(C lognorm, C q) { return lognorm - C(0.5) * q; }
+template <class C>
+DK_HD C gmm_pull(C w, C mu, C x, C inv_var) { return w * (mu - x) * inv_var; }
+
+// Two passes: the largest lp_k, then w_k = exp(lp_k - max). A component of weight 0 has
+// lp_k = -inf and adds exp(-inf) = 0. (A streaming log-sum-exp rescales by
+// exp(max_old - lp_k), which is exp(-inf + inf) = NaN while only such components have
+// been seen: the NaN this replaced.) Pass 2 recomputes q_k rather than keeping K values
+// per point: the same operations, so the same lp_k.
+template <class C>
+DK_HD C gmm_lp(const C* x, int D, int k, const C* means, const C* inv_var, const C* lognorm) {
+  C q = C(0);
+  for (int d = 0; d < D; ++d) q += gmm_quad_term<C>(means[k * D + d], x[d], inv_var[k * D + d]);
+  return gmm_log_weight<C>(lognorm[k], q);
+}
+
 template <class C>
 DK_HD void gmm_score_point(const C* x, int D, int K, const C* means, const C* inv_var, const C* lognorm, C* score) {
-  C mx = C(-__builtin_huge_val()), denom = C(0);
+  C mx = C(-__builtin_huge_val());
+  for (int k = 0; k < K; ++k) {
+    const C lp = gmm_lp<C>(x, D, k, means, inv_var, lognorm);
+    mx = lp > mx ? lp : mx;
+  }
+  C denom = C(0);
   C acc[kGmmMaxDim];
   for (int d = 0; d < D; ++d) acc[d] = C(0);
   for (int k = 0; k < K; ++k) {
-    C q = C(0);
-    for (int d = 0; d < D; ++d) {
-      const C diff = means[k * D + d] - x[d];
-      q += diff * diff * inv_var[k * D + d];
-    }
-    const C lp = lognorm[k] - C(0.5) * q;
-    if (lp > mx) {  // rescale what was accumulated against the new maximum
-      const C scale = dk_exp<C>(mx - lp);
-      denom *= scale;
-      for (int d = 0; d < D; ++d) acc[d] *= scale;
-      mx = lp;
-    }
-    const C w = dk_exp<C>(lp - mx);
+    const C w = dk_exp<C>(gmm_lp<C>(x, D, k, means, inv_var, lognorm) - mx);
     denom += w;
-    for (int d = 0; d < D; ++d) acc[d] += w * (means[k * D + d] - x[d]) * inv_var[k * D + d];
+    for (int d = 0; d < D; ++d) acc[d] += gmm_pull<C>(w, means[k * D + d], x[d], inv_var[k * D + d]);
   }
   for (int d = 0; d < D; ++d) score[d] = acc[d] / denom;
 }

@@ -80,8 +80,5 @@ struct GmmLaunch {
 
 void launch_gmm_annealed_langevin(const GmmLaunch& p, cudaStream_t stream);
 
-// The error of the last launch, as text ("" when none), for the binding to raise.
-const char* last_error();
-
 }  // namespace cuda
 }  // namespace diffkern

@@ -32,7 +32,12 @@ DK_HD int64_t timestep_of(const int64_t* t, int64_t nt, int64_t b) { return t[nt
 template <class C>
 DK_HD void prediction_coeffs(C ab, int prediction, StepCoeffs<C>& k) {
   const C sa = dk_sqrt<C>(ab), s1a = dk_sqrt<C>(C(1) - ab);
-  if (prediction == kEpsilon) {
+  if (prediction == kEpsilon && !(ab > C(0))) {
+    // Epsilon prediction at a zero terminal SNR divides by sqrt(ab) = 0; rejected on the
+    // host when t is readable there, NaN here (a device t is never read back), never an
+    // inf that clip_sample would clamp into a finite, wrong sample.
+    k.a0 = k.b0 = k.a1 = k.b1 = C(__builtin_nan(""));
+  } else if (prediction == kEpsilon) {
     k.a0 = C(1) / sa; k.b0 = -s1a / sa; k.a1 = C(0); k.b1 = C(1);
   } else if (prediction == kSample) {
     k.a0 = C(0); k.b0 = C(1); k.a1 = C(1) / s1a; k.b1 = -sa / s1a;

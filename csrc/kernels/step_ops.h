@@ -14,7 +14,14 @@ struct TimestepArgs {
   int64_t nt;
 
   DK_HD int64_t t_at(int64_t b) const { return timestep_of(t, nt, b); }
-  DK_HD int64_t t_prev_at(int64_t b, int64_t tb) const { return t_prev ? timestep_of(t_prev, nt, b) : tb - 1; }
+  // A t_prev not below t (only reachable with device-resident timesteps: the host checks
+  // the others) reads as an index outside the table, so the sample comes out NaN instead
+  // of silently returning x.
+  DK_HD int64_t t_prev_at(int64_t b, int64_t tb) const {
+    if (!t_prev) return tb - 1;
+    const int64_t tp = timestep_of(t_prev, nt, b);
+    return tp < tb ? tp : num_timesteps;
+  }
 };
 
 struct DdimOp {

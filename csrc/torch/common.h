@@ -1,10 +1,8 @@
 // Binding helpers: tensors -> the framework-free structs of csrc/kernels. No math here.
 #pragma once
 #include <ATen/ATen.h>
-#include <ATen/CPUGeneratorImpl.h>
 #include <torch/library.h>
 
-#include <mutex>
 #include <optional>
 #include <vector>
 
@@ -70,18 +68,5 @@ inline void check_same(const at::Tensor& x, const at::Tensor& other, const char*
 }
 
 inline uint64_t as_u64(int64_t v) { return static_cast<uint64_t>(v); }
-
-// The Philox key of a CPU call. With a CPU generator: its next two 64-bit words
-// (seed, offset), drawn under its lock (diffkern/_rng.py cpu_generator_key draws the same
-// two with random_(-2**63, None)), so the noise is a function of the generator's state and
-// get_state/set_state replays it. Without one: the (seed, offset) given by the caller.
-inline PhiloxKey cpu_philox_key(const std::optional<at::Generator>& generator, int64_t seed, int64_t offset) {
-  if (!generator.has_value()) return PhiloxKey{as_u64(seed), as_u64(offset)};
-  auto* gen = at::check_generator<at::CPUGeneratorImpl>(*generator);
-  std::lock_guard<std::mutex> lock(gen->mutex_);
-  const uint64_t s = gen->random64();
-  const uint64_t o = gen->random64();
-  return PhiloxKey{s, o};
-}
 
 }  // namespace diffkern

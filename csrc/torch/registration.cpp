@@ -7,44 +7,22 @@
 // alphas_cumprod is the float32 table; prediction_type 0/1/2 = epsilon/sample/v_prediction;
 // variance 0/1 = fixed_small/fixed_large; clip_sample <= 0 means no clipping. Noise is
 // `noise` when given, else drawn in-kernel: from `generator`'s Philox state on CUDA
-// (graph-safe), from a CPU generator's next two 64-bit words on the CPU, else keyed by
-// (seed, offset) (see csrc/kernels/philox.h).
+// (graph-safe), else keyed by (seed, offset) (see csrc/kernels/philox.h).
+// A CPU generator given to an op is keyed by the op itself (csrc/torch/cpu_generator.h),
+// and then (seed, offset) are ignored. Every argument is checked by the backend kernels
+// (csrc/torch/validate.h): raw calls get the same errors as the public functions.
 #include <Python.h>
-#include <torch/csrc/Generator.h>
 #include <torch/library.h>
 
-#include "common.h"
-
-namespace {
-// diffkern._C.cpu_key(generator) -> (seed, offset) as int64: the key of the next draw from a
-// CPU generator (common.h cpu_philox_key), for the Python front door. A plain C call costs
-// ~0.1 us where passing the generator through torch.ops costs ~2.5 us.
-PyObject* cpu_key(PyObject* /*module*/, PyObject* obj) {
-  if (!THPGenerator_Check(obj)) {
-    PyErr_SetString(PyExc_TypeError, "generator must be a torch.Generator");
-    return nullptr;
-  }
-  const at::Generator gen = reinterpret_cast<THPGenerator*>(obj)->cdata;
-  if (gen.device().type() != c10::DeviceType::CPU) {
-    PyErr_SetString(PyExc_TypeError, "cpu_key needs a CPU generator");
-    return nullptr;
-  }
-  diffkern::PhiloxKey key{};
-  Py_BEGIN_ALLOW_THREADS  // the generator's lock is taken without the GIL held
-  key = diffkern::cpu_philox_key(gen, 0, 0);
-  Py_END_ALLOW_THREADS
-  return Py_BuildValue("(LL)", static_cast<long long>(key.seed), static_cast<long long>(key.offset));
+namespace diffkern {
+PyMethodDef* fast_call_methods();  // fast_call.cpp: the eager entry of the public step ops
 }
 
-PyMethodDef methods[] = {{"cpu_key", cpu_key, METH_O, "(seed, offset) of the next draw from a CPU generator"},
-                         {nullptr, nullptr, 0, nullptr}};
-}  // namespace
-
 extern "C" {
-// `import diffkern._C` loads this library: the ops register themselves; cpu_key is the
-// one Python-level function.
+// `import diffkern._C` loads this library (the ops register themselves) and gives the
+// module the eager entry points of fast_call.cpp.
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, diffkern::fast_call_methods()};
   return PyModule_Create(&def);
 }
 }

@@ -119,6 +119,39 @@ static void test_gmm_score() {
   CHECK(std::fabs(score[1] - (-2.0 - 0.7) / (4.0 + 2.25)) < 1e-14, "gmm score d1");
 }
 
+static void test_gmm_score_zero_weights_first() {
+  // Components of weight 0 ahead of the others (log weight -inf): the score is the one of
+  // the remaining mixture, not NaN (the streaming log-sum-exp gave exp(-inf + inf)).
+  const double w[3] = {0.0, 0.0, 1.0}, mu[6] = {5, 5, -5, -5, 1.0, -2.0}, sd[6] = {1, 1, 1, 1, 0.5, 2.0};
+  double iv[6], ln[3], score[2];
+  for (int k = 0; k < 3; ++k) gmm_component_constants<double>(w, sd, k, 2, 1.5, iv, ln);
+  const double x[2] = {0.3, 0.7};
+  gmm_score_point<double>(x, 2, 3, mu, iv, ln, score);
+  CHECK(std::fabs(score[0] - (1.0 - 0.3) / (0.25 + 2.25)) < 1e-14, "gmm score, zero weights first, d0: %g", score[0]);
+  CHECK(std::fabs(score[1] - (-2.0 - 0.7) / (4.0 + 2.25)) < 1e-14, "gmm score, zero weights first, d1: %g", score[1]);
+  float wf[3] = {0.0f, 0.5f, 0.5f}, muf[6] = {5, 5, -5, -5, 1, -2}, sdf[6] = {1, 1, 1, 1, 0.5f, 2}, ivf[6], lnf[3],
+        sf[2];
+  for (int k = 0; k < 3; ++k) gmm_component_constants<float>(wf, sdf, k, 2, 1.5f, ivf, lnf);
+  const float xf[2] = {0.3f, 0.7f};
+  gmm_score_point<float>(xf, 2, 3, muf, ivf, lnf, sf);
+  CHECK(std::isfinite(sf[0]) && std::isfinite(sf[1]), "gmm score float, zero weight first: %g %g", sf[0], sf[1]);
+}
+
+static void test_no_sync_timestep_rules() {
+  // A device-resident t_prev >= t, or epsilon prediction where alphas_cumprod[t] == 0: NaN
+  // coefficients (the host rejects these when it can read t; the kernels cannot raise).
+  const float table[3] = {0.9f, 0.5f, 0.0f};
+  const int64_t t[1] = {1}, tp[1] = {1}, tz[1] = {2};
+  const DdimOp same{TimestepArgs{table, 3, t, tp, 1}, 0.0, kEpsilon, false, 0.0};
+  CHECK(std::isnan(same.coeffs<double>(0).c0), "t_prev == t gives NaN");
+  const DdimOp zero_snr{TimestepArgs{table, 3, tz, nullptr, 1}, 0.0, kEpsilon, false, 0.0};
+  const StepCoeffs<double> k = zero_snr.coeffs<double>(0);
+  CHECK(std::isnan(step_apply<double>(k, 0.5, -0.25, 0.0, false, true, 1.0)), "epsilon at zero SNR gives NaN, clipped");
+  const DdimOp v{TimestepArgs{table, 3, tz, nullptr, 1}, 0.0, kVPrediction, false, 0.0};
+  CHECK(std::isfinite(step_apply<double>(v.coeffs<double>(0), 0.5, -0.25, 0.0, false, false, 0.0)),
+        "v prediction at zero SNR is finite");
+}
+
 int main() {
   test_philox_kat();
   test_transcendentals();
@@ -126,6 +159,8 @@ int main() {
   test_coefficients();
   test_exp_poly();
   test_gmm_score();
+  test_gmm_score_zero_weights_first();
+  test_no_sync_timestep_rules();
   if (failures) {
     std::printf("%d check(s) failed\n", failures);
     return 1;

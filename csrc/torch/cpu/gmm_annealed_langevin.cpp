@@ -1,6 +1,8 @@
 // The fused annealed-Langevin chain for the analytic mixture score, on the CPU: blocks of
 // points in parallel, each block's whole chain in L1 (structure of arrays, vectorized over
 // points); per-level component constants computed once and shared.
+#include "../cpu_generator.h"
+#include "../validate.h"
 #include "elementwise.h"
 
 #include "../../kernels/gmm.h"
@@ -22,8 +24,8 @@ inline float exp_vec<float>(float v) {
 
 // Advances points [p0, p0 + P) through the whole chain. State is kept structure-of-arrays
 // (x[d][p]) so every loop below is a loop over points that the compiler vectorizes; the
-// score is a two-pass softmax (max, then weights) instead of gmm_score_point's streaming
-// one, which needs a branch per component.
+// score is gmm.h's two-pass softmax, its terms in gmm_score_point's order (q_k kept per
+// point here instead of recomputed).
 template <class C>
 void chain_block(C* xs, int64_t p0, int P, int D, int K, const C* means, const std::vector<C>& inv_var,
                  const std::vector<C>& lognorm, const std::vector<double>& sigmas, int64_t n_steps_each,
@@ -51,27 +53,23 @@ void chain_block(C* xs, int64_t p0, int P, int D, int K, const C* means, const s
         if (d == 0 && d == D - 1) {
 #pragma omp simd
           for (int p = 0; p < P; ++p) {
-            const C diff = mu - xd[p];
-            l[p] = ln[k] - C(0.5) * (C(0) + diff * diff * w);
+            l[p] = gmm_log_weight<C>(ln[k], C(0) + gmm_quad_term<C>(mu, xd[p], w));
             mx[p] = l[p] > mx[p] ? l[p] : mx[p];
           }
         } else if (d == 0) {
 #pragma omp simd
           for (int p = 0; p < P; ++p) {
-            const C diff = mu - xd[p];
-            l[p] = C(0) + diff * diff * w;
+            l[p] = C(0) + gmm_quad_term<C>(mu, xd[p], w);
           }
         } else if (d < D - 1) {
 #pragma omp simd
           for (int p = 0; p < P; ++p) {
-            const C diff = mu - xd[p];
-            l[p] += diff * diff * w;
+            l[p] += gmm_quad_term<C>(mu, xd[p], w);
           }
         } else {
 #pragma omp simd
           for (int p = 0; p < P; ++p) {
-            const C diff = mu - xd[p];
-            l[p] = ln[k] - C(0.5) * (l[p] + diff * diff * w);
+            l[p] = gmm_log_weight<C>(ln[k], l[p] + gmm_quad_term<C>(mu, xd[p], w));
             mx[p] = l[p] > mx[p] ? l[p] : mx[p];
           }
         }
@@ -98,10 +96,10 @@ void chain_block(C* xs, int64_t p0, int P, int D, int K, const C* means, const s
         C* ad = acc[d];
         if (k == 0) {
 #pragma omp simd
-          for (int p = 0; p < P; ++p) ad[p] = C(0) + l[p] * (mu - xd[p]) * w;
+          for (int p = 0; p < P; ++p) ad[p] = C(0) + gmm_pull<C>(l[p], mu, xd[p], w);
         } else {
 #pragma omp simd
-          for (int p = 0; p < P; ++p) ad[p] += l[p] * (mu - xd[p]) * w;
+          for (int p = 0; p < P; ++p) ad[p] += gmm_pull<C>(l[p], mu, xd[p], w);
         }
       }
     }
@@ -173,21 +171,21 @@ at::Tensor gmm_annealed_langevin_cpu(const at::Tensor& x, const at::Tensor& weig
                                      const at::Tensor& stds, const at::Tensor& sigmas, int64_t n_steps_each,
                                      double step_lr, bool denoise, const std::optional<at::Generator>& generator,
                                      int64_t seed, int64_t offset) {
-  TORCH_CHECK(x.dim() >= 1, "x must be (..., D)");
+  validate::mixture(x, weights, means, stds, sigmas, n_steps_each, step_lr);
+  validate::generator_device(generator, x);
   const int D = int(x.size(-1));
   const int K = int(weights.numel());
-  TORCH_CHECK(D >= 1 && D <= kGmmMaxDim, "gmm_annealed_langevin: D must be in [1, ", kGmmMaxDim, "]");
-  TORCH_CHECK(K >= 1, "gmm_annealed_langevin: the mixture needs at least one component");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "x must be float32 or float64");
-  TORCH_CHECK(sigmas.numel() >= 1, "sigmas must not be empty");
+  TORCH_CHECK_VALUE(D >= 1 && D <= kGmmMaxDim, "gmm_annealed_langevin: D must be in [1, ", kGmmMaxDim, "], got ", D);
+  const PhiloxKey key = draw_key(generator, seed, offset, true);  // before any return, as on the reference path
+  if (x.numel() == 0) return x.contiguous().clone();
   at::Tensor out = x.contiguous().clone();
   const at::Tensor sig = sigmas.to(at::kDouble).contiguous();
   std::vector<double> sv(sig.data_ptr<double>(), sig.data_ptr<double>() + sig.numel());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gmm_annealed_langevin_cpu", [&] {
     const at::Tensor w = weights.to(x.scalar_type()).contiguous(), mu = means.to(x.scalar_type()).contiguous(),
-                     sd = stds.to(x.scalar_type()).expand({K, D}).contiguous();
+                     sd = (stds.dim() == 1 ? stds.unsqueeze(1) : stds).to(x.scalar_type()).expand({K, D}).contiguous();
     chain<scalar_t>(out.data_ptr<scalar_t>(), out.numel() / D, D, K, w.data_ptr<scalar_t>(), mu.data_ptr<scalar_t>(),
-                    sd.data_ptr<scalar_t>(), sv, n_steps_each, step_lr, denoise, cpu_philox_key(generator, seed, offset));
+                    sd.data_ptr<scalar_t>(), sv, n_steps_each, step_lr, denoise, key);
   });
   return out;
 }

@@ -1,3 +1,5 @@
+#include "../cpu_generator.h"
+#include "../validate.h"
 #include "elementwise.h"
 
 namespace diffkern {
@@ -5,8 +7,13 @@ namespace diffkern {
 at::Tensor langevin_step_cpu(const at::Tensor& x, const at::Tensor& score, double step_size,
                              const std::optional<at::Tensor>& noise, const std::optional<at::Generator>& generator,
                              int64_t seed, int64_t offset) {
-  const LangevinOp op{step_size};
-  return cpu::run_step(op, x, &score, noise, true, cpu_philox_key(generator, seed, offset), false);
+  validate::nonneg(step_size, "step_size");
+  const validate::Step s = validate::step(x, "x", &score, validate::kScore, noise, true, generator, nullptr, nullptr,
+                                          nullptr, -1);
+  // keyed before anything returns: the generator advances as on the reference path
+  const PhiloxKey key = draw_key(generator, seed, offset, !s.noise.has_value());
+  if (s.empty) return validate::empty_result(s, x);
+  return validate::in_format(cpu::run_step(LangevinOp{step_size}, s.x, &s.m, s.noise, true, key, false), s.format);
 }
 
 TORCH_LIBRARY_IMPL(diffkern, CPU, m) { m.impl("langevin_step", &langevin_step_cpu); }

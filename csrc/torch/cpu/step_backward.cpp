@@ -1,5 +1,6 @@
 // Fused backward of ddim_step / ddpm_step: one pass producing dL/dx, dL/dm (and dL/dnoise
 // when asked), from the same coefficients as the forward.
+#include "../validate.h"
 #include "elementwise.h"
 
 namespace diffkern {
@@ -55,9 +56,12 @@ void backward_loop(const Op& op, const Operand& g, const Operand& x, const Opera
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> step_backward_cpu(
-    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& model_output, const at::Tensor& t,
+    const at::Tensor& grad, const at::Tensor& x_in, const at::Tensor& model_output, const at::Tensor& t,
     const std::optional<at::Tensor>& t_prev, const at::Tensor& alphas_cumprod, int64_t kind, double eta, int64_t variance,
     int64_t prediction_type, double clip_sample, bool noise_grad) {
+  const validate::Step s = validate::backward_step(grad, x_in, model_output, alphas_cumprod, t, t_prev, kind, eta,
+                                                   variance, prediction_type);
+  const at::Tensor& x = s.x;
   const at::IntArrayRef shape = x.sizes();
   at::Tensor gx = cpu::empty_output(shape, x.options());
   at::Tensor gm = cpu::empty_output(shape, x.options());
@@ -65,10 +69,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> step_backward_cpu(
   const int64_t numel = gx.numel();
   if (numel == 0) return {gx, gm, gz};
   const int64_t inner = numel / batch_of(gx);
-  const Operand og = make_operand(grad.to(x.scalar_type()), shape), ox = make_operand(x, shape),
-                om = make_operand(model_output, shape);
-  const TimestepArgs ts = timestep_args(alphas_cumprod, t, t_prev);
-  const bool has_clip = clip_sample > 0, per_sample = t.numel() > 1;
+  const Operand og = make_operand(validate::cast(grad, s.dtype), shape), ox = make_operand(x, shape),
+                om = make_operand(s.m, shape);
+  const TimestepArgs ts = timestep_args(alphas_cumprod, s.ts.t, s.ts.t_prev);
+  const bool has_clip = clip_sample > 0, per_sample = s.ts.t.numel() > 1;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "diffkern_step_backward", [&] {
     scalar_t* pz = noise_grad ? gz.data_ptr<scalar_t>() : nullptr;
     if (kind == 0) {

@@ -3,12 +3,15 @@
 #pragma once
 #include <c10/cuda/CUDAStream.h>
 #include <ATen/cuda/CUDAGeneratorImpl.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <mutex>
 
 #include "../../kernels/launch.h"
 #include "../common.h"
+#include "../cpu_generator.h"
+#include "../validate.h"
 
 namespace diffkern {
 namespace cuda_binding {
@@ -35,12 +38,15 @@ inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 
 
 // Reserve `increment` Philox offsets of the generator (torch's default one for the
 // device when none is given). Graph-safe: under capture the state is read on the device.
+// A CPU generator drives CUDA noise through the CPU keying (cpu_generator.h), the same
+// keys as on the CPU; with no generator the (seed, offset) passed in are the key.
 inline cuda::RngArgs rng_from(const std::optional<at::Generator>& generator, int64_t seed, int64_t offset,
                               uint64_t increment = 4) {
   cuda::RngArgs r;
-  if (!generator.has_value()) {  // keyed in Python (a CPU generator driving CUDA noise)
-    r.seed = uint64_t(seed);
-    r.offset = uint64_t(offset);
+  if (!generator.has_value() || !generator->defined() || generator->device().is_cpu()) {
+    const PhiloxKey k = draw_key(generator, seed, offset, true);
+    r.seed = k.seed;
+    r.offset = k.offset;
     return r;
   }
   auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(generator, at::cuda::detail::getDefaultCUDAGenerator());
@@ -61,10 +67,10 @@ inline cuda::RngArgs rng_from(const std::optional<at::Generator>& generator, int
   return r;
 }
 
-inline void check_launch(const char* what) {
-  const char* err = cuda::last_error();
-  TORCH_CHECK(err[0] == '\0', "diffkern: ", what, " launch failed: ", err);
-}
+// torch's convention (C10_CUDA_KERNEL_LAUNCH_CHECK) right after a launch of ours, and
+// only then: a call that launched nothing (zero elements) returns before, so it cannot
+// report someone else's pending error as its own.
+#define DIFFKERN_LAUNCH_CHECK() C10_CUDA_KERNEL_LAUNCH_CHECK()
 
 // Tensors -> StepLaunch; allocates the output (and the noise output for q_sample).
 struct StepTensors {

@@ -7,13 +7,22 @@ at::Tensor ddim_step_cuda(const at::Tensor& x, const at::Tensor& model_output, c
                           int64_t prediction_type, double clip_sample, const std::optional<at::Tensor>& noise,
                           const std::optional<at::Generator>& generator, int64_t seed, int64_t offset) {
   const c10::cuda::CUDAGuard guard(x.device());
-  const bool draws = eta > 0 && !noise.has_value();
-  auto s = cuda_binding::prepare_step(x, &model_output, eta > 0 ? noise : std::nullopt, eta > 0, t.numel() > 1, false);
-  if (draws) s.launch.rng = cuda_binding::rng_from(generator, seed, offset);
-  const DdimOp op{timestep_args(alphas_cumprod, t, t_prev), eta, int(prediction_type), clip_sample > 0, clip_sample};
+  validate::nonneg(eta, "eta");
+  validate::prediction_type(prediction_type);
+  TORCH_CHECK_VALUE(!std::isnan(clip_sample), "clip_sample must be a number (<= 0: no clipping), got nan");
+  const bool uses_noise = eta > 0;
+  const validate::Step v = validate::step(x, "x", &model_output, validate::kModelOutput, noise, uses_noise, generator,
+                                          &alphas_cumprod, &t, &t_prev, prediction_type);
+  const bool draws = uses_noise && !v.noise.has_value();
+  const cuda::RngArgs rng = draws ? cuda_binding::rng_from(generator, seed, offset) : cuda::RngArgs{};
+  if (v.empty) return validate::empty_result(v, x);
+  auto s = cuda_binding::prepare_step(v.x, &v.m, v.noise, uses_noise, v.ts.t.numel() > 1, false);
+  if (draws) s.launch.rng = rng;
+  const DdimOp op{timestep_args(alphas_cumprod, v.ts.t, v.ts.t_prev), eta, int(prediction_type), clip_sample > 0,
+                  clip_sample};
   cuda::launch_ddim_step(s.launch, op, c10::cuda::getCurrentCUDAStream());
-  cuda_binding::check_launch("ddim_step");
-  return s.out;
+  DIFFKERN_LAUNCH_CHECK();
+  return validate::in_format(s.out, v.format);
 }
 
 TORCH_LIBRARY_IMPL(diffkern, CUDA, m) { m.impl("ddim_step", &ddim_step_cuda); }

@@ -8,16 +8,17 @@ at::Tensor gmm_annealed_langevin_cuda(const at::Tensor& x, const at::Tensor& wei
                                       double step_lr, bool denoise, const std::optional<at::Generator>& generator,
                                       int64_t seed, int64_t offset) {
   const c10::cuda::CUDAGuard guard(x.device());
-  TORCH_CHECK(x.dim() >= 1, "x must be (..., D)");
+  validate::mixture(x, weights, means, stds, sigmas, n_steps_each, step_lr);
+  validate::generator_device(generator, x);
   const int D = int(x.size(-1)), K = int(weights.numel());
-  TORCH_CHECK(D >= 1 && D <= kGmmMaxDim, "gmm_annealed_langevin: D must be in [1, ", kGmmMaxDim, "] on CUDA");
-  TORCH_CHECK(K >= 1 && K <= kGmmMaxComponents, "gmm_annealed_langevin: K must be in [1, ", kGmmMaxComponents,
-              "] on CUDA");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "x must be float32 or float64");
-  TORCH_CHECK(sigmas.numel() >= 1, "sigmas must not be empty");
+  TORCH_CHECK_VALUE(D >= 1 && D <= kGmmMaxDim, "gmm_annealed_langevin: D must be in [1, ", kGmmMaxDim, "] on CUDA");
+  TORCH_CHECK_VALUE(K >= 1 && K <= kGmmMaxComponents, "gmm_annealed_langevin: K must be in [1, ", kGmmMaxComponents,
+                    "] on CUDA");
+  const cuda::RngArgs rng = cuda_binding::rng_from(generator, seed, offset);  // before any return
+  if (x.numel() == 0) return x.contiguous().clone();
   at::Tensor out = x.contiguous().clone();
   const at::Tensor w = weights.to(x.scalar_type()).contiguous(), mu = means.to(x.scalar_type()).contiguous(),
-                   sd = stds.to(x.scalar_type()).expand({K, D}).contiguous();
+                   sd = (stds.dim() == 1 ? stds.unsqueeze(1) : stds).to(x.scalar_type()).expand({K, D}).contiguous();
   const at::Tensor sig = sigmas.to(x.device(), at::kDouble).contiguous();
   cuda::GmmLaunch p;
   p.is_double = x.scalar_type() == at::kDouble;
@@ -36,10 +37,10 @@ at::Tensor gmm_annealed_langevin_cuda(const at::Tensor& x, const at::Tensor& wei
   // side too, so this read does not wait on the GPU in practice.
   p.sigma_last = sigmas.to(at::kCPU, at::kDouble).reshape({-1})[-1].item<double>();
   p.denoise = denoise;
-  p.rng = cuda_binding::rng_from(generator, seed, offset);
+  p.rng = rng;
   p.device = x.get_device();
   cuda::launch_gmm_annealed_langevin(p, c10::cuda::getCurrentCUDAStream());
-  cuda_binding::check_launch("gmm_annealed_langevin");
+  DIFFKERN_LAUNCH_CHECK();
   return out;
 }
 

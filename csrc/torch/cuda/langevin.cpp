@@ -6,11 +6,17 @@ at::Tensor langevin_step_cuda(const at::Tensor& x, const at::Tensor& score, doub
                               const std::optional<at::Tensor>& noise, const std::optional<at::Generator>& generator,
                               int64_t seed, int64_t offset) {
   const c10::cuda::CUDAGuard guard(x.device());
-  auto s = cuda_binding::prepare_step(x, &score, noise, true, false, false);
-  if (s.launch.draw) s.launch.rng = cuda_binding::rng_from(generator, seed, offset);
+  validate::nonneg(step_size, "step_size");
+  const validate::Step v = validate::step(x, "x", &score, validate::kScore, noise, true, generator, nullptr, nullptr,
+                                          nullptr, -1);
+  const bool draws = !v.noise.has_value();
+  const cuda::RngArgs rng = draws ? cuda_binding::rng_from(generator, seed, offset) : cuda::RngArgs{};
+  if (v.empty) return validate::empty_result(v, x);
+  auto s = cuda_binding::prepare_step(v.x, &v.m, v.noise, true, false, false);
+  if (s.launch.draw) s.launch.rng = rng;
   cuda::launch_langevin_step(s.launch, LangevinOp{step_size}, c10::cuda::getCurrentCUDAStream());
-  cuda_binding::check_launch("langevin_step");
-  return s.out;
+  DIFFKERN_LAUNCH_CHECK();
+  return validate::in_format(s.out, v.format);
 }
 
 TORCH_LIBRARY_IMPL(diffkern, CUDA, m) { m.impl("langevin_step", &langevin_step_cuda); }

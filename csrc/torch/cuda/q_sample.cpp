@@ -8,12 +8,18 @@ std::tuple<at::Tensor, at::Tensor> q_sample_cuda(const at::Tensor& x0, const at:
                                                  const std::optional<at::Generator>& generator, int64_t seed,
                                                  int64_t offset) {
   const c10::cuda::CUDAGuard guard(x0.device());
-  auto s = cuda_binding::prepare_step(x0, nullptr, noise, true, t.numel() > 1, true);
-  if (s.launch.draw) s.launch.rng = cuda_binding::rng_from(generator, seed, offset);
-  const QSampleOp op{timestep_args(alphas_cumprod, t, std::nullopt)};
+  const validate::Step v = validate::step(x0, "x0", nullptr, nullptr, noise, true, generator, &alphas_cumprod, &t,
+                                          nullptr, -1);
+  const bool draws = !v.noise.has_value();
+  const cuda::RngArgs rng = draws ? cuda_binding::rng_from(generator, seed, offset) : cuda::RngArgs{};
+  const auto none = [&] { return at::empty({0}, x0.options().dtype(v.dtype)); };
+  if (v.empty) return {validate::empty_result(v, x0), noise.has_value() ? none() : validate::empty_result(v, x0)};
+  auto s = cuda_binding::prepare_step(v.x, nullptr, v.noise, true, v.ts.t.numel() > 1, true);
+  if (s.launch.draw) s.launch.rng = rng;
+  const QSampleOp op{timestep_args(alphas_cumprod, v.ts.t, std::nullopt)};
   cuda::launch_q_sample(s.launch, op, c10::cuda::getCurrentCUDAStream());
-  cuda_binding::check_launch("q_sample");
-  return {s.out, noise.has_value() ? at::empty({0}, x0.options()) : s.noise_out};
+  DIFFKERN_LAUNCH_CHECK();
+  return {validate::in_format(s.out, v.format), noise.has_value() ? none() : validate::in_format(s.noise_out, v.format)};
 }
 
 TORCH_LIBRARY_IMPL(diffkern, CUDA, m) { m.impl("q_sample", &q_sample_cuda); }
