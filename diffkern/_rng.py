@@ -211,12 +211,15 @@ def check_seeds(seeds, B: int, device: torch.device) -> torch.Tensor:
         raise TypeError(f"seeds must be an int64 tensor, got {seeds.dtype}")
     if seeds.device.type != "cpu" and seeds.device != device:
         raise ValueError(f"seeds must be on the CPU or on x's device ({device}), got {seeds.device}")
-    if seeds.dim() == 0:
+    if seeds.dim() != 1:
+        if seeds.dim() != 0:
+            raise ValueError(f"seeds must be an int or a tensor of shape ({B},) (one per sample), "
+                             f"got shape {tuple(seeds.shape)}")
         seeds = seeds.reshape(1)
-    if seeds.dim() != 1 or seeds.numel() not in (1, B):
-        raise ValueError(f"seeds must be an int or a tensor of shape ({B},) (one per sample), "
-                         f"got shape {tuple(seeds.shape)}")
-    return seeds.to(device, non_blocking=True)
+    n = seeds.shape[0]
+    if n != B and n != 1:
+        raise ValueError(f"seeds must be an int or a tensor of shape ({B},) (one per sample), got shape ({n},)")
+    return seeds if seeds.device == device else seeds.to(device, non_blocking=True)
 
 
 def check_step(step, device: torch.device):
@@ -273,10 +276,16 @@ def keyed_op():
     return _keyed_state or None
 
 
-def _native_keyed(device: torch.device) -> bool:
-    from ._native import native_available
+_native_devices: dict = {}
 
-    return keyed_op() is not None and native_available(device)
+
+def _native_keyed(device: torch.device) -> bool:
+    ok = _native_devices.get(device)
+    if ok is None:
+        from ._native import native_available
+
+        ok = _native_devices[device] = keyed_op() is not None and native_available(device)
+    return ok
 
 
 def keyed_randn(seeds, shape, *, step=0, device=None, dtype=torch.float32) -> torch.Tensor:
