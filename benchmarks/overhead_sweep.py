@@ -7,7 +7,9 @@ PyTorch and torch.compile of it? (issue 10: a call must cost about one torch op.
     python benchmarks/overhead_sweep.py --quick --no-compile
 
 ``--calls``: the per-call figures of the issue: mean of ``--n-calls`` (20000) calls after
-warm-up, one CPU thread, 1x4x8x8 float32, the call exactly as a sampling loop writes it.
+warm-up, one CPU thread, 1x4x8x8 float32, the call exactly as a sampling loop writes it;
+best of 3 such means, as wall time and as this thread's CPU time (the steadier of the
+two on a shared machine).
 
 The sweep: for every op and size (1 element to 64x4x128x128) and for one thread and all
 threads, three rows on the same inputs:
@@ -20,7 +22,9 @@ threads, three rows on the same inputs:
   ``torch.randn_like`` inside the graph (a generator would graph-break).
 
 Each point is the median over 5 batches of the mean time per call (a batch runs for
-about ``--budget`` seconds); on the CPU that is the host time of a call. Writes
+about ``--budget`` seconds), as wall time and as the process's CPU time (all threads).
+The plot shows CPU time for one thread (the host cost of a call, steady on a shared
+machine) and wall time for all threads. Writes
 ``overhead_sweep.json`` and a log-log plot ``overhead_sweep.png`` (time per call vs
 elements, one panel per op) into ``--out``.
 """
@@ -152,21 +156,24 @@ def make_case(op: str, shape, threads_label: str):
     raise ValueError(op)
 
 
-def time_per_call(fn, budget_s: float, batches: int = 5) -> float:
-    """Median over batches of the mean wall time per call, in microseconds."""
+def time_per_call(fn, budget_s: float, batches: int = 5) -> tuple[float, float]:
+    """Median over batches of the mean time per call in microseconds: wall time, and the
+    process's CPU time (all its threads; the steadier one on a shared machine, and with
+    one thread the host cost of the call)."""
     for _ in range(3):
         fn()
     t0 = time.perf_counter()
     fn()
     est = max(time.perf_counter() - t0, 1e-7)
     n = int(min(max(budget_s / est, 3), 20000))
-    means = []
+    means, cpu = [], []
     for _ in range(batches):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(n):
             fn()
         means.append((time.perf_counter() - t0) / n * 1e6)
-    return statistics.median(means)
+        cpu.append((time.process_time() - c0) / n * 1e6)
+    return statistics.median(means), statistics.median(cpu)
 
 
 def per_call_figures(n_calls: int) -> list[dict]:
@@ -198,14 +205,17 @@ def per_call_figures(n_calls: int) -> list[dict]:
     for name, fn in rows:
         for _ in range(2000):
             fn()
-        best = []
+        best, cpu = [], []
         for _ in range(3):  # best of 3 means of n_calls: the machine is shared
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             for _ in range(n_calls):
                 fn()
             best.append((time.perf_counter() - t0) / n_calls * 1e6)
-        out.append({"call": name, "us": min(best), "us_all": best})
-        print(f"{min(best):8.2f} us  {name}", flush=True)
+            cpu.append((time.thread_time() - c0) / n_calls * 1e6)
+        # thread CPU time: what the call costs this thread, less sensitive than wall time to
+        # other processes on a shared machine
+        out.append({"call": name, "us": min(best), "us_all": best, "cpu_us": min(cpu), "cpu_us_all": cpu})
+        print(f"{min(best):8.2f} us wall {min(cpu):8.2f} us cpu  {name}", flush=True)
     return out
 
 
@@ -245,14 +255,15 @@ def main(argv=None) -> int:
                     if impl == "compile" and args.no_compile:
                         continue
                     try:
-                        us = time_per_call(fn, args.budget)
+                        us, cpu_us = time_per_call(fn, args.budget)
                     except Exception as exc:  # e.g. compile unavailable
                         print(f"{op} {shape} {impl}: {type(exc).__name__}: {exc}"[:300], file=sys.stderr)
-                        us = None
+                        us = cpu_us = None
                     results.append({"op": op, "shape": list(shape), "numel": numel, "threads": nt, "impl": impl,
-                                    "us_per_call": us})
+                                    "us_per_call": us, "cpu_us_per_call": cpu_us})
                     print(f"{op:22s} {C.shape_str(shape):14s} thr={nt} {impl:9s} "
-                          f"{'-' if us is None else f'{us:10.2f}'} us", flush=True)
+                          f"{'-' if us is None else f'{us:10.2f}'} us wall "
+                          f"{'-' if cpu_us is None else f'{cpu_us:10.2f}'} us cpu", flush=True)
     torch.set_num_threads(all_threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -279,11 +290,12 @@ def _plot(results, ops, threads, path: Path) -> None:
     for ax, op in zip(axes.flat, ops, strict=False):
         for impl, style in styles.items():
             for nt in threads:
-                pts = sorted((r["numel"], r["us_per_call"]) for r in results
-                             if r["op"] == op and r["impl"] == impl and r["threads"] == nt and r["us_per_call"])
+                key = "cpu_us_per_call" if nt == 1 else "us_per_call"  # 1 thread: host cost; else latency
+                pts = sorted((r["numel"], r[key]) for r in results
+                             if r["op"] == op and r["impl"] == impl and r["threads"] == nt and r.get(key))
                 if pts:
                     ax.loglog(*zip(*pts, strict=True), style, ms=3, alpha=0.9 if nt == 1 else 0.5,
-                              label=f"{impl} {nt}thr")
+                              label=f"{impl} {nt}thr {'cpu' if nt == 1 else 'wall'}")
         ax.set_title(op, fontsize=9)
         ax.set_xlabel("elements")
         ax.set_ylabel("us per call")

@@ -57,14 +57,19 @@ IMPLS = {
     "reference": "dk.reference.*: pure-PyTorch oracle, Philox noise evaluated with tensor ops",
 }
 OPS = ("q_sample", "ddpm_step", "ddim_step", "langevin_step", "gmm_annealed_langevin")
-OP_ALIASES = {"gmm": "gmm_annealed_langevin", "langevin": "langevin_step", "ddim": "ddim_step", "ddpm": "ddpm_step"}
+# The sampler families (euler_step runs at each --etas value: 0 Euler, 1 Euler ancestral).
+SAMPLER_OPS = ("euler_step", "heun_step", "dpmpp_2m_step", "flow_step", "flow_q_sample", "lcm_step")
+OPS += SAMPLER_OPS
+OP_ALIASES = {"gmm": "gmm_annealed_langevin", "langevin": "langevin_step", "ddim": "ddim_step", "ddpm": "ddpm_step",
+              "euler": "euler_step", "heun": "heun_step", "dpmpp": "dpmpp_2m_step", "flow": "flow_step",
+              "lcm": "lcm_step"}
 
 IMAGE_SIZES = ["1x4x64x64", "8x4x64x64", "64x4x128x128", "16x3x512x512"]
 DEFAULT_SIZES = {
     "q_sample": IMAGE_SIZES, "ddpm_step": IMAGE_SIZES, "ddim_step": IMAGE_SIZES,
     "langevin_step": ["1x4x64x64", "64x4x128x128", "16x3x512x512", "1e7x2"],
     "gmm_annealed_langevin": {"cpu": ["1e4x2", "1e5x2", "1e6x2"], "cuda": ["1e4x2", "1e6x2", "1e7x2"]},
-}
+} | {op: IMAGE_SIZES for op in SAMPLER_OPS}
 QUICK_SIZES = {op: ["1x4x64x64"] for op in OPS} | {"gmm_annealed_langevin": ["1e4x2"]}
 OVERHEAD_SHAPE = (1, 4, 64, 64)
 
@@ -102,7 +107,7 @@ class Case:
         GMM loop, which is compute-bound (it reads and writes x once for the whole chain)."""
         if self.op == "gmm_annealed_langevin":
             return None
-        return 3 * self.numel * self.elem_size
+        return SAMPLER_TENSORS.get(self.op, 3) * self.numel * self.elem_size
 
 
 # ---- the formulas, written once for floats (eager) and 1-element tensors (compiled) -------
@@ -403,8 +408,239 @@ def build_gmm_annealed_langevin(c: Ctx) -> dict:
     }
 
 
+# ---- the sampler families: k-diffusion's formulas (eager / compiled), diffusers' steps -------
+# Tensors each fused op reads plus writes (fp32: 4 B each): heun reads x, denoised, the
+# proposal and its denoised; dpmpp (second order, "sample") reads x, denoised, old_denoised.
+SAMPLER_TENSORS = {"heun_step": 5, "dpmpp_2m_step": 4}
+K_STEP = 10  # the diffusers rows step from index 10 of a 30-step schedule (4 for LCM)
+
+
+def _vp_sigma(ab: float) -> float:
+    return ((1 - ab) / ab) ** 0.5
+
+
+def k_euler(x, den, sigma, sigma_next):
+    d = (x - den) / sigma  # k-diffusion's to_d
+    return x + d * (sigma_next - sigma)
+
+
+def k_euler_ancestral(x, den, sigma, sigma_next, z):
+    sigma_up = min(sigma_next, (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5)
+    sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
+    d = (x - den) / sigma
+    x = x + d * (sigma_down - sigma)
+    return x + z * sigma_up
+
+
+def k_euler_ancestral_gen(x, den, sigma, sigma_next, gen):
+    return k_euler_ancestral(x, den, sigma, sigma_next, randn(x, gen))
+
+
+def k_euler_ancestral_randn(x, den, sigma, sigma_next):
+    return k_euler_ancestral(x, den, sigma, sigma_next, torch.randn_like(x))
+
+
+def k_heun2(x, den, x2, den2, sigma, sigma_next):
+    d = (x - den) / sigma
+    d_2 = (x2 - den2) / sigma_next
+    return x + (d + d_2) / 2 * (sigma_next - sigma)
+
+
+def k_dpmpp_2m(x, den, old, sigma, sigma_next, sigma_prev):
+    t, t_next, t_prev = -math.log(sigma), -math.log(sigma_next), -math.log(sigma_prev)
+    h = t_next - t
+    r = (t - t_prev) / h
+    den_d = (1 + 1 / (2 * r)) * den - (1 / (2 * r)) * old
+    return (sigma_next / sigma) * x - math.expm1(-h) * den_d
+
+
+def flow_euler(x, v, sigma, sigma_next):
+    return x + (sigma_next - sigma) * v
+
+
+def flow_noising(x0, z, sigma):
+    s = sigma.view(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
+    return (1 - s) * x0 + s * z, z
+
+
+def flow_noising_gen(x0, sigma, gen):
+    return flow_noising(x0, randn(x0, gen), sigma)
+
+
+def flow_noising_randn(x0, sigma):
+    return flow_noising(x0, torch.randn_like(x0), sigma)
+
+
+def lcm_update(x, m, c, z):
+    c_skip, c_out, sa, s1a, sap, s1ap = c
+    x0 = (x - s1a * m) / sa
+    den = c_out * x0 + c_skip * x
+    return sap * den + s1ap * z
+
+
+def lcm_update_gen(x, m, c, gen):
+    return lcm_update(x, m, c, randn(x, gen))
+
+
+def lcm_update_randn(x, m, c):
+    return lcm_update(x, m, c, torch.randn_like(x))
+
+
+def _stepper(sched, n_steps: int, k: int, prepare=None):
+    """``step(i, model_output, sample, **kw)`` of a diffusers scheduler at index k of an
+    n-step schedule on every call (its step index is reset before each)."""
+    sched.set_timesteps(n_steps)
+    t = sched.timesteps[k]
+
+    def step(i, m, x, **kw):
+        sched._step_index = k
+        if prepare is not None:
+            prepare(sched, i)
+        return sched.step(m, t, x, return_dict=False, **kw)[0]
+
+    return step
+
+
+def build_euler_step(c: Ctx) -> dict:
+    eta, g = c.case.params["eta"], c.gen
+    s, sn = _vp_sigma(c.ac[T_STEP]), _vp_sigma(c.ac[T_PREV_DDIM])
+    gen = g if eta > 0 else None
+    no_noise = NotApplicable("eta=0 draws no noise (see the 'compile' row)")
+    if eta > 0:
+        eager = lambda i: k_euler_ancestral(c.b(i)["x"], c.b(i)["m"], s, sn, randn(c.b(i)["x"], g))  # noqa: E731
+        comp = (k_euler_ancestral, lambda f, i: f(c.b(i)["x"], c.b(i)["m"], s, sn, c.b(i)["z"]))
+        comp_gen = (k_euler_ancestral_gen, lambda f, i: f(c.b(i)["x"], c.b(i)["m"], s, sn, g))
+        comp_randn = (k_euler_ancestral_randn, lambda f, i: f(c.b(i)["x"], c.b(i)["m"], s, sn))
+    else:
+        eager = lambda i: k_euler(c.b(i)["x"], c.b(i)["m"], s, sn)  # noqa: E731
+        comp = (k_euler, lambda f, i: f(c.b(i)["x"], c.b(i)["m"], s, sn))
+        comp_gen = comp_randn = no_noise
+
+    def diffusers_row(sched):  # epsilon prediction (its default): x0 = x - sigma m inside the step
+        step = _stepper(sched, 30, K_STEP)
+        return lambda i: step(i, c.b(i)["m"], c.b(i)["x"], **({"generator": g} if eta > 0 else {}))
+
+    return {
+        "native": _native(c, lambda i: dk.euler_step(c.b(i)["x"], c.b(i)["m"], s, sn, eta=eta, generator=gen)),
+        "eager": eager,
+        "diffusers": _diffusers(c, "EulerAncestralDiscreteScheduler" if eta > 0 else "EulerDiscreteScheduler",
+                                diffusers_row),
+        "compile": comp, "compile+randn": comp_randn, "compile+gen": comp_gen,
+        "reference": lambda i: dk.reference.euler_step(c.b(i)["x"], c.b(i)["m"], s, sn, eta=eta, generator=gen),
+    }
+
+
+def build_heun_step(c: Ctx) -> dict:
+    s, sn = _vp_sigma(c.ac[T_STEP]), _vp_sigma(c.ac[T_PREV_DDIM])
+
+    def args(i):  # x, its denoised, the Euler proposal and its denoised: four distinct tensors
+        return c.b(i)["x"], c.b(i)["m"], c.b(i)["z"], c.b(i + 1)["m"]
+
+    def diffusers_row(sched):  # HeunDiscreteScheduler's second call, its first call's state set
+        def prepare(sc, i):
+            sc.dt, sc.prev_derivative, sc.sample = sn - s, c.b(i + 1)["z"], c.b(i)["x"]
+        step = _stepper(sched, 30, 2 * K_STEP, prepare)
+        return lambda i: step(i, c.b(i + 1)["m"], c.b(i)["z"])
+
+    return {
+        "native": _native(c, lambda i: dk.heun_step(*args(i), s, sn)),
+        "eager": lambda i: k_heun2(*args(i), s, sn),
+        "diffusers": _diffusers(c, "HeunDiscreteScheduler", diffusers_row),
+        "compile": (k_heun2, lambda f, i: f(*args(i), s, sn)),
+        "reference": lambda i: dk.reference.heun_step(*args(i), s, sn),
+    }
+
+
+def build_dpmpp_2m_step(c: Ctx) -> dict:
+    s, sn, sp = _vp_sigma(c.ac[T_STEP]), _vp_sigma(c.ac[T_PREV_DDIM]), _vp_sigma(c.ac[T_STEP + 20])
+
+    def diffusers_row(sched):  # dpmsolver++, order 2, second order: the previous x0 in its history
+        def prepare(sc, i):
+            sc.lower_order_nums, sc.model_outputs = 2, [None, c.b(i)["z"]]
+        step = _stepper(sched, 30, K_STEP, prepare)
+        return lambda i: step(i, c.b(i)["m"], c.b(i)["x"])
+
+    return {
+        "native": _native(c, lambda i: dk.dpmpp_2m_step(c.b(i)["x"], c.b(i)["m"], c.b(i)["z"], s, sn, sp)),
+        "eager": lambda i: k_dpmpp_2m(c.b(i)["x"], c.b(i)["m"], c.b(i)["z"], s, sn, sp),
+        "diffusers": _diffusers(c, "DPMSolverMultistepScheduler", diffusers_row, algorithm_type="dpmsolver++",
+                                solver_order=2),
+        "compile": (k_dpmpp_2m, lambda f, i: f(c.b(i)["x"], c.b(i)["m"], c.b(i)["z"], s, sn, sp)),
+        "reference": lambda i: dk.reference.dpmpp_2m_step(c.b(i)["x"], c.b(i)["m"], c.b(i)["z"], s, sn, sp),
+    }
+
+
+def build_flow_step(c: Ctx) -> dict:
+    s, sn = 0.62, 0.58  # a step of a 28-step shifted (SD3) schedule
+
+    def diffusers_row(sched):
+        step = _stepper(sched, 28, K_STEP)
+        return lambda i: step(i, c.b(i)["m"], c.b(i)["x"])
+
+    return {
+        "native": _native(c, lambda i: dk.flow_step(c.b(i)["x"], c.b(i)["m"], s, sn)),
+        "eager": lambda i: flow_euler(c.b(i)["x"], c.b(i)["m"], s, sn),
+        "diffusers": _diffusers(c, "FlowMatchEulerDiscreteScheduler", diffusers_row),
+        "compile": (flow_euler, lambda f, i: f(c.b(i)["x"], c.b(i)["m"], s, sn)),
+        "reference": lambda i: dk.reference.flow_step(c.b(i)["x"], c.b(i)["m"], s, sn),
+    }
+
+
+def build_flow_q_sample(c: Ctx) -> dict:
+    B, g = c.case.shape[0], c.gen
+    sigma = torch.rand(B, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(c.device)
+
+    def diffusers_row(sched):  # scale_noise at per-sample training timesteps, as its docstring has it
+        sched.set_timesteps(1000)
+        idx = torch.randint(0, 1000, (B,), generator=torch.Generator().manual_seed(3))
+        ts = sched.timesteps[idx].to(c.device)
+
+        def noising(i):
+            x0 = c.b(i)["x"]
+            z = torch.randn_like(x0)
+            return sched.scale_noise(x0, ts, z), z
+        return noising
+
+    return {
+        "native": _native(c, lambda i: dk.flow_q_sample(c.b(i)["x"], sigma, generator=g)),
+        "eager": lambda i: flow_noising(c.b(i)["x"], randn(c.b(i)["x"], g), sigma),
+        "diffusers": _diffusers(c, "FlowMatchEulerDiscreteScheduler", diffusers_row),
+        "compile": (flow_noising, lambda f, i: f(c.b(i)["x"], c.b(i)["z"], sigma)),
+        "compile+randn": (flow_noising_randn, lambda f, i: f(c.b(i)["x"], sigma)),
+        "compile+gen": (flow_noising_gen, lambda f, i: f(c.b(i)["x"], sigma, g)),
+        "reference": lambda i: dk.reference.flow_q_sample(c.b(i)["x"], sigma, generator=g),
+    }
+
+
+def build_lcm_step(c: Ctx) -> dict:
+    g, t, tp = c.gen, 759, 499  # a 4-step LCM schedule's second step
+    ab, abp = c.ac[t], c.ac[tp]
+    u = 10.0 * t
+    coeffs = (0.25 / (u * u + 0.25), u / (u * u + 0.25) ** 0.5, ab**0.5, (1 - ab) ** 0.5, abp**0.5, (1 - abp) ** 0.5)
+
+    def diffusers_row(sched):
+        step = _stepper(sched, 4, 1)
+        return lambda i: step(i, c.b(i)["m"], c.b(i)["x"], generator=g)
+
+    return {
+        "native": _native(c, lambda i: dk.lcm_step(c.b(i)["x"], c.b(i)["m"], t, tp, generator=g)),
+        "eager": lambda i: lcm_update(c.b(i)["x"], c.b(i)["m"], coeffs, randn(c.b(i)["x"], g)),
+        "diffusers": _diffusers(c, "LCMScheduler", diffusers_row),
+        "compile": (lcm_update, lambda f, i: f(c.b(i)["x"], c.b(i)["m"], coeffs, c.b(i)["z"])),
+        "compile+randn": (lcm_update_randn, lambda f, i: f(c.b(i)["x"], c.b(i)["m"], coeffs)),
+        "compile+gen": (lcm_update_gen, lambda f, i: f(c.b(i)["x"], c.b(i)["m"], coeffs, g)),
+        "reference": lambda i: dk.reference.lcm_step(c.b(i)["x"], c.b(i)["m"], t, tp, generator=g),
+    }
+
+
+# The deterministic rows compute the same step: each is checked against the eager formula.
+DETERMINISTIC = {"heun_step", "dpmpp_2m_step", "flow_step"}
+
+
 BUILDERS = {"q_sample": build_q_sample, "ddim_step": build_ddim_step, "ddpm_step": build_ddpm_step,
-            "langevin_step": build_langevin_step, "gmm_annealed_langevin": build_gmm_annealed_langevin}
+            "langevin_step": build_langevin_step, "gmm_annealed_langevin": build_gmm_annealed_langevin,
+            "euler_step": build_euler_step, "heun_step": build_heun_step, "dpmpp_2m_step": build_dpmpp_2m_step,
+            "flow_step": build_flow_step, "flow_q_sample": build_flow_q_sample, "lcm_step": build_lcm_step}
 
 
 # ---- measuring -----------------------------------------------------------------------------
@@ -491,7 +727,8 @@ def run_case(case: Case, args, diffusers_mod, impls: list[str], bar) -> tuple[di
     specs = BUILDERS[case.op](ctx)
     specs["copy"] = lambda i: ctx.b(i)["x"].clone()
     # DDIM at eta=0 is deterministic: every row must compute the same step as the eager formula.
-    check = specs["eager"](0) if case.op == "ddim_step" and case.params["eta"] == 0 else None
+    deterministic = (case.op in ("ddim_step", "euler_step") and case.params["eta"] == 0) or case.op in DETERMINISTIC
+    check = specs["eager"](0) if deterministic else None
     overhead = {} if case.overhead else None
     ready = {}  # name -> (fn, compile_s, graph_breaks)
     for name in impls:
@@ -519,7 +756,8 @@ def run_case(case: Case, args, diffusers_mod, impls: list[str], bar) -> tuple[di
             entry = {"status": "ok", **timings.get(name, {})}
             if compile_s is not None:
                 entry.update(compile_s=compile_s, graph_breaks=breaks)
-            if check is not None and name != "copy":
+            # the diffusers rows of the sampler families step on their own schedules
+            if check is not None and name != "copy" and not (name == "diffusers" and case.op in SAMPLER_OPS):
                 entry["max_abs_diff_vs_eager"] = float((fn(0).float() - check.float()).abs().max())
             if case.overhead:
                 overhead[name] = host_overhead(fn, case.device)
@@ -614,7 +852,7 @@ def build_cases(args, devices) -> list[Case]:
                 for dtype in dtypes:
                     if op == "gmm_annealed_langevin" and dtype not in (torch.float32, torch.float64):
                         continue  # the fused GMM kernel is float32/float64 only
-                    variants = [{"eta": e} for e in etas] if op == "ddim_step" else [{}]
+                    variants = [{"eta": e} for e in etas] if op in ("ddim_step", "euler_step") else [{}]
                     if op == "gmm_annealed_langevin":
                         variants = [{"levels": levels, "steps_each": steps_each}]
                     for params in variants:
@@ -628,7 +866,7 @@ def build_cases(args, devices) -> list[Case]:
         for op in args.op_list:
             if op == "gmm_annealed_langevin":
                 continue
-            for params in ([{"eta": e} for e in etas] if op == "ddim_step" else [{}]):
+            for params in ([{"eta": e} for e in etas] if op in ("ddim_step", "euler_step") else [{}]):
                 if not any(c.overhead and c.op == op and c.params == params and c.device == device for c in cases):
                     cases.append(Case(device, op, params, torch.float32, OVERHEAD_SHAPE, time_it=False, overhead=True))
     return cases

@@ -21,6 +21,12 @@ invisible to the results:
   same pass (``prediction_type=``) instead of the wrapper spending one more.
 - The branches on sigma values read a host copy of ``sigmas`` made once per call (k
   syncs on them every step).
+- Step coefficients (``dt``, sigma_down/up, DPM++'s h and r) are formed in float64 from
+  the sigma values, where k-diffusion forms them in ``sigmas``' dtype: with float32
+  ``sigmas`` and float64 ``x`` the results differ by k-diffusion's float32 rounding of
+  those scalars (~1e-7 relative); with float64 ``sigmas`` they agree to float64 rounding.
+  Result dtypes are k-diffusion's: sample_euler/_heun/_euler_ancestral promote ``x``
+  with ``sigmas``' dtype (k's ``to_d`` does), sample_dpmpp_2m keeps ``x``'s.
 """
 
 from __future__ import annotations
@@ -37,7 +43,8 @@ from .schedules import NoiseSchedule
 
 __all__ = ["append_zero", "get_sigmas_karras", "get_sigmas_exponential", "to_d", "get_ancestral_step",
            "default_noise_sampler", "sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpmpp_2m",
-           "sample_flow_euler", "sample_lcm", "DiscreteSchedule", "EpsDenoiser", "VDenoiser"]
+           "sample_flow_euler", "sample_lcm", "DiscreteSchedule", "EpsDenoiser", "VDenoiser",
+           "DiscreteEpsDDPMDenoiser", "DiscreteVDDPMDenoiser"]
 
 
 # ---- k-diffusion's utilities -------------------------------------------------------------
@@ -55,7 +62,7 @@ def append_zero(x: torch.Tensor) -> torch.Tensor:
 
 def get_sigmas_karras(n, sigma_min, sigma_max, rho=7., device='cpu'):
     """The noise levels of Karras et al. (2022), eq. 5, followed by a zero."""
-    ramp = torch.linspace(0, 1, n, device=device)
+    ramp = torch.linspace(0, 1, n)  # on the CPU, then moved: k-diffusion's numbers on every device
     min_inv_rho = sigma_min ** (1 / rho)
     max_inv_rho = sigma_max ** (1 / rho)
     sigmas = (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
@@ -108,7 +115,8 @@ class _Levels:
             raise ValueError(f"sigmas has {sigmas.shape[1]} columns but x has batch size {x.shape[0]}")
         self.dev = sigmas
         self.per_sample = sigmas.dim() == 2
-        self.host = sigmas.detach().to("cpu", torch.float64)
+        self.host_native = sigmas.detach().cpu()  # sigmas' dtype: k compares s_tmin <= sigmas[i] in it
+        self.host = self.host_native.to(torch.float64)
         self.s_in = x.new_ones([x.shape[0]])
 
     def __len__(self):
@@ -132,6 +140,13 @@ class _Levels:
             raise ValueError(f"per-sample sigmas must reach 0 at the same step (row {i} mixes zeros and non-zeros)")
         return bool(z.all())
 
+    def promote(self, x: torch.Tensor) -> torch.Tensor:
+        """x in the dtype k-diffusion's ``x + to_d(x, sigma, denoised) * dt`` has: to_d's
+        ``append_dims(sigma)`` is a dimensioned tensor, so sigmas' dtype takes part in the
+        promotion (float32 x with float64 sigmas leaves the step in float64)."""
+        dt = torch.promote_types(x.dtype, self.dev.dtype)
+        return x if x.dtype == dt else x.to(dt)
+
     def positive(self, i) -> bool:
         return bool((self.host[i] > 0).any())
 
@@ -149,8 +164,8 @@ def _denoise(model, x, sigma, extra_args, fuse: bool):
 
 
 def _churn_gamma(levels, i, s_churn, s_tmin, s_tmax):
-    s = levels.host[i]
-    inside = bool(((s_tmin <= s) & (s <= s_tmax)).all()) if levels.per_sample else s_tmin <= float(s) <= s_tmax
+    s = levels.host_native[i]  # a float32 sigma is compared with float32 s_tmin/s_tmax, as in k-diffusion
+    inside = bool(((s_tmin <= s) & (s <= s_tmax)).all()) if levels.per_sample else bool(s_tmin <= s <= s_tmax)
     if levels.per_sample and not inside and bool(((s_tmin <= s) & (s <= s_tmax)).any()):
         raise ValueError(f"per-sample sigmas must all be inside or all outside [s_tmin, s_tmax] (row {i})")
     return min(s_churn / (len(levels) - 1), 2 ** 0.5 - 1) if inside else 0.
@@ -201,7 +216,7 @@ def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None,
         if callback is not None:
             callback({'x': x, 'i': i, 'sigma': levels.scalar(i), 'sigma_hat': levels.scalar(i) * (gamma + 1),
                       'denoised': m})
-        x = euler_step(x, m, levels.op(i, gamma + 1), levels.op(i + 1), prediction_type=pt)
+        x = euler_step(levels.promote(x), m, levels.op(i, gamma + 1), levels.op(i + 1), prediction_type=pt)
     return x
 
 
@@ -217,6 +232,7 @@ def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
         m, pt = _denoise(model, x, levels.model(i), extra_args, callback is None)
         if callback is not None:
             callback({'x': x, 'i': i, 'sigma': levels.scalar(i), 'sigma_hat': levels.scalar(i), 'denoised': m})
+        x = levels.promote(x)
         if levels.positive(i + 1):
             noise = noise_sampler(levels.scalar(i), levels.scalar(i + 1)) if noise_sampler is not None else None
             keyed = seeds is not None and noise is None and eta > 0
@@ -246,6 +262,7 @@ def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, 
         if callback is not None:
             callback({'x': x, 'i': i, 'sigma': levels.scalar(i), 'sigma_hat': levels.scalar(i) * (gamma + 1),
                       'denoised': m})
+        x = levels.promote(x)
         x_2 = euler_step(x, m, sigma_hat, levels.op(i + 1), prediction_type=pt)
         if levels.zero(i + 1):
             x = x_2  # Euler method
@@ -332,7 +349,11 @@ def _alphas_cumprod(schedule) -> torch.Tensor:
     if isinstance(schedule, NoiseSchedule):
         ac = schedule.alphas_cumprod
     elif isinstance(schedule, torch.Tensor):
-        ac = schedule.detach().to(torch.float32)
+        # as k-diffusion, the table's own floating dtype: float64 alphas_cumprod give float64
+        # sigmas, sigma_to_t and get_sigmas
+        ac = schedule.detach()
+        if not ac.is_floating_point():
+            ac = ac.to(torch.float32)
     else:
         raise TypeError(f"schedule must be a diffkern.NoiseSchedule or an alphas_cumprod tensor, "
                         f"got {type(schedule).__name__}")
@@ -454,3 +475,9 @@ class VDenoiser(DiscreteSchedule):
     def forward(self, input, sigma, **kwargs):
         c_skip, c_out, c_in = [append_dims(x, input.ndim) for x in self.get_scalings(sigma)]
         return self.get_v(input * c_in, self.sigma_to_t(sigma), **kwargs) * c_out + input * c_skip
+
+
+# k-diffusion's names for the same wrappers (external.py). k-diffusion's own ``VDenoiser`` is
+# a different model (v-diffusion-pytorch's continuous atan time), not this discrete one.
+DiscreteEpsDDPMDenoiser = EpsDenoiser
+DiscreteVDDPMDenoiser = VDenoiser

@@ -42,8 +42,13 @@ _tf_mode = torch._C._is_torch_function_mode_enabled
 
 def _fast(x, m) -> bool:
     """The eager entry applies: extension built, CPU plain tensors, nothing to trace."""
-    return (_F is not None and type(x) is _Tensor and type(m) is _Tensor and x.is_cpu and not _tf_mode()
-            and not _is_compiling())
+    return (_F is not None and not _is_compiling() and type(x) is _Tensor and type(m) is _Tensor and x.is_cpu
+            and not _tf_mode())
+
+
+def _eager(x, m) -> bool:
+    """The eager entry on any device with kernels (after the Python-side conversions)."""
+    return _F is not None and not _is_compiling() and type(x) is _Tensor and type(m) is _Tensor and not _tf_mode()
 
 
 def _use_native(x) -> bool:
@@ -191,6 +196,8 @@ def q_sample(x0, t, noise=None, *, schedule=None, generator=None, seeds=None, st
     tt, _ = _timesteps(t, None, x0, sched, -1)
     if noise is not None and generator is not None:
         V.check_generator(generator, x0, noise)
+    if _eager(x0, x0):
+        return _F._q_sample(x0, tt, sched.table(x0.device), noise, generator)
     gen, seed, offset = _key(generator, x0, noise is None)
     xt, drawn = _ops.q_sample(x0, tt, sched.table(x0.device), noise, gen, seed, offset)
     return xt, (noise if noise is not None else drawn)
@@ -236,6 +243,8 @@ def ddim_step(x, eps, t, eta=0.0, *, t_prev=None, schedule=None, prediction_type
     eta = _float(eta, "eta")
     if noise is not None and generator is not None:
         V.check_generator(generator, x, noise)
+    if _eager(x, eps):
+        return _F._ddim_step(x, eps, tt, tp, sched.table(x.device), eta, pred, _clip(clip_sample), noise, generator)
     gen, seed, offset = _key(generator, x, eta > 0 and noise is None)
     return _ops.ddim_step(x, eps, tt, tp, sched.table(x.device), eta, pred, _clip(clip_sample), noise, gen, seed,
                           offset)
@@ -269,6 +278,8 @@ def ddpm_step(x, eps, t, *, t_prev=None, schedule=None, variance="fixed_small", 
     var = _variance(variance)
     if noise is not None and generator is not None:
         V.check_generator(generator, x, noise)
+    if _eager(x, eps):
+        return _F._ddpm_step(x, eps, tt, tp, sched.table(x.device), var, pred, _clip(clip_sample), noise, generator)
     gen, seed, offset = _key(generator, x, noise is None)
     return _ops.ddpm_step(x, eps, tt, tp, sched.table(x.device), var, pred, _clip(clip_sample), noise, gen, seed,
                           offset)
@@ -293,6 +304,8 @@ def langevin_step(x, score, step_size, *, noise=None, generator=None, seeds=None
     alpha = _float(step_size, "step_size")
     if noise is not None and generator is not None:
         V.check_generator(generator, x, noise)
+    if _eager(x, score):
+        return _F._langevin_step(x, score, step, noise, generator)
     gen, seed, offset = _key(generator, x, noise is None)
     return _ops.langevin_step(x, score, alpha, noise, gen, seed, offset)
 

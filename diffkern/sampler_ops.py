@@ -245,3 +245,5 @@ def lcm_step(x, model_output, t, t_prev, *, schedule=None, prediction_type="epsi
         if out is not NotImplemented:
             return out
     return R._lcm(x, model_output, a, noise, generator)
+
+from . import _native_samplers  # noqa: E402,F401  (fills _NATIVE_IMPLS when the extension is built)

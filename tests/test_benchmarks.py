@@ -127,3 +127,19 @@ def test_size_parsing(spec, shape):
     common = importlib.util.module_from_spec(loader)
     loader.loader.exec_module(common)
     assert common.parse_shape(spec) == shape
+
+
+@pytest.mark.skipif(not NATIVE_CPU, reason="native ops not built")
+def test_overhead_sweep_quick(tmp_path):
+    _run("overhead_sweep.py", "--quick", "--no-compile", "--ops", "ddim_step_eta0,q_sample", "--threads", "1",
+         "--budget", "0.002", "--out", str(tmp_path))
+    doc = json.loads((tmp_path / "overhead_sweep.json").read_text())
+    assert doc["schema"] == "diffkern.benchmarks.overhead_sweep/1"
+    assert (tmp_path / "overhead_sweep.png").stat().st_size > 0
+    rows = doc["results"]
+    assert {r["impl"] for r in rows} == {"diffkern", "eager"} and {r["op"] for r in rows} == {"ddim_step_eta0",
+                                                                                              "q_sample"}
+    assert all(_is_time(r["us_per_call"]) and _is_time(r["cpu_us_per_call"]) for r in rows)
+    _run("overhead_sweep.py", "--calls", "--n-calls", "50", "--out", str(tmp_path))
+    calls = json.loads((tmp_path / "per_call.json").read_text())
+    assert all(_is_time(r["us"]) and _is_time(r["cpu_us"]) for r in calls["rows"])

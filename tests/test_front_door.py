@@ -258,7 +258,7 @@ def test_eta_cuda_tensor_refused():
 
 # ---- hole 5: double backward -----------------------------------------------------------------
 @needs_native
-@pytest.mark.parametrize("kind", ["ddim", "ddpm", "langevin", "q_sample"])
+@pytest.mark.parametrize("kind", ["ddim", "ddim_eta0", "ddpm", "langevin", "q_sample"])
 def test_double_backward(kind):
     """Before: create_graph=True returned gradients without a graph (silently cut)."""
     x = randn(3, 4, dtype=torch.float64, seed=1).requires_grad_()
@@ -267,6 +267,7 @@ def test_double_backward(kind):
     t, tp = torch.tensor([700, 30, 5]), torch.tensor([650, -1, 4])
     fns = {
         "ddim": lambda o, x, m, z: o.ddim_step(x, m, t, 0.6, t_prev=tp, noise=z, clip_sample=1.5),
+        "ddim_eta0": lambda o, x, m, z: o.ddim_step(x, m, t, 0.0, t_prev=tp) * z,  # no noise gradient
         "ddpm": lambda o, x, m, z: o.ddpm_step(x, m, t, t_prev=tp, noise=z, prediction_type="v_prediction"),
         "langevin": lambda o, x, m, z: o.langevin_step(x, m, 0.05, noise=z),
         "q_sample": lambda o, x, m, z: o.q_sample(x, t, z)[0] * m,
@@ -491,3 +492,32 @@ def test_broken_extension_never_breaks_import(tmp_path, kind):
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("ok")
+
+
+@needs_native
+def test_modes_still_see_the_ops():
+    """The eager entry skips torch.ops' Python layer, not the dispatcher: a
+    TorchFunctionMode sends the call through torch.ops, and a TorchDispatchMode sees it."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class FunctionMode(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    class DispatchMode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x, m = randn(2, 3, seed=1), randn(2, 3, seed=2)
+    with FunctionMode():
+        dk.ddim_step(x, m, 10)
+    assert "diffkern.ddim_step" in seen
+    seen.clear()
+    with DispatchMode():
+        dk.ddim_step(x, m, 10, 1.0, generator=gen(0))
+    assert "diffkern.ddim_step.default" in seen

@@ -613,3 +613,98 @@ def test_public_and_reference_signatures_agree():
     for name in ("euler_step", "heun_step", "dpmpp_2m_step", "flow_step", "flow_q_sample", "lcm_step"):
         assert inspect.signature(getattr(dk, name)) == inspect.signature(getattr(R, name)), name
         assert name in dk.__all__ and name in R.__all__
+
+
+# ---- the public ops against diffusers' own schedulers, step by step -------------------------
+def _diffusers_model(x, t):
+    """A deterministic nonlinear stand-in for a network (depends on x and the timestep)."""
+    return torch.tanh(x * 0.3 + float(t) / 1000.0) * 0.9 + 0.05 * x
+
+
+def _scheduler_cfg(**kw):
+    return dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, **kw)
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("s_churn", [0.0, 3.0])
+def test_euler_step_is_diffusers_euler_discrete_step(prediction_type, s_churn):
+    """EulerDiscreteScheduler.step (float32, its own sigmas, churn noise from its generator)
+    equals euler_step(gamma=diffusers' gamma, noise=the same draw) on every step."""
+    from diffusers import EulerDiscreteScheduler
+
+    sch = EulerDiscreteScheduler(**_scheduler_cfg(prediction_type=prediction_type))
+    sch.set_timesteps(8)
+    x = randn(*SHAPE, seed=60) * float(sch.init_noise_sigma)
+    n_churned = 0
+    for i, t in enumerate(sch.timesteps):
+        m = _diffusers_model(sch.scale_model_input(x, t), t)
+        want = sch.step(m, t, x, s_churn=s_churn, s_tmin=0.2, s_tmax=10.0, s_noise=1.01, generator=gen(i)).prev_sample
+        gamma = min(s_churn / (len(sch.sigmas) - 1), 2**0.5 - 1) if 0.2 <= sch.sigmas[i] <= 10.0 else 0.0
+        z = torch.randn(SHAPE, generator=gen(i)) if gamma > 0 else None
+        n_churned += gamma > 0
+        got = dk.euler_step(x, m, sch.sigmas[i], sch.sigmas[i + 1], gamma=gamma, s_noise=1.01,
+                            prediction_type=prediction_type, noise=z)
+        assert got.dtype == want.dtype and max_rel_err(got, want) <= 1e-5, i
+        x = want
+    assert (n_churned == 0) == (s_churn == 0) and n_churned < len(sch.timesteps)  # churn inside the window only
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])  # diffusers has no "sample" here
+def test_euler_ancestral_step_is_diffusers_euler_ancestral_step(prediction_type):
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    sch = EulerAncestralDiscreteScheduler(**_scheduler_cfg(prediction_type=prediction_type))
+    sch.set_timesteps(8)
+    x = randn(*SHAPE, seed=61) * float(sch.init_noise_sigma)
+    for i, t in enumerate(sch.timesteps):
+        m = _diffusers_model(sch.scale_model_input(x, t), t)
+        want = sch.step(m, t, x, generator=gen(i)).prev_sample
+        got = dk.euler_step(x, m, sch.sigmas[i], sch.sigmas[i + 1], eta=1.0, prediction_type=prediction_type,
+                            noise=torch.randn(SHAPE, generator=gen(i)))
+        assert max_rel_err(got, want) <= 1e-5, i
+        x = want
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_heun_steps_are_diffusers_heun_discrete(prediction_type):
+    """HeunDiscreteScheduler's two calls per level (sigmas s0, s1, s1, ..., 0) equal
+    euler_step then heun_step; its last level is one Euler step to 0."""
+    from diffusers import HeunDiscreteScheduler
+
+    sch = HeunDiscreteScheduler(**_scheduler_cfg(prediction_type=prediction_type))
+    sch.set_timesteps(6)
+    x = randn(*SHAPE, seed=62) * float(sch.init_noise_sigma)
+    ts, sig = sch.timesteps, sch.sigmas
+    for j, t in enumerate(ts):
+        first = j % 2 == 0
+        m = _diffusers_model(sch.scale_model_input(x, t), t)
+        if first:
+            x_level, m_level, s, sn = x, m, sig[j], sig[j + 1]
+        want = sch.step(m, t, x).prev_sample
+        if first:
+            got = dk.euler_step(x, m, s, sn, prediction_type=prediction_type)
+        else:  # x is the first stage's proposal at sn
+            got = dk.heun_step(x_level, m_level, x, m, s, sn, prediction_type=prediction_type)
+        assert max_rel_err(got, want) <= 1e-5, j
+        x = want
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("solver_type", ["midpoint", "heun"])
+def test_dpmpp_2m_step_is_diffusers_dpm_solver_multistep_step(prediction_type, solver_type):
+    """DPMSolverMultistepScheduler (dpmsolver++, order 2, its default final step to sigma 0)
+    equals dpmpp_2m_step(variance_preserving=True) chained through return_denoised."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    sch = DPMSolverMultistepScheduler(**_scheduler_cfg(prediction_type=prediction_type, solver_type=solver_type))
+    sch.set_timesteps(7)
+    x, old = randn(*SHAPE, seed=63), None
+    for i, t in enumerate(sch.timesteps):
+        m = _diffusers_model(x, t)
+        want = sch.step(m, t, x).prev_sample
+        got, den = dk.dpmpp_2m_step(x, m, old, sch.sigmas[i], sch.sigmas[i + 1],
+                                    sch.sigmas[i - 1] if old is not None else None, prediction_type=prediction_type,
+                                    solver_type=solver_type, variance_preserving=True, return_denoised=True)
+        assert max_rel_err(got, want) <= 1e-5, i
+        x, old = want, den
+    assert float(sch.sigmas[-1]) == 0.0

@@ -201,5 +201,97 @@ void launch_elementwise(const StepLaunch& p, const Op& op, cudaStream_t stream) 
   }
 }
 
+// The sampler-family ops' driver (sampler_ops.h interface): the same geometry as
+// step_kernel, with up to four inputs and two outputs. Coefficients are formed in double
+// per unit (once per thread when they do not depend on the sample) and rounded to C.
+// Out of line: the double-precision coefficients (logs, expm1) inlined twice into the
+// unrolled loop spilled registers.
+template <class K, class Op>
+__device__ __noinline__ K sampler_coeffs(const Op& op, int64_t b) {
+  return K::from(op.template coeffs<double>(b));
+}
+
+template <class T, class Op>
+__global__ void __launch_bounds__(kThreads) sampler_kernel(const SamplerLaunch p, const Op op) {
+  using C = typename Compute<T>::type;
+  using K = typename Op::template Coeffs<C>;
+  const PhiloxKey key = resolve_key(p.rng);
+  const int64_t nunits = (p.numel + kUnit - 1) / kUnit;
+  const K shared = sampler_coeffs<K>(op, 0);
+  const bool has_z = p.draw || p.has_noise;
+  const bool two = p.out[1] != nullptr;
+  for (int64_t u = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; u < nunits; u += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t e0 = u * kUnit;
+    float z[kUnit] = {};
+    if (p.draw) {
+      const Float4 lo = philox_normal4(key, uint64_t(u) * 2), hi = philox_normal4(key, uint64_t(u) * 2 + 1);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        z[i] = lo.v[i];
+        z[i + 4] = hi.v[i];
+      }
+    }
+    const int64_t n = p.numel - e0 < kUnit ? p.numel - e0 : kUnit;
+    const int64_t b0 = e0 / p.inner;
+    const bool one_sample = !p.per_sample || (e0 + n - 1) / p.inner == b0;
+    const K k = p.per_sample ? sampler_coeffs<K>(op, b0) : shared;
+    if (p.vectorized && n == kUnit && one_sample) {
+      C a0[kUnit], a1[kUnit], a2[kUnit], a3[kUnit], ns[kUnit], r0[kUnit], r1[kUnit];
+#pragma unroll
+      for (int i = 0; i < kUnit; ++i) a1[i] = a2[i] = a3[i] = ns[i] = r1[i] = C(0);
+      Unit<C, T>::load(p.in[0].data, e0, a0);
+      if (Op::kInputs > 1 && p.nin > 1) Unit<C, T>::load(p.in[1].data, e0, a1);
+      if (Op::kInputs > 2 && p.nin > 2) Unit<C, T>::load(p.in[2].data, e0, a2);
+      if (Op::kInputs > 3 && p.nin > 3) Unit<C, T>::load(p.in[3].data, e0, a3);
+      if (p.has_noise) Unit<C, T>::load(p.noise.data, e0, ns);
+#pragma unroll
+      for (int i = 0; i < kUnit; ++i) {
+        const C zi = p.draw ? C(z[i]) : ns[i];
+        if (has_z)
+          op.template apply<true, C>(k, a0[i], a1[i], a2[i], a3[i], zi, r0[i], r1[i]);
+        else
+          op.template apply<false, C>(k, a0[i], a1[i], a2[i], a3[i], zi, r0[i], r1[i]);
+        if (Op::kWritesNoise) r1[i] = zi;
+      }
+      Unit<C, T>::store(p.out[0], e0, r0);
+      if (two) Unit<C, T>::store(p.out[1], e0, r1);
+    } else {
+#pragma unroll 1
+      for (int i = 0; i < n; ++i) {
+        const int64_t e = e0 + i;
+        const K ki = one_sample ? k : sampler_coeffs<K>(op, e / p.inner);
+        float zd = z[0];  // z[i] by selects: a runtime index would move z to local memory
+#pragma unroll
+        for (int j = 1; j < kUnit; ++j) zd = i == j ? z[j] : zd;
+        const C zi = p.draw ? C(zd) : (p.has_noise ? to_c<C>(load_at<T>(p.noise, e)) : C(0));
+        const C v0 = to_c<C>(load_at<T>(p.in[0], e));
+        const C v1 = Op::kInputs > 1 && p.nin > 1 ? to_c<C>(load_at<T>(p.in[1], e)) : C(0);
+        const C v2 = Op::kInputs > 2 && p.nin > 2 ? to_c<C>(load_at<T>(p.in[2], e)) : C(0);
+        const C v3 = Op::kInputs > 3 && p.nin > 3 ? to_c<C>(load_at<T>(p.in[3], e)) : C(0);
+        C o0, o1 = C(0);
+        if (has_z)
+          op.template apply<true, C>(ki, v0, v1, v2, v3, zi, o0, o1);
+        else
+          op.template apply<false, C>(ki, v0, v1, v2, v3, zi, o0, o1);
+        static_cast<T*>(p.out[0])[e] = from_c<T>(o0);
+        if (two) static_cast<T*>(p.out[1])[e] = from_c<T>(Op::kWritesNoise ? zi : o1);
+      }
+    }
+  }
+}
+
+template <class Op>
+void launch_sampler(const SamplerLaunch& p, const Op& op, cudaStream_t stream) {
+  if (p.numel == 0) return;
+  const int64_t nunits = (p.numel + kUnit - 1) / kUnit;
+  const int grid = grid_for(nunits, p.device);
+  switch (p.dtype) {
+    case DType::kFloat32: sampler_kernel<float, Op><<<grid, kThreads, 0, stream>>>(p, op); break;
+    case DType::kFloat16: sampler_kernel<__half, Op><<<grid, kThreads, 0, stream>>>(p, op); break;
+    case DType::kBFloat16: sampler_kernel<__nv_bfloat16, Op><<<grid, kThreads, 0, stream>>>(p, op); break;
+    case DType::kFloat64: sampler_kernel<double, Op><<<grid, kThreads, 0, stream>>>(p, op); break;
+  }
+}
+
 }  // namespace cuda
 }  // namespace diffkern

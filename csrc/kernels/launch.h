@@ -4,6 +4,7 @@
 #include <cuda_runtime_api.h>
 
 #include "common.h"
+#include "sampler_ops.h"
 #include "step_ops.h"
 
 namespace diffkern {
@@ -46,6 +47,30 @@ void launch_q_sample(const StepLaunch& p, const QSampleOp& op, cudaStream_t stre
 void launch_ddim_step(const StepLaunch& p, const DdimOp& op, cudaStream_t stream);
 void launch_ddpm_step(const StepLaunch& p, const DdpmOp& op, cudaStream_t stream);
 void launch_langevin_step(const StepLaunch& p, const LangevinOp& op, cudaStream_t stream);
+
+// The sampler-family ops (sampler_ops.h): up to four inputs (in[0] = x; the last may be
+// absent, nin = kInputs - 1), optional noise, one or two outputs (out[1] null: not written).
+struct SamplerLaunch {
+  DType dtype = DType::kFloat32;
+  int64_t numel = 0;
+  int64_t inner = 1;
+  Operand in[4];
+  int nin = 1;
+  Operand noise;
+  bool has_noise = false, draw = false, per_sample = false;
+  bool vectorized = false;  // every operand contiguous and 16-byte aligned
+  void* out[2] = {nullptr, nullptr};
+  RngArgs rng;
+  int device = 0;
+};
+
+void launch_euler_step(const SamplerLaunch& p, const EulerOp& op, cudaStream_t stream);
+void launch_heun_step(const SamplerLaunch& p, const HeunOp& op, cudaStream_t stream);
+void launch_dpmpp_2m_step(const SamplerLaunch& p, const DpmppOp& op, cudaStream_t stream);
+void launch_flow_step(const SamplerLaunch& p, const FlowOp& op, cudaStream_t stream);
+void launch_flow_q_sample(const SamplerLaunch& p, const FlowQSampleOp& op, cudaStream_t stream);
+void launch_lcm_step(const SamplerLaunch& p, const LcmOp& op, cudaStream_t stream);
+void launch_lcm_step_backward(const SamplerLaunch& p, const LcmBackwardOp& op, cudaStream_t stream);
 
 struct BackwardLaunch {
   DType dtype = DType::kFloat32;

@@ -186,6 +186,7 @@ struct StepBackwardFn : public torch::autograd::Function<StepBackwardFn> {
     ctx->saved_data["prediction"] = prediction;
     ctx->saved_data["clip"] = clip;
     ctx->saved_data["grad_dtype"] = grad.scalar_type();
+    ctx->saved_data["noise_grad"] = noise_grad;
     at::AutoDispatchBelowADInplaceOrView below;
     auto [gx, gm, gz] = op.call(grad, x, m, t, t_prev, table, kind, eta, variance, prediction, clip, noise_grad);
     return {gx, gm, gz};
@@ -210,7 +211,7 @@ struct StepBackwardFn : public torch::autograd::Function<StepBackwardFn> {
     };
     add(gg[0], cx);
     add(gg[1], cm);
-    add(gg[2], cz);
+    if (ctx->saved_data["noise_grad"].toBool()) add(gg[2], cz);  // else gz was an empty placeholder
     variable_list out(12);
     if (ggrad.defined()) out[0] = ggrad.to(ctx->saved_data["grad_dtype"].toScalarType());
     return out;

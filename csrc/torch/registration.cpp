@@ -61,4 +61,54 @@ TORCH_LIBRARY(diffkern, m) {
   m.def(
       "gmm_annealed_langevin(Tensor x, Tensor weights, Tensor means, Tensor stds, Tensor sigmas, int n_steps_each, "
       "float step_lr, bool denoise, Generator? generator, int seed, int offset) -> Tensor");
+
+  // Sampler-family ops (csrc/kernels/sampler_ops.h). Each scalar sigma* is the number
+  // `sigma`, or when `sigma_t` is given that 1-D float32/float64 tensor of length 1 or B on
+  // x's device. prediction_type as above (k-diffusion's VE forms, see sampler_ops.h);
+  // solver_type 0/1 = midpoint/heun. A second output not asked for is empty.
+  m.def(
+      "euler_step(Tensor x, Tensor model_output, Tensor? sigma_t, Tensor? sigma_next_t, float sigma, "
+      "float sigma_next, float eta, float s_noise, float gamma, int prediction_type, Tensor? noise, "
+      "Generator? generator, int seed, int offset) -> Tensor");
+  m.def(
+      "heun_step(Tensor x, Tensor denoised, Tensor x_proposal, Tensor denoised_proposal, Tensor? sigma_t, "
+      "Tensor? sigma_next_t, float sigma, float sigma_next, int prediction_type) -> Tensor");
+  m.def(
+      "dpmpp_2m_step(Tensor x, Tensor model_output, Tensor? old_denoised, Tensor? sigma_t, Tensor? sigma_next_t, "
+      "Tensor? sigma_prev_t, float sigma, float sigma_next, float sigma_prev, int prediction_type, int solver_type, "
+      "bool variance_preserving, bool return_denoised) -> (Tensor, Tensor)");
+  m.def(
+      "flow_step(Tensor x, Tensor velocity, Tensor? sigma_t, Tensor? sigma_next_t, float sigma, float sigma_next, "
+      "bool stochastic, Tensor? noise, Generator? generator, int seed, int offset) -> Tensor");
+  m.def(
+      "flow_q_sample(Tensor x0, Tensor? sigma_t, float sigma, Tensor? noise, Generator? generator, int seed, "
+      "int offset) -> (Tensor, Tensor)");
+  m.def(
+      "lcm_step(Tensor x, Tensor model_output, Tensor t, Tensor t_prev, Tensor alphas_cumprod, "
+      "float timestep_scaling, float sigma_data, int prediction_type, float clip_sample, bool renoise, "
+      "Tensor? noise, Generator? generator, int seed, int offset, bool return_denoised) -> (Tensor, Tensor)");
+  m.def(
+      "lcm_step_backward(Tensor grad, Tensor? grad_denoised, Tensor x, Tensor model_output, Tensor t, "
+      "Tensor t_prev, Tensor alphas_cumprod, float timestep_scaling, float sigma_data, int prediction_type, "
+      "float clip_sample) -> (Tensor, Tensor)");
+  // Their backward coefficients (sampler_autograd.cpp): (nb, 10) float64 on x's device,
+  // nb = B when a level is per-sample else 1; row b = d out / d (in0..in3, z), then the
+  // same for the second output.
+  m.def(
+      "euler_step_jacobian(Tensor x, Tensor? sigma_t, Tensor? sigma_next_t, float sigma, float sigma_next, "
+      "float eta, float s_noise, float gamma, int prediction_type) -> Tensor");
+  m.def(
+      "heun_step_jacobian(Tensor x, Tensor? sigma_t, Tensor? sigma_next_t, float sigma, float sigma_next, "
+      "int prediction_type) -> Tensor");
+  m.def(
+      "dpmpp_2m_step_jacobian(Tensor x, Tensor? sigma_t, Tensor? sigma_next_t, Tensor? sigma_prev_t, float sigma, "
+      "float sigma_next, float sigma_prev, int prediction_type, int solver_type, bool variance_preserving, "
+      "bool has_old) -> Tensor");
+  m.def(
+      "flow_step_jacobian(Tensor x, Tensor? sigma_t, Tensor? sigma_next_t, float sigma, float sigma_next, "
+      "bool stochastic) -> Tensor");
+  m.def("flow_q_sample_jacobian(Tensor x0, Tensor? sigma_t, float sigma) -> Tensor");
+  m.def(
+      "lcm_step_jacobian(Tensor x, Tensor t, Tensor t_prev, Tensor alphas_cumprod, float timestep_scaling, "
+      "float sigma_data, int prediction_type, bool renoise) -> Tensor");
 }

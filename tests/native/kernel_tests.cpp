@@ -5,8 +5,10 @@
 #include <cstdlib>
 
 #include "kernels/gmm.h"
+#include "kernels/sampler_ops.h"
 #include "kernels/philox.h"
 #include "kernels/schedule.h"
+#include "kernels/step_ops.h"
 
 using namespace diffkern;
 
@@ -119,6 +121,129 @@ static void test_gmm_score() {
   CHECK(std::fabs(score[1] - (-2.0 - 0.7) / (4.0 + 2.25)) < 1e-14, "gmm score d1");
 }
 
+// ---- sampler-family functors (sampler_ops.h) against their closed forms ------------------
+template <class Op>
+static double run1(const Op& op, double a0, double a1, double a2, double a3, double z, double* second = nullptr) {
+  const auto k = op.template coeffs<double>(0);
+  double o0 = 0, o1 = 0;
+  op.template apply<true, double>(k, a0, a1, a2, a3, z, o0, o1);
+  if (second) *second = o1;
+  return o0;
+}
+
+static SampleScalar num(double v) {
+  SampleScalar s;
+  s.value = v;
+  return s;
+}
+
+// The jacobian rows are the step's coefficients: out(inputs) = sum_j J_j input_j exactly
+// for these linear steps.
+template <class Op>
+static void check_jacobian(const Op& op, const char* what) {
+  double j[2 * kJacobianWidth] = {};
+  op.template jacobian<double>(0, j);
+  const double in[5] = {0.37, -1.3, 0.55, 2.1, 0.81};
+  double o1 = 0;
+  const double o0 = run1(op, in[0], in[1], in[2], in[3], in[4], &o1);
+  double w0 = 0, w1 = 0;
+  for (int i = 0; i < 5; ++i) {
+    w0 += j[i] * in[i];
+    w1 += j[kJacobianWidth + i] * in[i];
+  }
+  CHECK(std::fabs(o0 - w0) < 1e-12 * (1 + std::fabs(o0)), "%s jacobian: %.17g vs %.17g", what, o0, w0);
+  if (Op::kOutputs == 2) CHECK(std::fabs(o1 - w1) < 1e-12 * (1 + std::fabs(o1)), "%s jacobian (2nd output)", what);
+}
+
+static void test_sampler_ops() {
+  const double x = 0.37, m = -1.3, z = 0.81, s = 3.0, sn = 1.2;
+  // Euler: x + (x - D)/s (sn - s); D per prediction type.
+  const double den_eps = x - s * m, den_v = m * (-s / std::sqrt(s * s + 1)) + x / (s * s + 1);
+  const double want_sample = x + (x - m) / s * (sn - s);
+  CHECK(std::fabs(run1(EulerOp{num(s), num(sn), 0, 1, 0, kSample}, x, m, 0, 0, 0) - want_sample) < 1e-15,
+        "euler sample");
+  CHECK(std::fabs(run1(EulerOp{num(s), num(sn), 0, 1, 0, kEpsilon}, x, m, 0, 0, 0) - (x + (x - den_eps) / s * (sn - s))) <
+            1e-14,
+        "euler epsilon");
+  CHECK(std::fabs(run1(EulerOp{num(s), num(sn), 0, 1, 0, kVPrediction}, x, m, 0, 0, 0) - (x + (x - den_v) / s * (sn - s))) <
+            1e-14,
+        "euler v");
+  CHECK(std::fabs(run1(EulerOp{num(s), num(0.0), 0, 1, 0, kSample}, x, m, 0, 0, 0) - m) < 1e-15,
+        "euler to sigma 0 lands on D");
+  // Ancestral: sigma_down^2 + sigma_up^2 = sn^2 (k-diffusion's get_ancestral_step, eta = 1).
+  const double up = std::sqrt(sn * sn * (s * s - sn * sn) / (s * s)), down = std::sqrt(sn * sn - up * up);
+  const double want_anc = x + (x - m) / s * (down - s) + 0.9 * up * z;
+  CHECK(std::fabs(run1(EulerOp{num(s), num(sn), 1.0, 0.9, 0, kSample}, x, m, 0, 0, z) - want_anc) < 1e-14,
+        "euler ancestral");
+  CHECK(std::fabs(down * down + up * up - sn * sn) < 1e-14, "ancestral split");
+  // eta large: sigma_up = sigma_next, sigma_down = 0 (the min clamp), x' = D + s_noise sn z.
+  CHECK(std::fabs(run1(EulerOp{num(s), num(sn), 50.0, 1.0, 0, kSample}, x, m, 0, 0, z) - (m + sn * z)) < 1e-14,
+        "ancestral eta clamp");
+  // Churn (diffusers): x_hat = x + s_noise sqrt(sh^2 - s^2) z, D at sh (epsilon).
+  const double g = 0.3, sh = s * (1 + g), xh = x + 1.1 * std::sqrt(sh * sh - s * s) * z;
+  const double want_churn = xh + (xh - (xh - sh * m)) / sh * (sn - sh);
+  CHECK(std::fabs(run1(EulerOp{num(s), num(sn), 0, 1.1, g, kEpsilon}, x, m, 0, 0, z) - want_churn) < 1e-14,
+        "euler churn");
+  // Heun: x + ((x - D)/s + (xp - D2)/sn)/2 (sn - s), D2 formed at sn.
+  const double xp = 0.55, mp = 2.1;
+  const double want_heun = x + ((x - (x - s * m)) / s + (xp - (xp - sn * mp)) / sn) / 2 * (sn - s);
+  CHECK(std::fabs(run1(HeunOp{num(s), num(sn), kEpsilon}, x, m, xp, mp, 0) - want_heun) < 1e-14, "heun");
+  // DPM++(2M) first order: x' = (sn/s) x + (1 - sn/s) D (expm1(-h) = sn/s - 1).
+  double den = 0;
+  const double first = run1(DpmppOp{num(s), num(sn), num(0), kSample, kMidpoint, false, false}, x, m, 0, 0, 0, &den);
+  CHECK(std::fabs(first - (sn / s * x + (1 - sn / s) * m)) < 1e-15 && den == m, "dpm++ first order");
+  // Second order, midpoint: with h = log(s/sn), r = log(sp/s)/h, D_d = (1 + 1/2r) D - 1/2r old.
+  const double sp = 5.0, old = 0.55, h = std::log(s / sn), r = std::log(sp / s) / h;
+  const double dd = (1 + 1 / (2 * r)) * m - 1 / (2 * r) * old;
+  const double mid = run1(DpmppOp{num(s), num(sn), num(sp), kSample, kMidpoint, false, true}, x, m, old, 0, 0);
+  CHECK(std::fabs(mid - (sn / s * x + (1 - sn / s) * dd)) < 1e-14, "dpm++ midpoint");
+  const double heun2 = run1(DpmppOp{num(s), num(sn), num(sp), kSample, kHeun, false, true}, x, m, old, 0, 0);
+  CHECK(std::fabs(heun2 - (sn / s * x + (1 - sn / s) * m + (std::expm1(-h) / h + 1) * (m - old) / r)) < 1e-14,
+        "dpm++ heun");
+  CHECK(run1(DpmppOp{num(s), num(0.0), num(sp), kSample, kMidpoint, false, true}, x, m, old, 0, 0) == m,
+        "dpm++ to sigma 0 is D exactly");
+  // Variance preserving: x'_vp = alpha_next x'_ve(x_vp / alpha), D from the VP forms.
+  const double alpha = 1 / std::sqrt(s * s + 1), alpha_n = 1 / std::sqrt(sn * sn + 1);
+  const double xv = 0.2, den_vp = (xv - s * alpha * m) / alpha;
+  const double vp = run1(DpmppOp{num(s), num(sn), num(sp), kEpsilon, kMidpoint, true, true}, xv, m, old, 0, 0);
+  const double dd_vp = (1 + 1 / (2 * r)) * den_vp - 1 / (2 * r) * old;
+  CHECK(std::fabs(vp - alpha_n * (sn / s * (xv / alpha) + (1 - sn / s) * dd_vp)) < 1e-13, "dpm++ variance preserving");
+  // Flow: x + (sn - s) v; stochastic (1 - sn)(x - s v) + sn z; q_sample (1 - s) x0 + s z.
+  const double fs = 0.7, fsn = 0.4;
+  CHECK(std::fabs(run1(FlowOp{num(fs), num(fsn), false}, x, m, 0, 0, z) - (x + (fsn - fs) * m)) < 1e-15, "flow");
+  CHECK(std::fabs(run1(FlowOp{num(fs), num(fsn), true}, x, m, 0, 0, z) - ((1 - fsn) * (x - fs * m) + fsn * z)) < 1e-15,
+        "flow stochastic");
+  CHECK(std::fabs(run1(FlowQSampleOp{num(fs)}, x, 0, 0, 0, z) - ((1 - fs) * x + fs * z)) < 1e-15, "flow q_sample");
+  // LCM: c_skip = sd^2/((10t)^2 + sd^2), c_out = 10t/sqrt((10t)^2 + sd^2); t = 0 is the identity.
+  const float table[3] = {0.9f, 0.7f, 0.5f};
+  const int64_t t2 = 2, tp0 = 0, tneg = -1, t0 = 0;
+  const TimestepArgs ts{table, 3, &t2, &tp0, 1};
+  const double ab = double(table[2]), abp = double(table[0]), u = 20.0, cs = 0.25 / (u * u + 0.25),
+               co = u / std::sqrt(u * u + 0.25);
+  const double x0 = (x - std::sqrt(1 - ab) * m) / std::sqrt(ab), dl = co * x0 + cs * x;
+  double dgot = 0;
+  const double lcm = run1(LcmOp{ts, 10.0, 0.5, kEpsilon, false, 0.0, true}, x, m, 0, 0, z, &dgot);
+  CHECK(std::fabs(lcm - (std::sqrt(abp) * dl + std::sqrt(1 - abp) * z)) < 1e-14 && std::fabs(dgot - dl) < 1e-14, "lcm");
+  const TimestepArgs fin{table, 3, &t2, &tneg, 1};
+  CHECK(run1(LcmOp{fin, 10.0, 0.5, kEpsilon, false, 0.0, true}, x, m, 0, 0, z) == dgot, "lcm final step = denoised");
+  const TimestepArgs zero{table, 3, &t0, &tneg, 1};
+  CHECK(run1(LcmOp{zero, 10.0, 0.5, kSample, false, 0.0, true}, x, m, 0, 0, z) == x, "lcm boundary condition at t = 0");
+  // Per-sample scalars: float32 and float64 arrays of length B, read per sample.
+  const float sf[3] = {1.0f, 2.0f, 4.0f};
+  const double sd[3] = {0.5, 0.0, 3.0};
+  SampleScalar a{sf, 3, false, 0}, b{sd, 3, true, 0};
+  CHECK(a.at(2) == 4.0 && b.at(1) == 0.0 && a.per_sample() && !num(1.0).per_sample(), "per-sample scalars");
+  // Jacobians (the C++ autograd's coefficients).
+  check_jacobian(EulerOp{num(s), num(sn), 0, 1, 0, kVPrediction}, "euler");
+  check_jacobian(EulerOp{num(s), num(sn), 0.7, 0.9, 0, kEpsilon}, "euler ancestral");
+  check_jacobian(EulerOp{num(s), num(sn), 0, 1.1, 0.3, kVPrediction}, "euler churn");
+  check_jacobian(HeunOp{num(s), num(sn), kVPrediction}, "heun");
+  check_jacobian(DpmppOp{num(s), num(sn), num(sp), kEpsilon, kHeun, true, true}, "dpm++");
+  check_jacobian(FlowOp{num(fs), num(fsn), true}, "flow");
+  check_jacobian(FlowQSampleOp{num(fs)}, "flow q_sample");
+  check_jacobian(LcmOp{ts, 10.0, 0.5, kVPrediction, false, 0.0, true}, "lcm");
+}
+
 static void test_gmm_score_zero_weights_first() {
   // Components of weight 0 ahead of the others (log weight -inf): the score is the one of
   // the remaining mixture, not NaN (the streaming log-sum-exp gave exp(-inf + inf)).
@@ -159,6 +284,7 @@ int main() {
   test_coefficients();
   test_exp_poly();
   test_gmm_score();
+  test_sampler_ops();
   test_gmm_score_zero_weights_first();
   test_no_sync_timestep_rules();
   if (failures) {

@@ -8,6 +8,9 @@
 #include <immintrin.h>
 #endif
 
+#include <type_traits>
+#include <utility>
+
 #include "../../kernels/philox_simd.h"
 #include "../common.h"
 #include "output_cache.h"
@@ -81,24 +84,60 @@ struct IsHalf {  // fp16 / bf16 storage: staged through float buffers of kStage 
   static constexpr int64_t kStage = value ? kChunk : 1;
 };
 
-// The contiguous loop over [e, r1) of one sample: inputs TI, outputs TO, math in C.
-template <class TI, class TO, class C, class Op>
-inline void fast_span(const Op& op, const StepCoeffs<C>& k, const TI* xp, const TI* mp, const TI* np, const float* z,
-                      TO* out, TO* nout, int64_t e, int64_t r1, bool draw, bool has_noise, bool write_noise) {
-  if (draw) {
+// The older step ops (DdimOp, DdpmOp, QSampleOp, LangevinOp: one StepCoeffs, x and m in,
+// one value out) seen through the driver interface of the sampler ops
+// (csrc/kernels/sampler_ops.h).
+template <class Op>
+struct SampleStep {
+  static constexpr int kInputs = Op::kHasModel ? 2 : 1;
+  static constexpr int kOutputs = 1;
+  static constexpr bool kWritesNoise = Op::kWritesNoise;
+  Op op;
+
+  template <class C>
+  struct Coeffs {
+    StepCoeffs<C> k;
+    template <class S>
+    static Coeffs from(const Coeffs<S>& s) { return {cast_coeffs<C>(s.k)}; }
+  };
+  template <class S>
+  Coeffs<S> coeffs(int64_t b) const { return {op.template coeffs<S>(b)}; }
+  template <bool kHasZ, class C>
+  void apply(const Coeffs<C>& k, C x, C m, C, C, C z, C& out, C&) const {
+    out = op.apply(k.k, x, m, z, kHasZ);
+  }
+};
+
+// Where the step's noise comes from: none, drawn into the chunk's buffer, or given.
+enum class ZMode { kNone, kDrawn, kGiven };
+
+// The contiguous loop over [i0, i1) of one sample. Every pointer addresses the chunk's
+// first element (a tensor's data + e0, or an L1 buffer), so indices are chunk-relative.
+// N inputs are read; out1 gets the op's second value, or the noise for kWritesNoise ops.
+template <int N, ZMode Z, class TI, class TO, class C, class Op>
+inline void fast_span(const Op& op, const typename Op::template Coeffs<C>& k, const TI* const* in, const TI* np,
+                      const float* z, TO* out0, TO* out1, int64_t i0, int64_t i1, bool write1) {
+  const TI *p0 = in[0], *p1 = in[1], *p2 = in[2], *p3 = in[3];
+  constexpr bool kZ = Z != ZMode::kNone;
+  if (write1) {
 #pragma omp simd
-    for (int64_t i = e; i < r1; ++i) {
-      const C zi = C(z[i]);
-      out[i] = TO(op.apply(k, C(xp[i]), Op::kHasModel ? C(mp[i]) : C(0), zi, true));
-      if (Op::kWritesNoise && write_noise) nout[i] = TO(zi);
+    for (int64_t i = i0; i < i1; ++i) {
+      const C zi = Z == ZMode::kDrawn ? C(z[i]) : (Z == ZMode::kGiven ? C(np[i]) : C(0));
+      C r0, r1 = C(0);
+      op.template apply<kZ, C>(k, C(p0[i]), N > 1 ? C(p1[i]) : C(0), N > 2 ? C(p2[i]) : C(0),
+                               N > 3 ? C(p3[i]) : C(0), zi, r0, r1);
+      out0[i] = TO(r0);
+      out1[i] = TO(Op::kWritesNoise ? zi : r1);
     }
-  } else if (has_noise) {
-#pragma omp simd
-    for (int64_t i = e; i < r1; ++i)
-      out[i] = TO(op.apply(k, C(xp[i]), Op::kHasModel ? C(mp[i]) : C(0), C(np[i]), true));
   } else {
 #pragma omp simd
-    for (int64_t i = e; i < r1; ++i) out[i] = TO(op.apply(k, C(xp[i]), Op::kHasModel ? C(mp[i]) : C(0), C(0), false));
+    for (int64_t i = i0; i < i1; ++i) {
+      const C zi = Z == ZMode::kDrawn ? C(z[i]) : (Z == ZMode::kGiven ? C(np[i]) : C(0));
+      C r0, r1;
+      op.template apply<kZ, C>(k, C(p0[i]), N > 1 ? C(p1[i]) : C(0), N > 2 ? C(p2[i]) : C(0),
+                               N > 3 ? C(p3[i]) : C(0), zi, r0, r1);
+      out0[i] = TO(r0);
+    }
   }
 }
 
@@ -109,12 +148,33 @@ inline const T& at_(const Operand& o, int64_t i) {
 }
 
 struct StepIO {
-  Operand x, m, noise;     // m / noise unused when absent
-  void* out = nullptr;     // contiguous, the output's shape
-  void* noise_out = nullptr;
-  bool has_m = false, has_noise = false, draw = false;
+  Operand in[4];  // in[0] = x; an op may leave its last input absent (nin = kInputs - 1)
+  int nin = 0;
+  Operand noise;
+  bool has_noise = false, draw = false;
+  void* out[2] = {nullptr, nullptr};  // out[1]: the op's second value or the noise used; null: not written
   PhiloxKey key{0, 0};
 };
+
+// f(integral_constant<N>) for the number of inputs present: Op::kInputs, or one fewer.
+template <class Op, class F>
+inline void with_inputs(int nin, F&& f) {
+  constexpr int kAll = Op::kInputs, kFewer = Op::kInputs > 1 ? Op::kInputs - 1 : 1;
+  if (nin == kAll)
+    f(std::integral_constant<int, kAll>{});
+  else
+    f(std::integral_constant<int, kFewer>{});
+}
+
+template <class F>
+inline void with_zmode(bool draw, bool given, F&& f) {
+  if (draw)
+    f(std::integral_constant<ZMode, ZMode::kDrawn>{});
+  else if (given)
+    f(std::integral_constant<ZMode, ZMode::kGiven>{});
+  else
+    f(std::integral_constant<ZMode, ZMode::kNone>{});
+}
 
 // Runs `op` over all elements. Math type C: double for double storage, float otherwise;
 // coefficients are formed in double once per sample (or once per call when they do not
@@ -122,72 +182,101 @@ struct StepIO {
 template <class T, class Op>
 void run_elementwise(const Op& op, const StepIO& io, int64_t numel, int64_t inner, bool per_sample) {
   using C = typename std::conditional<std::is_same<T, double>::value, double, float>::type;
+  using K = typename Op::template Coeffs<C>;
   if (numel == 0) return;
-  const bool has_z = io.draw || io.has_noise;
-  const StepCoeffs<C> shared = cast_coeffs<C>(op.template coeffs<double>(0));
-  const bool fast = io.x.contiguous && (!io.has_m || io.m.contiguous) && (!io.has_noise || io.noise.contiguous);
+  constexpr bool kFloat = std::is_same<T, float>::value;
+  const K shared = K::from(op.template coeffs<double>(0));
+  bool fast = !io.has_noise || io.noise.contiguous;
+  for (int j = 0; j < io.nin; ++j) fast = fast && io.in[j].contiguous;
+  const bool two = io.out[1] != nullptr;
   const int64_t nchunks = (numel + kChunk - 1) / kChunk;
   // Streaming: float outputs written in the contiguous fast path, staged a chunk at a time
   // in L1 (chunks start 8 KiB apart, so aligned whenever the output is).
-  const bool stream = std::is_same<T, float>::value && fast && numel * int64_t(sizeof(T)) >= kStreamBytes &&
-                      reinterpret_cast<uintptr_t>(io.out) % 64 == 0 &&
-                      reinterpret_cast<uintptr_t>(io.noise_out) % 64 == 0;
+  const bool stream = kFloat && fast && numel * int64_t(sizeof(T)) >= kStreamBytes &&
+                      reinterpret_cast<uintptr_t>(io.out[0]) % 64 == 0 &&
+                      reinterpret_cast<uintptr_t>(io.out[1]) % 64 == 0;
   // Staged: fp16/bf16 in the fast path, widened to float a chunk at a time in L1 buffers.
   const bool staged = IsHalf<T>::value && fast;
+  // The second output of a kWritesNoise op is the drawn noise: streamed or narrowed from
+  // the noise buffer when those paths run, written by the loop otherwise.
+  const bool write1 = two && (Op::kOutputs == 2 || (Op::kWritesNoise && io.draw && !stream && !staged));
+  constexpr int64_t kStage = IsHalf<T>::kStage, kStreamBuf = kFloat ? kChunk : 1;
   at::parallel_for(0, nchunks, 16, [&](int64_t cbeg, int64_t cend) {
     alignas(64) float zbuf[kChunk];
-    alignas(64) T obuf[kChunk];
-    alignas(64) float fx[IsHalf<T>::kStage], fm[IsHalf<T>::kStage], fn[IsHalf<T>::kStage], fo[IsHalf<T>::kStage];
+    alignas(64) T obuf[2][kStreamBuf];
+    alignas(64) float fin[Op::kInputs][kStage], fn[kStage], fo[2][kStage];
     int64_t cached_b = -1;
-    StepCoeffs<C> k = shared;
+    K k = shared;
     // Chunks exist for the L1 buffers; without them a thread's whole range is one span.
     const int64_t eend = std::min(numel, cend * kChunk);
     const int64_t span = (io.draw || stream || staged) ? kChunk : eend;
     for (int64_t e0 = cbeg * kChunk; e0 < eend; e0 += span) {
-      const int64_t e1 = std::min(eend, e0 + span);
-      T* out = stream ? obuf - e0 : static_cast<T*>(io.out);
-      T* nout = static_cast<T*>(io.noise_out);
-      if (io.draw) simd::fill_normals(io.key, uint64_t(e0 / 4), (e1 - e0 + 3) / 4, zbuf);
-      if constexpr (IsHalf<T>::value) {
-        if (staged) {
-          widen(static_cast<const T*>(io.x.data) + e0, fx, e1 - e0);
-          if (io.has_m) widen(static_cast<const T*>(io.m.data) + e0, fm, e1 - e0);
-          if (io.has_noise) widen(static_cast<const T*>(io.noise.data) + e0, fn, e1 - e0);
+      const int64_t e1 = std::min(eend, e0 + span), n = e1 - e0;
+      T* const dst0 = static_cast<T*>(io.out[0]) + e0;
+      T* const dst1 = two ? static_cast<T*>(io.out[1]) + e0 : nullptr;
+      T* const out0 = stream ? obuf[0] : dst0;
+      T* const out1 = stream ? obuf[1] : dst1;
+      if (io.draw) simd::fill_normals(io.key, uint64_t(e0 / 4), (n + 3) / 4, zbuf);
+      const T* in[4] = {nullptr, nullptr, nullptr, nullptr};
+      const float* fin_p[4] = {nullptr, nullptr, nullptr, nullptr};
+      for (int j = 0; j < io.nin; ++j) {
+        in[j] = fast ? static_cast<const T*>(io.in[j].data) + e0 : nullptr;
+        if constexpr (IsHalf<T>::value) {
+          if (staged) {
+            widen(in[j], fin[j], n);
+            fin_p[j] = fin[j];
+          }
         }
+      }
+      const T* np = fast && io.has_noise ? static_cast<const T*>(io.noise.data) + e0 : nullptr;
+      if constexpr (IsHalf<T>::value) {
+        if (staged && io.has_noise) widen(np, fn, n);
       }
       for (int64_t e = e0; e < e1;) {
         const int64_t b = e / inner;
         const int64_t r1 = std::min(e1, (b + 1) * inner);
         if (per_sample && b != cached_b) {
-          k = cast_coeffs<C>(op.template coeffs<double>(b));
+          k = K::from(op.template coeffs<double>(b));
           cached_b = b;
         }
-        const float* z = zbuf - e0;
-        if (staged) {  // float buffers indexed like the tensors (offset by e0)
-          fast_span<float, float, C>(op, k, fx - e0, fm - e0, fn - e0, z, fo - e0, static_cast<float*>(nullptr), e, r1,
-                                     io.draw, io.has_noise, false);
-        } else if (fast) {
-          fast_span<T, T, C>(op, k, static_cast<const T*>(io.x.data), static_cast<const T*>(io.m.data),
-                             static_cast<const T*>(io.noise.data), z, out, nout, e, r1, io.draw, io.has_noise, !stream);
+        const int64_t i0 = e - e0, i1 = r1 - e0;
+        if (staged || fast) {
+          with_inputs<Op>(io.nin, [&](auto nc) {
+            with_zmode(io.draw, io.has_noise, [&](auto zc) {
+              constexpr int N = decltype(nc)::value;
+              constexpr ZMode Z = decltype(zc)::value;
+              if (staged)
+                fast_span<N, Z, float, float, C>(op, k, fin_p, fn, zbuf, fo[0], fo[1], i0, i1, Op::kOutputs == 2 && two);
+              else
+                fast_span<N, Z, T, T, C>(op, k, in, np, zbuf, out0, out1, i0, i1, write1);
+            });
+          });
         } else {
+          const bool has_z = io.draw || io.has_noise;
           for (int64_t i = e; i < r1; ++i) {
-            const C zi = io.draw ? C(z[i]) : (io.has_noise ? C(at_<T>(io.noise, i)) : C(0));
-            const C mi = Op::kHasModel ? C(at_<T>(io.m, i)) : C(0);
-            out[i] = T(op.apply(k, C(at_<T>(io.x, i)), mi, zi, has_z));
-            if (Op::kWritesNoise && io.draw) nout[i] = T(zi);
+            const C zi = io.draw ? C(zbuf[i - e0]) : (io.has_noise ? C(at_<T>(io.noise, i)) : C(0));
+            C a[4] = {C(0), C(0), C(0), C(0)};
+            for (int j = 0; j < io.nin; ++j) a[j] = C(at_<T>(io.in[j], i));
+            C r0, r1v = C(0);
+            if (has_z)
+              op.template apply<true, C>(k, a[0], a[1], a[2], a[3], zi, r0, r1v);
+            else
+              op.template apply<false, C>(k, a[0], a[1], a[2], a[3], zi, r0, r1v);
+            out0[i - e0] = T(r0);
+            if (two) out1[i - e0] = T(Op::kWritesNoise ? zi : r1v);
           }
         }
         e = r1;
       }
       if constexpr (IsHalf<T>::value) {
         if (staged) {
-          narrow(fo, out + e0, e1 - e0);
-          if (Op::kWritesNoise && io.draw) narrow(zbuf, nout + e0, e1 - e0);
+          narrow(fo[0], dst0, n);
+          if (two) narrow(Op::kWritesNoise ? zbuf : fo[1], dst1, n);
         }
       }
       if (stream) {
-        stream_copy(reinterpret_cast<float*>(io.out) + e0, reinterpret_cast<const float*>(obuf), e1 - e0);
-        if (Op::kWritesNoise && io.draw) stream_copy(reinterpret_cast<float*>(io.noise_out) + e0, zbuf, e1 - e0);
+        stream_copy(reinterpret_cast<float*>(dst0), reinterpret_cast<const float*>(obuf[0]), n);
+        if (two) stream_copy(reinterpret_cast<float*>(dst1), Op::kWritesNoise ? zbuf : reinterpret_cast<const float*>(obuf[1]), n);
       }
     }
     if (stream) stream_fence();
@@ -200,21 +289,26 @@ void run_elementwise(const Op& op, const StepIO& io, int64_t numel, int64_t inne
 namespace diffkern {
 namespace cpu {
 
-// Tensors -> StepIO, dtype dispatch, run. `noise_out` is written when the op draws and
-// reports its noise (q_sample).
+// Tensors -> StepIO, dtype dispatch, run: inputs[0] is x (every input x's dtype, viewed
+// with x's shape), `noise` used when given, else drawn when `draw`. Returns the output and
+// the second output (the op's second value when `second`, or for kWritesNoise ops the
+// drawn noise; undefined otherwise).
 template <class Op>
-at::Tensor run_step(const Op& op, const at::Tensor& x, const at::Tensor* m, const std::optional<at::Tensor>& noise,
-                    bool draw, PhiloxKey key, bool per_sample, at::Tensor* noise_out = nullptr) {
+std::pair<at::Tensor, at::Tensor> run_sampler(const Op& op, std::initializer_list<const at::Tensor*> inputs,
+                                              const std::optional<at::Tensor>& noise, bool draw, PhiloxKey key,
+                                              bool per_sample, bool second) {
+  static const char* const kNames[4] = {"x", "model output", "third input", "fourth input"};
+  const at::Tensor& x = **inputs.begin();
   TORCH_CHECK(x.device().is_cpu(), "expected CPU tensors");
   at::Tensor out = empty_output(x.sizes(), x.options());
   const int64_t numel = out.numel();
   const int64_t inner = numel == 0 ? 1 : numel / batch_of(out);
   StepIO io;
-  io.x = make_operand(x, out.sizes());
-  if (m) {
-    check_same(x, *m, "model output");
-    io.m = make_operand(*m, out.sizes());
-    io.has_m = true;
+  for (const at::Tensor* t : inputs) {
+    if (!t) break;  // an absent last input
+    TORCH_CHECK(io.nin < Op::kInputs, "diffkern: too many inputs");
+    if (io.nin > 0) check_same(x, *t, kNames[io.nin]);
+    io.in[io.nin++] = make_operand(*t, out.sizes());
   }
   if (noise.has_value()) {
     check_same(x, *noise, "noise");
@@ -223,14 +317,24 @@ at::Tensor run_step(const Op& op, const at::Tensor& x, const at::Tensor* m, cons
   }
   io.draw = draw && !io.has_noise;
   io.key = key;
-  io.out = out.data_ptr();
-  if (noise_out && io.draw) {
-    *noise_out = empty_output(out.sizes(), out.options());
-    io.noise_out = noise_out->data_ptr();
+  io.out[0] = out.data_ptr();
+  at::Tensor out1;
+  if (Op::kWritesNoise ? io.draw : second) {
+    out1 = empty_output(out.sizes(), out.options());
+    io.out[1] = out1.data_ptr();
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "diffkern_cpu_step", [&] {
     run_elementwise<scalar_t>(op, io, numel, inner, per_sample);
   });
+  return {out, out1};
+}
+
+// The older ops: `noise_out` is written when the op draws and reports its noise (q_sample).
+template <class Op>
+at::Tensor run_step(const Op& op, const at::Tensor& x, const at::Tensor* m, const std::optional<at::Tensor>& noise,
+                    bool draw, PhiloxKey key, bool per_sample, at::Tensor* noise_out = nullptr) {
+  auto [out, out1] = run_sampler(SampleStep<Op>{op}, {&x, m}, noise, draw, key, per_sample, false);
+  if (noise_out && out1.defined()) *noise_out = out1;
   return out;
 }
 

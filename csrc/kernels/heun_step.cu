@@ -1,0 +1,10 @@
+// heun_step on CUDA: the sampler driver (elementwise.cuh) over HeunOp (sampler_ops.h).
+#include "elementwise.cuh"
+
+namespace diffkern {
+namespace cuda {
+
+void launch_heun_step(const SamplerLaunch& p, const HeunOp& op, cudaStream_t stream) { launch_sampler(p, op, stream); }
+
+}  // namespace cuda
+}  // namespace diffkern

@@ -1,0 +1,26 @@
+#include "../sampler_args.h"
+#include "elementwise.h"
+
+namespace diffkern {
+
+std::tuple<at::Tensor, at::Tensor> dpmpp_2m_step_cpu(
+    const at::Tensor& x, const at::Tensor& model_output, const std::optional<at::Tensor>& old_denoised,
+    const std::optional<at::Tensor>& sigma_t, const std::optional<at::Tensor>& sigma_next_t,
+    const std::optional<at::Tensor>& sigma_prev_t, double sigma, double sigma_next, double sigma_prev,
+    int64_t prediction_type, int64_t solver_type, bool variance_preserving, bool return_denoised) {
+  const bool has_old = old_denoised.has_value();
+  const DpmppOp op{sample_scalar(sigma_t, sigma, x, "sigma"),
+                   sample_scalar(sigma_next_t, sigma_next, x, "sigma_next"),
+                   sample_scalar(sigma_prev_t, sigma_prev, x, "sigma_prev"),
+                   int(prediction_type),
+                   int(solver_type),
+                   variance_preserving,
+                   has_old};
+  auto [out, den] = cpu::run_sampler(op, {&x, &model_output, has_old ? &*old_denoised : nullptr}, std::nullopt, false,
+                                     PhiloxKey{0, 0}, op.per_sample(), return_denoised);
+  return {out, return_denoised ? den : at::empty({0}, x.options())};
+}
+
+TORCH_LIBRARY_IMPL(diffkern, CPU, m) { m.impl("dpmpp_2m_step", &dpmpp_2m_step_cpu); }
+
+}  // namespace diffkern

@@ -1,0 +1,19 @@
+#include "../sampler_args.h"
+#include "elementwise.h"
+
+namespace diffkern {
+
+std::tuple<at::Tensor, at::Tensor> flow_q_sample_cpu(const at::Tensor& x0, const std::optional<at::Tensor>& sigma_t,
+                                                     double sigma, const std::optional<at::Tensor>& noise,
+                                                     const std::optional<at::Generator>& /*generator*/, int64_t seed,
+                                                     int64_t offset) {
+  const FlowQSampleOp op{sample_scalar(sigma_t, sigma, x0, "sigma")};
+  auto [xt, drawn] = cpu::run_sampler(op, {&x0}, noise, true, PhiloxKey{as_u64(seed), as_u64(offset)},
+                                      op.per_sample(), false);
+  // With noise given, the caller already holds it (a custom op may not return an alias).
+  return {xt, noise.has_value() ? at::empty({0}, x0.options()) : drawn};
+}
+
+TORCH_LIBRARY_IMPL(diffkern, CPU, m) { m.impl("flow_q_sample", &flow_q_sample_cpu); }
+
+}  // namespace diffkern

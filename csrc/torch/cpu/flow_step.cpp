@@ -1,0 +1,19 @@
+#include "../sampler_args.h"
+#include "elementwise.h"
+
+namespace diffkern {
+
+at::Tensor flow_step_cpu(const at::Tensor& x, const at::Tensor& velocity, const std::optional<at::Tensor>& sigma_t,
+                         const std::optional<at::Tensor>& sigma_next_t, double sigma, double sigma_next,
+                         bool stochastic, const std::optional<at::Tensor>& noise,
+                         const std::optional<at::Generator>& /*generator*/, int64_t seed, int64_t offset) {
+  const FlowOp op{sample_scalar(sigma_t, sigma, x, "sigma"), sample_scalar(sigma_next_t, sigma_next, x, "sigma_next"),
+                  stochastic};
+  return cpu::run_sampler(op, {&x, &velocity}, stochastic ? noise : std::nullopt, stochastic,
+                          PhiloxKey{as_u64(seed), as_u64(offset)}, op.per_sample(), false)
+      .first;
+}
+
+TORCH_LIBRARY_IMPL(diffkern, CPU, m) { m.impl("flow_step", &flow_step_cpu); }
+
+}  // namespace diffkern

@@ -1,0 +1,26 @@
+#include "sampler_common.h"
+
+namespace diffkern {
+
+at::Tensor euler_step_cuda(const at::Tensor& x, const at::Tensor& model_output,
+                           const std::optional<at::Tensor>& sigma_t, const std::optional<at::Tensor>& sigma_next_t,
+                           double sigma, double sigma_next, double eta, double s_noise, double gamma,
+                           int64_t prediction_type, const std::optional<at::Tensor>& noise,
+                           const std::optional<at::Generator>& generator, int64_t seed, int64_t offset) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const EulerOp op{sample_scalar(sigma_t, sigma, x, "sigma"), sample_scalar(sigma_next_t, sigma_next, x, "sigma_next"),
+                   eta, s_noise, gamma, int(prediction_type)};
+  const bool noisy = op.uses_noise();
+  auto s = cuda_binding::prepare_sampler({&x, &model_output}, noisy ? noise : std::nullopt, noisy, op.per_sample(),
+                                         false);
+  if (s.launch.draw) s.launch.rng = cuda_binding::rng_from(generator, seed, offset);
+  if (s.launch.numel > 0) {  // a check only right after a launch of ours
+    cuda::launch_euler_step(s.launch, op, c10::cuda::getCurrentCUDAStream());
+    DIFFKERN_LAUNCH_CHECK();
+  }
+  return s.out;
+}
+
+TORCH_LIBRARY_IMPL(diffkern, CUDA, m) { m.impl("euler_step", &euler_step_cuda); }
+
+}  // namespace diffkern

@@ -1,0 +1,24 @@
+#include "sampler_common.h"
+
+namespace diffkern {
+
+at::Tensor flow_step_cuda(const at::Tensor& x, const at::Tensor& velocity, const std::optional<at::Tensor>& sigma_t,
+                          const std::optional<at::Tensor>& sigma_next_t, double sigma, double sigma_next,
+                          bool stochastic, const std::optional<at::Tensor>& noise,
+                          const std::optional<at::Generator>& generator, int64_t seed, int64_t offset) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const FlowOp op{sample_scalar(sigma_t, sigma, x, "sigma"), sample_scalar(sigma_next_t, sigma_next, x, "sigma_next"),
+                  stochastic};
+  auto s = cuda_binding::prepare_sampler({&x, &velocity}, stochastic ? noise : std::nullopt, stochastic,
+                                         op.per_sample(), false);
+  if (s.launch.draw) s.launch.rng = cuda_binding::rng_from(generator, seed, offset);
+  if (s.launch.numel > 0) {  // a check only right after a launch of ours
+    cuda::launch_flow_step(s.launch, op, c10::cuda::getCurrentCUDAStream());
+    DIFFKERN_LAUNCH_CHECK();
+  }
+  return s.out;
+}
+
+TORCH_LIBRARY_IMPL(diffkern, CUDA, m) { m.impl("flow_step", &flow_step_cuda); }
+
+}  // namespace diffkern

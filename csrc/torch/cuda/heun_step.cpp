@@ -1,0 +1,23 @@
+#include "sampler_common.h"
+
+namespace diffkern {
+
+at::Tensor heun_step_cuda(const at::Tensor& x, const at::Tensor& denoised, const at::Tensor& x_proposal,
+                          const at::Tensor& denoised_proposal, const std::optional<at::Tensor>& sigma_t,
+                          const std::optional<at::Tensor>& sigma_next_t, double sigma, double sigma_next,
+                          int64_t prediction_type) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const HeunOp op{sample_scalar(sigma_t, sigma, x, "sigma"), sample_scalar(sigma_next_t, sigma_next, x, "sigma_next"),
+                  int(prediction_type)};
+  auto s = cuda_binding::prepare_sampler({&x, &denoised, &x_proposal, &denoised_proposal}, std::nullopt, false,
+                                         op.per_sample(), false);
+  if (s.launch.numel > 0) {  // a check only right after a launch of ours
+    cuda::launch_heun_step(s.launch, op, c10::cuda::getCurrentCUDAStream());
+    DIFFKERN_LAUNCH_CHECK();
+  }
+  return s.out;
+}
+
+TORCH_LIBRARY_IMPL(diffkern, CUDA, m) { m.impl("heun_step", &heun_step_cuda); }
+
+}  // namespace diffkern

@@ -1,0 +1,62 @@
+// CUDA binding helpers of the sampler-family ops: tensors -> SamplerLaunch. Translation only.
+#pragma once
+#include "../sampler_args.h"
+#include "common.h"
+
+namespace diffkern {
+namespace cuda_binding {
+
+struct SamplerTensors {
+  at::Tensor out, out1;
+  Operand in[4], noise;
+  cuda::SamplerLaunch launch;
+};
+
+// inputs[0] is x; a null last input is absent. `second`: allocate the second output (the
+// op's second value; for noise-writing ops pass whether the noise is drawn).
+inline SamplerTensors prepare_sampler(std::initializer_list<const at::Tensor*> inputs,
+                                      const std::optional<at::Tensor>& noise, bool draw, bool per_sample,
+                                      bool second) {
+  static const char* const kNames[4] = {"x", "model output", "third input", "fourth input"};
+  const at::Tensor& x = **inputs.begin();
+  TORCH_CHECK(x.is_cuda(), "expected CUDA tensors");
+  SamplerTensors s;
+  s.out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  auto& p = s.launch;
+  p.dtype = dtype_of(x);
+  p.numel = s.out.numel();
+  p.inner = p.numel == 0 ? 1 : p.numel / batch_of(s.out);
+  p.per_sample = per_sample;
+  p.device = x.get_device();
+  bool vec = aligned16(s.out.data_ptr());
+  int nin = 0;
+  for (const at::Tensor* t : inputs) {
+    if (!t) break;
+    TORCH_CHECK(nin < 4, "diffkern: too many inputs");
+    if (nin > 0) check_same(x, *t, kNames[nin]);
+    s.in[nin] = make_operand(*t, s.out.sizes());
+    p.in[nin] = operand(s.in[nin]);
+    vec = vec && s.in[nin].contiguous && aligned16(s.in[nin].data);
+    ++nin;
+  }
+  p.nin = nin;
+  if (noise.has_value()) {
+    check_same(x, *noise, "noise");
+    s.noise = make_operand(*noise, s.out.sizes());
+    p.noise = operand(s.noise);
+    p.has_noise = true;
+    vec = vec && s.noise.contiguous && aligned16(s.noise.data);
+  }
+  p.draw = draw && !p.has_noise;
+  p.out[0] = s.out.data_ptr();
+  if (second) {
+    s.out1 = at::empty_like(s.out);
+    p.out[1] = s.out1.data_ptr();
+    vec = vec && aligned16(p.out[1]);
+  }
+  p.vectorized = vec;
+  return s;
+}
+
+}  // namespace cuda_binding
+}  // namespace diffkern

@@ -1,0 +1,208 @@
+"""The native side of the sampler-family ops (diffkern.sampler_ops): validated arguments
+-> the raw ``torch.ops.diffkern`` ops (csrc/torch/{cpu,cuda}/<op>.cpp over the functors of
+csrc/kernels/sampler_ops.h), registered in ``sampler_ops._NATIVE_IMPLS``, and the ops'
+fake kernels for torch.compile / opcheck.
+
+Each impl takes the arguments of the reference's private ``_<op>`` function. Scalars go
+to the kernel as a number, or as a 1-D float32/float64 tensor on x's device that the
+kernel reads per sample (no host sync). Operands of different dtypes are cast to their
+promoted dtype first (exact), so the result is the reference's. An impl returns
+``NotImplemented`` where the reference must run: a noise level that needs a gradient, or
+noise whose dtype would round in the cast. Noise is keyed as the older ops key it
+(``_noise_key``): a CPU generator here (diffkern._rng's rule), a CUDA generator's Philox
+state in the kernel (graph-safe).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _rng
+from . import sampler_ops as S
+from ._native import native_available
+
+_ops = torch.ops.diffkern if native_available() else None
+_LEVEL_DTYPES = (torch.float32, torch.float64)
+_SOLVERS = {"midpoint": 0, "heun": 1}
+
+
+class _Fallback(Exception):
+    """This call is one for the reference (see the module docstring)."""
+
+
+def _level(v):
+    """A validated noise level -> (tensor or None, number) as the raw ops take it."""
+    if isinstance(v, torch.Tensor):
+        if v.requires_grad:
+            raise _Fallback
+        return (v if v.dtype in _LEVEL_DTYPES else v.to(torch.float64)), 0.0
+    return None, float(v)
+
+
+def _common(x, *others):
+    """x and the other operands in their promoted dtype (casts to it are exact)."""
+    dtype = x.dtype
+    for t in others:
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return tuple(t if t is None or t.dtype == dtype else t.to(dtype) for t in (x, *others))
+
+
+def _noise_as(noise, dtype):
+    if noise is None or noise.dtype == dtype:
+        return noise
+    if torch.promote_types(noise.dtype, dtype) != dtype:  # the reference uses it unrounded
+        raise _Fallback
+    return noise.to(dtype)
+
+
+def _noise_key(x, generator, draws: bool):
+    """(generator, seed, offset) for a raw op: CUDA generators go to the op (it reads
+    torch's Philox state, graph-safe); CPU ones are keyed here, as the older ops key them."""
+    if not draws:
+        return None, 0, 0
+    if x.device.type == "cuda" and (generator is None or generator.device.type == "cuda"):
+        return (generator if generator is not None else _rng.default_cuda_generator(x.device)), 0, 0
+    seed, offset = _rng.cpu_generator_key(generator)
+    return None, _rng._to_int64(seed), _rng._to_int64(offset)
+
+
+def _native(fn):
+    def impl(*args):
+        try:
+            return fn(*args)
+        except _Fallback:
+            return NotImplemented
+    impl.__name__ = fn.__name__
+    impl.__doc__ = fn.__doc__
+    return impl
+
+
+@_native
+def euler_step(x, m, sigma, sigma_next, eta, s_noise, gamma, prediction, noise, generator):
+    x, m = _common(x, m)
+    noisy = eta > 0 or gamma > 0
+    noise = _noise_as(noise, x.dtype) if noisy else None
+    (st, s), (snt, sn) = _level(sigma), _level(sigma_next)
+    gen, seed, offset = _noise_key(x, generator, noisy and noise is None)
+    return _ops.euler_step(x, m, st, snt, s, sn, eta, s_noise, gamma, prediction, noise, gen, seed, offset)
+
+
+@_native
+def heun_step(x, m, x_proposal, m_proposal, sigma, sigma_next, prediction):
+    x, m, x_proposal, m_proposal = _common(x, m, x_proposal, m_proposal)
+    (st, s), (snt, sn) = _level(sigma), _level(sigma_next)
+    return _ops.heun_step(x, m, x_proposal, m_proposal, st, snt, s, sn, prediction)
+
+
+@_native
+def dpmpp_2m_step(x, m, old_denoised, sigma, sigma_next, sigma_prev, prediction, solver_type, variance_preserving,
+                  return_denoised):
+    x, m, old_denoised = _common(x, m, old_denoised)
+    (st, s), (snt, sn) = _level(sigma), _level(sigma_next)
+    spt, sp = _level(sigma_prev) if sigma_prev is not None else (None, 0.0)
+    out, den = _ops.dpmpp_2m_step(x, m, old_denoised, st, snt, spt, s, sn, sp, prediction, _SOLVERS[solver_type],
+                                  variance_preserving, return_denoised)
+    return (out, den) if return_denoised else out
+
+
+@_native
+def flow_step(x, v, sigma, sigma_next, stochastic, noise, generator):
+    x, v = _common(x, v)
+    noise = _noise_as(noise, x.dtype) if stochastic else None
+    (st, s), (snt, sn) = _level(sigma), _level(sigma_next)
+    gen, seed, offset = _noise_key(x, generator, stochastic and noise is None)
+    return _ops.flow_step(x, v, st, snt, s, sn, stochastic, noise, gen, seed, offset)
+
+
+@_native
+def flow_q_sample(x0, sigma, noise, generator):
+    given = noise
+    noise = _noise_as(noise, x0.dtype)
+    st, s = _level(sigma)
+    gen, seed, offset = _noise_key(x0, generator, noise is None)
+    xt, drawn = _ops.flow_q_sample(x0, st, s, noise, gen, seed, offset)
+    return xt, (given if given is not None else drawn)
+
+
+@_native
+def lcm_step(x, m, a, noise, generator):
+    x, m = _common(x, m)
+    noise = _noise_as(noise, x.dtype)
+    # One draw per call, also on the final step (the reference's generator advances the
+    # same way); the kernel skips the noise when every sample is at its final step.
+    renoise = not (a.t_prev.device.type == "cpu" and a.t_prev.numel() == 1 and int(a.t_prev) < 0)
+    gen, seed, offset = _noise_key(x, generator, noise is None)
+    out, den = _ops.lcm_step(x, m, a.t, a.t_prev, a.table, a.timestep_scaling, a.sigma_data, a.prediction,
+                             a.clip or 0.0, renoise, noise, gen, seed, offset, a.return_denoised)
+    return (out, den) if a.return_denoised else out
+
+
+if _ops is not None:
+    S._NATIVE_IMPLS.update(euler_step=euler_step, heun_step=heun_step, dpmpp_2m_step=dpmpp_2m_step,
+                           flow_step=flow_step, flow_q_sample=flow_q_sample, lcm_step=lcm_step)
+
+    def _empty_like_out(x):
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+    def _empty(x):
+        return torch.empty(0, dtype=x.dtype, device=x.device)
+
+    @torch.library.register_fake("diffkern::euler_step")
+    def _(x, m, st, snt, s, sn, eta, s_noise, gamma, prediction, noise, generator, seed, offset):
+        return _empty_like_out(x)
+
+    @torch.library.register_fake("diffkern::heun_step")
+    def _(x, m, xp, mp, st, snt, s, sn, prediction):
+        return _empty_like_out(x)
+
+    @torch.library.register_fake("diffkern::dpmpp_2m_step")
+    def _(x, m, old, st, snt, spt, s, sn, sp, prediction, solver, vp, return_denoised):
+        return _empty_like_out(x), (_empty_like_out(x) if return_denoised else _empty(x))
+
+    @torch.library.register_fake("diffkern::flow_step")
+    def _(x, v, st, snt, s, sn, stochastic, noise, generator, seed, offset):
+        return _empty_like_out(x)
+
+    @torch.library.register_fake("diffkern::flow_q_sample")
+    def _(x0, st, s, noise, generator, seed, offset):
+        return _empty_like_out(x0), (_empty(x0) if noise is not None else _empty_like_out(x0))
+
+    @torch.library.register_fake("diffkern::lcm_step")
+    def _(x, m, t, t_prev, table, ts, sd, prediction, clip, renoise, noise, generator, seed, offset,
+          return_denoised):
+        return _empty_like_out(x), (_empty_like_out(x) if return_denoised else _empty(x))
+
+    @torch.library.register_fake("diffkern::lcm_step_backward")
+    def _(grad, grad_den, x, m, t, t_prev, table, ts, sd, prediction, clip):
+        return _empty_like_out(grad), _empty_like_out(grad)
+
+    def _jacobian_rows(x, *levels):
+        per_sample = any(v is not None and v.numel() > 1 for v in levels)
+        return torch.empty((x.shape[0] if per_sample and x.dim() > 0 else 1, 10), dtype=torch.float64,
+                           device=x.device)
+
+    @torch.library.register_fake("diffkern::euler_step_jacobian")
+    def _(x, st, snt, s, sn, eta, s_noise, gamma, prediction):
+        return _jacobian_rows(x, st, snt)
+
+    @torch.library.register_fake("diffkern::heun_step_jacobian")
+    def _(x, st, snt, s, sn, prediction):
+        return _jacobian_rows(x, st, snt)
+
+    @torch.library.register_fake("diffkern::dpmpp_2m_step_jacobian")
+    def _(x, st, snt, spt, s, sn, sp, prediction, solver, vp, has_old):
+        return _jacobian_rows(x, st, snt, spt if has_old else None)
+
+    @torch.library.register_fake("diffkern::flow_step_jacobian")
+    def _(x, st, snt, s, sn, stochastic):
+        return _jacobian_rows(x, st, snt)
+
+    @torch.library.register_fake("diffkern::flow_q_sample_jacobian")
+    def _(x0, st, s):
+        return _jacobian_rows(x0, st)
+
+    @torch.library.register_fake("diffkern::lcm_step_jacobian")
+    def _(x, t, t_prev, table, ts, sd, prediction, renoise):
+        return _jacobian_rows(x, t)
+
