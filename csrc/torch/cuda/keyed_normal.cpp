@@ -33,7 +33,7 @@ at::Tensor keyed_normal_cuda(const at::Tensor& seeds, const std::optional<at::Te
   p.out = out.data_ptr<float>();
   p.device = seeds.get_device();
   cuda::launch_keyed_normal(p, c10::cuda::getCurrentCUDAStream());
-  cuda_binding::check_launch("keyed_normal");
+  DIFFKERN_LAUNCH_CHECK();
   return out;
 }
 
