@@ -10,6 +10,7 @@ says why not); ``DIFFKERN_DISABLE_NATIVE=1`` forces the reference.
 
 from . import reference
 from ._native import native_available, native_error
+from ._rng import keyed_randn
 from ._validate import MismatchError
 from .ops import (
     annealed_langevin,
@@ -34,7 +35,7 @@ def show_config(file=None) -> None:
     _show(file)
 
 
-_SUBMODULES = ("models", "training", "samplers", "metrics", "data")
+_SUBMODULES = ("models", "training", "samplers", "metrics", "data", "distributed")
 
 
 def __getattr__(name):
@@ -52,3 +53,4 @@ __all__ = [
     "show_config",
 ]
 __all__ += ["euler_step", "heun_step", "dpmpp_2m_step", "flow_step", "flow_q_sample", "lcm_step"]
+__all__ += ["keyed_randn"]

@@ -5,8 +5,9 @@ the reference ops draw, so a run gives the same numbers with or without the exte
 
 Keying (the same in C++ and CUDA): the i-th element (row-major logical index) of a call
 keyed by ``(seed, offset)`` takes lane ``i % 4`` of
-``philox4x32_10(counter=(g_lo, g_hi, offset_lo, offset_hi), key=(seed_lo, seed_hi))``
-with ``g = i // 4``, turned into normals by Box-Muller on the lane pairs (0,1), (2,3)::
+``philox4x32_10(counter=(c_lo, c_hi, g_lo, g_hi), key=(seed_lo, seed_hi))`` with
+``c = offset // 4`` and ``g = i // 4``, turned into normals by Box-Muller on the lane pairs
+(0,1), (2,3)::
 
     u = ((bits_a >> 9) + 0.5) * 2**-23     in (0, 1)
     v = (bits_b >> 9) * 2**-23             in [0, 1)
@@ -16,16 +17,27 @@ log, sin and cos are the polynomial forms below, written once in C++ and mirrore
 op for op. The CPU kernels (built with -ffp-contract=off) equal this bitwise; CUDA
 within a few ulps (nvcc contracts the polynomials into FMAs).
 
-Generator position: a CUDA generator gives ``(initial_seed, philox offset)`` and each
-call advances the offset by 4 (graph-safe, via torch's Philox state). A CPU generator
-has no offset, so diffkern keeps one beside it: it restarts at 0 whenever the
-generator's state is what ``manual_seed(initial_seed)`` leaves, and continues from the
-last call otherwise. The same seed thus gives the same noise on the CPU and on CUDA.
+The counter layout is torch's: its CUDA kernels draw with
+``curand_init(seed, subsequence=thread, offset)``, counter ``(offset/4 + k, thread)``.
+Group ``g`` plays a thread and a call reserves 4 offsets of its own, so diffkern never
+reuses counters an earlier ``torch.randn`` on the same generator drew.
+
+Per-sample keys (``seeds=``, ``step=``): element ``j`` of sample ``b`` is element ``j`` of
+the stream keyed by ``(seeds[b], 4 * step)`` with the group's top bit set
+(``g = 2**63 + j // 4``), which no generator-driven call reaches (:func:`keyed_normal`).
+
+Generator position:
+- a CUDA generator gives ``(initial_seed, philox offset)`` and each call advances the
+  offset by 4 (graph-safe, via torch's Philox state);
+- a CPU generator (Mersenne Twister, no offset) gives two 64-bit words of its own
+  stream, ``(seed, offset) = (random64(), random64())``, drawn under its lock. The noise
+  is thus a function of the generator's state: ``g.set_state(s)`` or
+  ``torch.random.fork_rng`` replays it, and concurrent callers get different words.
+  The same seed no longer gives the same noise on a CPU and a CUDA generator; per-sample
+  keys are the device-independent path.
 """
 
 from __future__ import annotations
-
-import weakref
 
 import torch
 
@@ -110,6 +122,20 @@ def _box_muller(a: torch.Tensor, b: torch.Tensor):
     return r * c, r * s
 
 
+def philox_counter(offset: int, g: torch.Tensor):
+    """The counter words of group(s) ``g`` (int64 tensor) of a call at ``offset``: torch's
+    ``curand_init(seed, subsequence=g, offset)`` layout, ``(offset/4 lo, hi, g lo, g hi)``."""
+    offset &= (1 << 64) - 1
+    return (torch.full_like(g, (offset >> 2) & MASK32), torch.full_like(g, offset >> 34), g & MASK32,
+            (g >> 32) & MASK32)
+
+
+def philox_bits(seed: int, offset: int, g: torch.Tensor):
+    """The four Philox words of group(s) ``g`` of the stream keyed by ``(seed, offset)``."""
+    seed &= (1 << 64) - 1
+    return philox4x32_10(*philox_counter(offset, g), torch.full_like(g, seed & MASK32), torch.full_like(g, seed >> 32))
+
+
 def philox_normal(numel: int, seed: int, offset: int, *, start: int = 0, device=None) -> torch.Tensor:
     """Float32 normals for logical indices ``start .. start+numel-1`` of the stream keyed by
     ``(seed, offset)`` (both taken mod 2^64)."""
@@ -120,14 +146,9 @@ def philox_normal(numel: int, seed: int, offset: int, *, start: int = 0, device=
         return torch.empty(0, dtype=torch.float32, device=device)
     g0 = start // 4
     g1 = (start + numel - 1) // 4 + 1
-    g = torch.arange(g0, g1, dtype=torch.int64, device=device)
-    c0 = g & MASK32
-    c1 = (g >> 32) & MASK32
-    c2 = torch.full_like(g, offset & MASK32)
-    c3 = torch.full_like(g, offset >> 32)
-    k0 = torch.full_like(g, seed & MASK32)
-    k1 = torch.full_like(g, seed >> 32)
-    r0, r1, r2, r3 = philox4x32_10(c0, c1, c2, c3, k0, k1)
+    # groups mod 2^64 in int64 (the addition wraps; arange alone would overflow past 2^63)
+    g = torch.arange(0, g1 - g0, dtype=torch.int64, device=device) + _to_int64(g0)
+    r0, r1, r2, r3 = philox_bits(seed, offset, g)
     z0, z1 = _box_muller(r0, r1)
     z2, z3 = _box_muller(r2, r3)
     z = torch.stack([z0, z1, z2, z3], dim=1).flatten()
@@ -135,88 +156,227 @@ def philox_normal(numel: int, seed: int, offset: int, *, start: int = 0, device=
     return z[lo:lo + numel]
 
 
+MAX_STEP = 1 << 62  # the step fills counter words 0-1 as offset/4 does (keyed_key: offset = 4 step)
+X_T_STEP = MAX_STEP - 1  # the samplers' x_T under seeds= (keyed_randn(seeds, shape, step=X_T_STEP))
+
+
+def keyed_normal(seeds: torch.Tensor, step, inner: int, *, start: int = 0, numel: int | None = None,
+                 device=None) -> torch.Tensor:
+    """Float32 normals of shape ``(B, numel)`` under per-sample keys: row ``b`` holds
+    elements ``start .. start+numel-1`` of sample ``b`` keyed by ``(seeds[b], step)``
+    (``seeds`` int64 (B,); ``step`` an int or a one-element int64 tensor, read with tensor
+    ops, so a CUDA graph replays whatever step its buffer holds). ``inner`` (elements per
+    sample) does not change the values; it is the default numel."""
+    device = torch.device(device) if device is not None else seeds.device
+    seeds = seeds.to(device=device, dtype=torch.int64).reshape(-1, 1)
+    numel = inner - start if numel is None else numel
+    B = seeds.shape[0]
+    if numel <= 0 or B == 0:
+        return torch.empty(B, max(numel, 0), dtype=torch.float32, device=device)
+    g0 = start // 4
+    g1 = (start + numel - 1) // 4 + 1
+    g = torch.arange(g0, g1, dtype=torch.int64, device=device).expand(B, -1)
+    if isinstance(step, torch.Tensor):
+        st = step.to(device=device, dtype=torch.int64).reshape(())
+    else:
+        st = torch.tensor(int(step) % MAX_STEP, dtype=torch.int64, device=device)
+    c0 = (st & MASK32).expand_as(g)
+    c1 = ((st >> 32) & 0x3FFFFFFF).expand_as(g)
+    c2 = g & MASK32
+    c3 = ((g >> 32) & MASK32) | 0x80000000  # kKeyedGroup: the top bit of the group
+    k0 = (seeds & MASK32).expand_as(g)
+    k1 = ((seeds >> 32) & MASK32).expand_as(g)
+    r0, r1, r2, r3 = philox4x32_10(c0, c1, c2, c3, k0, k1)
+    z0, z1 = _box_muller(r0, r1)
+    z2, z3 = _box_muller(r2, r3)
+    z = torch.stack([z0, z1, z2, z3], dim=2).reshape(B, -1)
+    lo = start - 4 * g0
+    return z[:, lo:lo + numel]
+
+
+# ---- per-sample keys: arguments and the draw ----------------------------------------
+def check_seeds(seeds, B: int, device: torch.device) -> torch.Tensor:
+    """``seeds=`` as an int64 tensor on ``device`` (x's): (1,) for an int (every sample),
+    else (B,) (a CPU tensor is copied without a sync; a device one is used as it is, so a
+    captured graph reads its buffer)."""
+    if isinstance(seeds, bool):
+        raise TypeError("seeds must be an int or an int64 tensor, got bool")
+    if isinstance(seeds, int):
+        if not -(1 << 63) <= seeds < (1 << 64):
+            raise ValueError(f"seeds must fit in 64 bits, got {seeds}")
+        return _int_tensor(_to_int64(seeds), device)
+    if not isinstance(seeds, torch.Tensor):
+        raise TypeError(f"seeds must be an int or an int64 tensor, got {type(seeds).__name__}")
+    if seeds.dtype != torch.int64:
+        raise TypeError(f"seeds must be an int64 tensor, got {seeds.dtype}")
+    if seeds.device.type != "cpu" and seeds.device != device:
+        raise ValueError(f"seeds must be on the CPU or on x's device ({device}), got {seeds.device}")
+    if seeds.dim() != 1:
+        if seeds.dim() != 0:
+            raise ValueError(f"seeds must be an int or a tensor of shape ({B},) (one per sample), "
+                             f"got shape {tuple(seeds.shape)}")
+        seeds = seeds.reshape(1)
+    n = seeds.shape[0]
+    if n != B and n != 1:
+        raise ValueError(f"seeds must be an int or a tensor of shape ({B},) (one per sample), got shape ({n},)")
+    return seeds if seeds.device == device else seeds.to(device, non_blocking=True)
+
+
+def check_step(step, device: torch.device):
+    """``step=`` as an int in [0, 2^62) or a one-element int64 tensor on ``device``."""
+    if step is None:
+        return 0
+    if isinstance(step, bool):
+        raise TypeError("step must be an int or a 0-d int64 tensor, got bool")
+    if isinstance(step, int):
+        if not 0 <= step < MAX_STEP:
+            raise ValueError(f"step must be in [0, 2**62), got {step}")
+        return step
+    if not isinstance(step, torch.Tensor):
+        raise TypeError(f"step must be an int or a 0-d int64 tensor, got {type(step).__name__}")
+    if step.dtype != torch.int64 or step.numel() != 1:
+        raise TypeError(f"step must be an int or a 0-d int64 tensor, got {step.dtype} of shape {tuple(step.shape)}")
+    if step.device.type != "cpu" and step.device != device:
+        raise ValueError(f"step must be on the CPU or on x's device ({device}), got {step.device}")
+    return step.reshape(()).to(device, non_blocking=True)
+
+
+_int_tensors: dict = {}
+
+
+def _int_tensor(v: int, device: torch.device) -> torch.Tensor:
+    """A cached (1,) int64 tensor (never written to): an int seed costs no copy per call."""
+    key = (v, device)
+    t = _int_tensors.get(key)
+    if t is None:
+        if len(_int_tensors) > 4096:
+            _int_tensors.clear()
+        with torch.inference_mode(False):
+            t = torch.tensor([v], dtype=torch.int64, device=device)
+        _int_tensors[key] = t
+    return t
+
+
+_keyed_state = None
+
+
+def keyed_op():
+    """torch.ops.diffkern.keyed_normal (its fake kernel registered), or None without it:
+    an extension built before the op existed still serves the rest (keyed noise then
+    comes from the reference). Resolved on first use: _native imports this module while
+    it loads the extension."""
+    global _keyed_state
+    if _keyed_state is None:
+        from ._native import native_available
+
+        ok = native_available() and hasattr(torch.ops.diffkern, "keyed_normal")
+        if ok:
+            _register_fake()
+        _keyed_state = torch.ops.diffkern.keyed_normal.default if ok else False
+    return _keyed_state or None
+
+
+_native_devices: dict = {}
+
+
+def _native_keyed(device: torch.device) -> bool:
+    ok = _native_devices.get(device)
+    if ok is None:
+        from ._native import native_available
+
+        ok = _native_devices[device] = keyed_op() is not None and native_available(device)
+    return ok
+
+
+def keyed_randn(seeds, shape, *, step=0, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Normals of ``shape`` (B, ...) whose row ``b`` is sample ``b``'s stream keyed by
+    ``(seeds[b], step)``: the same values as the noise an op draws with ``seeds=``,
+    ``step=`` for an x of this shape (e.g. a sampler's x_T; give it a step the loop does
+    not use)."""
+    shape = tuple(int(s) for s in shape)
+    if not shape:
+        raise ValueError("shape must have a leading (sample) dimension")
+    if device is None:
+        device = seeds.device if isinstance(seeds, torch.Tensor) else torch.device("cpu")
+    device = torch.device(device)
+    s = check_seeds(seeds, shape[0], device)
+    st = check_step(step, device)
+    inner = 1
+    for d in shape[1:]:
+        inner *= d
+    return _keyed_draw(s, st, shape[0], inner, device).view(shape).to(dtype)
+
+
+def _keyed_draw(seeds: torch.Tensor, step, B: int, inner: int, device, native: bool = True) -> torch.Tensor:
+    """(B, inner) float32 keyed normals, by the native op when built for ``device``."""
+    if native and _native_keyed(device):
+        if isinstance(step, torch.Tensor):
+            return _keyed_state(seeds, step, 0, B, inner)
+        return _keyed_state(seeds, None, step, B, inner)
+    return keyed_normal(seeds.expand(B) if seeds.numel() == 1 else seeds, step, inner)
+
+
+def nonzero(v) -> bool:
+    """Whether a stochastic-strength argument (eta, gamma) asks for noise; invalid values
+    count as nonzero and are rejected by the op's own checks."""
+    return not (isinstance(v, (int, float)) and not isinstance(v, bool) and v == 0)
+
+
+def keyed_noise(x: torch.Tensor, seeds, step, generator=None, noise=None, draws: bool = True, native: bool = True):
+    """The ops' ``seeds=``/``step=`` front door: ``noise`` unchanged without seeds; else the
+    noise of x's shape, x's dtype, whose sample ``b`` is a pure function of
+    ``(seeds[b], step)`` (None when the call draws nothing). seeds excludes generator and
+    noise. ``native=False``: drawn by :func:`keyed_normal` (the reference's oracle)."""
+    if seeds is None:
+        if step is not None:
+            raise ValueError("step= needs seeds=")
+        return noise
+    if generator is not None:
+        raise ValueError("pass either seeds or generator, not both")
+    if noise is not None:
+        raise ValueError("pass either seeds or noise, not both")
+    B = x.shape[0] if x.dim() > 0 else 1
+    s = check_seeds(seeds, B, x.device)
+    st = check_step(step, x.device)
+    if not draws:
+        return None
+    z = _keyed_draw(s, st, B, x.numel() // B if B else 0, x.device, native).view(x.shape)
+    return z if x.dtype == torch.float32 else z.to(x.dtype)
+
+
 # ---- generator -> (seed, offset) -------------------------------------------------
-_fresh_states: dict[int, torch.Tensor] = {}
-
-
-class _Positions:
-    """generator -> (its state after our last draw, next offset). Weak references where
-    torch.Generator supports them (torch >= 2.12); otherwise a bounded map by id that
-    holds the generator itself, so an id cannot be reused while its entry lives."""
-
-    def __init__(self, limit: int = 1024):
-        self._weak: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._strong: dict[int, tuple] = {}
-        self._limit = limit
-
-    def get(self, gen):
-        try:
-            return self._weak.get(gen)
-        except TypeError:
-            entry = self._strong.get(id(gen))
-            return entry[1] if entry is not None and entry[0] is gen else None
-
-    def __setitem__(self, gen, value):
-        try:
-            self._weak[gen] = value
-        except TypeError:
-            if len(self._strong) >= self._limit:
-                self._strong.pop(next(iter(self._strong)))
-            self._strong.pop(id(gen), None)
-            self._strong[id(gen)] = (gen, value)
-
-
-_cpu_positions = _Positions()
-
-
-def _fresh_state(seed: int) -> torch.Tensor:
-    st = _fresh_states.get(seed)
-    if st is None:
-        st = torch.Generator().manual_seed(seed).get_state()
-        if len(_fresh_states) > 64:
-            _fresh_states.clear()
-        _fresh_states[seed] = st
-    return st
-
-
 def _to_int64(v: int) -> int:
     v &= (1 << 64) - 1
     return v - (1 << 64) if v >= (1 << 63) else v
 
 
+def _register_fake():
+    @torch.library.register_fake("diffkern::keyed_normal")
+    def _(seeds, step_t, step, batch, inner):
+        return seeds.new_empty((batch, inner), dtype=torch.float32)
+
+
 # The extension's C++ keying (csrc/torch/cpu_generator.cpp), set by diffkern._native when
-# it loads: the same rule without Python, and one table of generator positions for the
-# native ops and the reference alike.
+# it loads: the same rule without Python.
 _native_key = None
 
 
 def cpu_generator_key(gen: torch.Generator | None) -> tuple[int, int]:
-    """(seed, offset) for the next call drawing from a CPU generator; advances it."""
+    """(seed, offset) for the next call drawing from a CPU generator: its next two 64-bit
+    words (mt19937 ``random64()``), taken under the generator's lock; advances it by them."""
     if _native_key is not None:
-        return _native_key(gen)
+        return _native_key(gen if gen is not None else torch.default_generator)
     return py_cpu_generator_key(gen)
 
 
 def py_cpu_generator_key(gen: torch.Generator | None) -> tuple[int, int]:
-    """cpu_generator_key in Python (used without the extension)."""
+    """cpu_generator_key in Python (used without the extension, and as its oracle):
+    ``random_(-2**63, None)`` on two int64 draws exactly two ``random64()`` words, in
+    order, under the generator's lock."""
     if gen is None:
         gen = torch.default_generator
-    seed = gen.initial_seed()
-    state = gen.get_state()
-    last = _cpu_positions.get(gen)
-    if last is not None and torch.equal(last[0], state):
-        offset = last[1]
-    elif torch.equal(state, _fresh_state(seed)):
-        offset = 0
-    else:
-        # Used elsewhere since our last call: jump to a fresh region drawn from it, so the
-        # noise stays a function of the generator's state and never repeats an earlier call's.
-        offset = int(torch.randint(0, 1 << 60, (1,), generator=gen)) * OFFSET_INCREMENT
-    # Step the Mersenne state once so "our last state" never equals a freshly seeded one:
-    # that is how a later manual_seed(seed) is told apart from "continue".
-    torch.randint(0, 2, (1,), generator=gen)
-    _cpu_positions[gen] = (gen.get_state(), offset + OFFSET_INCREMENT)
-    return seed, offset
+    w = torch.empty(2, dtype=torch.int64).random_(-(1 << 63), None, generator=gen).tolist()
+    return w[0] & ((1 << 64) - 1), w[1] & ((1 << 64) - 1)
 
 
 def cuda_generator_key(gen: torch.Generator) -> tuple[int, int]:
@@ -252,3 +412,4 @@ def normal_like(shape, gen: torch.Generator | None, device, dtype) -> torch.Tens
     for s in shape:
         n *= int(s)
     return philox_normal(n, seed, offset, device=device).reshape(shape).to(dtype)
+

@@ -171,34 +171,47 @@ def _churn_gamma(levels, i, s_churn, s_tmin, s_tmax):
     return min(s_churn / (len(levels) - 1), 2 ** 0.5 - 1) if inside else 0.
 
 
-def _add_noise(x, scale, generator):
+def _add_noise(x, scale, generator, seeds=None, i=0):
     """x + scale z with z drawn in-kernel from generator (the ops' Philox stream). For a
     scalar scale that is langevin_step with a zero score and step_size = scale^2/2: one
-    fused pass with the draw. A per-sample scale draws the same stream and adds it."""
+    fused pass with the draw. A per-sample scale draws the same stream and adds it.
+    With ``seeds``: z keyed by (seeds[b], step=i)."""
+    if seeds is not None:
+        scale = append_dims(scale.to(x.device), x.ndim) if isinstance(scale, torch.Tensor) else scale
+        return (x + scale * _rng.keyed_noise(x, seeds, i, generator)).to(x.dtype)
     if isinstance(scale, torch.Tensor):
         z = _rng.normal_like(x.shape, generator, x.device, torch.float64 if x.dtype == torch.float64 else torch.float32)
         return (x + append_dims(scale.to(x.device), x.ndim) * z).to(x.dtype)
     return langevin_step(x, x.new_zeros(()).expand(x.shape), scale * scale / 2, generator=generator)
 
 
-def _add_churn(x, levels, i, gamma, s_noise, generator):
+def _add_churn(x, levels, i, gamma, s_noise, generator, seeds=None):
     """k-diffusion's churn before the model: x + s_noise sqrt(sigma_hat^2 - sigma^2) z."""
     scale = s_noise * math.sqrt(gamma * (gamma + 2))  # sqrt(sigma_hat^2 - sigma^2) / sigma
-    return _add_noise(x, levels.op(i, scale), generator)
+    return _add_noise(x, levels.op(i, scale), generator, seeds, i)
+
+
+def _keyed_check(x, seeds, generator, noise_sampler=None):
+    """seeds= of the samplers (step i of the loop draws with step=i): excludes generator
+    and noise_sampler."""
+    if seeds is not None and noise_sampler is not None:
+        raise ValueError("pass either seeds or noise_sampler, not both")
+    _rng.keyed_noise(x, seeds, None, generator, None, draws=False)
 
 
 # ---- samplers --------------------------------------------------------------------------------
 @torch.no_grad()
 def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
-                 s_tmax=float('inf'), s_noise=1., *, generator=None):
+                 s_tmax=float('inf'), s_noise=1., *, generator=None, seeds=None):
     """Algorithm 2 (Euler steps) from Karras et al. (2022), with churn."""
     extra_args = {} if extra_args is None else extra_args
     levels = _Levels(sigmas, x)
     V.check_generator(generator, x, None)
+    _keyed_check(x, seeds, generator)
     for i in _trange(len(levels) - 1, disable):
         gamma = _churn_gamma(levels, i, s_churn, s_tmin, s_tmax)
         if gamma > 0:
-            x = _add_churn(x, levels, i, gamma, s_noise, generator)
+            x = _add_churn(x, levels, i, gamma, s_noise, generator, seeds)
         m, pt = _denoise(model, x, levels.model(i, gamma + 1), extra_args, callback is None)
         if callback is not None:
             callback({'x': x, 'i': i, 'sigma': levels.scalar(i), 'sigma_hat': levels.scalar(i) * (gamma + 1),
@@ -209,11 +222,12 @@ def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None,
 
 @torch.no_grad()
 def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
-                           noise_sampler=None, *, generator=None):
+                           noise_sampler=None, *, generator=None, seeds=None):
     """Ancestral sampling with Euler method steps."""
     extra_args = {} if extra_args is None else extra_args
     levels = _Levels(sigmas, x)
     V.check_generator(generator, x, None)
+    _keyed_check(x, seeds, generator, noise_sampler)
     for i in _trange(len(levels) - 1, disable):
         m, pt = _denoise(model, x, levels.model(i), extra_args, callback is None)
         if callback is not None:
@@ -221,8 +235,10 @@ def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
         x = levels.promote(x)
         if levels.positive(i + 1):
             noise = noise_sampler(levels.scalar(i), levels.scalar(i + 1)) if noise_sampler is not None else None
+            keyed = seeds is not None and noise is None and eta > 0
             x = euler_step(x, m, levels.op(i), levels.op(i + 1), eta=eta, s_noise=s_noise, prediction_type=pt,
-                           noise=noise, generator=generator if noise is None and eta > 0 else None)
+                           noise=noise, generator=generator if noise is None and eta > 0 else None,
+                           seeds=seeds if keyed else None, step=i if keyed else None)
         else:  # the last step: sigma_down = sigma_up = 0
             x = euler_step(x, m, levels.op(i), levels.op(i + 1), prediction_type=pt)
     return x
@@ -230,16 +246,17 @@ def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
 
 @torch.no_grad()
 def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
-                s_tmax=float('inf'), s_noise=1., *, generator=None):
+                s_tmax=float('inf'), s_noise=1., *, generator=None, seeds=None):
     """Implements Algorithm 2 (Heun steps) from Karras et al. (2022)."""
     extra_args = {} if extra_args is None else extra_args
     levels = _Levels(sigmas, x)
     V.check_generator(generator, x, None)
+    _keyed_check(x, seeds, generator)
     fuse = callback is None
     for i in _trange(len(levels) - 1, disable):
         gamma = _churn_gamma(levels, i, s_churn, s_tmin, s_tmax)
         if gamma > 0:
-            x = _add_churn(x, levels, i, gamma, s_noise, generator)
+            x = _add_churn(x, levels, i, gamma, s_noise, generator, seeds)
         sigma_hat = levels.op(i, gamma + 1)
         m, pt = _denoise(model, x, levels.model(i, gamma + 1), extra_args, fuse)
         if callback is not None:
@@ -277,7 +294,7 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
 
 @torch.no_grad()
 def sample_flow_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, stochastic=False,
-                      noise_sampler=None, *, generator=None):
+                      noise_sampler=None, *, generator=None, seeds=None):
     """Flow-matching Euler (diffusers' FlowMatchEulerDiscreteScheduler) for a velocity model:
     ``v = model(x, sigma, **extra_args)`` on ``x = (1 - sigma) x0 + sigma z``; ``sigmas``
     from 1 (noise) down to 0. ``stochastic=True`` re-noises every step as diffusers'
@@ -286,6 +303,7 @@ def sample_flow_euler(model, x, sigmas, extra_args=None, callback=None, disable=
     extra_args = {} if extra_args is None else extra_args
     levels = _Levels(sigmas, x)
     V.check_generator(generator, x, None)
+    _keyed_check(x, seeds, generator, noise_sampler)
     for i in _trange(len(levels) - 1, disable):
         v = model(x, levels.model(i), **extra_args)
         if callback is not None:
@@ -293,14 +311,16 @@ def sample_flow_euler(model, x, sigmas, extra_args=None, callback=None, disable=
             callback({'x': x, 'i': i, 'sigma': levels.scalar(i), 'sigma_hat': levels.scalar(i),
                       'denoised': x - s * v})
         noise = noise_sampler(levels.scalar(i), levels.scalar(i + 1)) if stochastic and noise_sampler else None
+        keyed = seeds is not None and stochastic
         x = flow_step(x, v, levels.op(i), levels.op(i + 1), stochastic=stochastic, noise=noise,
-                      generator=generator if stochastic and noise is None else None)
+                      generator=generator if stochastic and noise is None else None,
+                      seeds=seeds if keyed else None, step=i if keyed else None)
     return x
 
 
 @torch.no_grad()
 def sample_lcm(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None, *,
-               generator=None):
+               generator=None, seeds=None):
     """Latent-consistency sampling as ComfyUI's k-diffusion ``sample_lcm``: ``x = D(x; sigma)``,
     then re-noised to the next level, ``x = D + sigma_next z`` (the VE form of LCMScheduler's
     ``sqrt(ab') D + sqrt(1-ab') z``), except at the last step. ``model`` returns the
@@ -309,6 +329,7 @@ def sample_lcm(model, x, sigmas, extra_args=None, callback=None, disable=None, n
     extra_args = {} if extra_args is None else extra_args
     levels = _Levels(sigmas, x)
     V.check_generator(generator, x, None)
+    _keyed_check(x, seeds, generator, noise_sampler)
     for i in _trange(len(levels) - 1, disable):
         denoised = model(x, levels.model(i), **extra_args)
         if callback is not None:
@@ -319,7 +340,7 @@ def sample_lcm(model, x, sigmas, extra_args=None, callback=None, disable=None, n
                 sn = levels.scalar(i + 1)
                 x = x + noise_sampler(levels.scalar(i), sn) * (append_dims(sn, x.ndim) if sn.dim() else sn)
             else:
-                x = _add_noise(x, levels.op(i + 1), generator)
+                x = _add_noise(x, levels.op(i + 1), generator, seeds, i)
     return x
 
 

@@ -167,7 +167,7 @@ def _tensor_x(x, name: str = "x"):
 
 
 # ---- q_sample ----------------------------------------------------------------------
-def q_sample(x0, t, noise=None, *, schedule=None, generator=None):
+def q_sample(x0, t, noise=None, *, schedule=None, generator=None, seeds=None, step=None):
     """Noise clean samples to timestep ``t`` (diffusers' ``add_noise``).
 
     ``x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) noise`` with ``ab = schedule.alphas_cumprod``.
@@ -178,11 +178,15 @@ def q_sample(x0, t, noise=None, *, schedule=None, generator=None):
         noise: optional tensor broadcastable to x0; drawn in-kernel (Philox) when None.
         schedule: :class:`NoiseSchedule` (default: linear 1e-4..0.02, T = 1000).
         generator: torch.Generator for the drawn noise (CPU or CUDA).
+        seeds, step: per-sample keys instead: the noise of sample b is a pure function of
+            (seeds[b], step) (README "Reproducible noise"); seeds an int or (B,) int64.
 
     Returns:
         ``(x_t, noise)``: x_t of the promoted dtype of x0 and noise, channels_last if x0 is;
         ``noise`` is the tensor used (drawn: of x_t's dtype).
     """
+    if seeds is not None or step is not None:  # per-sample keys: the noise, drawn here
+        noise = _rng.keyed_noise(_tensor_x(x0, "x0"), seeds, step, generator, noise)
     if _fast(x0, x0):
         return _F._q_sample(x0, _t_cpu(t), _cpu_table(schedule), noise, generator)
     x0 = _tensor_x(x0, "x0")
@@ -201,7 +205,7 @@ def q_sample(x0, t, noise=None, *, schedule=None, generator=None):
 
 # ---- ddim_step ---------------------------------------------------------------------
 def ddim_step(x, eps, t, eta=0.0, *, t_prev=None, schedule=None, prediction_type="epsilon", clip_sample=None,
-              noise=None, generator=None):
+              noise=None, generator=None, seeds=None, step=None):
     """One DDIM step (Song et al. 2021, eq. 12) from ``t`` to ``t_prev``.
 
     ``x' = sqrt(ab') x0 + sqrt(1 - ab' - std^2) eps + std z``, ``std = eta sqrt(var)``,
@@ -217,10 +221,13 @@ def ddim_step(x, eps, t, eta=0.0, *, t_prev=None, schedule=None, prediction_type
             ``t_prev < 0`` is the final step (``ab' = 1``).
         eta: a Python number or a CPU scalar tensor (a device tensor would need a sync).
         noise / generator: the z to use, or the generator to draw it from (in-kernel).
+        seeds, step: per-sample keys instead of a generator (:func:`q_sample`).
 
     Returns: ``x_{t_prev}``, x's shape, the promoted dtype; channels_last if x is, else
     contiguous.
     """
+    if seeds is not None or step is not None:  # per-sample keys: the noise, drawn here
+        noise = _rng.keyed_noise(_tensor_x(x, "x"), seeds, step, generator, noise, draws=_rng.nonzero(eta))
     if _fast(x, eps):
         return _F._ddim_step(x, eps, _t_cpu(t), None if t_prev is None else _t_cpu(t_prev, "t_prev"),
                              _cpu_table(schedule), eta if type(eta) is float else _float(eta, "eta"),
@@ -245,7 +252,7 @@ def ddim_step(x, eps, t, eta=0.0, *, t_prev=None, schedule=None, prediction_type
 
 # ---- ddpm_step ---------------------------------------------------------------------
 def ddpm_step(x, eps, t, *, t_prev=None, schedule=None, variance="fixed_small", prediction_type="epsilon",
-              clip_sample=None, noise=None, generator=None):
+              clip_sample=None, noise=None, generator=None, seeds=None, step=None):
     """One ancestral DDPM step (Ho et al. 2020, Algorithm 2) from ``t`` to ``t_prev``.
 
     With ``a = ab/ab'``, ``b = 1 - a``: ``mean = sqrt(ab') b/(1-ab) x0 + sqrt(a)(1-ab')/(1-ab) x``
@@ -253,6 +260,8 @@ def ddpm_step(x, eps, t, *, t_prev=None, schedule=None, variance="fixed_small", 
     ``std z`` with ``std^2 = max((1-ab')/(1-ab) b, 1e-20)`` (``"fixed_small"``) or ``b``
     (``"fixed_large"``); no noise where ``t == 0``. Arguments as in :func:`ddim_step`.
     """
+    if seeds is not None or step is not None:  # per-sample keys: the noise, drawn here
+        noise = _rng.keyed_noise(_tensor_x(x, "x"), seeds, step, generator, noise)
     if _fast(x, eps):
         return _F._ddpm_step(x, eps, _t_cpu(t), None if t_prev is None else _t_cpu(t_prev, "t_prev"),
                              _cpu_table(schedule), _variance(variance), _prediction(prediction_type),
@@ -277,11 +286,14 @@ def ddpm_step(x, eps, t, *, t_prev=None, schedule=None, variance="fixed_small", 
 
 
 # ---- langevin_step -----------------------------------------------------------------
-def langevin_step(x, score, step_size, *, noise=None, generator=None):
+def langevin_step(x, score, step_size, *, noise=None, generator=None, seeds=None, step=None):
     """One Langevin step ``x + step_size * score + sqrt(2 step_size) z``.
 
     This is the NCSN *code* convention; the NCSN paper writes ``x + (e/2) s + sqrt(e) z``,
-    i.e. its ``e`` is ``2 * step_size`` here. Dtypes promote, layouts as in :func:`ddim_step`."""
+    i.e. its ``e`` is ``2 * step_size`` here. Dtypes promote, layouts as in :func:`ddim_step`.
+    ``seeds``/``step``: per-sample keys (:func:`q_sample`)."""
+    if seeds is not None or step is not None:  # per-sample keys: the noise, drawn here
+        noise = _rng.keyed_noise(_tensor_x(x, "x"), seeds, step, generator, noise)
     if _fast(x, score):
         return _F._langevin_step(x, score, step_size if type(step_size) is float else _float(step_size, "step_size"),
                                  noise, generator)
@@ -289,31 +301,38 @@ def langevin_step(x, score, step_size, *, noise=None, generator=None):
     if not _use_native(x):
         return fallback.langevin_step(x, score, step_size, noise=noise, generator=generator)
     _tensor_x(score, "score")
-    step = _float(step_size, "step_size")
+    alpha = _float(step_size, "step_size")
     if noise is not None and generator is not None:
         V.check_generator(generator, x, noise)
     if _eager(x, score):
         return _F._langevin_step(x, score, step, noise, generator)
     gen, seed, offset = _key(generator, x, noise is None)
-    return _ops.langevin_step(x, score, step, noise, gen, seed, offset)
+    return _ops.langevin_step(x, score, alpha, noise, gen, seed, offset)
 
 
 def annealed_langevin(score_fn, x, sigmas, *, n_steps_each=100, step_lr=2e-5, denoise=False, generator=None,
-                      callback=None):
+                      callback=None, seeds=None):
     """NCSN annealed Langevin dynamics; ``score_fn(x, sigma)`` is the (learned) score.
 
     Level ``i`` uses ``alpha_i = step_lr (sigma_i / sigma_L)^2`` for ``n_steps_each`` (>= 1)
     steps of :func:`langevin_step` (fused, in-kernel noise); ``denoise=True`` adds NCSNv2's final
     ``x + sigma_L^2 s(x, sigma_L)``. ``callback(level, step, sigma, x)`` runs after each step.
-    Stable for ``step_lr < 2 sigma_L^2``."""
+    Stable for ``step_lr < 2 sigma_L^2``. ``seeds=``: per-sample keys, chain step ``k``
+    (counting over all levels from 0) drawing with ``step=k``."""
     V.check_x(x)
     s = V.check_sigmas(sigmas, x)
     n = V.check_steps(n_steps_each, "n_steps_each")
     lr = V.check_positive(step_lr, "step_lr")
     V.check_generator(generator, x, None)
+    _rng.keyed_noise(x, seeds, None, generator, None, draws=False)  # checks seeds
+    if seeds is not None:
+        def one(x_, s_, a_, k_):
+            return langevin_step(x_, s_, a_, seeds=seeds, step=k_)
+    else:
+        def one(x_, s_, a_, k_):
+            return langevin_step(x_, s_, a_, generator=generator)
     return R.annealed_langevin(score_fn, x, s, n_steps_each=n, step_lr=lr, denoise=denoise,
-                               generator=generator, callback=callback,
-                               _step=lambda x_, s_, a_: langevin_step(x_, s_, a_, generator=generator))
+                               generator=generator, callback=callback, _step=one)
 
 
 # ---- Gaussian mixtures -------------------------------------------------------------

@@ -151,9 +151,10 @@ def _clip(c):
 
 
 # ---- public reference ops ----------------------------------------------------------
-def q_sample(x0, t, noise=None, *, schedule=None, generator=None):
+def q_sample(x0, t, noise=None, *, schedule=None, generator=None, seeds=None, step=None):
     """Forward noising ``x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) noise`` with per-sample ``t``;
     returns ``(x_t, noise)``. Noise is drawn (Philox, see :mod:`diffkern._rng`) when not given."""
+    noise = _rng.keyed_noise(x0, seeds, step, generator, noise, native=False)
     sched = schedule if schedule is not None else default_schedule()
     return _q_sample(x0, _timesteps(t, x0), sched.table(x0.device), noise, generator)
 
@@ -168,8 +169,9 @@ def _q_sample(x0, t, table, noise, generator):
 
 
 def ddim_step(x, eps, t, eta=0.0, *, t_prev=None, schedule=None, prediction_type="epsilon", clip_sample=None,
-              noise=None, generator=None):
+              noise=None, generator=None, seeds=None, step=None):
     """One DDIM step (Song et al. 2021, eq. 12) from ``t`` to ``t_prev`` (default ``t-1``)."""
+    noise = _rng.keyed_noise(x, seeds, step, generator, noise, draws=_rng.nonzero(eta), native=False)
     a = _step_args(x, t, t_prev, schedule, prediction_type, clip_sample)
     return _ddim(x, eps, a, float(eta), noise, generator)
 
@@ -193,8 +195,9 @@ def _ddim(x, m, a, eta, noise, generator):
 
 
 def ddpm_step(x, eps, t, *, t_prev=None, schedule=None, variance="fixed_small", prediction_type="epsilon",
-              clip_sample=None, noise=None, generator=None):
+              clip_sample=None, noise=None, generator=None, seeds=None, step=None):
     """One ancestral DDPM step (Ho et al. 2020, Algorithm 2) from ``t`` to ``t_prev``."""
+    noise = _rng.keyed_noise(x, seeds, step, generator, noise, native=False)
     a = _step_args(x, t, t_prev, schedule, prediction_type, clip_sample)
     return _ddpm(x, eps, a, _VARIANCE[variance], noise, generator)
 
@@ -232,9 +235,10 @@ def _step_args(x, t, t_prev, schedule, prediction_type, clip_sample) -> StepArgs
     return a
 
 
-def langevin_step(x, score, step_size, *, noise=None, generator=None):
+def langevin_step(x, score, step_size, *, noise=None, generator=None, seeds=None, step=None):
     """``x + step_size * score + sqrt(2 * step_size) * z`` (the NCSN code's convention; the
     NCSN paper's ``epsilon`` is ``2 * step_size``)."""
+    noise = _rng.keyed_noise(x, seeds, step, generator, noise, native=False)
     return _langevin(x, score, float(step_size), noise, generator)
 
 
@@ -246,21 +250,28 @@ def _langevin(x, score, step, noise, generator):
 
 
 def annealed_langevin(score_fn, x, sigmas, *, n_steps_each=100, step_lr=2e-5, denoise=False, generator=None,
-                      callback=None, _step=None):
+                      callback=None, seeds=None, _step=None):
     """NCSN annealed Langevin dynamics (Song & Ermon 2019, Algorithm 1, code convention).
 
     For each level ``i`` (sigmas descending) with ``alpha_i = step_lr * (sigma_i/sigma_L)^2``,
     runs ``n_steps_each`` steps ``x <- x + alpha_i s(x, sigma_i) + sqrt(2 alpha_i) z``; with
     ``denoise=True`` ends with NCSNv2's ``x <- x + sigma_L^2 s(x, sigma_L)``. The state is
-    never clamped. ``callback(level, step, sigma, x)`` runs after every step."""
+    never clamped. ``callback(level, step, sigma, x)`` runs after every step. ``seeds=``:
+    per-sample keys, chain step ``k`` (over all levels, from 0) drawing with ``step=k``."""
     s = _sigmas(sigmas)
     n, lr = int(n_steps_each), float(step_lr)
-    step = _step or (lambda x_, sc, a: langevin_step(x_, sc, a, generator=generator))
+    if _step is None:
+        def _step(x_, sc, a, k):
+            if seeds is not None:
+                return langevin_step(x_, sc, a, seeds=seeds, step=k)
+            return langevin_step(x_, sc, a, generator=generator)
     sigma_L = float(s[-1])
+    k = 0
     for i, sigma in enumerate(s.tolist()):
         alpha = lr * (sigma / sigma_L) ** 2
         for j in range(n):
-            x = step(x, score_fn(x, sigma), alpha)
+            x = _step(x, score_fn(x, sigma), alpha, k)
+            k += 1
             if callback is not None:
                 callback(i, j, sigma, x)
     if denoise:

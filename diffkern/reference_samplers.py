@@ -28,6 +28,7 @@ import math
 
 import torch
 
+from . import _rng
 from . import _validate as V
 from .reference import _draw, _lookup, _per_sample
 
@@ -95,10 +96,12 @@ def _euler_args(x, denoised, sigma, sigma_next, eta, s_noise, gamma, prediction_
 
 
 def euler_step(x, denoised, sigma, sigma_next, *, eta=0.0, s_noise=1.0, gamma=0.0, prediction_type="sample",
-               noise=None, generator=None):
+               noise=None, generator=None, seeds=None, step=None):
     """One Euler step of the probability-flow ODE ``dx/dsigma = (x - D)/sigma`` from
     ``sigma`` to ``sigma_next`` (k-diffusion's sample_euler); ``eta > 0``: Euler ancestral
     (sample_euler_ancestral); ``gamma > 0``: diffusers' EulerDiscrete churn."""
+    noise = _rng.keyed_noise(V.check_x(x), seeds, step, generator, noise,
+                             draws=_rng.nonzero(eta) or _rng.nonzero(gamma), native=False)
     a = _euler_args(x, denoised, sigma, sigma_next, eta, s_noise, gamma, prediction_type, noise, generator)
     return _euler(x, denoised, *a, noise, generator)
 
@@ -248,11 +251,13 @@ def _flow_args(x, velocity, sigma, sigma_next, stochastic, noise, generator):
     return s, sn, stochastic
 
 
-def flow_step(x, velocity, sigma, sigma_next, *, stochastic=False, noise=None, generator=None):
+def flow_step(x, velocity, sigma, sigma_next, *, stochastic=False, noise=None, generator=None, seeds=None,
+              step=None):
     """Flow-matching Euler on ``x_sigma = (1 - sigma) x0 + sigma z``, ``v = z - x0``:
     ``x + (sigma_next - sigma) v``; ``stochastic=True``: ``(1 - sigma_next) x0 +
     sigma_next z'`` with ``x0 = x - sigma v`` and fresh noise z' (diffusers'
     FlowMatchEulerDiscreteScheduler with stochastic_sampling)."""
+    noise = _rng.keyed_noise(V.check_x(x), seeds, step, generator, noise, draws=bool(stochastic), native=False)
     a = _flow_args(x, velocity, sigma, sigma_next, stochastic, noise, generator)
     return _flow(x, velocity, *a, noise, generator)
 
@@ -277,9 +282,10 @@ def _flow_q_sample_args(x0, sigma, noise, generator):
     return s
 
 
-def flow_q_sample(x0, sigma, noise=None, *, generator=None):
+def flow_q_sample(x0, sigma, noise=None, *, generator=None, seeds=None, step=None):
     """Rectified-flow noising ``x_sigma = (1 - sigma) x0 + sigma noise`` (training target
     ``noise - x0``); returns ``(x_sigma, noise)``."""
+    noise = _rng.keyed_noise(V.check_x(x0, "x0"), seeds, step, generator, noise, native=False)
     s = _flow_q_sample_args(x0, sigma, noise, generator)
     return _flow_q_sample(x0, s, noise, generator)
 
@@ -326,9 +332,11 @@ def _lcm_args(x, model_output, t, t_prev, schedule, prediction_type, timestep_sc
 
 
 def lcm_step(x, model_output, t, t_prev, *, schedule=None, prediction_type="epsilon", timestep_scaling=10.0,
-             sigma_data=0.5, clip_sample=None, noise=None, generator=None, return_denoised=False):
+             sigma_data=0.5, clip_sample=None, noise=None, generator=None, return_denoised=False, seeds=None,
+             step=None):
     """One latent-consistency step (diffusers' LCMScheduler.step) from timestep ``t`` to
     ``t_prev`` (``t_prev < 0``: the final step, no noise)."""
+    noise = _rng.keyed_noise(V.check_x(x), seeds, step, generator, noise, native=False)
     a = _lcm_args(x, model_output, t, t_prev, schedule, prediction_type, timestep_scaling, sigma_data, clip_sample,
                   noise, generator, return_denoised)
     return _lcm(x, model_output, a, noise, generator)

@@ -49,6 +49,8 @@ from __future__ import annotations
 
 import torch
 
+from . import _rng
+from . import _validate as V
 from . import reference_samplers as R
 from ._native import native_available
 
@@ -67,7 +69,7 @@ def _native_impl(name: str, x: torch.Tensor):
 
 # ---- euler_step ----------------------------------------------------------------------
 def euler_step(x, denoised, sigma, sigma_next, *, eta=0.0, s_noise=1.0, gamma=0.0, prediction_type="sample",
-               noise=None, generator=None):
+               noise=None, generator=None, seeds=None, step=None):
     """One Euler step in k-diffusion's sigma space, from ``sigma`` to ``sigma_next``.
 
     ``D`` is the denoised sample formed from ``denoised`` (the model output m) per
@@ -95,6 +97,8 @@ def euler_step(x, denoised, sigma, sigma_next, *, eta=0.0, s_noise=1.0, gamma=0.
 
     Returns: the state at ``sigma_next``.
     """
+    noise = _rng.keyed_noise(V.check_x(x), seeds, step, generator, noise,
+                             draws=_rng.nonzero(eta) or _rng.nonzero(gamma))
     a = R._euler_args(x, denoised, sigma, sigma_next, eta, s_noise, gamma, prediction_type, noise, generator)
     impl = _native_impl("euler_step", x)
     if impl is not None:
@@ -166,7 +170,8 @@ def dpmpp_2m_step(x, denoised, old_denoised, sigma, sigma_next, sigma_prev=None,
 
 
 # ---- flow_step -----------------------------------------------------------------------
-def flow_step(x, velocity, sigma, sigma_next, *, stochastic=False, noise=None, generator=None):
+def flow_step(x, velocity, sigma, sigma_next, *, stochastic=False, noise=None, generator=None, seeds=None,
+              step=None):
     """One flow-matching Euler step on ``x_sigma = (1 - sigma) x0 + sigma z`` with the
     velocity ``v = z - x0`` (diffusers' FlowMatchEulerDiscreteScheduler.step).
 
@@ -177,6 +182,7 @@ def flow_step(x, velocity, sigma, sigma_next, *, stochastic=False, noise=None, g
     Args: x: (B, ...); velocity: model output, broadcastable; sigma, sigma_next: finite,
     >= 0, per-sample. Returns the state at ``sigma_next``.
     """
+    noise = _rng.keyed_noise(V.check_x(x), seeds, step, generator, noise, draws=bool(stochastic))
     a = R._flow_args(x, velocity, sigma, sigma_next, stochastic, noise, generator)
     impl = _native_impl("flow_step", x)
     if impl is not None:
@@ -187,7 +193,7 @@ def flow_step(x, velocity, sigma, sigma_next, *, stochastic=False, noise=None, g
 
 
 # ---- flow_q_sample -------------------------------------------------------------------
-def flow_q_sample(x0, sigma, noise=None, *, generator=None):
+def flow_q_sample(x0, sigma, noise=None, *, generator=None, seeds=None, step=None):
     """Noise clean samples for rectified-flow / flow-matching training (diffusers'
     ``scale_noise``): ``x_sigma = (1 - sigma) x0 + sigma noise``; the velocity target is
     ``noise - x0``.
@@ -196,6 +202,7 @@ def flow_q_sample(x0, sigma, noise=None, *, generator=None):
     (one x0-shaped draw) when None. Returns ``(x_sigma, noise)``, noise being the tensor
     used (drawn noise in x0's dtype).
     """
+    noise = _rng.keyed_noise(V.check_x(x0, "x0"), seeds, step, generator, noise)
     s = R._flow_q_sample_args(x0, sigma, noise, generator)
     impl = _native_impl("flow_q_sample", x0)
     if impl is not None:
@@ -207,7 +214,8 @@ def flow_q_sample(x0, sigma, noise=None, *, generator=None):
 
 # ---- lcm_step ------------------------------------------------------------------------
 def lcm_step(x, model_output, t, t_prev, *, schedule=None, prediction_type="epsilon", timestep_scaling=10.0,
-             sigma_data=0.5, clip_sample=None, noise=None, generator=None, return_denoised=False):
+             sigma_data=0.5, clip_sample=None, noise=None, generator=None, return_denoised=False, seeds=None,
+             step=None):
     """One latent-consistency step (Luo et al. 2023; diffusers' LCMScheduler.step) on the
     VP state, from timestep ``t`` to ``t_prev``.
 
@@ -228,6 +236,7 @@ def lcm_step(x, model_output, t, t_prev, *, schedule=None, prediction_type="epsi
         return_denoised: also return ``denoised`` (diffusers' ``denoised`` output).
     Returns ``x_prev`` or ``(x_prev, denoised)``.
     """
+    noise = _rng.keyed_noise(V.check_x(x), seeds, step, generator, noise)
     a = R._lcm_args(x, model_output, t, t_prev, schedule, prediction_type, timestep_scaling, sigma_data,
                     clip_sample, noise, generator, return_denoised)
     impl = _native_impl("lcm_step", x)

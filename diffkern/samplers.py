@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from . import _rng
 from .ops import annealed_langevin as _annealed_langevin
 from .ops import ddim_step, ddpm_step, langevin_step, q_sample
 from .schedules import NoiseSchedule
@@ -62,7 +63,7 @@ def _model_eps(model, x, t, labels):
     return model(x, t) if labels is None else model(x, t, labels)
 
 
-def _truncate(ts, sched, x_T, x_start, t_start, start_noise, generator, device):
+def _truncate(ts, sched, x_T, x_start, t_start, start_noise, start_kw, device):
     """ES-DDPM / SDEdit start: ``x_start`` noised to ``t_start`` by :func:`diffkern.q_sample`
     (``start_noise`` or noise from ``generator``); the chain then runs ``t_start`` followed by
     the schedule's timesteps below it, so ``t_start`` on the schedule keeps its tail as is
@@ -80,19 +81,29 @@ def _truncate(ts, sched, x_T, x_start, t_start, start_noise, generator, device):
         raise ValueError(f"t_start must be in [0, {sched.num_timesteps}), got {t_start}")
     x_start = x_start.to(device)
     if start_noise is None:
-        x, _ = q_sample(x_start, t_start, schedule=sched, generator=generator)
+        x, _ = q_sample(x_start, t_start, schedule=sched, **start_kw)
     else:
         x, _ = q_sample(x_start, t_start, start_noise.to(device), schedule=sched)
     return [t_start] + [t for t in ts if t < t_start], x
 
 
 def _step_loop(step, model, shape, *, n_steps, spacing, schedule, labels, x_T, generator, device, progress, desc,
-               return_intermediates, x_start=None, t_start=None, start_noise=None, **step_kwargs):
+               return_intermediates, x_start=None, t_start=None, start_noise=None, seeds=None, **step_kwargs):
     sched = schedule or NoiseSchedule.linear()
     ts = timesteps(n_steps, sched.num_timesteps, spacing)
-    ts, x = _truncate(ts, sched, x_T, x_start, t_start, start_noise, generator, device)
+    if seeds is not None and generator is not None:
+        raise ValueError("pass either seeds or generator, not both")
+    # x_T (or the truncated chain's start noise) of sample b from (seeds[b], X_T_STEP)
+    start_kw = {"generator": generator} if seeds is None else {"seeds": seeds, "step": _rng.X_T_STEP}
+    ts, x = _truncate(ts, sched, x_T, x_start, t_start, start_noise, start_kw, device)
     if x is None:
-        x = x_T.to(device) if x_T is not None else _randn(shape, generator, device)
+        if x_T is not None:
+            x = x_T.to(device)
+        elif seeds is not None:
+            x = _rng.keyed_randn(seeds, shape, step=_rng.X_T_STEP, device=device)
+        else:
+            x = _randn(shape, generator, device)
+    noise_kw = {"generator": generator} if seeds is None else {"seeds": seeds}
     B = x.shape[0]
     # One contiguous (B,) row of timesteps per step, made once on x's device.
     t_all = torch.tensor(ts + [-1], dtype=torch.int64, device=x.device)[:, None].repeat(1, B)
@@ -101,7 +112,9 @@ def _step_loop(step, model, shape, *, n_steps, spacing, schedule, labels, x_T, g
         for i in _progress(range(len(ts)), total=len(ts), desc=desc, enabled=progress):
             t, t_prev = t_all[i], t_all[i + 1]
             eps = _model_eps(model, x, t, labels)
-            x = step(x, eps.to(x.dtype), t, t_prev=t_prev, schedule=sched, generator=generator, **step_kwargs)
+            if seeds is not None:
+                noise_kw["step"] = i  # step i of the loop draws with step=i
+            x = step(x, eps.to(x.dtype), t, t_prev=t_prev, schedule=sched, **noise_kw, **step_kwargs)
             if return_intermediates:
                 intermediates.append(x)
     return (x, intermediates) if return_intermediates else x
@@ -111,7 +124,7 @@ def ddpm_sample(model, shape, *, n_steps: int | None = None, spacing: str = "lea
                 variance: str = "fixed_small", clip_sample: float | None = None, x_T: torch.Tensor | None = None,
                 x_start: torch.Tensor | None = None, t_start: int | None = None,
                 start_noise: torch.Tensor | None = None, generator: torch.Generator | None = None, device=None,
-                progress: bool = False, return_intermediates: bool = False):
+                progress: bool = False, return_intermediates: bool = False, seeds=None):
     """Ancestral DDPM sampling (Ho et al. 2020, Algorithm 2) with :func:`diffkern.ddpm_step`.
 
     ``model(x, t[, labels]) -> eps``. ``n_steps=None`` visits all ``T`` timesteps (1000
@@ -122,21 +135,26 @@ def ddpm_sample(model, shape, *, n_steps: int | None = None, spacing: str = "lea
     (samples of another generator, or images to edit) and ``t_start``, the chain starts
     from ``q_sample(x_start, t_start, start_noise)`` and visits ``t_start`` and then the
     schedule's timesteps below it (``t_start + 1`` steps with all timesteps). ``shape`` may
-    be None. Returns the samples (and the list of every step's x if ``return_intermediates``)."""
+    be None.
+    ``seeds=`` (int or (B,) int64) instead of a generator: sample ``b`` is a pure function
+    of ``seeds[b]`` (x_T from ``keyed_randn(seeds, shape, step=X_T_STEP)``, loop step ``i``
+    drawing with ``step=i``), whatever the batch it runs in; sample k of a large run can be
+    regenerated alone with ``seeds=[k]``.
+    Returns the samples (and the list of every step's x if ``return_intermediates``)."""
     sched = schedule or NoiseSchedule.linear()
     given = x_T if x_T is not None else x_start
     device = device or (given.device if given is not None else next(model.parameters()).device)
     return _step_loop(ddpm_step, model, shape, n_steps=n_steps or sched.num_timesteps, spacing=spacing,
                       schedule=sched, labels=labels, x_T=x_T, generator=generator, device=device, progress=progress,
                       desc="ddpm", return_intermediates=return_intermediates, x_start=x_start, t_start=t_start,
-                      start_noise=start_noise, variance=variance, clip_sample=clip_sample)
+                      start_noise=start_noise, variance=variance, clip_sample=clip_sample, seeds=seeds)
 
 
 def ddim_sample(model, shape, *, n_steps: int = 50, eta: float = 0.0, spacing: str = "leading", schedule=None,
                 labels=None, clip_sample: float | None = None, x_T: torch.Tensor | None = None,
                 x_start: torch.Tensor | None = None, t_start: int | None = None,
                 start_noise: torch.Tensor | None = None, generator: torch.Generator | None = None, device=None,
-                progress: bool = False, return_intermediates: bool = False):
+                progress: bool = False, return_intermediates: bool = False, seeds=None):
     """DDIM sampling (Song et al. 2021) with :func:`diffkern.ddim_step` over ``n_steps``
     timesteps chosen by ``spacing`` (see :func:`timesteps`), each step given its explicit
     ``t_prev``. ``eta=0`` is deterministic given ``x_T``; ``eta=1`` adds the DDPM
@@ -149,7 +167,7 @@ def ddim_sample(model, shape, *, n_steps: int = 50, eta: float = 0.0, spacing: s
     return _step_loop(ddim_step, model, shape, n_steps=n_steps, spacing=spacing, schedule=sched, labels=labels,
                       x_T=x_T, generator=generator, device=device, progress=progress, desc=f"ddim{n_steps}",
                       return_intermediates=return_intermediates, x_start=x_start, t_start=t_start,
-                      start_noise=start_noise, eta=eta, clip_sample=clip_sample)
+                      start_noise=start_noise, eta=eta, clip_sample=clip_sample, seeds=seeds)
 
 
 def score_ascent(score_fn, x: torch.Tensor, sigma: float, *, n_steps: int = 1000, step_size: float = 0.01,
@@ -181,11 +199,12 @@ def langevin(score_fn, x: torch.Tensor, sigma: float, *, n_steps: int = 1000, st
 
 def annealed_langevin(score_fn, x: torch.Tensor, sigmas, *, n_steps_each: int = 100, step_lr: float = 2e-5,
                       denoise: bool = False, generator: torch.Generator | None = None, progress: bool = False,
-                      return_trajectory: bool = False, trajectory_every: int = 1):
+                      return_trajectory: bool = False, trajectory_every: int = 1, seeds=None):
     """NCSN annealed Langevin via :func:`diffkern.annealed_langevin`: level ``i`` runs
     ``n_steps_each`` steps with ``alpha_i = step_lr (sigma_i / sigma_L)^2``. Stable for
     ``step_lr < 2 sigma_L^2``. ``return_trajectory`` also returns every
-    ``trajectory_every``-th state, stacked."""
+    ``trajectory_every``-th state, stacked. ``seeds=``: per-sample keys (chain step k draws
+    with ``step=k``)."""
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64).reshape(-1)
     total = sigmas.numel() * n_steps_each
     traj = [x]
@@ -209,7 +228,7 @@ def annealed_langevin(score_fn, x: torch.Tensor, sigmas, *, n_steps_each: int = 
     try:
         with torch.no_grad():
             out = _annealed_langevin(score, x, sigmas, n_steps_each=n_steps_each, step_lr=step_lr, denoise=denoise,
-                                     generator=generator, callback=callback)
+                                     generator=generator, callback=callback, seeds=seeds)
     finally:
         if bar is not None:
             bar.close()

@@ -8,17 +8,27 @@ are recorded during training; at the end the EMA model is sampled with DDPM (100
 quality is written.
 
     python examples/ddpm_digits.py --quick --out runs/ddpm_digits
+
+On several processes (DDP; gloo on CPUs, nccl on GPUs) the global batch is split across
+the ranks and every example's q_sample noise is keyed by (its position in the global
+batch, the training step), so N ranks train the same model as one process on the same
+global batch (up to the all-reduce's rounding); sampling is sharded over the ranks with
+per-sample seeds, so the samples are the same, bitwise, for any number of processes:
+
+    torchrun --nproc_per_node 2 examples/ddpm_digits.py --quick --out runs/ddpm_digits_ddp
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ensure_diffkern_importable  # noqa: E402
@@ -26,6 +36,8 @@ from _common import ensure_diffkern_importable  # noqa: E402
 ensure_diffkern_importable()
 from _common import Timer, env_summary, log, make_parser, save_figure, setup, write_table  # noqa: E402
 
+import diffkern as dk  # noqa: E402
+import diffkern.distributed as dkd  # noqa: E402
 from diffkern import samplers  # noqa: E402
 from diffkern.data import load_digits  # noqa: E402
 from diffkern.metrics import digits_quality  # noqa: E402
@@ -76,19 +88,108 @@ def plot_grids(panels: list[tuple[str, torch.Tensor]], path: Path, *, nrow: int 
 
 
 def sample(model, kind, n_steps, eta, n, *, device, seed, progress, clip_sample=None, batch=500):
-    """``n`` samples in batches; the starting noise and the sampler noise come from ``seed``."""
-    g = torch.Generator().manual_seed(seed)
+    """``n`` samples; sample ``k`` is keyed by ``(seed << 32) + k`` (its starting noise and
+    every step's noise), so the result does not depend on the batching or on how many
+    ranks share the work: each rank samples its shard (diffkern.distributed) and every
+    rank gets all ``n``, in order."""
+    idx = dkd.shard_indices(n)
     out = []
-    for i in range(0, n, batch):
-        b = min(batch, n - i)
+    for i in range(0, len(idx), batch):
+        seeds = idx[i:i + batch] + (seed << 32)
+        shape = (len(seeds), 1, 16, 16)
         if kind == "ddpm":
-            x = samplers.ddpm_sample(model, (b, 1, 16, 16), n_steps=n_steps, clip_sample=clip_sample, generator=g,
+            x = samplers.ddpm_sample(model, shape, n_steps=n_steps, clip_sample=clip_sample, seeds=seeds,
                                      device=device, progress=progress)
         else:
-            x = samplers.ddim_sample(model, (b, 1, 16, 16), n_steps=n_steps, eta=eta, clip_sample=clip_sample,
-                                     generator=g, device=device, progress=progress)
-        out.append(x.cpu())
-    return torch.cat(out)
+            x = samplers.ddim_sample(model, shape, n_steps=n_steps, eta=eta, clip_sample=clip_sample, seeds=seeds,
+                                     device=device, progress=progress)
+        out.append(x)
+    local = torch.cat(out) if out else torch.empty(0, 1, 16, 16, device=device)
+    return dkd.gather_shards(local, n).cpu()
+
+
+# ---- many processes ------------------------------------------------------------------
+def init_distributed(device: torch.device) -> torch.device:
+    """Under torchrun (WORLD_SIZE > 1): join the process group (gloo on the CPU, nccl on
+    GPUs, one GPU per local rank) and return this rank's device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    # the same on every rank: the global batch and its timesteps of step k depend on (seed, k)
+    return torch.Generator().manual_seed(((seed & 0xFFFFFFFF) << 32) | (step & 0xFFFFFFFF))
+
+
+class DDPTrainer:
+    """Data-parallel DDPM training (L_simple), one process per rank (or one process alone).
+
+    Step k draws one global batch of ``global_batch`` rows and their timesteps from (seed,
+    k), identically on every rank; rank r trains on its contiguous shard of it; the q_sample
+    noise of the example at position p of the global batch is keyed by ``(p, k)``
+    (``seeds=``, ``step=``), so no rank's noise depends on the world size. The local loss is
+    the shard's summed per-example loss over the global batch size, times the world size:
+    DDP's gradient averaging then gives the global batch's mean exactly, whatever the shard
+    sizes. Adam with linear warm-up, gradient clipping and EMA, as diffkern.training."""
+
+    def __init__(self, model, images, *, global_batch, lr, warmup_steps=0, grad_clip=1.0, ema_decay=0.999, seed=0,
+                 device="cpu", optimizer="adam"):
+        from diffkern.training.ema import EMA
+
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        rank, world = dkd.rank_and_world()
+        self.world = world
+        self.ddp = (torch.nn.parallel.DistributedDataParallel(self.model, device_ids=None if self.device.type == "cpu"
+                                                              else [self.device]) if world > 1 else self.model)
+        self.data = images.to(self.device)
+        self.global_batch, self.lr, self.warmup = int(global_batch), float(lr), int(warmup_steps)
+        self.grad_clip, self.seed = grad_clip, int(seed)
+        self.start, self.stop = dkd.shard_bounds(self.global_batch, rank, world)
+        opt = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[optimizer]
+        self.optimizer = opt(self.model.parameters(), lr=lr)
+        self.ema = EMA(self.model, ema_decay)
+        self.schedule = dk.NoiseSchedule.linear()
+        self.step = 0
+        self.loss_history: list[float] = []
+
+    def train_step(self) -> float:
+        g = _step_generator(self.seed, self.step)
+        idx = torch.randint(0, self.data.shape[0], (self.global_batch,), generator=g)
+        t = torch.randint(0, self.schedule.num_timesteps, (self.global_batch,), generator=g)
+        mine = slice(self.start, self.stop)
+        x0, tt = self.data[idx[mine].to(self.device)], t[mine].to(self.device)
+        positions = torch.arange(self.start, self.stop, dtype=torch.int64)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr * min(1.0, (self.step + 1) / self.warmup) if self.warmup else self.lr
+        self.model.train()
+        x_t, noise = dk.q_sample(x0, tt, schedule=self.schedule, seeds=positions, step=self.step)
+        per_example = (self.ddp(x_t, tt).float() - noise.float()).pow(2).flatten(1).mean(1)
+        loss = per_example.sum() * (self.world / self.global_batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # DDP all-reduces (averages) the gradients here
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.ema.update(self.model)
+        self.step += 1
+        total = loss.detach() / self.world
+        if self.world > 1:
+            dist.all_reduce(total)
+        self.loss_history.append(float(total))
+        return self.loss_history[-1]
+
+    def fit(self, n_steps: int, *, callback=None, callback_every=None) -> DDPTrainer:
+        while self.step < n_steps:
+            self.train_step()
+            if callback is not None and callback_every and self.step % callback_every == 0:
+                callback(self)
+        return self
 
 
 def plot_training(loss_history, evals, out):
@@ -138,7 +239,13 @@ def main(argv=None):
                         "clipping x0 and not eps drifts the deterministic DDIM path, also in diffusers)")
     args = p.parse_args(argv)
     args.clip_sample = args.clip_sample if args.clip_sample > 0 else None
-    device = setup(args)
+    device = init_distributed(setup(args))
+    rank, world = dkd.rank_and_world()
+    if rank != 0:  # one rank writes the figures, tables and logs
+        import _common
+
+        _common.log = lambda msg: None
+        globals()["log"] = _common.log
     cfg = settings(args.quick)
     if args.epochs:
         cfg["epochs"] = args.epochs
@@ -146,15 +253,24 @@ def main(argv=None):
         cfg["n_samples"] = args.n_samples
     if args.samplers:
         cfg["samplers"] = QUICK_SAMPLERS if args.samplers == "quick" else FULL_SAMPLERS
-    progress = not args.no_progress
+    progress = not args.no_progress and rank == 0
     out = args.out
+    if rank != 0:  # the other ranks compute the same figures and tables; they go to scratch
+        import tempfile
+
+        out = Path(tempfile.mkdtemp(prefix=f"ddpm_digits_rank{rank}_"))
     t_start = time.perf_counter()
 
     images, _ = load_digits(16)
     log(f"digits: {tuple(images.shape)} in [{images.min():.0f}, {images.max():.0f}]")
     plot_grids([("training data (sklearn digits, 16x16)", images[:64])], out / "digits_data.png")
     with Timer(device) as t:
-        quality = digits_quality(cache_dir=args.cache_dir, device=device, progress=progress)
+        if rank == 0:  # trains and caches the metric classifier once; the others then load it
+            quality = digits_quality(cache_dir=args.cache_dir, device=device, progress=progress)
+        if world > 1:
+            dist.barrier()
+        if rank != 0:
+            quality = digits_quality(cache_dir=args.cache_dir, device=device, progress=False)
     log(f"metric classifier ready in {t.seconds:.1f} s")
     held_out, _ = load_digits(16, split="test")
     fd_floor = quality.frechet_distance(held_out[: cfg["eval_samples"]])
@@ -188,13 +304,19 @@ def main(argv=None):
             grids.append((f"epoch {epoch} ({eval_sampler})\nFD {m['fd']:.1f}", x[:64]))
         log(f"  epoch {epoch}: FD {m['fd']:.2f}, H(y|x) {m['label_entropy']:.3f}, H(y) {m['class_entropy']:.3f}")
 
-    log(f"training {cfg['epochs']} epochs x {steps_per_epoch} steps (batch {cfg['batch_size']})")
+    log(f"training {cfg['epochs']} epochs x {steps_per_epoch} steps (batch {cfg['batch_size']})"
+        + (f" on {world} ranks, {cfg['batch_size'] // world}+ examples each" if world > 1 else ""))
     with Timer(device) as t_train:
-        trainer = train_ddpm(model, images, n_steps=n_steps, batch_size=cfg["batch_size"], lr=cfg["lr"],
-                             ema_decay=cfg["ema_decay"], warmup_steps=min(100, n_steps // 10), seed=args.seed,
-                             device=device, checkpoint_path=out / "checkpoints" / "unet.pt",
-                             checkpoint_every=steps_per_epoch * cfg["eval_every"], resume=args.resume,
-                             progress=progress, callback=evaluate, callback_every=steps_per_epoch)
+        if world > 1:  # data-parallel; no checkpoints/resume on this path
+            trainer = DDPTrainer(model, images, global_batch=cfg["batch_size"], lr=cfg["lr"],
+                                 ema_decay=cfg["ema_decay"], warmup_steps=min(100, n_steps // 10), seed=args.seed,
+                                 device=device).fit(n_steps, callback=evaluate, callback_every=steps_per_epoch)
+        else:
+            trainer = train_ddpm(model, images, n_steps=n_steps, batch_size=cfg["batch_size"], lr=cfg["lr"],
+                                 ema_decay=cfg["ema_decay"], warmup_steps=min(100, n_steps // 10), seed=args.seed,
+                                 device=device, checkpoint_path=out / "checkpoints" / "unet.pt",
+                                 checkpoint_every=steps_per_epoch * cfg["eval_every"], resume=args.resume,
+                                 progress=progress, callback=evaluate, callback_every=steps_per_epoch)
     log(f"trained in {t_train.seconds:.1f} s")
     if grids:
         plot_grids(grids, out / "digits_samples_by_epoch.png")
@@ -228,6 +350,8 @@ def main(argv=None):
                       "clip_sample": args.clip_sample, **env_summary()})
     plot_grids(final_grids, out / "digits_samplers.png", nrow=6, ncols=min(6, len(final_grids)))
     log(f"total {time.perf_counter() - t_start:.1f} s; outputs in {out}")
+    if world > 1:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -369,7 +369,7 @@ def test_cpu_noise_bitwise_equal_to_reference(n):
     """Before: 10198 of 65536 normals (seed 0) were 1 ulp off: torch's vectorized float32
     sqrt (Sleef) is not correctly rounded; _rng now takes the root in float64."""
     _, z = dk.q_sample(torch.zeros(n), 5, generator=gen(0))
-    assert torch.equal(z, _rng.philox_normal(n, 0, 0))
+    assert torch.equal(z, _rng.philox_normal(n, *_rng.py_cpu_generator_key(gen(0))))
     _, zf = F.q_sample(torch.zeros(n), 5, generator=gen(0))
     assert torch.equal(z, zf)
 
@@ -386,7 +386,7 @@ def test_cpu_generator_keying_native_equals_python():
         out.append(key(g))
         st = g.get_state()
         out.append(key(g))
-        g.set_state(st)  # restored to a state after our call: continue from there? no, a jump
+        g.set_state(st)  # restored: the same key again (the key is a function of the state)
         out.append(key(g))
         torch.randn(1, dtype=torch.float64, generator=g)  # leaves a cached normal in the state
         out += [key(g), key(g)]
@@ -396,7 +396,11 @@ def test_cpu_generator_keying_native_equals_python():
 
     native, python = history(dk._native._fast._cpu_generator_key), history(_rng.py_cpu_generator_key)
     assert native == python
-    assert native[0] == (123, 0) and native[1] == (123, 4) and native[4] == (123, 0)
+    w = torch.empty(4, dtype=torch.int64).random_(-(1 << 63), None, generator=gen(123)).tolist()
+    assert native[0] == (w[0] % 2**64, w[1] % 2**64) and native[1] == (w[2] % 2**64, w[3] % 2**64)
+    # reseeded: the same keys again; restored state: the same key again; else fresh ones
+    assert native[4] == native[0] and native[5] == native[1] and native[6] == native[5]
+    assert len({native[i] for i in (0, 1, 2, 3, 7, 9, 10)}) == 7
 
 
 # ---- thread safety, memory, broken builds --------------------------------------------------------

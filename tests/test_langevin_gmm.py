@@ -252,4 +252,9 @@ def test_mode_recovery_with_python_loop_matches_fused(classic_start):
     x = classic_start[:5000]
     out = dk.annealed_langevin(lambda x, s: dk.gmm_score(x, w, mu, sd, s), x, sigmas, n_steps_each=30,
                                step_lr=0.1, generator=gen(23))
-    assert abs(_mode_weight(out, mu) - 0.8) < 0.03
+    fused = dk.gmm_annealed_langevin(x, w, mu, sd, sigmas, n_steps_each=30, step_lr=0.1, generator=gen(24))
+    p, q = _mode_weight(out, mu), _mode_weight(fused, mu)
+    assert abs(p - q) < 5 * math.sqrt(2 * 0.8 * 0.2 / x.shape[0])  # one chain, two noise streams
+    # 30 steps per level leave a bias: the weight averages 0.770 over generator seeds 23..30
+    # (python loop and fused alike), so 0.8 +- 0.03 passed or failed by the seed.
+    assert abs(p - 0.8) < 0.05

@@ -21,6 +21,11 @@ def _noise(x, g, t=500):
     return z
 
 
+def _key(g: torch.Generator) -> tuple[int, int]:
+    """The key the next diffkern call on a CPU generator in g's state uses (g unchanged)."""
+    return _rng.cpu_generator_key(torch.Generator().set_state(g.get_state()))
+
+
 def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double().flatten(), b.double().flatten()
     a, b = a - a.mean(), b - b.mean()
@@ -73,7 +78,7 @@ def test_philox_normal_box_muller_lanes():
     z = _rng.philox_normal(8, seed, offset)
     for grp in (0, 1):
         words = _rng.philox4x32_10(*(torch.tensor([v], dtype=torch.int64) for v in (
-            grp, 0, offset & 0xFFFFFFFF, offset >> 32, seed & 0xFFFFFFFF, seed >> 32)))
+            offset >> 2, 0, grp, 0, seed & 0xFFFFFFFF, seed >> 32)))
         words = [int(w) for w in words]
         for lane in (0, 2):
             a, b = words[lane], words[lane + 1]
@@ -102,29 +107,37 @@ def test_philox_normal_polynomials_accurate():
 def test_native_noise_matches_philox_normal(seed):
     n = 4 * 2048 + 7  # several chunks and a ragged tail
     x = randn(n, seed=3)
-    z = _noise(x, gen(seed))
-    ref = _rng.philox_normal(n, seed, 0)
+    g = gen(seed)
+    ref = _rng.philox_normal(n, *_key(g))
+    z = _noise(x, g)
     assert z.dtype == torch.float32
     assert (z - ref).abs().max().item() <= 1e-5
 
 
 @needs_native
-def test_successive_calls_use_successive_offsets():
+def test_successive_calls_use_successive_generator_words():
+    """Call k is keyed by the generator's words 2k, 2k+1 (what random_(-2**63, None) draws)."""
     x = randn(1000, seed=4)
     g = gen(77)
     draws = [_noise(x, g) for _ in range(3)]
+    words = torch.empty(6, dtype=torch.int64).random_(-(1 << 63), None, generator=gen(77)).tolist()
     for k, z in enumerate(draws):
-        assert (z - _rng.philox_normal(1000, 77, k * _rng.OFFSET_INCREMENT)).abs().max().item() <= 1e-5
+        key = words[2 * k] % 2**64, words[2 * k + 1] % 2**64
+        assert (z - _rng.philox_normal(1000, *key)).abs().max().item() <= 1e-5
+    g2 = gen(77)
+    torch.empty(6, dtype=torch.int64).random_(-(1 << 63), None, generator=g2)
+    assert torch.equal(g.get_state(), g2.get_state())  # 3 calls consumed exactly 6 words
 
 
 @needs_native
 @pytest.mark.parametrize("op", ["ddim", "ddpm", "langevin", "ddim_ps"])
 def test_every_op_draws_the_documented_stream(op):
-    """Solve each op's output for its z and compare with philox_normal(seed, offset 0)."""
+    """Solve each op's output for its z and compare with philox_normal at the generator's key."""
     B, n = 4, 3001
     x = randn(B, n, dtype=torch.float64, seed=5)
     m = randn(B, n, dtype=torch.float64, seed=6)
     seed = 31337
+    key = _key(gen(seed))
     if op == "ddim":
         out = dk.ddim_step(x, m, 600, 1.0, t_prev=550, generator=gen(seed))
         ac = dk.NoiseSchedule.linear().alphas_cumprod.double()
@@ -136,7 +149,7 @@ def test_every_op_draws_the_documented_stream(op):
     elif op == "ddim_ps":
         t = torch.tensor([900, 500, 100, 10])
         out = dk.ddim_step(x, m, t, 1.0, generator=gen(seed))
-        ref_noise = _rng.philox_normal(B * n, seed, 0).reshape(B, n).double()
+        ref_noise = _rng.philox_normal(B * n, *key).reshape(B, n).double()
         expected = dk.ddim_step(x, m, t, 1.0, noise=ref_noise)
         assert (out - expected).abs().max().item() <= 1e-5
         return
@@ -152,7 +165,7 @@ def test_every_op_draws_the_documented_stream(op):
         step = 0.05
         out = dk.langevin_step(x, m, step, generator=gen(seed))
         z = (out - x - step * m) / math.sqrt(2 * step)
-    ref = _rng.philox_normal(B * n, seed, 0).reshape(B, n).double()
+    ref = _rng.philox_normal(B * n, *key).reshape(B, n).double()
     assert (z - ref).abs().max().item() <= 1e-5
 
 
@@ -326,18 +339,206 @@ def test_reference_draws_same_stream_as_oracle():
     """The reference ops (no native needed) use philox_normal with the same keying."""
     x = randn(3, 100, seed=21)
     _, z = dk.reference.q_sample(x, 10, generator=gen(8))
-    assert torch.equal(z, _rng.philox_normal(300, 8, 0).reshape(3, 100))
+    assert torch.equal(z, _rng.philox_normal(300, *_key(gen(8))).reshape(3, 100))
+
+
+# ---- counter layout: torch's ----------------------------------------------------------
+def _curand_philox_first_draw(seed: int, subsequence: int, offset: int):
+    """The words of the first curand4() after curand_init(seed, subsequence, offset) for
+    Philox4_32_10, modelled after curand_kernel.h: the counter starts at 0, skipahead
+    adds offset/4 to its low 64 bits, skipahead_sequence adds subsequence to its high 64."""
+    lo, hi = (offset // 4) % 2**64, subsequence % 2**64
+    words = [lo & 0xFFFFFFFF, lo >> 32, hi & 0xFFFFFFFF, hi >> 32, seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF]
+    return tuple(int(w) for w in _rng.philox4x32_10(*(torch.tensor([w], dtype=torch.int64) for w in words)))
+
+
+@pytest.mark.parametrize("seed,offset", [(0, 0), (42, 4), (2**64 - 1, 2**40 + 8), (0x0123456789ABCDEF, 2**63)])
+def test_counter_layout_is_curand_init(seed, offset):
+    """Group g of a call at `offset` draws what torch's CUDA thread g draws first after
+    curand_init(seed, g, offset): the offset in the counter's low words, the group in the
+    high ones."""
+    groups = [0, 1, 5, 2**32 - 1, 2**32 + 3, 2**62 + 9]
+    bits = _rng.philox_bits(seed, offset, torch.tensor(groups, dtype=torch.int64))
+    for i, g in enumerate(groups):
+        assert tuple(int(b[i]) for b in bits) == _curand_philox_first_draw(seed, g, offset)
+    # and philox_normal is those words through Box-Muller, group by group
+    z = _rng.philox_normal(8, seed, offset, start=4 * 5)
+    a, b = _rng._box_muller(bits[0][2:3], bits[1][2:3])
+    assert z[0].item() == a.item() and z[1].item() == b.item()
+
+
+def test_counters_disjoint_from_earlier_torch_draws():
+    """torch's kernels give thread t the counters (offset/4 + k, t), k < increment/4, for a
+    call that reserves `increment` offsets; diffkern's next call (offset + increment) uses
+    (offset/4 + increment/4, g) for every group g: never one of those. The old layout
+    (group low, offset high) did reuse thread `offset`'s counters, as checked below."""
+    seed, off, inc = 1234, 8, 12  # a torch call at offset 8 drawing 3 curand4 per thread
+    threads = torch.arange(0, 4096, dtype=torch.int64)
+    torch_words = set()
+    for k in range(inc // 4):
+        w = _rng.philox4x32_10(*_rng.philox_counter(off + 4 * k, threads), torch.full_like(threads, seed),
+                               torch.zeros_like(threads))
+        torch_words.update(zip(*(t.tolist() for t in w), strict=True))
+    assert len(torch_words) == len(threads) * (inc // 4)
+    ours = set(zip(*(t.tolist() for t in _rng.philox_bits(seed, off + inc, threads)), strict=True))
+    assert not ours & torch_words
+    # the old layout: counter (g lo, g hi, offset lo, offset hi) at offset 20 -> groups 0..2
+    # were copies of thread 20's three draws
+    g = threads
+    old = _rng.philox4x32_10(g & 0xFFFFFFFF, g >> 32, torch.full_like(g, off + inc), torch.zeros_like(g),
+                             torch.full_like(g, seed), torch.zeros_like(g))
+    assert len(set(zip(*(t.tolist() for t in old), strict=True)) & torch_words) == inc // 4
+
+
+def test_keyed_groups_disjoint_from_generator_groups():
+    """Per-sample keys set the group's top bit: no generator-driven call reaches it."""
+    seeds = torch.tensor([7, 2**40 + 1], dtype=torch.int64)
+    z = _rng.keyed_normal(seeds, 3, 12)
+    for b, s in enumerate(seeds.tolist()):
+        assert torch.equal(z[b], _rng.philox_normal(12, s, 4 * 3, start=4 * 2**63))
+        assert not torch.equal(z[b], _rng.philox_normal(12, s, 4 * 3))
+
+
+# ---- CPU generators: the key is a function of the generator's state ---------------------
+def _draw_all(x, g):
+    """One draw through every noisy op (native when built), in a fixed order."""
+    m = randn(*x.shape, seed=91)
+    return [dk.q_sample(x, 321, generator=g)[1], dk.ddim_step(x, m, 500, 1.0, generator=g),
+            dk.ddpm_step(x, m, 500, generator=g), dk.langevin_step(x, m, 0.01, generator=g),
+            dk.reference.q_sample(x, 7, generator=g)[1]]
+
+
+def test_get_state_set_state_replays():
+    x = randn(3, 1001, seed=30)
+    g = gen(17)
+    _draw_all(x, g)
+    s = g.get_state()
+    first = _draw_all(x, g)
+    torch.randn(5, generator=g)
+    g.set_state(s)
+    again = _draw_all(x, g)
+    for a, b in zip(first, again, strict=True):
+        assert torch.equal(a, b)
+    for i in range(len(first)):  # and every call drew fresh noise
+        for j in range(i):
+            assert not torch.equal(first[i], first[j])
+
+
+def test_fork_rng_reproduces_default_generator_draws():
+    x = randn(2, 777, seed=31)
+    torch.manual_seed(5)
+    with torch.random.fork_rng(devices=[]):
+        a = _draw_all(x, None)
+    b = _draw_all(x, None)  # fork_rng restored the state: the same calls draw the same noise
+    for u, v in zip(a, b, strict=True):
+        assert torch.equal(u, v)
+    c = _draw_all(x, None)
+    assert not torch.equal(c[0], b[0])
+
+
+def test_gmm_chain_replays_from_generator_state():
+    x = randn(50, 2, seed=32)
+    w, mu, sd = torch.tensor([0.3, 0.7]), torch.tensor([[-2.0, 0.0], [2.0, 1.0]]), torch.tensor([0.5, 1.0])
+    sig = torch.tensor([1.0, 0.5])
+    g = gen(3)
+    s = g.get_state()
+    a = dk.gmm_annealed_langevin(x, w, mu, sd, sig, n_steps_each=3, step_lr=0.05, generator=g)
+    g.set_state(s)
+    b = dk.gmm_annealed_langevin(x, w, mu, sd, sig, n_steps_each=3, step_lr=0.05, generator=g)
+    ref = dk.reference.gmm_annealed_langevin(x, w, mu, sd, sig, n_steps_each=3, step_lr=0.05,
+                                             generator=torch.Generator().set_state(s))
+    assert torch.equal(a, b)
+    assert (a - ref).abs().max().item() <= 1e-4
+
+
+def test_threads_sharing_a_generator_never_share_noise():
+    """Calls from several threads on one generator each take their own two words under
+    the generator's lock: all noises differ, and together they used exactly the words of
+    the calls made (no word lost or taken twice)."""
+    import threading
+
+    x = randn(1024, seed=33)
+    g = gen(2718)
+    n_threads, per_thread = 4, 12
+    out: list[list[torch.Tensor]] = [[] for _ in range(n_threads)]
+
+    def work(k):
+        for _ in range(per_thread):
+            out[k].append(_noise(x, g))
+
+    ts = [threading.Thread(target=work, args=(k,)) for k in range(n_threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    calls = n_threads * per_thread
+    words = torch.empty(2 * calls, dtype=torch.int64).random_(-(1 << 63), None, generator=gen(2718)).tolist()
+    expected = torch.stack([_rng.philox_normal(64, words[2 * i] % 2**64, words[2 * i + 1] % 2**64)
+                            for i in range(calls)])
+    got = torch.stack([z[:64] for zs in out for z in zs])
+    match = (got[:, None, :] - expected[None, :, :]).abs().amax(-1) <= 1e-5  # got i is expected j
+    assert match.sum(1).tolist() == [1] * calls and match.sum(0).tolist() == [1] * calls
+    g2 = gen(2718)
+    torch.empty(2 * calls, dtype=torch.int64).random_(-(1 << 63), None, generator=g2)
+    assert torch.equal(g.get_state(), g2.get_state())
+
+
+def test_cpu_noise_independent_of_torch_randn_on_same_generator():
+    x = randn(500, 1000, seed=34)
+    g = gen(1)
+    t = torch.randn(x.shape, generator=g)
+    z = _noise(x, g)
+    t2 = torch.randn(x.shape, generator=g)
+    n = z.numel()
+    for a, b in ((t, z), (z, t2), (t, t2)):
+        assert abs(_corr(a, b)) < 5 / math.sqrt(n)
 
 
 # ---- CUDA ------------------------------------------------------------------------------
 @needs_cuda
-def test_cuda_noise_equals_cpu_noise():
+def test_cuda_noise_is_the_documented_stream():
     x = randn(3, 70001, seed=22)
-    cpu = _noise(x, gen(99))
-    dev = _noise(x.cuda(), gen(99, "cuda"))
-    assert (dev.cpu() - cpu).abs().max().item() <= 1e-5
-    # successive CUDA calls advance like the CPU ones
     g = gen(99, "cuda")
-    _noise(x.cuda(), g)
-    second = _noise(x.cuda(), g)
+    first = _noise(x.cuda(), g)
+    assert (first.cpu() - _rng.philox_normal(x.numel(), 99, 0).reshape(x.shape)).abs().max().item() <= 1e-5
+    second = _noise(x.cuda(), g)  # successive CUDA calls advance the Philox offset by 4
     assert (second.cpu() - _rng.philox_normal(x.numel(), 99, 4).reshape(x.shape)).abs().max().item() <= 1e-5
+    assert g.get_offset() == 8
+
+
+@needs_cuda
+def test_cuda_torch_randn_follows_the_modelled_layout():
+    """The premise of the layout: torch.randn(n <= 256) on a CUDA generator is, for
+    element t, the first curand_normal4 lane of thread t after curand_init(seed, t, 0),
+    i.e. sqrt(-2 log u) sin(2 pi v) of the words (x, y) of counter (0, 0, t, 0)."""
+    n, seed = 256, 4321
+    g = gen(seed, "cuda")
+    got = torch.randn(n, generator=g, device="cuda").double().cpu()
+    t = torch.arange(n, dtype=torch.int64)
+    w0, w1, _, _ = _rng.philox_bits(seed, 0, t)
+    u = w0.double() * 2.0**-32 + 2.0**-33
+    v = (w1.double() * 2.0**-32 + 2.0**-33) * 2 * math.pi
+    want = torch.sqrt(-2 * torch.log(u)) * torch.sin(v)
+    close = (got - want).abs() <= 1e-4 * (1 + want.abs())
+    assert close.double().mean().item() >= 0.99, "torch's CUDA Philox layout differs from the model"
+
+
+@needs_cuda
+@pytest.mark.parametrize("torch_numel", [256, 70001, 3 * 2**20 + 5])
+def test_cuda_noise_independent_of_torch_randn_on_same_generator(torch_numel):
+    """Draw x_T with torch.randn, then diffkern's noise, on one CUDA generator: the noise is
+    the stream at the generator's next offset and uncorrelated with x_T."""
+    g = gen(2024, "cuda")
+    xt = torch.randn(torch_numel, generator=g, device="cuda")
+    off = g.get_offset()
+    x = randn(2**20, seed=35).cuda()
+    z = _noise(x, g)
+    assert (z.cpu() - _rng.philox_normal(z.numel(), 2024, off)).abs().max().item() <= 1e-5
+    n = min(torch_numel, z.numel())
+    if n >= 4096:
+        assert abs(_corr(xt[:n], z[:n])) < 5 / math.sqrt(n)
+        assert abs(_corr(xt[:n] ** 2, z[:n] ** 2)) < 5 / math.sqrt(n)
+    else:
+        # One block: torch's element t is thread t's first draw (the test above). The old
+        # layout made z[1] a copy of thread `off`'s, i.e. of x_T[off].
+        assert abs(z[1].item() - xt[off].item()) > 1e-4

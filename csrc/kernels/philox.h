@@ -2,9 +2,21 @@
 // the Box-Muller normal transform, evaluated identically on the host and the device.
 //
 // Keying, shared with diffkern/_rng.py (the oracle): element i of a call keyed by
-// (seed, offset) is lane i % 4 of philox(counter = (g_lo, g_hi, offset_lo, offset_hi),
-// key = (seed_lo, seed_hi)), g = i / 4. The value depends on nothing else: not on the
-// device, the thread count, the launch geometry or how the batch is split.
+// (seed, offset) is lane i % 4 of philox(counter = (c_lo, c_hi, g_lo, g_hi),
+// key = (seed_lo, seed_hi)) with c = offset / 4 and g = i / 4. The value depends on
+// nothing else: not on the device, the thread count, the launch geometry or how the batch
+// is split.
+//
+// Why this layout: it is torch's. torch's CUDA Philox kernels call
+// curand_init(seed, subsequence = thread, offset), i.e. counter = (offset/4 + k, thread)
+// for the thread's k-th draw, k < increment/4. diffkern's group g is such a "thread" and
+// a call reserves its own 4 offsets of the generator, so its counters (offset/4, g) were
+// never drawn by any torch call on the same generator (with the groups in the low words
+// and the offset in the high ones, a call at offset O reused thread O's counters).
+//
+// Per-sample keyed noise (seeds=, step=) is the stream keyed by (seed, 4 step) at groups
+// kKeyedGroup + j/4 (j: the element's index within its sample): the top bit of g keeps it
+// apart from every generator-driven counter (groups < 2^62 there).
 //
 // log/sin/cos are Cephes-style float polynomials instead of libm/CUDA intrinsics because
 // (1) they vectorize on the CPU (gcc does not vectorize calls to logf/sinf/cosf), and
@@ -16,7 +28,7 @@ namespace diffkern {
 
 struct PhiloxKey {
   uint64_t seed;
-  uint64_t offset;
+  uint64_t offset;  // torch's Philox offset: counter words 0-1 hold offset / 4
 };
 
 struct Uint4 {
@@ -66,8 +78,12 @@ DK_HD Uint4 philox4x32_10(Uint4 c, uint32_t k0, uint32_t k1) {
   return philox_round(c, k0 + 9u * kPhiloxW0, k1 + 9u * kPhiloxW1);
 }
 
+// The group index of element j of a sample under per-sample keys: kKeyedGroup + j / 4.
+constexpr uint64_t kKeyedGroup = uint64_t(1) << 63;
+
 DK_HD Uint4 philox_bits(PhiloxKey key, uint64_t group) {
-  return philox4x32_10(Uint4{uint32_t(group), uint32_t(group >> 32), uint32_t(key.offset), uint32_t(key.offset >> 32)},
+  const uint64_t c = key.offset >> 2;
+  return philox4x32_10(Uint4{uint32_t(c), uint32_t(c >> 32), uint32_t(group), uint32_t(group >> 32)},
                        uint32_t(key.seed), uint32_t(key.seed >> 32));
 }
 
@@ -138,6 +154,14 @@ DK_HD Float4 philox_normal4(PhiloxKey key, uint64_t group) {
 // One element's normal; computes its whole group, for paths that need a single value.
 DK_HD float philox_normal_at(PhiloxKey key, uint64_t index) {
   return philox_normal4(key, index >> 2).v[index & 3];
+}
+
+// Per-sample keys: the stream of the sample keyed by (seed, step); element j of the
+// sample is lane j % 4 of group kKeyedGroup + j / 4. step < 2^62.
+DK_HD PhiloxKey keyed_key(uint64_t seed, uint64_t step) { return PhiloxKey{seed, step << 2}; }
+
+DK_HD float keyed_normal_at(uint64_t seed, uint64_t step, uint64_t j) {
+  return philox_normal4(keyed_key(seed, step), kKeyedGroup + (j >> 2)).v[j & 3];
 }
 
 }  // namespace diffkern

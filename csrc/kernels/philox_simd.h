@@ -263,9 +263,10 @@ template <class V, int NB>
 inline void normals(PhiloxKey key, uint64_t g0, float* out) {
   constexpr int W = V::kWidth, H = W / 2;  // groups per batch; 64-bit lanes per register
   U4<V> c[2 * NB];
+  const uint64_t ctr = key.offset >> 2;  // philox_bits' layout: (offset / 4, group)
   for (int h = 0; h < 2 * NB; ++h) {
     const auto g = V::add_64(V::set1_64(g0 + uint64_t(H) * uint64_t(h)), V::iota_64());
-    c[h] = U4<V>{g, V::shr32_64(g), V::set1_64(uint32_t(key.offset)), V::set1_64(key.offset >> 32)};
+    c[h] = U4<V>{V::set1_64(uint32_t(ctr)), V::set1_64(ctr >> 32), g, V::shr32_64(g)};
   }
   const uint32_t k0 = uint32_t(key.seed), k1 = uint32_t(key.seed >> 32);
   for (uint32_t r = 0; r < 10; ++r)
@@ -309,6 +310,38 @@ inline void fill_normals(PhiloxKey key, uint64_t first_group, int64_t ngroups, f
 #else
   fill_normals_scalar(key, first_group, ngroups, out);
 #endif
+}
+
+// out[i] = the per-sample-keyed normal of logical element e0 + i (i < n) of a tensor of
+// `inner` elements per sample, sample b keyed by (seeds[nseeds == 1 ? 0 : b], step): the
+// range is cut at sample boundaries, each piece drawn as whole groups by fill_normals with
+// the partial groups at its ends drawn alone (a sample need not start on a group).
+inline void fill_keyed_normals(const int64_t* seeds, int64_t nseeds, uint64_t step, int64_t inner, int64_t e0,
+                               int64_t n, float* out) {
+  const int64_t end = e0 + n;
+  for (int64_t e = e0; e < end;) {
+    const int64_t b = e / inner;
+    const int64_t r1 = end < (b + 1) * inner ? end : (b + 1) * inner;
+    const PhiloxKey key = keyed_key(uint64_t(seeds[nseeds == 1 ? 0 : b]), step);
+    int64_t j = e - b * inner;
+    const int64_t jend = r1 - b * inner;
+    float* o = out + (e - e0);
+    if (j & 3) {
+      const Float4 z = philox_normal4(key, kKeyedGroup + uint64_t(j >> 2));
+      for (; (j & 3) != 0 && j < jend; ++j) *o++ = z.v[j & 3];
+    }
+    const int64_t full = (jend - j) >> 2;
+    if (full > 0) {
+      fill_normals(key, kKeyedGroup + uint64_t(j >> 2), full, o);
+      o += 4 * full;
+      j += 4 * full;
+    }
+    if (j < jend) {
+      const Float4 z = philox_normal4(key, kKeyedGroup + uint64_t(j >> 2));
+      for (; j < jend; ++j) *o++ = z.v[j & 3];
+    }
+    e = r1;
+  }
 }
 
 }  // namespace simd

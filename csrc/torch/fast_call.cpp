@@ -195,8 +195,8 @@ PyObject* cpu_key(PyObject*, PyObject* arg) {
   return guarded([&] {
     const at::Generator g = gen.has_value() ? *gen : at::detail::getDefaultCPUGenerator();
     const auto [seed, offset] = cpu_generator_key(g);
-    // the seed as torch reports it (initial_seed(): unsigned), as _rng.py_cpu_generator_key
-    return Py_BuildValue("(KL)", static_cast<unsigned long long>(seed), static_cast<long long>(offset));
+    // unsigned, as _rng.py_cpu_generator_key returns them
+    return Py_BuildValue("(KK)", static_cast<unsigned long long>(seed), static_cast<unsigned long long>(offset));
   });
 }
 

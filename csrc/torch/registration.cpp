@@ -55,6 +55,9 @@ TORCH_LIBRARY(diffkern, m) {
   m.def(
       "langevin_step(Tensor x, Tensor score, float step_size, Tensor? noise, Generator? generator, int seed, "
       "int offset) -> Tensor");
+  // Per-sample keyed normals (seeds=, step=), float32 (batch, inner) on seeds' device:
+  // step_t (one int64, read on the device) when given, else step.
+  m.def("keyed_normal(Tensor seeds, Tensor? step_t, int step, int batch, int inner) -> Tensor");
   m.def(
       "gmm_annealed_langevin(Tensor x, Tensor weights, Tensor means, Tensor stds, Tensor sigmas, int n_steps_each, "
       "float step_lr, bool denoise, Generator? generator, int seed, int offset) -> Tensor");

@@ -38,6 +38,14 @@ static void test_philox_kat() {
     CHECK(r.x == t.out[0] && r.y == t.out[1] && r.z == t.out[2] && r.w == t.out[3],
           "philox KAT: got %08x %08x %08x %08x", r.x, r.y, r.z, r.w);
   }
+  // The counter layout (torch's curand_init(seed, subsequence = group, offset)): offset/4 in
+  // words 0-1, the group in words 2-3. Expected words from diffkern/_rng.py philox_bits.
+  const uint64_t seed = 0x0123456789ABCDEFull, offset = 4ull * 0x1122334455ull, group = 0x99AABBCC0Dull;
+  const Uint4 r = philox_bits(PhiloxKey{seed, offset}, group);
+  CHECK(r.x == 0x7d2938b5u && r.y == 0x3de120f7u && r.z == 0xe690c17eu && r.w == 0x142936d5u,
+        "philox_bits layout: got %08x %08x %08x %08x", r.x, r.y, r.z, r.w);
+  const Uint4 d = philox4x32_10(Uint4{0x22334455u, 0x11u, 0xAABBCC0Du, 0x99u}, 0x89ABCDEFu, 0x01234567u);
+  CHECK(d.x == r.x && d.y == r.y && d.z == r.z && d.w == r.w, "philox_bits counter words");
 }
 
 static void test_transcendentals() {

@@ -12,9 +12,12 @@ using namespace diffkern;
 
 template <class Fill>
 static int check(const char* name, Fill fill) {
-  const uint64_t starts[] = {0, 1, 13, 0xFFFFFFF0ull, 0xFFFFFFFFull - 100, 0x123456789ull, ~0ull - 600};
+  // starts: the group's low word wrapping, the per-sample-key region (kKeyedGroup) and its edge
+  const uint64_t starts[] = {0, 1, 13, 0xFFFFFFF0ull, 0xFFFFFFFFull - 100, 0x123456789ull, kKeyedGroup - 9,
+                             kKeyedGroup + 0xFFFFFFFFull - 20, ~0ull - 600};
   const uint64_t seeds[] = {0, 1234, ~0ull, 0x9E3779B97F4A7C15ull};
-  const uint64_t offsets[] = {0, 4, 0xFFFFFFFFull, ~0ull - 3};
+  // offsets: counter word 0 wrapping into word 1 (offset/4 = 2^32 - 1, 2^32), the top
+  const uint64_t offsets[] = {0, 4, 0xFFFFFFFFull, 4 * 0xFFFFFFFFull, 4 * 0x100000000ull, ~0ull - 3};
   const int64_t counts[] = {0, 1, 7, 8, 9, 15, 16, 17, 31, 32, 33, 509, 512, 513, 1100};
   std::vector<float> want(4 * 1100 + 64), got(4 * 1100 + 64);
   int failures = 0, cases = 0;
