@@ -336,10 +336,15 @@ def _child(spec_path: str) -> int:
         spec = json.load(fh)
     _ninja_on_path()
     try:
+        import ctypes
+
         import torch
         from torch.utils import cpp_extension as ce
 
+        # _C globally visible, as diffkern/_native.py loads it: the CPU-level library binds
+        # the front door's checks and the generator keying from it.
         for so in spec["preload"]:
+            ctypes.CDLL(so, mode=os.RTLD_GLOBAL)
             torch.ops.load_library(so)
         for lib in spec["libs"]:
             t0 = time.monotonic()
@@ -347,6 +352,8 @@ def _child(spec_path: str) -> int:
             ce.load(name=lib["name"], sources=lib["sources"], extra_cflags=lib["cflags"],
                     extra_cuda_cflags=lib["cuda_cflags"] or None, extra_ldflags=lib["ldflags"],
                     build_directory=lib["dir"], verbose=True, with_cuda=lib["with_cuda"], is_python_module=False)
+            if lib["name"] == "_C":  # promote the loaded library to global symbol lookup
+                ctypes.CDLL(os.path.join(lib["dir"], lib["name"] + ".so"), mode=os.RTLD_GLOBAL)
             print(f"== {lib['name']}: built and loaded in {time.monotonic() - t0:.1f} s", flush=True)
         if bool(torch.ops.diffkern.built_with_cuda()) != bool(spec["with_cuda"]):
             raise RuntimeError("built_with_cuda() disagrees with the build")

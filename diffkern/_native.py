@@ -97,9 +97,16 @@ def _load_libs(p: dict) -> None:
         if lib["name"] == "_C":
             # Imported as the Python module diffkern._C (whatever its file is called): its
             # module functions are the eager entry points of the public ops.
+            # RTLD_GLOBAL: the CPU-level library loaded next binds the front door's checks and
+            # the generator keying (csrc/torch/validate.cpp, cpu_generator.cpp) from _C.
             spec = importlib.util.spec_from_file_location(f"{__package__}._C", lib["so"])
-            mod = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(mod)
+            flags = sys.getdlopenflags()
+            sys.setdlopenflags(flags | os.RTLD_GLOBAL)
+            try:
+                mod = importlib.util.module_from_spec(spec)  # the dlopen happens here
+                spec.loader.exec_module(mod)
+            finally:
+                sys.setdlopenflags(flags)
             sys.modules[spec.name] = mod
             if hasattr(mod, "_ddim_step"):  # an older build lacks them
                 _fast = mod
