@@ -1,7 +1,8 @@
 """The native side of the sampler-family ops (diffkern.sampler_ops): validated arguments
 -> the raw ``torch.ops.diffkern`` ops (csrc/torch/{cpu,cuda}/<op>.cpp over the functors of
-csrc/kernels/sampler_ops.h), registered in ``sampler_ops._NATIVE_IMPLS``, and the ops'
-fake kernels for torch.compile / opcheck.
+csrc/kernels/sampler_ops.h), which diffkern.sampler_ops calls by name (``impl``), and the
+ops' fake kernels for torch.compile / opcheck. It imports nothing of sampler_ops: the
+dependency runs one way.
 
 Each impl takes the arguments of the reference's private ``_<op>`` function. Scalars go
 to the kernel as a number, or as a 1-D float32/float64 tensor on x's device that the
@@ -18,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from . import _rng
-from . import sampler_ops as S
+from . import _validate as V
 from ._native import native_available
 
 _ops = torch.ops.diffkern if native_available() else None
@@ -118,7 +119,7 @@ def flow_step(x, v, sigma, sigma_next, stochastic, noise, generator):
 @_native
 def flow_q_sample(x0, sigma, noise, generator):
     given = noise
-    noise = _noise_as(noise, x0.dtype)
+    x0, noise = _common(x0, noise)
     st, s = _level(sigma)
     gen, seed, offset = _noise_key(x0, generator, noise is None)
     xt, drawn = _ops.flow_q_sample(x0, st, s, noise, gen, seed, offset)
@@ -127,6 +128,8 @@ def flow_q_sample(x0, sigma, noise, generator):
 
 @_native
 def lcm_step(x, m, a, noise, generator):
+    if x.numel() == 0:  # a zero batch has no timesteps for the kernel's (B,) tables
+        raise _Fallback
     x, m = _common(x, m)
     noise = _noise_as(noise, x.dtype)
     # One draw per call, also on the final step (the reference's generator advances the
@@ -142,12 +145,18 @@ def lcm_step(x, m, a, noise, generator):
     return (out, den) if a.return_denoised else out
 
 
-if _ops is not None:
-    S._NATIVE_IMPLS.update(euler_step=euler_step, heun_step=heun_step, dpmpp_2m_step=dpmpp_2m_step,
-                           flow_step=flow_step, flow_q_sample=flow_q_sample, lcm_step=lcm_step)
+_IMPLS = {f.__name__: f for f in (euler_step, heun_step, dpmpp_2m_step, flow_step, flow_q_sample, lcm_step)}
 
+
+def impl(name: str, device: torch.device):
+    """The native impl of op ``name`` for tensors on ``device``, or None (not built, or
+    not built for that device)."""
+    return _IMPLS[name] if _ops is not None and native_available(device) else None
+
+
+if _ops is not None:
     def _empty_like_out(x):
-        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device).contiguous(memory_format=V.output_format(x))
 
     def _empty(x):
         return torch.empty(0, dtype=x.dtype, device=x.device)

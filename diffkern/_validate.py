@@ -270,10 +270,21 @@ def check_generator(generator, x: torch.Tensor, noise) -> None:
         raise MismatchError(f"generator is on {generator.device} but x is on {x.device}")
 
 
-def step_args(x, eps, t, t_prev, schedule, prediction_type, clip_sample, noise, generator):
-    """The checked arguments of a DDPM/DDIM step on the reference path (reference.StepArgs)."""
-    from .reference import StepArgs
+class StepArgs:
+    """A step's converted arguments: t (and t_prev) as int64 tensors on x's device, the
+    float32 alphas_cumprod table there, the prediction code, the clip bound or None."""
 
+    __slots__ = ("t", "t_prev_arg", "table", "prediction", "clip", "schedule")
+
+    @property
+    def t_prev(self):
+        """The validated t_prev, or t - 1 (formed only when asked: the native ops form it
+        themselves, and each small tensor op costs microseconds per step)."""
+        return self.t - 1 if self.t_prev_arg is None else self.t_prev_arg
+
+
+def step_args(x, eps, t, t_prev, schedule, prediction_type, clip_sample, noise, generator):
+    """The checked arguments of a DDPM/DDIM step on the reference path."""
     check_x(x)
     check_like(x, eps, "eps")
     sched = check_schedule(schedule)
@@ -435,8 +446,9 @@ def check_noise_level(v, x: torch.Tensor, name: str, *, positive: bool = False, 
             return f
         if not bool(torch.isfinite(v).all()):
             raise ValueError(f"{name} must be finite")
-        lo, hi = (float(u) for u in torch.aminmax(v.detach()))
-        _check_level_range(lo, hi, name, positive, at_most_one)
+        if v.numel() > 0:  # a zero batch has no levels to range-check (aminmax has no identity)
+            lo, hi = (float(u) for u in torch.aminmax(v.detach()))
+            _check_level_range(lo, hi, name, positive, at_most_one)
     v = v.reshape(-1)
     if not v.is_contiguous():
         v = v.contiguous()

@@ -30,7 +30,7 @@ import torch
 
 from . import _rng
 from . import _validate as V
-from .reference import _draw, _lookup, _per_sample
+from ._reference_common import _draw, _lookup, _per_sample
 
 __all__ = ["euler_step", "heun_step", "dpmpp_2m_step", "flow_step", "flow_q_sample", "lcm_step"]
 
@@ -44,6 +44,12 @@ def _dtypes(*tensors: torch.Tensor):
         if t is not None:
             out = torch.promote_types(out, t.dtype)
     return (torch.float64 if out == torch.float64 else torch.float32), out
+
+
+def _own(result: torch.Tensor, operand: torch.Tensor) -> torch.Tensor:
+    """A result that is not the caller's operand (``sample`` prediction makes D = m):
+    editing the result in place must not edit the input, as with the native ops."""
+    return result.clone() if result is operand else result
 
 
 def _level(v, x: torch.Tensor) -> torch.Tensor:
@@ -234,7 +240,7 @@ def _dpmpp_2m(x, m, old_denoised, sigma, sigma_next, sigma_prev, prediction, sol
     if variance_preserving:
         x_next = x_next * (1 / (sn * sn + 1).sqrt()).to(cd)
     x_next = x_next.to(out_dtype)
-    return (x_next, den.to(out_dtype)) if return_denoised else x_next
+    return (x_next, _own(den.to(out_dtype), m)) if return_denoised else x_next
 
 
 # ---- flow matching -------------------------------------------------------------------
@@ -291,7 +297,7 @@ def flow_q_sample(x0, sigma, noise=None, *, generator=None, seeds=None, step=Non
 
 
 def _flow_q_sample(x0, sigma, noise, generator):
-    cd, out_dtype = _dtypes(x0)
+    cd, out_dtype = _dtypes(x0, noise)  # fp32 noise with bf16 x0 gives fp32, as q_sample does
     s = _level(sigma, x0)
     z = _noise(x0, noise, generator, cd)
     xt = ((1 - s).to(cd) * x0.to(cd) + s.to(cd) * z).to(out_dtype)

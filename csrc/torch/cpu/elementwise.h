@@ -13,6 +13,7 @@
 
 #include "../../kernels/philox_simd.h"
 #include "../common.h"
+#include "../validate.h"
 #include "output_cache.h"
 
 namespace diffkern {
@@ -326,7 +327,10 @@ std::pair<at::Tensor, at::Tensor> run_sampler(const Op& op, std::initializer_lis
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "diffkern_cpu_step", [&] {
     run_elementwise<scalar_t>(op, io, numel, inner, per_sample);
   });
-  return {out, out1};
+  // The kernel writes in x's logical order; a channels_last x gets channels_last outputs,
+  // as from the front-door ops (validate::output_format).
+  const at::MemoryFormat format = validate::output_format(x);
+  return {validate::in_format(out, format), out1.defined() ? validate::in_format(out1, format) : out1};
 }
 
 // The older ops: `noise_out` is written when the op draws and reports its noise (q_sample).

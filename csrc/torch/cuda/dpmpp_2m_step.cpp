@@ -22,7 +22,8 @@ std::tuple<at::Tensor, at::Tensor> dpmpp_2m_step_cuda(
     cuda::launch_dpmpp_2m_step(s.launch, op, c10::cuda::getCurrentCUDAStream());
     DIFFKERN_LAUNCH_CHECK();
   }
-  return {s.out, return_denoised ? s.out1 : at::empty({0}, x.options())};
+  return {cuda_binding::in_x_format(s.out, x),
+          return_denoised ? cuda_binding::in_x_format(s.out1, x) : at::empty({0}, x.options())};
 }
 
 TORCH_LIBRARY_IMPL(diffkern, CUDA, m) { m.impl("dpmpp_2m_step", &dpmpp_2m_step_cuda); }

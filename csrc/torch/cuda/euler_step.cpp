@@ -18,7 +18,7 @@ at::Tensor euler_step_cuda(const at::Tensor& x, const at::Tensor& model_output,
     cuda::launch_euler_step(s.launch, op, c10::cuda::getCurrentCUDAStream());
     DIFFKERN_LAUNCH_CHECK();
   }
-  return s.out;
+  return cuda_binding::in_x_format(s.out, x);
 }
 
 TORCH_LIBRARY_IMPL(diffkern, CUDA, m) { m.impl("euler_step", &euler_step_cuda); }

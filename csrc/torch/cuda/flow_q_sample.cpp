@@ -14,7 +14,8 @@ std::tuple<at::Tensor, at::Tensor> flow_q_sample_cuda(const at::Tensor& x0, cons
     cuda::launch_flow_q_sample(s.launch, op, c10::cuda::getCurrentCUDAStream());
     DIFFKERN_LAUNCH_CHECK();
   }
-  return {s.out, noise.has_value() ? at::empty({0}, x0.options()) : s.out1};
+  return {cuda_binding::in_x_format(s.out, x0),
+          noise.has_value() ? at::empty({0}, x0.options()) : cuda_binding::in_x_format(s.out1, x0)};
 }
 
 TORCH_LIBRARY_IMPL(diffkern, CUDA, m) { m.impl("flow_q_sample", &flow_q_sample_cuda); }

@@ -16,7 +16,7 @@ at::Tensor flow_step_cuda(const at::Tensor& x, const at::Tensor& velocity, const
     cuda::launch_flow_step(s.launch, op, c10::cuda::getCurrentCUDAStream());
     DIFFKERN_LAUNCH_CHECK();
   }
-  return s.out;
+  return cuda_binding::in_x_format(s.out, x);
 }
 
 TORCH_LIBRARY_IMPL(diffkern, CUDA, m) { m.impl("flow_step", &flow_step_cuda); }

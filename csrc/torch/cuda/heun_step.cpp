@@ -15,7 +15,7 @@ at::Tensor heun_step_cuda(const at::Tensor& x, const at::Tensor& denoised, const
     cuda::launch_heun_step(s.launch, op, c10::cuda::getCurrentCUDAStream());
     DIFFKERN_LAUNCH_CHECK();
   }
-  return s.out;
+  return cuda_binding::in_x_format(s.out, x);
 }
 
 TORCH_LIBRARY_IMPL(diffkern, CUDA, m) { m.impl("heun_step", &heun_step_cuda); }

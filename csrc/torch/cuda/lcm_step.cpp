@@ -21,7 +21,8 @@ std::tuple<at::Tensor, at::Tensor> lcm_step_cuda(const at::Tensor& x, const at::
     cuda::launch_lcm_step(s.launch, op, c10::cuda::getCurrentCUDAStream());
     DIFFKERN_LAUNCH_CHECK();
   }
-  return {s.out, return_denoised ? s.out1 : at::empty({0}, x.options())};
+  return {cuda_binding::in_x_format(s.out, x),
+          return_denoised ? cuda_binding::in_x_format(s.out1, x) : at::empty({0}, x.options())};
 }
 
 std::tuple<at::Tensor, at::Tensor> lcm_step_backward_cuda(

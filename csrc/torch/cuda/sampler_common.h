@@ -2,6 +2,7 @@
 #pragma once
 #include "../sampler_args.h"
 #include "common.h"
+#include "../validate.h"
 
 namespace diffkern {
 namespace cuda_binding {
@@ -56,6 +57,12 @@ inline SamplerTensors prepare_sampler(std::initializer_list<const at::Tensor*> i
   }
   p.vectorized = vec;
   return s;
+}
+
+// An output in x's memory format: the kernel writes in x's logical order, and a
+// channels_last x gets channels_last outputs, as from the front-door ops.
+inline at::Tensor in_x_format(const at::Tensor& out, const at::Tensor& x) {
+  return validate::in_format(out, validate::output_format(x));
 }
 
 }  // namespace cuda_binding
