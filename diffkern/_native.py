@@ -110,9 +110,6 @@ def _load_libs(p: dict) -> None:
             sys.modules[spec.name] = mod
             if hasattr(mod, "_ddim_step"):  # an older build lacks them
                 _fast = mod
-                from . import _rng
-
-                _rng._native_key = mod._cpu_generator_key
         else:
             torch.ops.load_library(lib["so"])
         _state["libraries"][lib["name"]] = lib["so"]

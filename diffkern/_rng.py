@@ -41,6 +41,8 @@ from __future__ import annotations
 
 import torch
 
+from . import _native
+
 MASK32 = 0xFFFFFFFF
 PHILOX_M0 = 0xD2511F53
 PHILOX_M1 = 0xCD9E8D57
@@ -263,13 +265,10 @@ _keyed_state = None
 def keyed_op():
     """torch.ops.diffkern.keyed_normal (its fake kernel registered), or None without it:
     an extension built before the op existed still serves the rest (keyed noise then
-    comes from the reference). Resolved on first use: _native imports this module while
-    it loads the extension."""
+    comes from the reference). Resolved on first use, when the extension has loaded."""
     global _keyed_state
     if _keyed_state is None:
-        from ._native import native_available
-
-        ok = native_available() and hasattr(torch.ops.diffkern, "keyed_normal")
+        ok = _native.native_available() and hasattr(torch.ops.diffkern, "keyed_normal")
         if ok:
             _register_fake()
         _keyed_state = torch.ops.diffkern.keyed_normal.default if ok else False
@@ -282,9 +281,7 @@ _native_devices: dict = {}
 def _native_keyed(device: torch.device) -> bool:
     ok = _native_devices.get(device)
     if ok is None:
-        from ._native import native_available
-
-        ok = _native_devices[device] = keyed_op() is not None and native_available(device)
+        ok = _native_devices[device] = keyed_op() is not None and _native.native_available(device)
     return ok
 
 
@@ -356,16 +353,13 @@ def _register_fake():
         return seeds.new_empty((batch, inner), dtype=torch.float32)
 
 
-# The extension's C++ keying (csrc/torch/cpu_generator.cpp), set by diffkern._native when
-# it loads: the same rule without Python.
-_native_key = None
-
-
 def cpu_generator_key(gen: torch.Generator | None) -> tuple[int, int]:
     """(seed, offset) for the next call drawing from a CPU generator: its next two 64-bit
-    words (mt19937 ``random64()``), taken under the generator's lock; advances it by them."""
-    if _native_key is not None:
-        return _native_key(gen if gen is not None else torch.default_generator)
+    words (mt19937 ``random64()``), taken under the generator's lock; advances it by them.
+    With the extension, its C++ keying (csrc/torch/cpu_generator.cpp): the same rule
+    without Python."""
+    if _native.native_available() and _native._fast is not None:
+        return _native._fast._cpu_generator_key(gen if gen is not None else torch.default_generator)
     return py_cpu_generator_key(gen)
 
 

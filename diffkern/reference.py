@@ -31,15 +31,12 @@ import math
 import torch
 
 from . import _rng
+from ._reference_common import _compute_dtype, _draw, _lookup, _per_sample
+from ._validate import StepArgs  # noqa: F401  (the validated arguments' record)
 from .schedules import NoiseSchedule, default_schedule
 
 __all__ = ["q_sample", "ddpm_step", "ddim_step", "langevin_step", "annealed_langevin", "gmm_score",
            "gmm_annealed_langevin", "step_coefficients"]
-
-
-def _compute_dtype(x) -> torch.dtype:
-    dt = x if isinstance(x, torch.dtype) else x.dtype
-    return torch.float64 if dt == torch.float64 else torch.float32
 
 
 _PREDICTION = {"epsilon": 0, "sample": 1, "v_prediction": 2}
@@ -62,22 +59,6 @@ def _in_format(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
         return out.contiguous(memory_format=torch.channels_last_3d)
     return out.contiguous()
-
-
-def _per_sample(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """(B,) or (1,) -> broadcastable against x (B, ...)."""
-    return v.reshape(v.shape[0], *([1] * max(x.dim() - 1, 0))) if x.dim() > 0 else v.reshape(())
-
-
-def _lookup(table: torch.Tensor, t: torch.Tensor, allow_final: bool) -> torch.Tensor:
-    """alphas_cumprod[t] in float64; 1.0 where t < 0 (the final step) if allow_final; NaN
-    where t is out of range (only possible for device-resident t, never checked on host)."""
-    T = table.numel()
-    valid = (t >= 0) & (t < T) if not allow_final else (t < T)
-    ab = table.to(torch.float64)[t.clamp(0, T - 1)]
-    if allow_final:
-        ab = torch.where(t < 0, torch.ones_like(ab), ab)
-    return torch.where(valid, ab, torch.full_like(ab, float("nan")))
 
 
 def _prediction_coefficients(ab: torch.Tensor, prediction: int):
@@ -131,10 +112,6 @@ def _apply_step(x, m, coeffs, clip, noise, out_dtype):
     if noise is not None:
         out = out + std * noise.to(cd)
     return _in_format(out.to(out_dtype), x)
-
-
-def _draw(x: torch.Tensor, generator, dtype=None) -> torch.Tensor:
-    return _rng.normal_like(x.shape, generator, x.device, _compute_dtype(dtype or x.dtype))
 
 
 def _timesteps(t, x: torch.Tensor) -> torch.Tensor:
@@ -209,19 +186,6 @@ def _ddpm(x, m, a, variance, noise, generator):
     if noise is None:
         noise = _draw(x, generator, out_dtype)
     return _apply_step(x, m, coeffs, a.clip, noise, out_dtype)
-
-
-class StepArgs:
-    """A step's converted arguments: t (and t_prev) as int64 tensors on x's device, the
-    float32 alphas_cumprod table there, the prediction code, the clip bound or None."""
-
-    __slots__ = ("t", "t_prev_arg", "table", "prediction", "clip", "schedule")
-
-    @property
-    def t_prev(self):
-        """The validated t_prev, or t - 1 (formed only when asked: the native ops form it
-        themselves, and each small tensor op costs microseconds per step)."""
-        return self.t - 1 if self.t_prev_arg is None else self.t_prev_arg
 
 
 def _step_args(x, t, t_prev, schedule, prediction_type, clip_sample) -> StepArgs:

@@ -23,8 +23,8 @@ Conventions shared by every op here:
   generator advances the same way with host or device scalars).
 - Differentiable w.r.t. the tensor inputs.
 
-Native hook: ``_NATIVE_IMPLS[op_name]`` (filled by the native side) is called, when
-``native_available(x.device)``, with the validated arguments, positionally, in the order
+Native hook: ``diffkern._native_samplers.impl(op_name, x.device)`` (None without a build
+for x's device) is called with the validated arguments, positionally, in the order
 of the reference's private function of the op:
 
 - ``euler_step``:    (x, denoised, sigma, sigma_next, eta, s_noise, gamma, prediction, noise, generator)
@@ -49,22 +49,15 @@ from __future__ import annotations
 
 import torch
 
+from . import _native_samplers as N
 from . import _rng
 from . import _validate as V
 from . import reference_samplers as R
-from ._native import native_available
 
 __all__ = ["euler_step", "heun_step", "dpmpp_2m_step", "flow_step", "flow_q_sample", "lcm_step"]
 
-# op name -> callable(validated args...) registered by the native side; empty without it.
-_NATIVE_IMPLS: dict = {}
-
-
 def _native_impl(name: str, x: torch.Tensor):
-    impl = _NATIVE_IMPLS.get(name)
-    if impl is None or not native_available(x.device):
-        return None
-    return impl
+    return N.impl(name, x.device)
 
 
 # ---- euler_step ----------------------------------------------------------------------
@@ -245,5 +238,3 @@ def lcm_step(x, model_output, t, t_prev, *, schedule=None, prediction_type="epsi
         if out is not NotImplemented:
             return out
     return R._lcm(x, model_output, a, noise, generator)
-
-from . import _native_samplers  # noqa: E402,F401  (fills _NATIVE_IMPLS when the extension is built)
