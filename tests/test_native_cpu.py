@@ -97,15 +97,25 @@ def test_native_vs_ref64_large_fp32(name):
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-@pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("name", list(OPS))
-def test_native_half_within_2ulp_of_reference(name, dtype, case):
+def test_native_bitwise_equals_reference_same_dtype(name, dtype, case):
+    """On the CPU the kernels evaluate the reference's expressions in its order: the
+    coefficients in float64 (csrc/kernels/schedule.h, reference.step_coefficients), each
+    elementwise operation once in float32 with no FMA contraction (-ffp-contract=off),
+    then one round-to-nearest-even to the storage dtype. The outputs are therefore the
+    reference's bit for bit, and a coefficient formed in float32, a reordered update or a
+    truncating bf16 store shows here where 1e-6 or 2 ulp would not (issue 26). CUDA
+    contracts FMAs (tests/test_cuda.py keeps tolerances); float64 is held to 1e-13 above
+    (it differs by an ulp in places: not claimed)."""
     shape, t, tp = case
     x, m, z = _inputs(shape, dtype, _seed(name, shape, 1))
     got = OPS[name](dk, x, m, z, t, tp)
     ref = OPS[name](R, x, m, z, t, tp)
     assert got.dtype == dtype and ref.dtype == dtype
-    assert_within_ulp(got, ref, 2, f"{name} {dtype} {shape}")
+    if not torch.equal(got, ref):
+        assert_within_ulp(got, ref, 0, f"{name} {dtype} {shape}")  # names the first differing element
+        raise AssertionError(f"{name} {dtype} {shape}: not bitwise (NaN pattern)")
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])
@@ -268,7 +278,9 @@ def test_generator_noise_native_equals_reference(name, shape, dtype):
     ref = GEN_OPS[name](R, x, m, gen(seed))
     if name == "q_sample":
         (got, gn), (ref, rn) = got, ref
-        assert (gn.double() - rn.double()).abs().max().item() <= 2e-6
+        assert torch.equal(gn, rn)  # the SIMD Philox is _rng's, op for op (README: CPU bitwise)
+    if dtype == torch.float32:  # as test_native_bitwise_equals_reference_same_dtype
+        assert torch.equal(got, ref)
     assert (got.double() - ref.double()).abs().max().item() <= 2e-6 * max(1.0, ref.abs().max().item())
     # and the noise really is drawn: another seed gives another result
     other = GEN_OPS[name](dk, x, m, gen(seed + 1))
@@ -287,8 +299,8 @@ def test_outputs_past_the_streaming_threshold(name):
     ref = GEN_OPS[name](R, x, m, gen(8))
     if name == "q_sample":
         (got, gn), (ref, rn) = got, ref
-        assert (gn.double() - rn.double()).abs().max().item() <= 2e-6
-    assert (got.double() - ref.double()).abs().max().item() <= 2e-6 * max(1.0, ref.abs().max().item())
+        assert torch.equal(gn, rn)
+    assert torch.equal(got, ref)  # the staged path is the same arithmetic
     z = randn(*shape, seed=62)
     got = dk.ddim_step(x, m, torch.tensor([999, 500, 3]), 0.7, noise=z)
     assert max_rel_err(got, R.ddim_step(x.double(), m.double(), torch.tensor([999, 500, 3]), 0.7,
