@@ -198,11 +198,13 @@ def check_t_prev(t_prev, t: torch.Tensor, x: torch.Tensor, T: int, t_raw=None) -
     it, before any move to x's device: the check holds for CUDA x too)."""
     if t_prev is None:
         return t - 1
+    # The range first, then the order: the native check's order, so both paths name the
+    # same violated bound when both are violated.
+    tp = check_timesteps_host(t_prev, x, T, "t_prev", allow_negative=True)
     tp_int, t_int = _as_int(t_prev), _as_int(t_raw)
     ints = tp_int is not None and t_int is not None
     if ints and tp_int >= t_int:
         raise ValueError(_T_PREV_ORDER)
-    tp = check_timesteps_host(t_prev, x, T, "t_prev", allow_negative=True)
     if not ints and tp.device.type == "cpu" and t.device.type == "cpu" and not _compiling():
         if bool((tp >= t).any()):
             raise ValueError(_T_PREV_ORDER)

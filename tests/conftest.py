@@ -7,6 +7,7 @@ Helpers are plain functions (``from conftest import max_rel_err``); tests/ has n
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -20,6 +21,30 @@ needs_native = pytest.mark.skipif(not NATIVE, reason=f"diffkern native ops not b
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+
+
+def native_line() -> str:
+    """Whether the compiled ops run, and why not: printed in the header and the summary of
+    every run, so a suite green with every native test skipped says so in its own output."""
+    where = os.path.dirname(dk.__file__)  # the installed package or the checkout (README: pytest vs python -m)
+    if NATIVE:
+        st = dk._native.state()
+        return (f"diffkern native: yes ({st.get('kind')}, {st.get('level')}; cuda: {'yes' if HAS_CUDA else 'no'}) "
+                f"from {where}")
+    return f"diffkern native: NO ({dk.native_error()}) from {where}; only the pure-PyTorch fallback was tested"
+
+
+def pytest_report_header(config):
+    return native_line()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    skipped = terminalreporter.stats.get("skipped", [])
+    native_skips = sum(1 for r in skipped if isinstance(r.longrepr, tuple) and "native" in str(r.longrepr[2]))
+    line = native_line()
+    if not NATIVE:
+        line += f": {native_skips} native tests skipped (DIFFKERN_REQUIRE_NATIVE=1 makes this a failure)"
+    terminalreporter.write_sep("=", line, red=not NATIVE, green=NATIVE, bold=True)
 
 
 @pytest.fixture(autouse=True)

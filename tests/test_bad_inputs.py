@@ -245,11 +245,54 @@ CASES = [
 ]
 
 
+_RANGE_T = r"outside \[0, 1000\)"
+_ORDER = r"t_prev must be smaller than t\b"
+_LENGTH = r"has \d+ entries but x has batch size 4"
+_BROADCAST = r"does not broadcast to x's shape"
+_NONNEG = r"finite number >= 0"
+_DESCENDING = "strictly descending"
+# The words of each ValueError's message that name the bound it violates. The argument's
+# name alone is not enough: with the t < T check removed, an out-of-bounds read further on
+# raised an unrelated error that still said "t" (issue 26).
+BOUNDS = {
+    "eps-shape": _BROADCAST, "eps-bigger": _BROADCAST, "noise-shape-ddim": _BROADCAST,
+    "noise-shape-ddpm": _BROADCAST, "noise-shape-q": _BROADCAST, "score-shape": _BROADCAST,
+    "noise-shape-langevin": _BROADCAST,
+    "t-too-big": _RANGE_T, "t-negative": _RANGE_T, "t-tensor-too-big": _RANGE_T, "t-tensor-negative": _RANGE_T,
+    "t-small-schedule": r"outside \[0, 10\)",
+    "t-wrong-length": _LENGTH, "t-wrong-length-q": _LENGTH, "t-per-sample-wrong-length-ps": _LENGTH,
+    "t_prev-wrong-length": _LENGTH,
+    "t-2d": "0-d or 1-D",
+    "t_prev-too-big": r"outside \[-1, 1000\)",
+    "t_prev-not-below-t": _ORDER, "t_prev-above-t-ps": _ORDER, "t_prev-ps-vs-int-t": _ORDER,
+    "eta-negative": _NONNEG, "eta-nan": _NONNEG, "eta-inf": _NONNEG, "eta-tensor-vector": "scalar",
+    "step_size-negative": _NONNEG, "step_size-nan": _NONNEG,
+    "prediction_type": "v_prediction", "prediction_type-ddpm": "v_prediction", "variance": "fixed_large",
+    "clip_sample-negative": _NONNEG, "clip_sample-zero": "> 0",
+    "noise-and-generator-ddim": "not both", "noise-and-generator-ddpm": "not both",
+    "noise-and-generator-q": "not both", "noise-and-generator-langevin": "not both",
+    "sigmas-empty": "empty", "sigmas-empty-tensor": "empty", "gmm-sigmas-empty": "empty",
+    "sigmas-ascending": _DESCENDING, "sigmas-repeated": _DESCENDING, "gmm-sigmas-ascending": _DESCENDING,
+    "sigmas-negative": "positive",
+    "n_steps_each-negative": ">= 1", "gmm-n_steps_each": ">= 1",
+    "step_lr-zero": "> 0", "step_lr-negative": ">= 0", "gmm-step_lr": "> 0",
+    "gmm-weights-sum": "sum to 1", "gmm-weights-negative": "non-negative",
+    "gmm-means-shape": r"\(K, D\) = \(2, 2\)", "gmm-stds-shape": r"\(K, D\) = \(2, 2\)",
+    "gmm-stds-nonpositive": "positive", "gmm-sigma-negative": _NONNEG,
+}
+
+
+def test_every_value_error_row_names_its_bound():
+    assert {i for i, _, e, _ in CASES if e is ValueError} == set(BOUNDS)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("f,exc,match", [pytest.param(f, e, m, id=i) for i, f, e, m in CASES])
-def test_bad_input_raises(impl, f, exc, match):
-    """The message names the argument as a word (``t`` is not matched by ``t_prev``)."""
-    _raises(impl, f, exc, rf"\b{re.escape(match)}\b")
+@pytest.mark.parametrize("f,exc,match,bound", [pytest.param(f, e, m, BOUNDS.get(i), id=i) for i, f, e, m in CASES])
+def test_bad_input_raises(impl, f, exc, match, bound):
+    """The message names the argument as a word (``t`` is not matched by ``t_prev``) and,
+    for a ValueError, the bound the value violates."""
+    name = rf"\b{re.escape(match)}\b"
+    _raises(impl, f, exc, name if bound is None else rf"^(?=.*{name})(?=.*{bound})")
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -302,7 +345,7 @@ def test_device_mismatch_raises(impl):
         impl.ddim_step(X, EPS.cuda(), 5)
     with pytest.raises(ValueError, match="noise"):
         impl.ddpm_step(X.cuda(), EPS.cuda(), 5, noise=Z)
-    with pytest.raises(ValueError, match=r"\bt\b"):
+    with pytest.raises(ValueError, match=r"\bt is on cuda"):
         impl.q_sample(X, torch.tensor([1, 2, 3, 4], device="cuda"), Z)
     with pytest.raises(ValueError, match="generator"):
         impl.ddpm_step(X, EPS, 5, generator=gen(0, "cuda"))

@@ -310,11 +310,27 @@ def test_sampler_ops_strided_and_broadcast():
 
 
 @pytest.mark.parametrize("name", _NS_GEN_OPS)
-def test_sampler_noise_matches_cpu(name):
-    """Same seed -> the same in-kernel noise on the CPU and on CUDA, call after call."""
+def test_sampler_keyed_noise_matches_cpu(name):
+    """Per-sample keys (seeds=, step=): the same noise on the CPU and on CUDA, step after
+    step (the README's device-independent noise)."""
     a = NS._args((3, 1001), torch.float32, "ps32", 40)
     ad = _on_cuda(a, "ps32")
-    gc, gd = torch.Generator().manual_seed(5), torch.Generator(device=DEV).manual_seed(5)
-    for _ in range(2):
-        NS._assert_noise_close(NS._outs(NS.GEN_OPS[name](dk, ad, gd))[0].cpu(),
-                               NS._outs(NS.GEN_OPS[name](dk, a, gc))[0])
+    seeds = torch.tensor([5, 2**40 + 1, -9])
+    for step in range(2):
+        NS._assert_noise_close(NS._outs(NS.GEN_OPS[name](dk, ad, None, seeds=seeds.to(DEV), step=step))[0].cpu(),
+                               NS._outs(NS.GEN_OPS[name](dk, a, None, seeds=seeds, step=step))[0])
+
+
+@pytest.mark.parametrize("name", _NS_GEN_OPS)
+def test_sampler_generator_noise_replays_on_cuda(name):
+    """A CUDA generator's noise is a function of its (seed, offset): a fresh generator of
+    the same seed replays it bitwise, the next call draws fresh noise, and the reference
+    draws the same numbers. CPU and CUDA generators of one seed differ by design."""
+    ad = _on_cuda(NS._args((3, 1001), torch.float32, "ps32", 40), "ps32")
+    gd = torch.Generator(device=DEV).manual_seed(5)
+    first, second = (NS._outs(NS.GEN_OPS[name](dk, ad, gd))[0] for _ in range(2))
+    if name != "lcm_final":  # the final LCM step returns the denoised sample: no noise
+        assert not torch.equal(first, second)
+    assert torch.equal(NS._outs(NS.GEN_OPS[name](dk, ad, torch.Generator(device=DEV).manual_seed(5)))[0], first)
+    NS._assert_noise_close(NS._outs(NS.GEN_OPS[name](dk, ad, torch.Generator(device=DEV).manual_seed(5))),
+                           NS._outs(NS.GEN_OPS[name](R, ad, torch.Generator(device=DEV).manual_seed(5))))

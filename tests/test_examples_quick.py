@@ -35,8 +35,15 @@ def _common_args(out: Path) -> list[str]:
     return ["--quick", "--no-progress", "--out", str(out), "--cache-dir", str(out / "cache"), "--device", "cpu"]
 
 
-def test_samplers_digits_quick(run_dir):
-    rows = _example("samplers_digits").main(_common_args(run_dir))
+@pytest.fixture(scope="module")
+def digits_rows(run_dir):
+    """samplers_digits' quick run, once per module: its rows for the test of its own, its
+    checkpoint for truncated_digits, whichever test runs first or alone."""
+    return _example("samplers_digits").main(_common_args(run_dir))
+
+
+def test_samplers_digits_quick(run_dir, digits_rows):
+    rows = digits_rows
     names = {r["sampler"] for r in rows}
     assert names == {"DDPM", "DDIM eta=0", "Euler", "Euler ancestral", "Heun", "DPM++ 2M", "flow Euler"}
     heun = sorted(r["nfe"] for r in rows if r["sampler"] == "Heun")
@@ -49,9 +56,9 @@ def test_samplers_digits_quick(run_dir):
         assert (run_dir / f).exists(), f
 
 
-def test_truncated_digits_quick_reuses_the_checkpoint(run_dir, capsys):
-    if not (run_dir / "checkpoints" / "unet.pt").exists():
-        pytest.skip("needs samplers_digits' checkpoint (test order)")
+def test_truncated_digits_quick_reuses_the_checkpoint(run_dir, digits_rows, capsys):
+    assert (run_dir / "checkpoints" / "unet.pt").exists()
+    capsys.readouterr()  # the fixture's run may have printed here
     rows = _example("truncated_digits").main(_common_args(run_dir))
     assert "(0 trained now" in capsys.readouterr().out  # the epsilon UNet came from the checkpoint
     labels = [r["label"] for r in rows]

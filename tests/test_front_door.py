@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import importlib.machinery
+import json
 import os
 import subprocess
 import sys
@@ -455,11 +457,37 @@ def test_memory_flat_over_100k_calls(one_thread):
     assert grown < 8 << 20, f"RSS grew by {grown / 2**20:.1f} MiB over 100k calls"
 
 
+_SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]  # the loader's own first choice, for any Python
+
+
+def _build_info(**over) -> str:
+    """A build record that matches the running torch, Python and machine (the loader's
+    aot_mismatch), for the CPU level the loader will pick."""
+    from diffkern import _buildcfg as B
+
+    info = {"kind": "aot", "torch": str(torch.__version__), "torch_cuda": torch.version.cuda,
+            "python": f"{sys.version_info[0]}.{sys.version_info[1]}", "machine": B.machine(),
+            "levels": [B.supported_levels()[-1]]}
+    return json.dumps({**info, **over})
+
+
+def _level() -> str:
+    from diffkern import _buildcfg as B
+
+    return B.supported_levels()[-1]
+
+
+# kind -> (files written into the package copy, the words native_error() must say). Each
+# breaks the ahead-of-time build at another stage of the loader; JIT is off in the child,
+# so the error is the AOT one and the reference must still run.
 BROKEN = {
-    "garbage-so": ("_C.cpython-311-x86_64-linux-gnu.so", b"not a shared object"),
-    "import-error": ("_C.py", b"raise ImportError('built for another torch')\n"),
-    "stale-no-ops": ("_C.py", b"x = 1\n"),
-    "runtime-error": ("_C.py", b"raise RuntimeError('undefined symbol: _ZN3c10')\n"),
+    "garbage-so": (lambda: {"_C" + _SUFFIX: b"not a shared object", f"_cpu_{_level()}" + _SUFFIX: b"garbage",
+                            "_build_info.json": _build_info().encode()}, "failed to load"),
+    "no-build-info": (lambda: {"_C" + _SUFFIX: b"not a shared object"}, "has no build info"),
+    "stale-build": (lambda: {"_C" + _SUFFIX: b"x", f"_cpu_{_level()}" + _SUFFIX: b"x",
+                             "_build_info.json": _build_info(torch="0.0.1").encode()}, "stale"),
+    "missing-level": (lambda: {"_C" + _SUFFIX: b"x", "_build_info.json": _build_info(levels=[]).encode()},
+                      "no CPU library for level"),
 }
 
 
@@ -468,13 +496,15 @@ def test_broken_extension_never_breaks_import(tmp_path, kind):
     pkg = tmp_path / "diffkern"
     import shutil
 
-    shutil.copytree(ROOT / "diffkern", pkg, ignore=shutil.ignore_patterns("_C*.so", "__pycache__"))
-    name, content = BROKEN[kind]
-    (pkg / name).write_bytes(content)
+    shutil.copytree(ROOT / "diffkern", pkg,
+                    ignore=shutil.ignore_patterns("*.so", "*.pyd", "_build_info.json", "__pycache__"))
+    files, says = BROKEN[kind]
+    for name, content in files().items():
+        (pkg / name).write_bytes(content)
     code = textwrap.dedent("""
-        import torch, diffkern as dk
+        import sys, torch, diffkern as dk
         assert not dk.native_available(), dk.native_error()
-        assert dk.native_error()
+        assert sys.argv[1] in dk.native_error(), dk.native_error()
         x = torch.randn(2, 3)
         out = dk.ddim_step(x, x, 10, 1.0, generator=torch.Generator().manual_seed(0))
         ref = dk.ops.fallback.ddim_step(x, x, 10, 1.0, generator=torch.Generator().manual_seed(0))
@@ -487,8 +517,9 @@ def test_broken_extension_never_breaks_import(tmp_path, kind):
             raise SystemExit("no error")
         print("ok", dk.native_error())
     """)
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "DIFFKERN_JIT": "0"}
+    env.pop("DIFFKERN_DISABLE_NATIVE", None)
+    proc = subprocess.run([sys.executable, "-c", code, says], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("ok")

@@ -13,6 +13,7 @@ import contextlib
 import copy
 import inspect
 import json
+import math
 import sys
 
 import pytest
@@ -396,6 +397,60 @@ def test_dpm_learned_variance_output_is_sliced():
         xs = stock.step(m, t, xs).prev_sample
         xf = fused.step(m, tf, xf).prev_sample
         assert max_rel_err(xf, xs) <= TOL
+
+
+# ---- thresholds at their boundary values (n - 1, n, n + 1) ------------------------------
+@pytest.mark.parametrize("n_steps", [14, 15, 16])
+@pytest.mark.parametrize("options", [dict(final_sigmas_type="sigma_min"),
+                                     dict(final_sigmas_type="sigma_min", solver_type="heun")], ids=opt_id)
+def test_dpm_lower_order_final_threshold(monkeypatch, options, n_steps):
+    """Stock's lower_order_final makes the last step first-order below 15 steps
+    (len(timesteps) < 15). At 15 steps `n <= 15` was 3.8e-3 from stock and no test saw
+    it (issue 26): 14, 15 and 16 steps."""
+    run_loops(monkeypatch, DPMSolverMultistepScheduler, FusedDPMSolverMultistepScheduler, options, n_steps=n_steps)
+
+
+FEW_STEPS = [
+    (DDIMScheduler, FusedDDIMScheduler, {}, dict(eta=1.0)),
+    (DDPMScheduler, FusedDDPMScheduler, {}, {}),
+    (EulerDiscreteScheduler, FusedEulerDiscreteScheduler, {}, dict(s_churn=1.0)),
+    (EulerAncestralDiscreteScheduler, FusedEulerAncestralDiscreteScheduler, {}, {}),
+    (HeunDiscreteScheduler, FusedHeunDiscreteScheduler, {}, {}),
+    (DPMSolverMultistepScheduler, FusedDPMSolverMultistepScheduler, {}, {}),
+    (DPMSolverMultistepScheduler, FusedDPMSolverMultistepScheduler, dict(final_sigmas_type="sigma_min"), {}),
+    (DPMSolverMultistepScheduler, FusedDPMSolverMultistepScheduler, dict(euler_at_final=True), {}),
+    (LCMScheduler, FusedLCMScheduler, {}, {}),
+    (FlowMatchEulerDiscreteScheduler, FusedFlowMatchEulerDiscreteScheduler, dict(stochastic_sampling=True), {}),
+]
+
+
+@pytest.mark.parametrize("n_steps", [1, 2, 3])
+@pytest.mark.parametrize("stock_cls,fused_cls,cfg,step_kw", FEW_STEPS,
+                         ids=[f"{f.__name__}-{opt_id({**c, **k})}" for _, f, c, k in FEW_STEPS])
+def test_fewest_steps_match_stock(monkeypatch, stock_cls, fused_cls, cfg, step_kw, n_steps):
+    """The step-index thresholds at their smallest values: one step (the first step is the
+    last: t_prev < 0, sigma_next = 0, DPM's warm-up and final order at once, Heun's second
+    stage right away), two (DPM's second order starts: lower_order_nums < 1) and three."""
+    run_loops(monkeypatch, stock_cls, fused_cls, cfg, n_steps=n_steps, step_kw=step_kw)
+
+
+def _f32_next(v: float, toward: float) -> float:
+    """The float32 neighbour of v (stock compares its float32 sigma with the bound in float32)."""
+    return float(torch.nextafter(torch.tensor(v, dtype=torch.float32), torch.tensor(toward, dtype=torch.float32)))
+
+
+@pytest.mark.parametrize("edge", ["at-both", "inside-both"])
+def test_euler_churn_window_boundaries(monkeypatch, edge):
+    """Churn applies where s_tmin <= sigma <= s_tmax, both ends inclusive: with the bounds on
+    two sigmas of the schedule ("at-both") those two steps churn, with the bounds one
+    float32 step inside ("inside-both") they do not."""
+    probe = EulerDiscreteScheduler()
+    probe.set_timesteps(12)
+    lo, hi = float(probe.sigmas[8]), float(probe.sigmas[3])
+    if edge == "inside-both":
+        lo, hi = _f32_next(lo, math.inf), _f32_next(hi, 0.0)
+    run_loops(monkeypatch, EulerDiscreteScheduler, FusedEulerDiscreteScheduler, {}, n_steps=12,
+              step_kw=dict(s_churn=3.0, s_tmin=lo, s_tmax=hi))
 
 
 # ---- flow matching ----------------------------------------------------------------------

@@ -97,15 +97,25 @@ def test_native_vs_ref64_large_fp32(name):
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-@pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("name", list(OPS))
-def test_native_half_within_2ulp_of_reference(name, dtype, case):
+def test_native_bitwise_equals_reference_same_dtype(name, dtype, case):
+    """On the CPU the kernels evaluate the reference's expressions in its order: the
+    coefficients in float64 (csrc/kernels/schedule.h, reference.step_coefficients), each
+    elementwise operation once in float32 with no FMA contraction (-ffp-contract=off),
+    then one round-to-nearest-even to the storage dtype. The outputs are therefore the
+    reference's bit for bit, and a coefficient formed in float32, a reordered update or a
+    truncating bf16 store shows here where 1e-6 or 2 ulp would not (issue 26). CUDA
+    contracts FMAs (tests/test_cuda.py keeps tolerances); float64 is held to 1e-13 above
+    (it differs by an ulp in places: not claimed)."""
     shape, t, tp = case
     x, m, z = _inputs(shape, dtype, _seed(name, shape, 1))
     got = OPS[name](dk, x, m, z, t, tp)
     ref = OPS[name](R, x, m, z, t, tp)
     assert got.dtype == dtype and ref.dtype == dtype
-    assert_within_ulp(got, ref, 2, f"{name} {dtype} {shape}")
+    if not torch.equal(got, ref):
+        assert_within_ulp(got, ref, 0, f"{name} {dtype} {shape}")  # names the first differing element
+        raise AssertionError(f"{name} {dtype} {shape}: not bitwise (NaN pattern)")
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])
@@ -247,14 +257,14 @@ def test_per_sample_t_equals_loop_native(name, dtype):
 
 # ---- generator= (in-kernel noise) ------------------------------------------------------
 GEN_OPS = {
-    "q_sample": lambda o, x, m, g: o.q_sample(x, torch.tensor([999, 3, 500]), generator=g),
-    "ddim": lambda o, x, m, g: o.ddim_step(x, m, 700, 0.8, t_prev=650, generator=g),
-    "ddim_ps_v": lambda o, x, m, g: o.ddim_step(x, m, torch.tensor([999, 3, 500]), 1.0, generator=g,
-                                              prediction_type="v_prediction"),
-    "ddpm": lambda o, x, m, g: o.ddpm_step(x, m, 700, generator=g),
-    "ddpm_large_clip": lambda o, x, m, g: o.ddpm_step(x, m, torch.tensor([999, 0, 17]), generator=g,
-                                                    variance="fixed_large", clip_sample=1.0),
-    "langevin": lambda o, x, m, g: o.langevin_step(x, m, 0.02, generator=g),
+    "q_sample": lambda o, x, m, g, **kw: o.q_sample(x, torch.tensor([999, 3, 500]), generator=g, **kw),
+    "ddim": lambda o, x, m, g, **kw: o.ddim_step(x, m, 700, 0.8, t_prev=650, generator=g, **kw),
+    "ddim_ps_v": lambda o, x, m, g, **kw: o.ddim_step(x, m, torch.tensor([999, 3, 500]), 1.0, generator=g,
+                                                    prediction_type="v_prediction", **kw),
+    "ddpm": lambda o, x, m, g, **kw: o.ddpm_step(x, m, 700, generator=g, **kw),
+    "ddpm_large_clip": lambda o, x, m, g, **kw: o.ddpm_step(x, m, torch.tensor([999, 0, 17]), generator=g,
+                                                          variance="fixed_large", clip_sample=1.0, **kw),
+    "langevin": lambda o, x, m, g, **kw: o.langevin_step(x, m, 0.02, generator=g, **kw),
 }
 
 
@@ -268,7 +278,9 @@ def test_generator_noise_native_equals_reference(name, shape, dtype):
     ref = GEN_OPS[name](R, x, m, gen(seed))
     if name == "q_sample":
         (got, gn), (ref, rn) = got, ref
-        assert (gn.double() - rn.double()).abs().max().item() <= 2e-6
+        assert torch.equal(gn, rn)  # the SIMD Philox is _rng's, op for op (README: CPU bitwise)
+    if dtype == torch.float32:  # as test_native_bitwise_equals_reference_same_dtype
+        assert torch.equal(got, ref)
     assert (got.double() - ref.double()).abs().max().item() <= 2e-6 * max(1.0, ref.abs().max().item())
     # and the noise really is drawn: another seed gives another result
     other = GEN_OPS[name](dk, x, m, gen(seed + 1))
@@ -287,8 +299,8 @@ def test_outputs_past_the_streaming_threshold(name):
     ref = GEN_OPS[name](R, x, m, gen(8))
     if name == "q_sample":
         (got, gn), (ref, rn) = got, ref
-        assert (gn.double() - rn.double()).abs().max().item() <= 2e-6
-    assert (got.double() - ref.double()).abs().max().item() <= 2e-6 * max(1.0, ref.abs().max().item())
+        assert torch.equal(gn, rn)
+    assert torch.equal(got, ref)  # the staged path is the same arithmetic
     z = randn(*shape, seed=62)
     got = dk.ddim_step(x, m, torch.tensor([999, 500, 3]), 0.7, noise=z)
     assert max_rel_err(got, R.ddim_step(x.double(), m.double(), torch.tensor([999, 500, 3]), 0.7,
@@ -319,16 +331,42 @@ def test_cuda_matches_cpu(name, dtype):
         assert max_rel_err(dev, cpu) <= 1e-6
 
 
+def _noise_close(got, ref):
+    """Within a few float32 ulps: nvcc contracts the Box-Muller polynomials into FMAs, the
+    CPU build does not (README, Reproducible noise)."""
+    for g, r in zip(got if isinstance(got, tuple) else (got,), ref if isinstance(ref, tuple) else (ref,), strict=True):
+        assert g.dtype == r.dtype and g.shape == r.shape
+        assert (g.cpu().double() - r.cpu().double()).abs().max().item() <= 2e-6 * max(1.0, r.abs().max().item())
+
+
 @needs_cuda
 @pytest.mark.parametrize("name", list(GEN_OPS))
-def test_cuda_generator_noise_matches_cpu(name):
-    """The same seed gives the same in-kernel noise on the CPU and on CUDA."""
+def test_cuda_keyed_noise_matches_cpu(name):
+    """Per-sample keys (seeds=, step=) give the same noise on the CPU and on CUDA: the
+    device-independent noise the README promises."""
     x, m, _ = _inputs((3, 1001), torch.float32, 61)
-    cpu = GEN_OPS[name](dk, x, m, gen(7))
-    dev = GEN_OPS[name](dk, x.cuda(), m.cuda(), gen(7, "cuda"))
-    cpu = cpu[0] if name == "q_sample" else cpu
-    dev = dev[0] if name == "q_sample" else dev
-    assert (dev.cpu().double() - cpu.double()).abs().max().item() <= 2e-6 * max(1.0, cpu.abs().max().item())
+    seeds = torch.tensor([7, 2**40 + 3, -5])
+    for step in (0, 9):
+        cpu = GEN_OPS[name](dk, x, m, None, seeds=seeds, step=step)
+        dev = GEN_OPS[name](dk, x.cuda(), m.cuda(), None, seeds=seeds.cuda(), step=step)
+        _noise_close(dev, cpu)
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", list(GEN_OPS))
+def test_cuda_generator_noise_replays_on_its_device(name):
+    """A CUDA generator's noise is a function of its (seed, Philox offset): the same seed
+    replays it bitwise, the next call draws fresh noise, and the reference draws the same
+    numbers. (A CPU and a CUDA generator of one seed differ by design since 2026-12-01.)"""
+    x, m, _ = _inputs((3, 1001), torch.float32, 61)
+    xd, md = x.cuda(), m.cuda()
+    g = gen(7, "cuda")
+    first, second = GEN_OPS[name](dk, xd, md, g), GEN_OPS[name](dk, xd, md, g)
+    first0, second0 = (first[0], second[0]) if name == "q_sample" else (first, second)
+    assert not torch.equal(first0, second0)
+    again = GEN_OPS[name](dk, xd, md, gen(7, "cuda"))
+    assert torch.equal(again[0] if name == "q_sample" else again, first0)
+    _noise_close(first, GEN_OPS[name](R, xd, md, gen(7, "cuda")))
 
 
 def test_native_flag_consistent():

@@ -289,13 +289,13 @@ def test_dpmpp_final_rows_are_the_denoised_sample_exactly():
 
 # ---- drawn noise (generator=) ----------------------------------------------------------
 GEN_OPS = {
-    "euler_ancestral": lambda o, a, g: o.euler_step(a.x, a.m, a.s, a.sn0, eta=1.0, generator=g),
-    "euler_churn_v": lambda o, a, g: o.euler_step(a.x, a.m, a.s, a.sn0, gamma=0.25, prediction_type="v_prediction",
-                                                  generator=g),
-    "flow_stochastic": lambda o, a, g: o.flow_step(a.x, a.m, a.fs, a.fsn, stochastic=True, generator=g),
-    "flow_q_sample": lambda o, a, g: o.flow_q_sample(a.x, a.fs, generator=g),
-    "lcm": lambda o, a, g: o.lcm_step(a.x, a.m, a.t, a.tp, generator=g, return_denoised=True),
-    "lcm_final": lambda o, a, g: o.lcm_step(a.x, a.m, 40, -1, generator=g),
+    "euler_ancestral": lambda o, a, g, **kw: o.euler_step(a.x, a.m, a.s, a.sn0, eta=1.0, generator=g, **kw),
+    "euler_churn_v": lambda o, a, g, **kw: o.euler_step(a.x, a.m, a.s, a.sn0, gamma=0.25,
+                                                        prediction_type="v_prediction", generator=g, **kw),
+    "flow_stochastic": lambda o, a, g, **kw: o.flow_step(a.x, a.m, a.fs, a.fsn, stochastic=True, generator=g, **kw),
+    "flow_q_sample": lambda o, a, g, **kw: o.flow_q_sample(a.x, a.fs, generator=g, **kw),
+    "lcm": lambda o, a, g, **kw: o.lcm_step(a.x, a.m, a.t, a.tp, generator=g, return_denoised=True, **kw),
+    "lcm_final": lambda o, a, g, **kw: o.lcm_step(a.x, a.m, 40, -1, generator=g, **kw),
 }
 
 
