@@ -592,8 +592,9 @@ def test_half_precision_computed_in_float32(monkeypatch, name, dtype):
 
 
 def test_generator_draws_in_kernel():
-    """With a generator the noise is diffkern's (same distribution, reproducible by seed)."""
-    sched = FusedDDPMScheduler()
+    """dk_noise="kernel": with a generator the noise is diffkern's (same distribution,
+    reproducible by seed)."""
+    sched = FusedDDPMScheduler(dk_noise="kernel")
     sched.set_timesteps(10)
     x, m = torch.zeros(4, 3, 32, 32), torch.zeros(4, 3, 32, 32)
     t = sched.timesteps[2]

@@ -88,7 +88,10 @@ class FusedDDIMScheduler(B.FusedSchedulerMixin, DDIMScheduler):
         st = self._dk_state(x.device)
         t, tp = self._dk_pair(timestep, x, st)
         eta = float(eta)
-        noise, gen = B.noise_args(x, generator, variance_noise, eta > 0)
+        if self.noise_mode == "kernel":
+            noise, gen = B.noise_args(x, generator, variance_noise, eta > 0)
+        else:
+            noise, gen = B.step_noise(self, x, generator, variance_noise, eta > 0, dtype=m.dtype)
         x0 = B.pred_x0(x, m, t, st, st.prediction, st.clip, table=st.table_ext)
         if use_clipped_model_output and st.clip is not None:
             # eps re-derived from the clipped x0 (Glide): a DDIM step on x0 as a "sample" prediction

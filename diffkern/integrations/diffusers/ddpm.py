@@ -91,11 +91,23 @@ class FusedDDPMScheduler(B.FusedSchedulerMixin, DDPMScheduler):
         st = self._dk_state(x.device)
         t, tp, t_host = self._dk_pair(timestep, x, st)
         # Stock draws only where t > 0 (the kernel's std is 0 there): a generator list is
-        # then not consumed, as stock's is not.
+        # then not consumed, as stock's is not. A timestep tensor that is not one of
+        # self.timesteps is not read (no host sync): the step draws, and its noise is
+        # multiplied by 0 if t was 0 (the image is stock's; the generator is one draw further).
         draws = t_host != 0 or variance_noise is not None
-        noise, gen = B.noise_args(x, generator, variance_noise, draws)
-        if not draws and isinstance(generator, torch.Generator):
-            gen = generator
+        if self.noise_mode == "kernel":
+            noise, gen = B.noise_args(x, generator, variance_noise, draws)
+            if not draws and isinstance(generator, torch.Generator):
+                gen = generator
+        else:
+            noise, gen = B.step_noise(self, x, generator, variance_noise, draws, dtype=m.dtype)
+            if not draws:
+                # std is 0 at t = 0: the step is x0 (its coefficients are exactly 1 and 0, in
+                # stock's float32 too), with no draw from any generator
+                x0 = B.pred_x0(x, m, t, st, st.prediction, st.clip) if not st.threshold else \
+                    self._threshold_sample(B.pred_x0(x, m, t, st, st.prediction, None))
+                prev = x0.clone()
+                return DDPMSchedulerOutput(prev_sample=prev, pred_original_sample=x0) if return_dict else (prev, x0)
         if st.threshold:
             x0 = self._threshold_sample(B.pred_x0(x, m, t, st, st.prediction, None))
             prev = B.ddpm(x, x0, t, tp, st.table, st.variance, V.PREDICTION_TYPES["sample"], None, noise, gen)
