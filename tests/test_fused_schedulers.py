@@ -731,8 +731,6 @@ def test_config_round_trips(tmp_path, cls):
 
 @pytest.mark.parametrize("cls,options", [
     (FusedDDIMScheduler, dict(thresholding=True)),
-    (FusedDDPMScheduler, dict(variance_type="learned_range")),
-    (FusedDDPMScheduler, dict(variance_type="learned")),
     (FusedDDPMScheduler, dict(variance_type="fixed_large_log")),
     (FusedEulerAncestralDiscreteScheduler, dict(prediction_type="sample")),
     (FusedDPMSolverMultistepScheduler, dict(algorithm_type="sde-dpmsolver++")),
