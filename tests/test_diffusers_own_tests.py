@@ -26,8 +26,6 @@ FAMILIES = ("ddim", "ddpm", "euler", "euler_ancestral", "heun", "dpm_multi", "lc
 
 P = "tests/schedulers/test_scheduler_"
 KNOWN_FAILURES = {
-    # refused config: thresholding=True (issue 22, deliverable 6: not done yet)
-    P + "ddim.py::DDIMSchedulerTest::test_thresholding",
     # the loop's sum is 387.9677 against stock's 387.9466 and a bound of 0.01 (5e-5 of the
     # sum); same noise as stock, the cause is not analysed yet
     P + "ddpm.py::DDPMSchedulerTest::test_full_loop_with_noise",
