@@ -749,7 +749,8 @@ def test_unsupported_options_raise_at_construction(cls, options):
 def test_unsupported_step_arguments_raise():
     flow, _, _ = make("flow")
     with pytest.raises(NotImplementedError, match="per_token_timesteps"):
-        flow.step(torch.randn(SHAPE), flow.timesteps[0], torch.randn(SHAPE), per_token_timesteps=torch.ones(2, 64))
+        flow.step(torch.randn(SHAPE), flow.timesteps[0], torch.randn(SHAPE), per_token_timesteps=torch.ones(2, 64),
+                  variance_noise=torch.randn(SHAPE))
     euler, _, _ = make("euler")
     with pytest.raises(NotImplementedError, match="s_churn"):
         euler.step(torch.randn(SHAPE), euler.timesteps[[0, 1]], torch.randn(SHAPE), s_churn=1.0)
@@ -1047,3 +1048,23 @@ def test_ddim_thresholding_equals_stock(prediction, eta, clipped):
     (a, a0, _), (b, b0, syncs) = outs
     assert max_rel_err(b, a) <= TOL and max_rel_err(b0, a0) <= TOL
     assert syncs == 0
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_flow_per_token_timesteps_equal_stock(stochastic):
+    """FlowMatch per_token_timesteps (LTX-condition: tokens at their own sigma): stock's own
+    step, so the loop is stock's bitwise, noise included, for the same seed."""
+    stock = FlowMatchEulerDiscreteScheduler(shift=3.0, stochastic_sampling=stochastic)
+    fused = FusedFlowMatchEulerDiscreteScheduler.from_config(stock.config)
+    outs = []
+    for s in (stock, fused):
+        s.set_timesteps(8)
+        g, gm = gen(1), gen(0)
+        x = torch.randn(2, 16, 4, generator=gm)
+        for t in s.timesteps:
+            # the first 4 tokens held at a lower timestep (a conditioning frame)
+            ptt = t.expand(2, 16).clone()
+            ptt[:, :4] = torch.minimum(t, torch.tensor(100.0))
+            x = s.step(torch.randn(2, 16, 4, generator=gm), t, x, generator=g, per_token_timesteps=ptt).prev_sample
+        outs.append(x)
+    assert torch.equal(outs[0], outs[1])
