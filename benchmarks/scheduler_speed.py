@@ -16,8 +16,12 @@ same config, on the same inputs:
     python benchmarks/scheduler_speed.py --quick         # fewer repetitions
     python benchmarks/scheduler_speed.py --tag cpu-2threads   # also writes results/<tag>/scheduler_speed.json
 
-Stochastic classes (DDPM, Euler ancestral, LCM) draw their noise from a generator (stock:
-``randn_tensor``; fused: in-kernel). Heun runs 10 steps (19 calls), LCM 8, the others 20.
+Stochastic classes (DDPM, Euler ancestral, LCM) draw their noise from a generator. Stock
+draws with ``randn_tensor``; the fused class by ``--noise``: ``stock`` (default: stock's
+``randn_tensor`` call, same image as stock), ``kernel`` (in the fused step) or ``keyed``
+(per-sample seeds). Heun runs 10 steps (19 calls), LCM 8, the others 20.
+
+    python benchmarks/scheduler_speed.py --noise kernel --classes DDPM,EulerAncestral,LCM
 """
 
 from __future__ import annotations
@@ -66,12 +70,18 @@ class CountSyncs(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def make_pair(diffusers_mod, name):
+NOISE_MODES = ("stock", "kernel", "keyed")
+
+
+def make_pair(diffusers_mod, name, noise="stock"):
     from diffkern.integrations import diffusers as fused_mod
 
     stock_name, cfg, steps, kw = CASES[name]
     stock = getattr(diffusers_mod, stock_name)(**cfg)
-    fused = getattr(fused_mod, "Fused" + stock_name).from_config(stock.config)
+    extra = {"dk_noise": noise} if noise != "stock" else {}
+    if noise == "keyed":
+        extra["dk_seeds"] = 0  # one seed for every sample: the cost of keying, not its layout
+    fused = getattr(fused_mod, "Fused" + stock_name).from_config(stock.config, **extra)
     return stock, fused, steps, kw
 
 
@@ -139,6 +149,8 @@ def main(argv=None):
     ap.add_argument("--sizes", default="1x4x64x64,16x4x128x128")
     ap.add_argument("--classes", default=",".join(CASES), help=f"subset of {','.join(CASES)}")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--noise", default="stock", choices=NOISE_MODES,
+                    help="the fused classes' noise: stock's randn_tensor (default), in-kernel, or keyed")
     ap.add_argument("--reps", type=int, default=None, help="timed loops per row (default 5, --quick 2)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--quick", action="store_true", help="2 timed loops per row")
@@ -167,14 +179,14 @@ def main(argv=None):
         for name in names:
             host_cpu = {}
             if dev.type == "cpu":  # host cost: at a size where the arithmetic is negligible
-                stock, fused, steps, kw = make_pair(diffusers_mod, name)
+                stock, fused, steps, kw = make_pair(diffusers_mod, name, a.noise)
                 r = time_loops({k: Loop(sc, steps, kw, HOST_SHAPE, dev, dtype)
                                 for k, sc in (("stock", stock), ("fused", fused))}, max(3 * reps, 10))
                 host_cpu = {k: v["ms_per_step"]["median_ms"] * 1e3 for k, v in r.items()}
             for shape in shapes:
-                stock, fused, steps, kw = make_pair(diffusers_mod, name)
+                stock, fused, steps, kw = make_pair(diffusers_mod, name, a.noise)
                 row = {"device": str(dev), "class": name, "shape": C.shape_str(shape), "dtype": C.dtype_name(dtype),
-                       "steps": steps}
+                       "steps": steps, "noise": a.noise}
                 r = time_loops({k: Loop(sc, steps, kw, shape, dev, dtype)
                                 for k, sc in (("stock", stock), ("fused", fused))}, reps)
                 for impl in ("stock", "fused"):

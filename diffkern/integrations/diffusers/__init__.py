@@ -18,10 +18,15 @@ constructor, so ``from_config`` / ``from_pretrained`` / ``save_config`` / ``comp
   separate calls (stock refuses);
 - no host synchronisation per step once ``set_timesteps`` has run: the step index and
   every coefficient table are device tensors prepared there;
-- every stochastic ``step`` takes ``variance_noise=`` (the exact noise to use); with
-  ``generator=`` the noise is drawn in-kernel (Philox, see :mod:`diffkern._rng`): the
-  same distribution as stock's ``randn_tensor``, not the same numbers. A *list* of
-  generators (one per sample) is drawn with diffusers' ``randn_tensor``, as stock does;
+- same seed, same image: whenever stock draws noise (from a generator, a list of them,
+  or torch's global RNG), the fused step draws the same numbers with stock's own
+  ``randn_tensor`` call (same shape, dtype, device, generator, order) and takes them as
+  an operand. Every stochastic ``step`` also takes ``variance_noise=`` (the exact noise).
+  Opt-in, and left out of the saved config: ``dk_noise="kernel"`` draws in the fused
+  step (Philox, see :mod:`diffkern._rng`; other numbers than stock's, no separate
+  ``randn`` pass) and ``dk_noise="keyed", dk_seeds=...`` keys each sample's noise by its
+  seed (batch-invariant), as constructor or ``from_config`` arguments or through
+  ``set_noise_mode``;
 - a config option whose stock result a fused step cannot reproduce raises
   ``NotImplementedError`` naming it when the scheduler is created (or at
   ``set_timesteps`` / ``step`` when it depends on their arguments), never a silently

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import numbers
+import sys
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
@@ -24,7 +25,17 @@ from ... import reference as R
 from ... import reference_samplers as RS
 from ... import sampler_ops as SO
 
-__all__ = ["FusedSchedulerMixin", "promote", "ddim", "ddpm", "q_sample", "unsupported"]
+__all__ = ["FusedSchedulerMixin", "promote", "ddim", "ddpm", "q_sample", "unsupported", "NOISE_MODES"]
+
+# Where a step's noise comes from (README "Noise"):
+# - "stock": the numbers stock draws, from stock's own randn_tensor call (same seed, same
+#   image), handed to the fused step as its noise operand;
+# - "kernel": drawn inside the fused step from the generator (diffkern._rng's Philox
+#   keying): no separate randn pass, but other numbers than stock's;
+# - "keyed": each sample's noise a pure function of (its seed, the draw count), so an
+#   image does not depend on the batch it was made in.
+NOISE_MODES = ("stock", "kernel", "keyed")
+_NOISE_KWARGS = ("dk_noise", "dk_seeds")
 
 
 def _ops():
@@ -110,9 +121,12 @@ class FusedSchedulerMixin:
         # functools.wraps keeps the stock signature visible (inspect follows __wrapped__):
         # ConfigMixin reads the config keys from it.
         @functools.wraps(stock_init)
-        def __init__(self, *args, **kw):
+        def __init__(self, *args, dk_noise: str = "stock", dk_seeds=None, **kw):
+            # The noise options stay out of stock's __init__, so register_to_config never
+            # sees them: the saved config is stock's.
             stock_init(self, *args, **kw)
             self._dk_states = {}
+            self.set_noise_mode(dk_noise, dk_seeds)
             self._dk_check_config()
 
         cls.__init__ = __init__
@@ -131,6 +145,34 @@ class FusedSchedulerMixin:
             cls.set_timesteps = set_timesteps
 
     # ---- config ---------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+        """Stock's from_config; also takes ``dk_noise=`` / ``dk_seeds=`` (stock's would drop
+        them: they are not in the signature it reads)."""
+        noise = {k: kwargs.pop(k) for k in _NOISE_KWARGS if k in kwargs}
+        out = super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+        if noise:
+            (out[0] if return_unused_kwargs else out).set_noise_mode(**noise)
+        return out
+
+    def set_noise_mode(self, dk_noise: str = "stock", dk_seeds=None) -> None:
+        """Where the steps' noise comes from (see NOISE_MODES): ``"stock"`` (default, the
+        numbers stock draws for the same generator), ``"kernel"`` (drawn in the fused step)
+        or ``"keyed"`` with ``dk_seeds`` (an int or one int64 per sample; the generator
+        argument is then ignored). Not part of the config."""
+        if dk_noise not in NOISE_MODES:
+            raise ValueError(f"dk_noise must be one of {', '.join(NOISE_MODES)}, got {dk_noise!r}")
+        if (dk_noise == "keyed") != (dk_seeds is not None):
+            raise ValueError("dk_seeds= goes with dk_noise='keyed' (and it needs them)")
+        if dk_seeds is not None:
+            _rng.check_seeds(dk_seeds, 1 if isinstance(dk_seeds, int) else int(dk_seeds.shape[0]),
+                             torch.device("cpu") if isinstance(dk_seeds, int) else dk_seeds.device)
+        self._dk_noise, self._dk_seeds, self._dk_draws = dk_noise, dk_seeds, 0
+
+    @property
+    def noise_mode(self) -> str:
+        return self.__dict__.get("_dk_noise", "stock")
+
     @classmethod
     def _get_compatibles(cls):
         # stock's list (stock looks its own name up in diffusers, which has no Fused* names)
@@ -155,6 +197,7 @@ class FusedSchedulerMixin:
         devices now, so that a compiled step finds them ready."""
         self._dk_check_config()
         self._dk_states = {}
+        self._dk_draws = 0  # keyed noise: draw k of a loop is keyed by k
         for d in prebuild:
             if d is not None:
                 self._dk_state(d)
@@ -241,15 +284,7 @@ def noise_args(x: torch.Tensor, generator, variance_noise, draws: bool):
     if not draws:
         return None, None
     if variance_noise is not None:
-        if generator is not None:
-            raise ValueError(
-                "Cannot pass both generator and variance_noise. Please make sure that either `generator` or"
-                " `variance_noise` stays `None`.")
-        if not isinstance(variance_noise, torch.Tensor):
-            raise TypeError(f"variance_noise must be a tensor, got {type(variance_noise).__name__}")
-        if tuple(variance_noise.shape) != tuple(x.shape):
-            raise ValueError(f"variance_noise has shape {tuple(variance_noise.shape)}, expected {tuple(x.shape)}")
-        return variance_noise.to(device=x.device, dtype=x.dtype), None
+        return _check_variance_noise(x, generator, variance_noise)
     if isinstance(generator, (list, tuple)):
         return randn_tensor(x.shape, generator=list(generator), device=x.device, dtype=x.dtype), None
     if generator is not None and not isinstance(generator, torch.Generator):
@@ -257,6 +292,43 @@ def noise_args(x: torch.Tensor, generator, variance_noise, draws: bool):
     if generator is not None and generator.device.type == "cuda" and x.device.type != "cuda":
         raise ValueError(f"generator is on {generator.device} but the sample is on {x.device}")
     return None, generator
+
+
+def _check_variance_noise(x, generator, variance_noise):
+    if generator is not None:
+        raise ValueError(
+            "Cannot pass both generator and variance_noise. Please make sure that either `generator` or"
+            " `variance_noise` stays `None`.")
+    if not isinstance(variance_noise, torch.Tensor):
+        raise TypeError(f"variance_noise must be a tensor, got {type(variance_noise).__name__}")
+    if tuple(variance_noise.shape) != tuple(x.shape):
+        raise ValueError(f"variance_noise has shape {tuple(variance_noise.shape)}, expected {tuple(x.shape)}")
+    return variance_noise.to(device=x.device, dtype=x.dtype), None
+
+
+def step_noise(sched, x: torch.Tensor, generator, variance_noise, draws: bool, *, shape=None, dtype=None):
+    """(noise, generator) for a fused step, by the scheduler's noise mode.
+
+    ``draws``: whether stock draws at this step. ``shape`` / ``dtype``: those of stock's
+    ``randn_tensor`` call (default x's). In "stock" mode the noise is that call itself,
+    looked up in stock's module at call time (so a test patching it patches both), with
+    stock's shape, dtype, device and generator; a step that stock draws nothing for draws
+    nothing (generator and global RNG untouched)."""
+    if not draws:
+        return None, None
+    mode = sched.noise_mode
+    if variance_noise is not None:
+        return _check_variance_noise(x, generator, variance_noise)
+    if mode == "stock":
+        randn = sys.modules[type(sched)._dk_stock.__module__].randn_tensor
+        z = randn(tuple(x.shape) if shape is None else shape, generator=generator, device=x.device,
+                  dtype=x.dtype if dtype is None else dtype)
+        return (z if z.dtype == x.dtype else z.to(x.dtype)), None
+    if mode == "keyed":
+        k = sched._dk_draws
+        sched._dk_draws = k + 1
+        return _rng.keyed_noise(x, sched._dk_seeds, k), None
+    return noise_args(x, generator, None, True)
 
 
 # ---- the fused ops, below their public wrappers -------------------------------------
@@ -372,7 +444,7 @@ def lcm(x, m, t, t_prev, table, prediction, timestep_scaling, sigma_data, clip, 
     """(x_prev, denoised). ``final``: whether every sample is at its last step, when the
     caller knows it on the host (the native hook would read a CPU t_prev to find out)."""
     if final is not None and _native_for(x) and x.dtype == m.dtype and (noise is None or noise.dtype == x.dtype):
-        gen, seed, off = _noise_source(x, generator, noise is None)
+        gen, seed, off = _noise_source(x, generator, noise is None and not final)
         out, den = _ops().lcm_step(x, m, t, t_prev, table, float(timestep_scaling), float(sigma_data), prediction,
                                    clip or 0.0, not final, noise, gen, seed, off, True)
         return out, den

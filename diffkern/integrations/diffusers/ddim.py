@@ -21,15 +21,13 @@ class FusedDDIMScheduler(B.FusedSchedulerMixin, DDIMScheduler):
     whatever the spacing, with ``alphas_cumprod' = 1`` (``set_alpha_to_one``) or
     ``alphas_cumprod[0]`` below 0. ``pred_original_sample`` is a second fused pass.
 
-    Not supported (``NotImplementedError``): ``thresholding=True`` (a per-sample quantile
-    that the step cannot fold in while keeping stock's unthresholded epsilon).
+    ``thresholding=True``: stock's quantile pass on the fused x0, then the step with
+    stock's unthresholded epsilon (see ``_dk_thresholded``): two passes more.
     """
 
     def _dk_check_config(self):
         c = self.config
-        if c.thresholding:
-            raise B.unsupported(self, "thresholding", True, "dynamic thresholding is a per-sample quantile pass")
-        if c.clip_sample and not c.clip_sample_range > 0:
+        if c.clip_sample and not c.thresholding and not c.clip_sample_range > 0:
             raise B.unsupported(self, "clip_sample_range", c.clip_sample_range, "the fused clip needs a range > 0")
         if c.prediction_type not in V.PREDICTION_TYPES:
             raise ValueError(f"prediction_type given as {c.prediction_type} must be one of `epsilon`, `sample`, or"
@@ -62,7 +60,8 @@ class FusedDDIMScheduler(B.FusedSchedulerMixin, DDIMScheduler):
             t_steps=B.per_step(B.const_tensor(ts + 1, device, torch.int64)),
             tp_steps=B.per_step(B.const_tensor(tp, device, torch.int64)),
             prediction=V.PREDICTION_TYPES[c.prediction_type],
-            clip=float(c.clip_sample_range) if c.clip_sample else None,
+            clip=float(c.clip_sample_range) if c.clip_sample and not c.thresholding else None,
+            threshold=bool(c.thresholding),
         )
 
     def _dk_pair(self, timestep, x, st):
@@ -88,8 +87,13 @@ class FusedDDIMScheduler(B.FusedSchedulerMixin, DDIMScheduler):
         st = self._dk_state(x.device)
         t, tp = self._dk_pair(timestep, x, st)
         eta = float(eta)
-        noise, gen = B.noise_args(x, generator, variance_noise, eta > 0)
+        if self.noise_mode == "kernel":
+            noise, gen = B.noise_args(x, generator, variance_noise, eta > 0)
+        else:
+            noise, gen = B.step_noise(self, x, generator, variance_noise, eta > 0, dtype=m.dtype)
         x0 = B.pred_x0(x, m, t, st, st.prediction, st.clip, table=st.table_ext)
+        if st.threshold:
+            return self._dk_thresholded(x, m, x0, t, tp, st, eta, use_clipped_model_output, noise, gen, return_dict)
         if use_clipped_model_output and st.clip is not None:
             # eps re-derived from the clipped x0 (Glide): a DDIM step on x0 as a "sample" prediction
             prev = B.ddim(x, x0, t, tp, st.table_ext, eta, V.PREDICTION_TYPES["sample"], None, noise, gen)
@@ -98,6 +102,24 @@ class FusedDDIMScheduler(B.FusedSchedulerMixin, DDIMScheduler):
         if not return_dict:
             return (prev, x0)
         return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+    def _dk_thresholded(self, x, m, x0, t, tp, st, eta, use_clipped, noise, gen, return_dict):
+        """Dynamic thresholding. The per-sample quantile is stock's ``_threshold_sample``
+        (device ops, no host read). The fused op clamps to one scalar range, not to a bound
+        per sample, so the thresholded x0 enters the step as a correction instead: the DDIM
+        step is sqrt(a') x0 + c eps + std z with stock's unthresholded eps, hence
+        prev = step(x, m) + sqrt(a') (x0_thr - x0), whose rounding is that of sqrt(a') x0
+        (no division by sqrt(1 - a), which re-deriving eps from x would bring)."""
+        x0t = self._threshold_sample(x0)
+        if use_clipped:  # eps re-derived from the thresholded x0, as stock
+            prev = B.ddim(x, x0t, t, tp, st.table_ext, eta, V.PREDICTION_TYPES["sample"], None, noise, gen)
+        else:
+            prev = B.ddim(x, m, t, tp, st.table_ext, eta, st.prediction, None, noise, gen)
+            shape = (-1,) + (1,) * (x.dim() - 1)
+            prev = prev + st.table_ext.index_select(0, tp).sqrt().reshape(shape).to(prev.dtype) * (x0t - x0)
+        if not return_dict:
+            return (prev, x0t)
+        return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0t)
 
     def add_noise(self, original_samples, noise, timesteps):
         """DDIMScheduler.add_noise (dk.q_sample, coefficients in float32)."""

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 
 import torch
 from diffusers import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncestralDiscreteSchedulerOutput
 from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
-from diffusers.utils.torch_utils import randn_tensor
 
 from ... import _validate as V
 from . import _base as B
@@ -122,9 +122,11 @@ class FusedEulerDiscreteScheduler(_KarrasVEMixin, EulerDiscreteScheduler):
             gamma = 0.0
         x, m = sample, model_output
         if gamma > 0:
+            # churn noise: stock's numbers whatever the mode (diffusers' own step, not a fused draw)
             z = variance_noise
             if z is None:
-                z = randn_tensor(m.shape, dtype=m.dtype, device=m.device, generator=generator)
+                randn = sys.modules[EulerDiscreteScheduler.__module__].randn_tensor
+                z = randn(m.shape, dtype=m.dtype, device=m.device, generator=generator)
             z, _ = B.noise_args(x, None, z, True)
             prev = B.euler(x, m, sigma, sigma_next, 0.0, float(s_noise), gamma, pred, z)
             sigma_hat = sigma * (gamma + 1)
@@ -175,7 +177,10 @@ class FusedEulerAncestralDiscreteScheduler(_KarrasVEMixin, EulerAncestralDiscret
             idx, valid = self._dk_positions(timestep, sample, st)
             sigma, sigma_next = self._dk_take(st.sig_dev, idx, valid), self._dk_take(st.sig_dev, idx + 1, valid)
         x, m = sample, model_output
-        noise, gen = B.noise_args(x, generator, variance_noise, True)
+        if self.noise_mode == "kernel":
+            noise, gen = B.noise_args(x, generator, variance_noise, True)
+        else:
+            noise, gen = B.step_noise(self, x, generator, variance_noise, True, dtype=m.dtype)
         prev = _cast(B.euler(x, m, sigma, sigma_next, 1.0, 1.0, 0.0, pred, noise, gen), prev_dtype)
         x0 = _cast(B.denoised(x, m, sigma, pred), x0_dtype)
         if i is not None:

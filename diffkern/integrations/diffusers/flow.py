@@ -18,8 +18,8 @@ class FusedFlowMatchEulerDiscreteScheduler(B.IndexedSchedulerMixin, FlowMatchEul
     exponential / beta sigmas, custom ``sigmas`` / ``timesteps``) only shapes
     ``self.sigmas`` and is supported; ``stochastic_sampling`` uses the op's stochastic
     form (``variance_noise=`` gives its noise). As stock, ``s_churn`` etc. are accepted and
-    ignored. Not supported: ``per_token_timesteps`` (``NotImplementedError`` at the step);
-    a (B,) ``timestep`` gives each sample its own sigma instead."""
+    ignored. ``per_token_timesteps`` runs stock's step (not fused: the op takes a sigma
+    per sample, not per token); a (B,) ``timestep`` gives each sample its own sigma."""
 
     def _dk_check_config(self):
         pass
@@ -37,8 +37,12 @@ class FusedFlowMatchEulerDiscreteScheduler(B.IndexedSchedulerMixin, FlowMatchEul
                 " `FlowMatchEulerDiscreteScheduler.step()` is not supported. Make sure to pass"
                 " one of the `scheduler.timesteps` as a timestep.")
         if per_token_timesteps is not None:
-            raise NotImplementedError(f"{type(self).__name__} does not support per_token_timesteps (a per-token dt); "
-                                      "use diffusers' FlowMatchEulerDiscreteScheduler for it")
+            # a sigma per token, found by a search over the schedule: the fused op takes one
+            # sigma per sample, so this step is stock's own (same numbers, same noise draw)
+            if variance_noise is not None:
+                raise NotImplementedError("variance_noise= with per_token_timesteps (stock's step draws its own)")
+            return FlowMatchEulerDiscreteScheduler.step(self, model_output, timestep, sample, s_churn, s_tmin, s_tmax,
+                                                        s_noise, generator, per_token_timesteps, return_dict)
         st = self._dk_state(sample.device)
         i = self._dk_host_index(timestep, st)
         if i is not None:
@@ -47,7 +51,10 @@ class FusedFlowMatchEulerDiscreteScheduler(B.IndexedSchedulerMixin, FlowMatchEul
             idx, valid = self._dk_positions(timestep, sample, st)
             sigma, sigma_next = self._dk_take(st.sig_dev, idx, valid), self._dk_take(st.sig_dev, idx + 1, valid)
         stochastic = bool(self.config.stochastic_sampling)
-        noise, gen = B.noise_args(sample, generator, variance_noise, stochastic)
+        if self.noise_mode == "kernel":
+            noise, gen = B.noise_args(sample, generator, variance_noise, stochastic)
+        else:  # stock draws in float32 (it upcasts the sample first)
+            noise, gen = B.step_noise(self, sample, generator, variance_noise, stochastic, dtype=torch.float32)
         prev = B.flow(sample, model_output, sigma, sigma_next, stochastic, noise, gen)
         if prev.dtype != model_output.dtype:
             prev = prev.to(model_output.dtype)

@@ -93,9 +93,12 @@ class FusedLCMScheduler(B.IndexedSchedulerMixin, LCMScheduler):
             tp = st.prev.index_select(0, t)
         # stock draws no noise on the last step: a generator list is then not consumed either
         draws = i is None or i != self.num_inference_steps - 1 or variance_noise is not None
-        noise, gen = B.noise_args(x, generator, variance_noise, draws)
-        if not draws and isinstance(generator, torch.Generator):
-            gen = generator
+        if self.noise_mode == "kernel":
+            noise, gen = B.noise_args(x, generator, variance_noise, draws)
+            if not draws and isinstance(generator, torch.Generator):
+                gen = generator
+        else:  # stock draws in denoised's dtype: x's (the promoted one)
+            noise, gen = B.step_noise(self, x, generator, variance_noise, draws)
         pred, clip = st.prediction, st.clip
         if c.thresholding:
             m = self._threshold_sample(B.pred_x0(x, m, t, st, pred, None, table=st.step_table))
