@@ -9,6 +9,16 @@
 #define DK_HD inline
 #endif
 
+// Every kernel launch: `<<<>>>` under nvcc; elsewhere the CPU emulator (csrc/emu), which
+// runs the kernels in CI without a GPU. A kernel name with template arguments goes in
+// parentheses (its commas would split the macro's arguments).
+#if defined(__CUDACC__)
+#define DK_LAUNCH(kernel, grid, block, shmem, stream, ...) kernel<<<grid, block, shmem, stream>>>(__VA_ARGS__)
+#else
+#define DK_LAUNCH(kernel, grid, block, shmem, stream, ...) \
+  ::dk_emu::launch(kernel, grid, block, shmem, stream, __VA_ARGS__)
+#endif
+
 namespace diffkern {
 
 constexpr int kMaxDims = 8;  // strided views beyond this are made contiguous by the binding

@@ -194,10 +194,10 @@ void launch_elementwise(const StepLaunch& p, const Op& op, cudaStream_t stream) 
   const int64_t nunits = (p.numel + kUnit - 1) / kUnit;
   const int grid = grid_for(nunits, p.device);
   switch (p.dtype) {
-    case DType::kFloat32: step_kernel<float, Op><<<grid, kThreads, 0, stream>>>(p, op); break;
-    case DType::kFloat16: step_kernel<__half, Op><<<grid, kThreads, 0, stream>>>(p, op); break;
-    case DType::kBFloat16: step_kernel<__nv_bfloat16, Op><<<grid, kThreads, 0, stream>>>(p, op); break;
-    case DType::kFloat64: step_kernel<double, Op><<<grid, kThreads, 0, stream>>>(p, op); break;
+    case DType::kFloat32: DK_LAUNCH((step_kernel<float, Op>), grid, kThreads, 0, stream, p, op); break;
+    case DType::kFloat16: DK_LAUNCH((step_kernel<__half, Op>), grid, kThreads, 0, stream, p, op); break;
+    case DType::kBFloat16: DK_LAUNCH((step_kernel<__nv_bfloat16, Op>), grid, kThreads, 0, stream, p, op); break;
+    case DType::kFloat64: DK_LAUNCH((step_kernel<double, Op>), grid, kThreads, 0, stream, p, op); break;
   }
 }
 
@@ -286,10 +286,10 @@ void launch_sampler(const SamplerLaunch& p, const Op& op, cudaStream_t stream) {
   const int64_t nunits = (p.numel + kUnit - 1) / kUnit;
   const int grid = grid_for(nunits, p.device);
   switch (p.dtype) {
-    case DType::kFloat32: sampler_kernel<float, Op><<<grid, kThreads, 0, stream>>>(p, op); break;
-    case DType::kFloat16: sampler_kernel<__half, Op><<<grid, kThreads, 0, stream>>>(p, op); break;
-    case DType::kBFloat16: sampler_kernel<__nv_bfloat16, Op><<<grid, kThreads, 0, stream>>>(p, op); break;
-    case DType::kFloat64: sampler_kernel<double, Op><<<grid, kThreads, 0, stream>>>(p, op); break;
+    case DType::kFloat32: DK_LAUNCH((sampler_kernel<float, Op>), grid, kThreads, 0, stream, p, op); break;
+    case DType::kFloat16: DK_LAUNCH((sampler_kernel<__half, Op>), grid, kThreads, 0, stream, p, op); break;
+    case DType::kBFloat16: DK_LAUNCH((sampler_kernel<__nv_bfloat16, Op>), grid, kThreads, 0, stream, p, op); break;
+    case DType::kFloat64: DK_LAUNCH((sampler_kernel<double, Op>), grid, kThreads, 0, stream, p, op); break;
   }
 }
 

@@ -59,9 +59,9 @@ void launch_gmm_annealed_langevin(const GmmLaunch& p, cudaStream_t stream) {
   if (p.npoints == 0) return;
   const int grid = int((p.npoints + kGmmThreads - 1) / kGmmThreads);
   if (p.is_double)
-    gmm_kernel<double><<<grid, kGmmThreads, 0, stream>>>(p);
+    DK_LAUNCH(gmm_kernel<double>, grid, kGmmThreads, 0, stream, p);
   else
-    gmm_kernel<float><<<grid, kGmmThreads, 0, stream>>>(p);
+    DK_LAUNCH(gmm_kernel<float>, grid, kGmmThreads, 0, stream, p);
 }
 
 }  // namespace cuda

@@ -35,7 +35,7 @@ __global__ void __launch_bounds__(256) keyed_normal_kernel(const KeyedLaunch p) 
 
 void launch_keyed_normal(const KeyedLaunch& p, cudaStream_t stream) {
   if (p.numel == 0) return;
-  keyed_normal_kernel<<<grid_for((p.numel + 3) / 4, p.device), 256, 0, stream>>>(p);
+  DK_LAUNCH(keyed_normal_kernel, grid_for((p.numel + 3) / 4, p.device), 256, 0, stream, p);
 }
 
 }  // namespace cuda

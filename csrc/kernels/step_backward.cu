@@ -22,10 +22,10 @@ template <class Op>
 static void launch_backward(const BackwardLaunch& p, const Op& op, cudaStream_t stream) {
   const int grid = grid_for(p.numel, p.device);
   switch (p.dtype) {
-    case DType::kFloat32: step_backward_kernel<float, Op><<<grid, kThreads, 0, stream>>>(p, op); break;
-    case DType::kFloat16: step_backward_kernel<__half, Op><<<grid, kThreads, 0, stream>>>(p, op); break;
-    case DType::kBFloat16: step_backward_kernel<__nv_bfloat16, Op><<<grid, kThreads, 0, stream>>>(p, op); break;
-    case DType::kFloat64: step_backward_kernel<double, Op><<<grid, kThreads, 0, stream>>>(p, op); break;
+    case DType::kFloat32: DK_LAUNCH((step_backward_kernel<float, Op>), grid, kThreads, 0, stream, p, op); break;
+    case DType::kFloat16: DK_LAUNCH((step_backward_kernel<__half, Op>), grid, kThreads, 0, stream, p, op); break;
+    case DType::kBFloat16: DK_LAUNCH((step_backward_kernel<__nv_bfloat16, Op>), grid, kThreads, 0, stream, p, op); break;
+    case DType::kFloat64: DK_LAUNCH((step_backward_kernel<double, Op>), grid, kThreads, 0, stream, p, op); break;
   }
 }
 
