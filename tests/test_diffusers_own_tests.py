@@ -17,9 +17,14 @@ from pathlib import Path
 
 import pytest
 
+import diffkern
+
 ROOT = Path(__file__).resolve().parents[1]
 # DIFFKERN_SHARED: the shared folder elsewhere (a worktree whose parent does not hold it)
 RUN = Path(os.environ.get("DIFFKERN_SHARED", ROOT.parent / "shared")) / "diffusers-tests" / "run.sh"
+# run.sh's pytest imports the diffkern this test imported: the installed one in CI (the
+# checkout's source tree has no built libraries there, and would compile them first)
+IMPORTED_FROM = Path(diffkern.__file__).resolve().parents[1]
 
 # the test files of the classes diffkern has
 FAMILIES = ("ddim", "ddpm", "euler", "euler_ancestral", "heun", "dpm_multi", "lcm")
@@ -40,7 +45,7 @@ KNOWN_FAILURES = {
 def _passing(mode: str, tmp_path: Path) -> set[str]:
     out = tmp_path / f"{mode}.txt"
     env = dict(os.environ, PASSED_OUT=str(out), PYTHONPATH=os.pathsep.join(
-        [str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
+        [str(IMPORTED_FROM)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
     r = subprocess.run(["bash", str(RUN), sys.executable, mode, *FAMILIES], env=env, capture_output=True,
                        text=True, timeout=900)
     assert out.exists(), f"run.sh {mode} wrote no list:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
