@@ -87,10 +87,7 @@ class FusedDDIMScheduler(B.FusedSchedulerMixin, DDIMScheduler):
         st = self._dk_state(x.device)
         t, tp = self._dk_pair(timestep, x, st)
         eta = float(eta)
-        if self.noise_mode == "kernel":
-            noise, gen = B.noise_args(x, generator, variance_noise, eta > 0)
-        else:
-            noise, gen = B.step_noise(self, x, generator, variance_noise, eta > 0, dtype=m.dtype)
+        noise, gen = B.step_noise(self, x, generator, variance_noise, eta > 0, dtype=m.dtype)
         x0 = B.pred_x0(x, m, t, st, st.prediction, st.clip, table=st.table_ext)
         if st.threshold:
             return self._dk_thresholded(x, m, x0, t, tp, st, eta, use_clipped_model_output, noise, gen, return_dict)

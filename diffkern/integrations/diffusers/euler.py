@@ -177,10 +177,7 @@ class FusedEulerAncestralDiscreteScheduler(_KarrasVEMixin, EulerAncestralDiscret
             idx, valid = self._dk_positions(timestep, sample, st)
             sigma, sigma_next = self._dk_take(st.sig_dev, idx, valid), self._dk_take(st.sig_dev, idx + 1, valid)
         x, m = sample, model_output
-        if self.noise_mode == "kernel":
-            noise, gen = B.noise_args(x, generator, variance_noise, True)
-        else:
-            noise, gen = B.step_noise(self, x, generator, variance_noise, True, dtype=m.dtype)
+        noise, gen = B.step_noise(self, x, generator, variance_noise, True, dtype=m.dtype)
         prev = _cast(B.euler(x, m, sigma, sigma_next, 1.0, 1.0, 0.0, pred, noise, gen), prev_dtype)
         x0 = _cast(B.denoised(x, m, sigma, pred), x0_dtype)
         if i is not None:

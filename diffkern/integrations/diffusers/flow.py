@@ -51,10 +51,8 @@ class FusedFlowMatchEulerDiscreteScheduler(B.IndexedSchedulerMixin, FlowMatchEul
             idx, valid = self._dk_positions(timestep, sample, st)
             sigma, sigma_next = self._dk_take(st.sig_dev, idx, valid), self._dk_take(st.sig_dev, idx + 1, valid)
         stochastic = bool(self.config.stochastic_sampling)
-        if self.noise_mode == "kernel":
-            noise, gen = B.noise_args(sample, generator, variance_noise, stochastic)
-        else:  # stock draws in float32 (it upcasts the sample first)
-            noise, gen = B.step_noise(self, sample, generator, variance_noise, stochastic, dtype=torch.float32)
+        # stock draws in float32 (it upcasts the sample first)
+        noise, gen = B.step_noise(self, sample, generator, variance_noise, stochastic, dtype=torch.float32)
         prev = B.flow(sample, model_output, sigma, sigma_next, stochastic, noise, gen)
         if prev.dtype != model_output.dtype:
             prev = prev.to(model_output.dtype)
