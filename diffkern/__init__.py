@@ -21,7 +21,7 @@ from .ops import (
     langevin_step,
     q_sample,
 )
-from .sampler_ops import dpmpp_2m_step, euler_step, flow_q_sample, flow_step, heun_step, lcm_step
+from .sampler_ops import dpmpp_2m_step, euler_step, flow_q_sample, flow_step, heun_step, lcm_step, linear_step
 from .schedules import NoiseSchedule
 
 __version__ = "0.1.0"
@@ -52,5 +52,5 @@ __all__ = [
     "gmm_annealed_langevin", "native_available", "native_error", "reference", "MismatchError",
     "show_config",
 ]
-__all__ += ["euler_step", "heun_step", "dpmpp_2m_step", "flow_step", "flow_q_sample", "lcm_step"]
+__all__ += ["euler_step", "heun_step", "dpmpp_2m_step", "flow_step", "flow_q_sample", "lcm_step", "linear_step"]
 __all__ += ["keyed_randn"]

@@ -145,7 +145,36 @@ def lcm_step(x, m, a, noise, generator):
     return (out, den) if a.return_denoised else out
 
 
-_IMPLS = {f.__name__: f for f in (euler_step, heun_step, dpmpp_2m_step, flow_step, flow_q_sample, lcm_step)}
+@_native
+def linear_step(inputs, c, cn, K, noise, generator):
+    if not hasattr(_ops, "linear_step"):  # an extension built before the op existed
+        raise _Fallback
+    x, *rest = _common(*inputs)
+    J = len(inputs)
+    noisy = cn is not None
+    if noisy:
+        noise = _noise_as(noise, x.dtype)
+    if isinstance(c, torch.Tensor) or isinstance(cn, torch.Tensor):
+        if (isinstance(c, torch.Tensor) and c.requires_grad) or (isinstance(cn, torch.Tensor) and cn.requires_grad):
+            raise _Fallback
+        tab = c if isinstance(c, torch.Tensor) else torch.tensor(c, dtype=torch.float64, device=x.device)[None]
+        if cn is None:
+            ntab = tab.new_zeros((1, K, 1))
+        else:
+            ntab = cn if isinstance(cn, torch.Tensor) else torch.tensor(cn, dtype=torch.float64, device=x.device)[None]
+            ntab = ntab.unsqueeze(-1)
+        rows = max(tab.shape[0], ntab.shape[0])
+        full = torch.cat((tab.expand(rows, K, J), ntab.expand(rows, K, 1)), dim=2).reshape(rows, K * (J + 1))
+        flat, table = [], full.contiguous()
+    else:
+        ncs = cn if cn is not None else (0.0,) * K
+        flat, table = [v for k in range(K) for v in (*c[k], ncs[k])], None
+    gen, seed, offset = _noise_key(x, generator, noisy and noise is None)
+    return tuple(_ops.linear_step([x, *rest], flat, table, K, noisy, noise, gen, seed, offset))
+
+
+_IMPLS = {f.__name__: f for f in (euler_step, heun_step, dpmpp_2m_step, flow_step, flow_q_sample, lcm_step,
+                                  linear_step)}
 
 
 def impl(name: str, device: torch.device):

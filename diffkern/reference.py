@@ -324,6 +324,7 @@ from .reference_samplers import (  # noqa: E402
     flow_step,
     heun_step,
     lcm_step,
+    linear_step,
 )
 
-__all__ += ["euler_step", "heun_step", "dpmpp_2m_step", "flow_step", "flow_q_sample", "lcm_step"]
+__all__ += ["euler_step", "heun_step", "dpmpp_2m_step", "flow_step", "flow_q_sample", "lcm_step", "linear_step"]

@@ -32,7 +32,7 @@ from . import _rng
 from . import _validate as V
 from ._reference_common import _draw, _lookup, _per_sample
 
-__all__ = ["euler_step", "heun_step", "dpmpp_2m_step", "flow_step", "flow_q_sample", "lcm_step"]
+__all__ = ["euler_step", "heun_step", "dpmpp_2m_step", "flow_step", "flow_q_sample", "lcm_step", "linear_step"]
 
 SOLVER_TYPES = ("midpoint", "heun")
 
@@ -372,3 +372,105 @@ def _lcm(x, m, a: _LcmArgs, noise, generator):
     x_prev = torch.where(final, den, ab_prev.sqrt().to(cd) * den + (1 - ab_prev).sqrt().to(cd) * z)
     x_prev = x_prev.to(out_dtype)
     return (x_prev, den.to(out_dtype)) if a.return_denoised else x_prev
+
+
+# ---- linear_step: the multistep solvers' update ----------------------------------------
+MAX_LINEAR_INPUTS = 6
+MAX_LINEAR_OUTPUTS = 3
+
+
+def _coeff_table(c, x: torch.Tensor, name: str, ndim: int):
+    """Coefficients as given -> a host tuple (nested) of floats, or a float64 tensor on
+    x's device with a leading per-sample axis of 1 or B."""
+    if isinstance(c, torch.Tensor):
+        if not c.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {c.dtype}")
+        if c.dim() == ndim:
+            c = c.unsqueeze(0)
+        if c.dim() != ndim + 1 or c.shape[0] not in (1, V._batch(x)):
+            raise ValueError(f"{name} must have {ndim} dims, or {ndim + 1} with a leading batch axis of 1 or "
+                             f"B={V._batch(x)}; got shape {tuple(c.shape)}")
+        if c.device.type != "cpu" and c.device != x.device:
+            raise V.MismatchError(f"{name} is on {c.device} but x is on {x.device}")
+        if c.device.type == "cpu" and not V._compiling() and not bool(torch.isfinite(c).all()):
+            raise ValueError(f"{name} must be finite")
+        return c.to(device=x.device, dtype=torch.float64)
+    try:
+        t = tuple(tuple(float(v) for v in row) for row in c) if ndim == 2 else tuple(float(v) for v in c)
+    except TypeError:
+        raise TypeError(f"{name} must be a {'sequence of rows of numbers' if ndim == 2 else 'sequence of numbers'} "
+                        f"or a float tensor") from None
+    flat = [v for row in t for v in row] if ndim == 2 else list(t)
+    if not all(math.isfinite(v) for v in flat):
+        raise ValueError(f"{name} must be finite")
+    return t
+
+
+def _shape_of(c) -> tuple:
+    """(K, J) of a coefficient table, (K,) of noise coefficients (without the batch axis)."""
+    if isinstance(c, torch.Tensor):
+        return tuple(c.shape[1:])
+    if c and isinstance(c[0], tuple):
+        return (len(c), len(c[0]))
+    return (len(c),)
+
+
+def _linear_args(inputs, coeffs, noise_coeffs, noise, generator):
+    if isinstance(inputs, torch.Tensor) or not isinstance(inputs, (list, tuple)):
+        raise TypeError("inputs must be a list or tuple of tensors (x first)")
+    if not 1 <= len(inputs) <= MAX_LINEAR_INPUTS:
+        raise ValueError(f"linear_step takes 1 to {MAX_LINEAR_INPUTS} inputs, got {len(inputs)}")
+    x = V.check_x(inputs[0], "inputs[0]")
+    for j, t in enumerate(inputs[1:], 1):
+        V.check_operand(x, t, f"inputs[{j}]")
+    c = _coeff_table(coeffs, x, "coeffs", 2)
+    K, J = _shape_of(c)
+    if not 1 <= K <= MAX_LINEAR_OUTPUTS:
+        raise ValueError(f"coeffs must have 1 to {MAX_LINEAR_OUTPUTS} rows (one per output), got {K}")
+    if J != len(inputs) or (not isinstance(c, torch.Tensor) and any(len(row) != J for row in c)):
+        raise ValueError(f"each row of coeffs must have one coefficient per input ({len(inputs)})")
+    cn = None
+    if noise_coeffs is not None:
+        cn = _coeff_table(noise_coeffs, x, "noise_coeffs", 1)
+        if _shape_of(cn) != (K,):
+            raise ValueError(f"noise_coeffs must have one coefficient per output ({K}), got shape {_shape_of(cn)}")
+        if noise is not None:
+            V.check_operand(x, noise, "noise")
+        V.check_generator(generator, x, noise)
+    elif noise is not None or generator is not None:
+        raise ValueError("noise/generator/seeds given but noise_coeffs is None (the step would not use them)")
+    return c, cn, K
+
+
+def _as_table(c, x: torch.Tensor) -> torch.Tensor:
+    return c if isinstance(c, torch.Tensor) else torch.tensor(c, dtype=torch.float64, device=x.device).unsqueeze(0)
+
+
+def linear_step(inputs, coeffs, *, noise_coeffs=None, noise=None, generator=None, seeds=None, step=None):
+    """``out_k = sum_j coeffs[k][j] inputs[j] + noise_coeffs[k] z`` (see
+    :func:`diffkern.sampler_ops.linear_step`)."""
+    noise = _rng.keyed_noise(V.check_x(inputs[0], "inputs[0]") if isinstance(inputs, (list, tuple)) and inputs
+                             else inputs, seeds, step, generator, noise, draws=noise_coeffs is not None,
+                             native=False)
+    a = _linear_args(inputs, coeffs, noise_coeffs, noise, generator)
+    return _linear(list(inputs), *a, noise, generator)
+
+
+def _linear(inputs, c, cn, K, noise, generator):
+    x = inputs[0]
+    cd, out_dtype = _dtypes(*inputs)
+    table = _as_table(c, x)  # (1 or B, K, J) float64
+    z = None if cn is None else _noise(x, noise, generator, cd)
+    ntab = None if cn is None else (cn if isinstance(cn, torch.Tensor) else _as_table(cn, x))  # (1 or B, K)
+    outs = []
+    for k in range(K):
+        acc = None
+        for j, t in enumerate(inputs):
+            term = _per_sample(table[:, k, j], x).to(cd) * t.to(cd)
+            acc = term if acc is None else acc + term
+        if z is not None:
+            cz = _per_sample(ntab[:, k], x)
+            # a select, not 0 * z: a sample whose noise coefficient is 0 takes no noise at all
+            acc = torch.where(cz != 0, acc + cz.to(cd) * z, acc)
+        outs.append(acc.to(out_dtype))
+    return tuple(outs)

@@ -33,6 +33,9 @@ of the reference's private function of the op:
   variance_preserving, return_denoised)
 - ``flow_step``:     (x, velocity, sigma, sigma_next, stochastic, noise, generator)
 - ``flow_q_sample``: (x0, sigma, noise, generator) -> (x_t, noise)
+- ``linear_step``:   (inputs, coeffs, noise_coeffs, K, noise, generator): coeffs a host tuple of K
+  rows of J floats or a (1|B, K, J) float64 tensor on x's device; noise_coeffs None, K floats
+  or a (1|B, K) float64 tensor -> a tuple of K tensors
 - ``lcm_step``:      (x, model_output, args, noise, generator), ``args`` a
   ``reference_samplers._LcmArgs``: t, t_prev (int64 (1,)/(B,) on x's device, t_prev < 0 =
   final), table (float32 alphas_cumprod on x's device), prediction, timestep_scaling,
@@ -54,7 +57,7 @@ from . import _rng
 from . import _validate as V
 from . import reference_samplers as R
 
-__all__ = ["euler_step", "heun_step", "dpmpp_2m_step", "flow_step", "flow_q_sample", "lcm_step"]
+__all__ = ["euler_step", "heun_step", "dpmpp_2m_step", "flow_step", "flow_q_sample", "lcm_step", "linear_step"]
 
 def _native_impl(name: str, x: torch.Tensor):
     return N.impl(name, x.device)
@@ -238,3 +241,47 @@ def lcm_step(x, model_output, t, t_prev, *, schedule=None, prediction_type="epsi
         if out is not NotImplemented:
             return out
     return R._lcm(x, model_output, a, noise, generator)
+
+
+# ---- linear_step ---------------------------------------------------------------------
+def linear_step(inputs, coeffs, *, noise_coeffs=None, noise=None, generator=None, seeds=None, step=None):
+    """The update of a multistep or multistage solver, fused: K outputs that are linear
+    combinations of J inputs and one noise draw, in one pass over memory::
+
+        out[k] = sum_j coeffs[k][j] * inputs[j]  +  noise_coeffs[k] * z
+
+    Every solver of the families here is such a combination once its per-step scalars are
+    known: the model output -> denoised conversion (prediction types) is linear in (x, m),
+    and DPM-Solver(++) of orders 1-3 (ODE and SDE), UniPC's predictor and corrector,
+    PLMS/LMS/iPNDM/DEIS and the stages of DPM2/DPM++ 2S/DPM++ SDE combine x, the model
+    output and a short history with coefficients that depend on the noise levels only.
+    The samplers (:mod:`diffkern.samplers`) and the diffusers drop-ins form those
+    coefficients in float64 on the host, from host sigmas, and call this op once per step.
+
+    Args:
+        inputs: 1 to 6 tensors, x first (its shape, batch and device are the output's);
+            the others broadcast to x's shape. Any float dtypes: the math is float32
+            (float64 if any input is float64), outputs have the promoted dtype.
+        coeffs: K rows (1 <= K <= 3) of J = len(inputs) numbers, shared by the batch; or a
+            float tensor (K, J) or (B, K, J) (per sample), on x's device (or the CPU).
+        noise_coeffs: None (no noise; nothing is drawn), or K numbers / a (K,) or (B, K)
+            tensor. A sample whose coefficient is 0 gets no noise term at all (a select,
+            not ``0 * z``).
+        noise / generator / seeds, step: z as given (broadcastable to x), or one x-shaped
+            draw per call of the in-kernel Philox stream keyed by ``generator``, or keyed
+            per sample by ``(seeds[b], step)`` (batch-invariant).
+
+    Returns: a tuple of K new tensors (never an input). Differentiable w.r.t. the inputs
+    (and, on the reference path, tensor coefficients).
+    """
+    x0 = inputs[0] if isinstance(inputs, (list, tuple)) and inputs else inputs
+    noise = _rng.keyed_noise(V.check_x(x0, "inputs[0]"), seeds, step, generator, noise,
+                             draws=noise_coeffs is not None)
+    c, cn, K = R._linear_args(inputs, coeffs, noise_coeffs, noise, generator)
+    inputs = list(inputs)
+    impl = _native_impl("linear_step", x0)
+    if impl is not None:
+        out = impl(inputs, c, cn, K, noise, generator)
+        if out is not NotImplemented:
+            return out
+    return R._linear(inputs, c, cn, K, noise, generator)
