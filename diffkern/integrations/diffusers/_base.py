@@ -431,6 +431,26 @@ def denoised(x, m, sigma, prediction, vp=False):
     return dpmpp_2m(x, m, None, sigma, 0.0, None, prediction, "midpoint", vp, False)
 
 
+def linear(inputs, coeffs, noise_coeffs=None, noise=None, generator=None):
+    """dk.linear_step below its wrapper: ``inputs`` a list (x first, every operand already
+    checked by the scheduler), ``coeffs`` K host rows of floats or a (1|B, K, J) float64
+    tensor on x's device, ``noise_coeffs`` None / K floats / a (1|B, K) tensor. Returns the
+    tuple of K outputs. Multistep schedulers form the coefficients in float64 from host
+    sigmas (once per step, or per ``set_timesteps`` as device tables for (B,) timesteps)."""
+    x = inputs[0]
+    K = coeffs.shape[-2] if isinstance(coeffs, torch.Tensor) else len(coeffs)
+    if not isinstance(coeffs, torch.Tensor):
+        coeffs = tuple(tuple(float(v) for v in row) for row in coeffs)
+    if noise_coeffs is not None and not isinstance(noise_coeffs, torch.Tensor):
+        noise_coeffs = tuple(float(v) for v in noise_coeffs)
+    impl = SO._native_impl("linear_step", x)
+    if impl is not None:
+        out = impl(list(inputs), coeffs, noise_coeffs, K, noise, generator)
+        if out is not NotImplemented:
+            return out
+    return RS._linear(list(inputs), coeffs, noise_coeffs, K, noise, generator)
+
+
 def flow(x, v, sigma, sigma_next, stochastic, noise=None, generator=None):
     return _family("flow_step", RS._flow, x, v, sigma, sigma_next, stochastic, noise, generator)
 
