@@ -36,6 +36,7 @@ FAMILIES = (
     "dpm_multi",
     "lcm",
     "unipc",
+    "pndm",
 )
 
 P = "tests/schedulers/test_scheduler_"

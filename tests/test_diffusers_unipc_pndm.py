@@ -18,9 +18,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("diffusers", reason="diffusers is needed for the fused schedulers")
-from diffusers import UniPCMultistepScheduler  # noqa: E402
+from diffusers import PNDMScheduler, UniPCMultistepScheduler  # noqa: E402
 
-from diffkern.integrations.diffusers import FusedUniPCMultistepScheduler  # noqa: E402
+from diffkern.integrations.diffusers import FusedPNDMScheduler, FusedUniPCMultistepScheduler  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -212,3 +212,88 @@ def test_unipc_refusals():
     s.set_timesteps(5)
     with pytest.raises(ValueError, match="prediction_type"):  # stock raises it at step too
         s.step(torch.randn(SHAPE), s.timesteps[0], x)
+
+
+# ---- PNDM ---------------------------------------------------------------------------
+PNDM_GRID = list(itertools.product((False, True), ("epsilon", "v_prediction"), ("leading", "linspace", "trailing"),
+                                   (False, True)))
+
+
+@pytest.mark.parametrize("skip_prk_steps,prediction_type,spacing,set_alpha_to_one", PNDM_GRID)
+@pytest.mark.parametrize("n", [7, 25])
+def test_pndm_loop_matches_stock(skip_prk_steps, prediction_type, spacing, set_alpha_to_one, n):
+    cfg = dict(skip_prk_steps=skip_prk_steps, prediction_type=prediction_type, timestep_spacing=spacing,
+               set_alpha_to_one=set_alpha_to_one, steps_offset=1 if spacing == "leading" else 0)
+    check_loop(PNDMScheduler, FusedPNDMScheduler, cfg, n)
+
+
+def test_pndm_direct_prk_and_plms_calls_match_stock():
+    """step_prk / step_plms called directly on a state set by hand (as diffusers' own tests
+    do), int timesteps, a float16 model output with float32 samples (a float32 result)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(SHAPE, generator=g)
+    ets = [torch.randn(SHAPE, generator=g) for _ in range(4)]
+    m = torch.randn(SHAPE, generator=g).half()
+    for stage in ("prk", "plms"):
+        for counter in range(6):
+            outs = []
+            for cls in (PNDMScheduler, FusedPNDMScheduler):
+                s = cls()
+                s.set_timesteps(10)
+                s.ets = ets[:]
+                s.counter = counter
+                s.cur_sample = x + 1
+                fn = s.step_prk if stage == "prk" else s.step_plms
+                # stock rounds its float16 products to float16; the fused step computes in
+                # float32 from the float16 values, as stock does given them in float32
+                mm = m.float() if cls is PNDMScheduler else m
+                outs.append([fn(mm, t, x).prev_sample for t in (801, 501, 1)])
+            for a, b in zip(*outs, strict=True):
+                assert b.dtype == a.dtype
+                assert rel(b, a) <= TOL
+
+
+def test_pndm_no_host_sync_and_one_pass():
+    from diffkern.integrations.diffusers import _base as B
+    s = FusedPNDMScheduler()
+    s.set_timesteps(8)
+    x = torch.randn(SHAPE)
+    calls = []
+    real = B.linear
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    B.linear = counted
+    try:
+        with CountSyncs() as c:
+            for t in s.timesteps:
+                x = s.step(torch.randn(SHAPE), t, x).prev_sample
+    finally:
+        B.linear = real
+    assert c.n == 0
+    assert len(calls) == len(s.timesteps)
+
+
+def test_pndm_config_round_trip(tmp_path):
+    cfg = dict(skip_prk_steps=True, set_alpha_to_one=True, prediction_type="v_prediction", steps_offset=1)
+    s = FusedPNDMScheduler(**cfg)
+    s.save_config(tmp_path)
+    assert json.loads((tmp_path / "scheduler_config.json").read_text())["_class_name"] == "PNDMScheduler"
+    stock = PNDMScheduler.from_pretrained(tmp_path)
+    back = FusedPNDMScheduler.from_pretrained(tmp_path)
+    assert type(back) is FusedPNDMScheduler
+    assert strip(back.config) == strip(stock.config) == strip(s.config)
+
+
+def test_pndm_refusals():
+    s = FusedPNDMScheduler(prediction_type="sample")
+    s.set_timesteps(5)
+    x = torch.randn(SHAPE)
+    with pytest.raises(ValueError, match="prediction_type"):  # stock raises it at step too
+        s.step(torch.randn(SHAPE), s.timesteps[0], x)
+    s = FusedPNDMScheduler()
+    s.set_timesteps(5)
+    with pytest.raises(NotImplementedError, match="one timestep"):
+        s.step(torch.randn(SHAPE), s.timesteps[:2], x)

@@ -49,9 +49,10 @@ from .euler import FusedEulerAncestralDiscreteScheduler, FusedEulerDiscreteSched
 from .flow import FusedFlowMatchEulerDiscreteScheduler
 from .heun import FusedHeunDiscreteScheduler
 from .lcm import FusedLCMScheduler
+from .pndm import FusedPNDMScheduler
 from .unipc import FusedUniPCMultistepScheduler
 
 __all__ = ["FusedDDIMScheduler", "FusedDDPMScheduler", "FusedEulerDiscreteScheduler",
            "FusedEulerAncestralDiscreteScheduler", "FusedHeunDiscreteScheduler", "FusedDPMSolverMultistepScheduler",
            "FusedFlowMatchEulerDiscreteScheduler", "FusedLCMScheduler",
-           "FusedUniPCMultistepScheduler"]
+           "FusedUniPCMultistepScheduler", "FusedPNDMScheduler"]
