@@ -1,5 +1,5 @@
 """FusedUniPCMultistepScheduler, FusedPNDMScheduler, FusedCogVideoXDDIMScheduler against
-their stock diffusers classes.
+their stock diffusers classes (CogVideoX has no test file among diffusers' own).
 
 Whole loops on the same deterministic model (a nonlinear function of the sample and the
 timestep, returned as a non-contiguous tensor): the fused loop must be within 1e-5
@@ -18,9 +18,13 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("diffusers", reason="diffusers is needed for the fused schedulers")
-from diffusers import PNDMScheduler, UniPCMultistepScheduler  # noqa: E402
+from diffusers import CogVideoXDDIMScheduler, PNDMScheduler, UniPCMultistepScheduler  # noqa: E402
 
-from diffkern.integrations.diffusers import FusedPNDMScheduler, FusedUniPCMultistepScheduler  # noqa: E402
+from diffkern.integrations.diffusers import (  # noqa: E402
+    FusedCogVideoXDDIMScheduler,
+    FusedPNDMScheduler,
+    FusedUniPCMultistepScheduler,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -297,3 +301,78 @@ def test_pndm_refusals():
     s.set_timesteps(5)
     with pytest.raises(NotImplementedError, match="one timestep"):
         s.step(torch.randn(SHAPE), s.timesteps[:2], x)
+
+
+# ---- CogVideoX DDIM -----------------------------------------------------------------
+COG_GRID = [c for c in itertools.product(("epsilon", "v_prediction", "sample"), ("leading", "linspace", "trailing"),
+                                         ("scaled_linear", "linear"), (False, True))
+            # epsilon at a zero terminal SNR: stock's x0 divides by sqrt(alphas_cumprod) = 0 at t = 999
+            if not (c[0] == "epsilon" and c[3] and c[1] != "leading")]
+
+
+@pytest.mark.parametrize("prediction_type,spacing,beta_schedule,zero_snr", COG_GRID)
+@pytest.mark.parametrize("n", [7, 50])
+def test_cogvideox_loop_matches_stock(prediction_type, spacing, beta_schedule, zero_snr, n):
+    cfg = dict(prediction_type=prediction_type, timestep_spacing=spacing, beta_schedule=beta_schedule,
+               rescale_betas_zero_snr=zero_snr, snr_shift_scale=1.0 if beta_schedule == "linear" else 3.0)
+    check_loop(CogVideoXDDIMScheduler, FusedCogVideoXDDIMScheduler, cfg, n)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_cogvideox_pred_original_sample_and_batch_timesteps(prediction_type):
+    """pred_original_sample is stock's; a (B,) timestep (on the device path, no host
+    read) equals B separate calls."""
+    g = torch.Generator().manual_seed(5)
+    stock, fused = CogVideoXDDIMScheduler(prediction_type=prediction_type), \
+        FusedCogVideoXDDIMScheduler(prediction_type=prediction_type)
+    stock.set_timesteps(20)
+    fused.set_timesteps(20)
+    x = torch.randn(SHAPE, generator=g)
+    m = torch.randn(SHAPE, generator=g)
+    for t in fused.timesteps[[0, 7, 19]]:
+        a, b = stock.step(m, int(t), x), fused.step(m, t, x)
+        assert rel(b.prev_sample, a.prev_sample) <= TOL
+        assert rel(b.pred_original_sample, a.pred_original_sample) <= TOL
+    tb = torch.tensor([961, 11])
+    with CountSyncs() as c:
+        both = fused.step(m, tb, x)
+    assert c.n == 0
+    for k in range(2):
+        one = fused.step(m[k:k + 1], int(tb[k]), x[k:k + 1])
+        assert rel(both.prev_sample[k:k + 1], one.prev_sample) <= 1e-6
+        assert rel(both.pred_original_sample[k:k + 1], one.pred_original_sample) <= 1e-6
+
+
+def test_cogvideox_no_host_sync_and_one_pass():
+    from diffkern.integrations.diffusers import _base as B
+    s = FusedCogVideoXDDIMScheduler()
+    s.set_timesteps(8)
+    x = torch.randn(SHAPE)
+    calls = []
+    real = B.linear
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    B.linear = counted
+    try:
+        with CountSyncs() as c:
+            for t in s.timesteps:
+                x = s.step(torch.randn(SHAPE), t, x).prev_sample
+    finally:
+        B.linear = real
+    assert c.n == 0
+    assert len(calls) == len(s.timesteps)
+
+
+def test_cogvideox_config_round_trip(tmp_path):
+    cfg = dict(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing",
+               snr_shift_scale=1.5)
+    s = FusedCogVideoXDDIMScheduler(**cfg)
+    s.save_config(tmp_path)
+    assert json.loads((tmp_path / "scheduler_config.json").read_text())["_class_name"] == "CogVideoXDDIMScheduler"
+    stock = CogVideoXDDIMScheduler.from_pretrained(tmp_path)
+    back = FusedCogVideoXDDIMScheduler.from_pretrained(tmp_path)
+    assert type(back) is FusedCogVideoXDDIMScheduler
+    assert strip(back.config) == strip(stock.config) == strip(s.config)

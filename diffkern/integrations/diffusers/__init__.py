@@ -42,6 +42,7 @@ except ImportError as e:  # pragma: no cover - exercised by monkeypatching sys.m
         "diffkern.integrations.diffusers needs the diffusers package: pip install diffkern[diffusers] "
         f"(or pip install diffusers) ({e})") from e
 
+from .cogvideox import FusedCogVideoXDDIMScheduler
 from .ddim import FusedDDIMScheduler
 from .ddpm import FusedDDPMScheduler
 from .dpm import FusedDPMSolverMultistepScheduler
@@ -55,4 +56,5 @@ from .unipc import FusedUniPCMultistepScheduler
 __all__ = ["FusedDDIMScheduler", "FusedDDPMScheduler", "FusedEulerDiscreteScheduler",
            "FusedEulerAncestralDiscreteScheduler", "FusedHeunDiscreteScheduler", "FusedDPMSolverMultistepScheduler",
            "FusedFlowMatchEulerDiscreteScheduler", "FusedLCMScheduler",
-           "FusedUniPCMultistepScheduler", "FusedPNDMScheduler"]
+           "FusedUniPCMultistepScheduler", "FusedPNDMScheduler",
+           "FusedCogVideoXDDIMScheduler"]
