@@ -162,6 +162,25 @@ def test_unipc_bh1_final_zero_sigma_is_finite():
     assert torch.equal(x, s.model_outputs[-1].to(x.dtype))
 
 
+def test_unipc_under_torch_compile_equals_eager():
+    """A compiled step takes stock's Python step index as stock does (the coefficients
+    are host Python, kept out of the graph): the loop is the eager one, bit for bit."""
+    outs = []
+    for compiled in (False, True):
+        s = FusedUniPCMultistepScheduler(solver_order=3)
+        s.set_timesteps(6)
+        x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+
+        def f(m, t, x, s=s):
+            return s.step(m, t, x).prev_sample
+
+        g = torch.compile(f, backend="eager") if compiled else f
+        for t in s.timesteps:
+            x = g(model(x, t), t, x)
+        outs.append(x)
+    assert torch.equal(outs[0], outs[1])
+
+
 def test_unipc_no_host_sync_and_one_pass():
     from diffkern.integrations.diffusers import _base as B
     s = FusedUniPCMultistepScheduler(solver_order=3, final_sigmas_type="zero")

@@ -4,6 +4,7 @@ UniP predictor of a step in one dk.linear_step pass."""
 from __future__ import annotations
 
 import numpy as np
+import torch
 from diffusers import UniPCMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
@@ -40,8 +41,11 @@ class FusedUniPCMultistepScheduler(B.IndexedSchedulerMixin, UniPCMultistepSchedu
     fused x0 between two passes. ``add_noise`` is stock's.
 
     Not supported: ``solver_p`` (another scheduler's step inside this one), and a (B,)
-    timestep or a step under torch.compile (the history is shared by the batch, so every
-    sample must be at the same step; ``NotImplementedError``).
+    timestep (the history is shared by the batch, so every sample must be at the same
+    step; ``NotImplementedError``).
+
+    Where stock is NaN the fused step can be finite: bh1 to a final sigma of 0 multiplies
+    B_h = -inf by a zero residual in stock; the fused coefficient of that residual is 0.
     """
 
     _dk_first_match_second = True  # stock's index_for_timestep takes the 2nd of several matches
@@ -124,6 +128,7 @@ class FusedUniPCMultistepScheduler(B.IndexedSchedulerMixin, UniPCMultistepSchedu
             terms += [(-w * B_h * rho, mt), (w * B_h * rho, m0)]
         return _add(*terms)
 
+    @torch._dynamo.disable
     def _dk_rows(self, st, i, corr_order, order, x0_input):
         """(names, rows) of the step's linear_step call; the rows are [corrected sample,
         converted output, next sample], absent where not computed."""
@@ -174,11 +179,20 @@ class FusedUniPCMultistepScheduler(B.IndexedSchedulerMixin, UniPCMultistepSchedu
                                 "another scheduler's step inside the fused one")
         c = self.config
         st = self._dk_state(sample.device)
-        i = self._dk_host_index(timestep, st)
-        if i is None:
+        if isinstance(timestep, torch.Tensor) and timestep.numel() > 1:
             raise NotImplementedError(
-                f"{type(self).__name__}.step takes one timestep for the whole batch outside torch.compile (the "
-                "multistep history is shared by the batch)")
+                f"{type(self).__name__}.step takes one timestep for the whole batch (the multistep history is "
+                "shared by the batch)")
+        if self._step_index is None:
+            # stock's first index: begin_index, else the timestep's position (from the view:
+            # no read; else stock's lookup, one read per loop). Under torch.compile the index
+            # is the same Python int as stock's, the step a graph break like stock's.
+            i = None if self._begin_index is not None else self._dk_index_of(timestep)
+            if i is not None:
+                self._step_index = st.init_index[i]
+            else:
+                self._init_step_index(timestep)
+        i = self._step_index
         use_corrector = i > 0 and (i - 1) not in self.disable_corrector and self.last_sample is not None
         corr_order = self.this_order if use_corrector else 0
         n = len(self.timesteps)
