@@ -299,6 +299,27 @@ def test_pndm_no_host_sync_and_one_pass():
     assert len(calls) == len(s.timesteps)
 
 
+def test_pndm_pipeline_gives_the_stock_image():
+    """pipe.scheduler = FusedPNDMScheduler.from_config(pipe.scheduler.config) on a tiny
+    randomly initialised UNet pipeline: the stock image for the same seed."""
+    from diffusers import PNDMPipeline, UNet2DModel
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+                       norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"))
+    imgs = []
+    for cls in (PNDMScheduler, FusedPNDMScheduler):
+        pipe = PNDMPipeline(unet=unet, scheduler=PNDMScheduler())
+        pipe.scheduler = cls.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        out = pipe(batch_size=2, num_inference_steps=10, generator=torch.Generator().manual_seed(1),
+                   output_type="np").images
+        imgs.append(torch.from_numpy(out))
+    assert type(pipe.scheduler) is FusedPNDMScheduler
+    assert imgs[0].std() > 0.1
+    assert (imgs[0] - imgs[1]).abs().max() <= TOL  # images in [0, 1]
+
+
 def test_pndm_config_round_trip(tmp_path):
     cfg = dict(skip_prk_steps=True, set_alpha_to_one=True, prediction_type="v_prediction", steps_offset=1)
     s = FusedPNDMScheduler(**cfg)
