@@ -181,6 +181,23 @@ def test_unipc_under_torch_compile_equals_eager():
     assert torch.equal(outs[0], outs[1])
 
 
+def test_unipc_reused_scheduler_equals_fresh():
+    """The coefficients kept across set_timesteps calls: loops of 9, 5, 9 steps on one
+    scheduler equal the same loops on fresh ones, bit for bit."""
+    cfg = dict(solver_order=3, disable_corrector=[2])
+    x0 = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2))
+    reused = FusedUniPCMultistepScheduler(**cfg)
+    for n in (9, 5, 9):
+        outs = []
+        for s in (reused, FusedUniPCMultistepScheduler(**cfg)):
+            s.set_timesteps(n)
+            x = x0
+            for t in s.timesteps:
+                x = s.step(model(x, t), t, x).prev_sample
+            outs.append(x)
+        assert torch.equal(outs[0], outs[1])
+
+
 def test_unipc_no_host_sync_and_one_pass():
     from diffkern.integrations.diffusers import _base as B
     s = FusedUniPCMultistepScheduler(solver_order=3, final_sigmas_type="zero")

@@ -66,7 +66,17 @@ class FusedUniPCMultistepScheduler(B.IndexedSchedulerMixin, UniPCMultistepSchedu
                 alpha = 1 / np.sqrt(sig**2 + 1)
                 sigma = sig * alpha
             lam = np.log(alpha) - np.log(sigma)
-        return B._State(**tabs, alpha=alpha, sigma=sigma, lam=lam, coeffs={})
+        # The step coefficients depend only on the sigmas and the orders: kept across
+        # set_timesteps calls with the same schedule (a pipeline's every call), so only a
+        # first loop forms them.
+        cache = self.__dict__.setdefault("_dk_coeff_cache", {})
+        key = (tuple(tabs["sig_host"]), bool(self.predict_x0))
+        coeffs = cache.get(key)
+        if coeffs is None:
+            if len(cache) >= 8:
+                cache.clear()
+            coeffs = cache[key] = {}
+        return B._State(**tabs, alpha=alpha, sigma=sigma, lam=lam, coeffs=coeffs)
 
     # ---- host coefficients ----------------------------------------------------------
     def _dk_convert(self, st, i):
@@ -128,14 +138,16 @@ class FusedUniPCMultistepScheduler(B.IndexedSchedulerMixin, UniPCMultistepSchedu
             terms += [(-w * B_h * rho, mt), (w * B_h * rho, m0)]
         return _add(*terms)
 
-    @torch._dynamo.disable
     def _dk_rows(self, st, i, corr_order, order, x0_input):
-        """(names, rows) of the step's linear_step call; the rows are [corrected sample,
-        converted output, next sample], absent where not computed."""
+        """(names, rows, has corrected row, has converted row) of the step's linear_step
+        call; the rows are [corrected sample, converted output, next sample], absent where
+        not computed."""
+        hit = st.coeffs.get((i, corr_order, order, x0_input))
+        return hit if hit is not None else self._dk_form_rows(st, i, corr_order, order, x0_input)
+
+    @torch._dynamo.disable  # host float64 arithmetic, not graph ops
+    def _dk_form_rows(self, st, i, corr_order, order, x0_input):
         key = (i, corr_order, order, x0_input)
-        hit = st.coeffs.get(key)
-        if hit is not None:
-            return hit
         X, M, LAST = {"x": 1.0}, {"m": 1.0}, {"last": 1.0}
         H = [{"h1": 1.0}, {"h2": 1.0}, {"h3": 1.0}]
         mc = {"mc": 1.0} if x0_input else self._dk_convert(st, i)
