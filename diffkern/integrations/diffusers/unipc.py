@@ -225,7 +225,11 @@ class FusedUniPCMultistepScheduler(B.IndexedSchedulerMixin, UniPCMultistepSchedu
         hist = self.model_outputs
         for k in range(1, 4):
             ops[f"h{k}"] = hist[-k] if k <= len(hist) else None
-        outs = B.linear([ops[nm] for nm in names], rows)
+        inputs = [ops[nm] for nm in names]
+        dt = x.dtype  # the history and last sample may hold another dtype (stock keeps each as made)
+        for t_ in inputs:
+            dt = torch.promote_types(dt, t_.dtype)
+        outs = B.linear([t_ if t_.dtype == dt else t_.to(dt) for t_ in inputs], rows)
         j = 0
         if has_c:
             sample = outs[0]
