@@ -56,6 +56,16 @@ CASES = {
                                                                beta_end=0.012, use_karras_sigmas=True), 20, {}),
     "FlowMatchEuler": ("FlowMatchEulerDiscreteScheduler", dict(shift=3.0), 20, {}),
     "LCM": ("LCMScheduler", dict(), 8, {"generator": True}),
+    # Wan 2.1 / 2.2
+    "UniPCMultistep": ("UniPCMultistepScheduler", dict(use_flow_sigmas=True, prediction_type="flow_prediction",
+                                                       flow_shift=3.0, solver_order=2, solver_type="bh2",
+                                                       final_sigmas_type="zero"), 20, {}),
+    # Stable Diffusion 1.x
+    "PNDM": ("PNDMScheduler", dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                   skip_prk_steps=True, steps_offset=1), 20, {}),
+    # CogVideoX
+    "CogVideoXDDIM": ("CogVideoXDDIMScheduler", dict(prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                                                     timestep_spacing="trailing"), 20, {}),
 }
 
 
