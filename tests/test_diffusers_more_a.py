@@ -111,3 +111,39 @@ def test_edm_euler_given_x0_and_per_sample_timesteps():
         _close(out.pred_original_sample[b:b + 1], ref.pred_original_sample)
     assert f2.step_index is None
 
+
+# ---- DDIM inverse -------------------------------------------------------------------
+INV_GRID = [
+    dict(),
+    dict(prediction_type="v_prediction", timestep_spacing="trailing"),
+    dict(prediction_type="sample", set_alpha_to_one=False, beta_schedule="scaled_linear"),
+    dict(clip_sample=True, clip_sample_range=1.5, steps_offset=1),
+    dict(rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="v_prediction",
+         beta_schedule="squaredcos_cap_v2"),
+]
+
+
+@pytest.mark.parametrize("cfg", INV_GRID)
+def test_ddim_inverse_loop_matches_stock(cfg):
+    s, f = _pair(diffusers.DDIMInverseScheduler, DK.FusedDDIMInverseScheduler, cfg)
+    a, xs_a = _loop(s, _x0(), 10)
+    b, xs_b = _loop(f, _x0(), 10)
+    for u, v in zip(xs_b, xs_a, strict=True):
+        _close(u, v)
+
+
+def test_ddim_inverse_int_and_per_sample_timesteps():
+    s, f = _pair(diffusers.DDIMInverseScheduler, DK.FusedDDIMInverseScheduler, dict(clip_sample=True))
+    s.set_timesteps(10)
+    f.set_timesteps(10)
+    x = _x0()[..., :4].transpose(-1, -2)  # non-contiguous view
+    ts = [0, 300, 900]
+    m = _model(x, 0.0)
+    out = f.step(m, torch.tensor(ts), x)
+    for b, t in enumerate(ts):
+        ref = s.step(m[b:b + 1], t, x[b:b + 1])
+        one = f.step(m[b:b + 1], t, x[b:b + 1])
+        _close(out.prev_sample[b:b + 1], ref.prev_sample)
+        _close(out.pred_original_sample[b:b + 1], ref.pred_original_sample)
+        _close(one.prev_sample, ref.prev_sample)
+

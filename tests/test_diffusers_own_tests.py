@@ -36,6 +36,7 @@ FAMILIES = (
     "dpm_multi",
     "lcm",
     "edm_euler",
+    "ddim_inverse",
 )
 
 P = "tests/schedulers/test_scheduler_"

@@ -49,9 +49,10 @@ from .edm import FusedEDMEulerScheduler
 from .euler import FusedEulerAncestralDiscreteScheduler, FusedEulerDiscreteScheduler
 from .flow import FusedFlowMatchEulerDiscreteScheduler
 from .heun import FusedHeunDiscreteScheduler
+from .inverse import FusedDDIMInverseScheduler
 from .lcm import FusedLCMScheduler
 
 __all__ = ["FusedDDIMScheduler", "FusedDDPMScheduler", "FusedEulerDiscreteScheduler",
            "FusedEulerAncestralDiscreteScheduler", "FusedHeunDiscreteScheduler", "FusedDPMSolverMultistepScheduler",
            "FusedFlowMatchEulerDiscreteScheduler", "FusedLCMScheduler",
-           "FusedEDMEulerScheduler"]
+           "FusedEDMEulerScheduler", "FusedDDIMInverseScheduler"]
