@@ -147,3 +147,41 @@ def test_ddim_inverse_int_and_per_sample_timesteps():
         _close(out.pred_original_sample[b:b + 1], ref.pred_original_sample)
         _close(one.prev_sample, ref.prev_sample)
 
+
+# ---- TCD ----------------------------------------------------------------------------
+TCD_GRID = [
+    dict(),
+    dict(prediction_type="v_prediction", timestep_spacing="trailing", rescale_betas_zero_snr=True),
+    dict(prediction_type="sample", set_alpha_to_one=False),
+]
+
+
+@pytest.mark.parametrize("cfg", TCD_GRID)
+@pytest.mark.parametrize("eta", [0.0, 0.3, 1.0])
+def test_tcd_loop_matches_stock(cfg, eta):
+    s, f = _pair(diffusers.TCDScheduler, DK.FusedTCDScheduler, cfg)
+    a, xs_a = _loop(s, _x0(), 6, dict(eta=eta), gen_seed=7)
+    b, xs_b = _loop(f, _x0(), 6, dict(eta=eta), gen_seed=7)
+    for u, v in zip(xs_b, xs_a, strict=True):
+        _close(u, v)
+
+
+def test_tcd_per_sample_timesteps(monkeypatch):
+    import diffusers.schedulers.scheduling_tcd as T
+
+    f = DK.FusedTCDScheduler()
+    f.set_timesteps(5)
+    x = _x0()[..., :4].transpose(-1, -2)  # non-contiguous view
+    m = _model(x, 0.0)
+    z = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2)).float()
+    idx = [4, 0, 2]  # 4 is the last step: no noise there
+    out = f.step(m, f.timesteps[idx], x, eta=0.5, variance_noise=z)
+    for b, j in enumerate(idx):
+        s = diffusers.TCDScheduler()
+        s.set_timesteps(5)
+        s._step_index = j
+        monkeypatch.setattr(T, "randn_tensor", lambda *a, b=b, **k: z[b:b + 1])
+        ref = s.step(m[b:b + 1], s.timesteps[j], x[b:b + 1], eta=0.5)
+        _close(out.prev_sample[b:b + 1], ref.prev_sample)
+        _close(out.pred_noised_sample[b:b + 1], ref.pred_noised_sample)
+

@@ -37,6 +37,7 @@ FAMILIES = (
     "lcm",
     "edm_euler",
     "ddim_inverse",
+    "tcd",
 )
 
 P = "tests/schedulers/test_scheduler_"

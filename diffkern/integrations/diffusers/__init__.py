@@ -51,8 +51,10 @@ from .flow import FusedFlowMatchEulerDiscreteScheduler
 from .heun import FusedHeunDiscreteScheduler
 from .inverse import FusedDDIMInverseScheduler
 from .lcm import FusedLCMScheduler
+from .tcd import FusedTCDScheduler
 
 __all__ = ["FusedDDIMScheduler", "FusedDDPMScheduler", "FusedEulerDiscreteScheduler",
            "FusedEulerAncestralDiscreteScheduler", "FusedHeunDiscreteScheduler", "FusedDPMSolverMultistepScheduler",
            "FusedFlowMatchEulerDiscreteScheduler", "FusedLCMScheduler",
-           "FusedEDMEulerScheduler", "FusedDDIMInverseScheduler"]
+           "FusedEDMEulerScheduler", "FusedDDIMInverseScheduler",
+           "FusedTCDScheduler"]
