@@ -185,3 +185,34 @@ def test_tcd_per_sample_timesteps(monkeypatch):
         _close(out.prev_sample[b:b + 1], ref.prev_sample)
         _close(out.pred_noised_sample[b:b + 1], ref.pred_noised_sample)
 
+
+# ---- IPNDM --------------------------------------------------------------------------
+@pytest.mark.parametrize("steps", [3, 10, 25])
+def test_ipndm_loop_matches_stock(steps):
+    s, f = _pair(diffusers.IPNDMScheduler, DK.FusedIPNDMScheduler, {})
+    s.set_timesteps(steps)
+    x = xs = _x0()
+    f.set_timesteps(steps)
+    for t in f.timesteps:
+        xs = s.step(_model(xs, t), t, xs).prev_sample
+        x = f.step(_model(x, t), t, x).prev_sample
+        _close(x, xs)
+
+
+def test_ipndm_per_sample_timesteps():
+    f = DK.FusedIPNDMScheduler()
+    f.set_timesteps(7)
+    x = _x0()[..., :4].transpose(-1, -2)  # non-contiguous view
+    hist = [_x0(seed=k)[..., :4].transpose(-1, -2) for k in (11, 12, 13)]
+    idx = [1, 6, 3]
+    m = _model(x, 0.0)
+    f.ets = list(hist)
+    out = f.step(m, f.timesteps[idx], x).prev_sample
+    for b, j in enumerate(idx):
+        s = diffusers.IPNDMScheduler()
+        s.set_timesteps(7)
+        s.alphas, s.betas = s.alphas.double(), s.betas.double()
+        s._step_index = j
+        s.ets = [h[b:b + 1].double() for h in hist]
+        ref = s.step(m[b:b + 1].double(), s.timesteps[j], x[b:b + 1].double()).prev_sample
+        _close(out[b:b + 1], ref)

@@ -38,6 +38,7 @@ FAMILIES = (
     "edm_euler",
     "ddim_inverse",
     "tcd",
+    "ipndm",
 )
 
 P = "tests/schedulers/test_scheduler_"

@@ -50,6 +50,7 @@ from .euler import FusedEulerAncestralDiscreteScheduler, FusedEulerDiscreteSched
 from .flow import FusedFlowMatchEulerDiscreteScheduler
 from .heun import FusedHeunDiscreteScheduler
 from .inverse import FusedDDIMInverseScheduler
+from .ipndm import FusedIPNDMScheduler
 from .lcm import FusedLCMScheduler
 from .tcd import FusedTCDScheduler
 
@@ -57,4 +58,4 @@ __all__ = ["FusedDDIMScheduler", "FusedDDPMScheduler", "FusedEulerDiscreteSchedu
            "FusedEulerAncestralDiscreteScheduler", "FusedHeunDiscreteScheduler", "FusedDPMSolverMultistepScheduler",
            "FusedFlowMatchEulerDiscreteScheduler", "FusedLCMScheduler",
            "FusedEDMEulerScheduler", "FusedDDIMInverseScheduler",
-           "FusedTCDScheduler"]
+           "FusedTCDScheduler", "FusedIPNDMScheduler"]
