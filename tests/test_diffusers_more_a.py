@@ -216,3 +216,39 @@ def test_ipndm_per_sample_timesteps():
         s.ets = [h[b:b + 1].double() for h in hist]
         ref = s.step(m[b:b + 1].double(), s.timesteps[j], x[b:b + 1].double()).prev_sample
         _close(out[b:b + 1], ref)
+
+
+# ---- FlowMatch Heun -----------------------------------------------------------------
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+@pytest.mark.parametrize("churn", [0.0, 4.0])
+def test_flow_heun_loop_matches_stock(shift, churn):
+    s, f = _pair(diffusers.FlowMatchHeunDiscreteScheduler, DK.FusedFlowMatchHeunDiscreteScheduler, dict(shift=shift))
+    kw = dict(s_churn=churn, s_tmin=0.2, s_tmax=0.9)
+    s.set_timesteps(7)
+    f.set_timesteps(7)
+    gs, gf = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    xs = xf = _x0()
+    for ts, tf in zip(s.timesteps, f.timesteps, strict=True):
+        xs = s.step(_model(xs, ts), ts, xs, generator=gs, **kw).prev_sample
+        xf = f.step(_model(xf, tf), tf, xf, generator=gf, **kw).prev_sample
+        _close(xf, xs)
+    assert torch.equal(gs.get_state(), gf.get_state())  # the same draws
+
+
+def test_flow_heun_per_sample_timesteps():
+    f = DK.FusedFlowMatchHeunDiscreteScheduler(shift=2.0)
+    f.set_timesteps(5)
+    x = _x0()[..., :4].transpose(-1, -2)  # non-contiguous view
+    first = [0, 4, 6]  # positions of first stages (even: each timestep but the first comes twice)
+    m1 = _model(x, 0.0)
+    p1 = f.step(m1, f.timesteps[first], x).prev_sample
+    m2 = _model(p1, 1.0)
+    p2 = f.step(m2, f.timesteps[[j + 1 for j in first]], p1).prev_sample
+    for b, j in enumerate(first):
+        s = diffusers.FlowMatchHeunDiscreteScheduler(shift=2.0)
+        s.set_timesteps(5)
+        s._step_index = j
+        r1 = s.step(m1[b:b + 1], s.timesteps[j], x[b:b + 1]).prev_sample
+        r2 = s.step(m2[b:b + 1], s.timesteps[j + 1], r1).prev_sample
+        _close(p1[b:b + 1], r1)
+        _close(p2[b:b + 1], r2)

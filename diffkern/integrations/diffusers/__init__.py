@@ -48,6 +48,7 @@ from .dpm import FusedDPMSolverMultistepScheduler
 from .edm import FusedEDMEulerScheduler
 from .euler import FusedEulerAncestralDiscreteScheduler, FusedEulerDiscreteScheduler
 from .flow import FusedFlowMatchEulerDiscreteScheduler
+from .flow_heun import FusedFlowMatchHeunDiscreteScheduler
 from .heun import FusedHeunDiscreteScheduler
 from .inverse import FusedDDIMInverseScheduler
 from .ipndm import FusedIPNDMScheduler
@@ -58,4 +59,5 @@ __all__ = ["FusedDDIMScheduler", "FusedDDPMScheduler", "FusedEulerDiscreteSchedu
            "FusedEulerAncestralDiscreteScheduler", "FusedHeunDiscreteScheduler", "FusedDPMSolverMultistepScheduler",
            "FusedFlowMatchEulerDiscreteScheduler", "FusedLCMScheduler",
            "FusedEDMEulerScheduler", "FusedDDIMInverseScheduler",
-           "FusedTCDScheduler", "FusedIPNDMScheduler"]
+           "FusedTCDScheduler", "FusedIPNDMScheduler",
+           "FusedFlowMatchHeunDiscreteScheduler"]
