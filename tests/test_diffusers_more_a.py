@@ -252,3 +252,45 @@ def test_flow_heun_per_sample_timesteps():
         r2 = s.step(m2[b:b + 1], s.timesteps[j + 1], r1).prev_sample
         _close(p1[b:b + 1], r1)
         _close(p2[b:b + 1], r2)
+
+
+# ---- DPM-Solver single-step ---------------------------------------------------------
+def _single_grid():
+    out = []
+    for order in (1, 2, 3):
+        for algo in ("dpmsolver++", "dpmsolver", "sde-dpmsolver++"):
+            for stype in ("midpoint", "heun"):
+                cfg = dict(solver_order=order, algorithm_type=algo, solver_type=stype)
+                if algo == "dpmsolver":
+                    cfg["final_sigmas_type"] = "sigma_min"
+                out.append(cfg)
+    out += [
+        dict(solver_order=3, prediction_type="v_prediction", use_karras_sigmas=True, lower_order_final=False,
+             final_sigmas_type="sigma_min"),
+        dict(solver_order=2, prediction_type="sample", thresholding=True, sample_max_value=1.2),
+        dict(solver_order=3, use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0),
+        dict(solver_order=2, variance_type="learned_range", use_exponential_sigmas=True),
+    ]
+    return out
+
+
+@pytest.mark.parametrize("cfg", _single_grid(), ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("steps", [6, 7])
+def test_dpm_single_loop_matches_stock(cfg, steps):
+    """Stock with its sigmas upcast to float64 after set_timesteps (the samples stay
+    float32, so the noise draws are the same): its float32 log / exp coefficients round
+    more than 1e-5 at small sigmas."""
+    s, f = _pair(diffusers.DPMSolverSinglestepScheduler, DK.FusedDPMSolverSinglestepScheduler, cfg)
+    s.set_timesteps(steps)
+    f.set_timesteps(steps)
+    s.sigmas = s.sigmas.double()
+    gs, gf = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    learned = cfg.get("variance_type") is not None
+    xs = xf = _x0()[:, :3] if learned else _x0()  # learned variance: 3 channels, 6 in the model output
+    for ts, tf in zip(s.timesteps, f.timesteps, strict=True):
+        ms, mf = _model(xs, ts), _model(xf, tf)
+        if learned:
+            ms, mf = torch.cat([ms, -ms], 1), torch.cat([mf, -mf], 1)
+        xs = s.step(ms, ts, xs, generator=gs).prev_sample
+        xf = f.step(mf, tf, xf, generator=gf).prev_sample
+        _close(xf, xs)

@@ -39,6 +39,7 @@ FAMILIES = (
     "ddim_inverse",
     "tcd",
     "ipndm",
+    "dpm_single",
 )
 
 P = "tests/schedulers/test_scheduler_"

@@ -45,6 +45,7 @@ except ImportError as e:  # pragma: no cover - exercised by monkeypatching sys.m
 from .ddim import FusedDDIMScheduler
 from .ddpm import FusedDDPMScheduler
 from .dpm import FusedDPMSolverMultistepScheduler
+from .dpm_single import FusedDPMSolverSinglestepScheduler
 from .edm import FusedEDMEulerScheduler
 from .euler import FusedEulerAncestralDiscreteScheduler, FusedEulerDiscreteScheduler
 from .flow import FusedFlowMatchEulerDiscreteScheduler
@@ -60,4 +61,4 @@ __all__ = ["FusedDDIMScheduler", "FusedDDPMScheduler", "FusedEulerDiscreteSchedu
            "FusedFlowMatchEulerDiscreteScheduler", "FusedLCMScheduler",
            "FusedEDMEulerScheduler", "FusedDDIMInverseScheduler",
            "FusedTCDScheduler", "FusedIPNDMScheduler",
-           "FusedFlowMatchHeunDiscreteScheduler"]
+           "FusedFlowMatchHeunDiscreteScheduler", "FusedDPMSolverSinglestepScheduler"]
