@@ -73,14 +73,15 @@ class FusedTCDScheduler(B.IndexedSchedulerMixin, TCDScheduler):
         if got is not None:
             return got
         n, ts, ac = st.n, st.ts_host, st.ac_host
-        prev_ts = torch.tensor([ts[k + 1] if k + 1 < n else 0 for k in range(n)], dtype=torch.int64)
-        s_ts = torch.floor((1 - eta) * prev_ts).to(dtype=torch.long).tolist()  # stock's float32 rounding
+        prev_ts = [ts[k + 1] if k + 1 < n else 0 for k in range(n)]
+        # stock's float32 rounding of (1 - eta) * t_prev
+        s_ts = torch.floor((1 - eta) * torch.tensor(prev_ts, dtype=torch.int64)).to(dtype=torch.long).tolist()
         last = self.num_inference_steps - 1
         pred = self.config.prediction_type
         rows, noise = [], []
         for k in range(n):
             a_t, a_s = ac[ts[k]], ac[s_ts[k]]
-            pt = int(prev_ts[k])
+            pt = prev_ts[k]
             a_prev = ac[pt] if pt >= 0 else st.final
             (x0x, x0m), (ex, em) = _x0_eps_rows(a_t, pred)
             rs, rq = _sqrt(a_s), _sqrt(1 - a_s)
