@@ -4,10 +4,12 @@ deterministic model, the same seeds, over config grids."""
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -42,7 +44,7 @@ def _loop(sched, x, steps=8, step_kw=None, gen_seed=None, set_kw=None, upcast_ta
     outs = []
     x = x * getattr(sched, "init_noise_sigma", 1.0)
     for t in sched.timesteps:
-        xin = sched.scale_model_input(x, t)
+        xin = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
         m = _model(xin, t)
         out = sched.step(m, t, x, **kw)
         x = out.prev_sample
@@ -294,3 +296,54 @@ def test_dpm_single_loop_matches_stock(cfg, steps):
         xs = s.step(ms, ts, xs, generator=gs).prev_sample
         xf = f.step(mf, tf, xf, generator=gf).prev_sample
         _close(xf, xs)
+
+
+# ---- every class: no host reads per step ---------------------------------------------
+class _CountSyncs(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+SYNC_CASES = [
+    ("FusedEDMEulerScheduler", {}, dict(s_churn=2.0)),
+    ("FusedDDIMInverseScheduler", dict(clip_sample=True), {}),
+    ("FusedTCDScheduler", {}, dict(eta=0.3)),
+    ("FusedIPNDMScheduler", {}, {}),
+    ("FusedFlowMatchHeunDiscreteScheduler", {}, dict(s_churn=2.0, s_tmin=0.1, s_tmax=0.9)),
+    ("FusedDPMSolverSinglestepScheduler", dict(solver_order=3, algorithm_type="sde-dpmsolver++"), {}),
+]
+
+
+@pytest.mark.parametrize("name,cfg,kw", SYNC_CASES, ids=[c[0] for c in SYNC_CASES])
+def test_no_host_sync_per_step(name, cfg, kw):
+    """After set_timesteps, a whole loop (timesteps from ``scheduler.timesteps``, CPU
+    tensors: the same code path as device-resident ones) reads no tensor on the host."""
+    sched = getattr(DK, name)(**cfg)
+    sched.set_timesteps(7)
+    x = _x0()
+    g = torch.Generator().manual_seed(0)
+    if "generator" in inspect.signature(sched.step).parameters:
+        kw = dict(kw, generator=g)
+    with _CountSyncs() as c:
+        for t in sched.timesteps:
+            xin = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
+            x = sched.step(torch.tanh(xin), t, x, **kw).prev_sample
+    assert c.n == 0
+    with _CountSyncs() as c:  # the counter counts
+        torch.tensor(1.0).item()
+    assert c.n == 1
+
+
+@pytest.mark.parametrize("name", [c[0] for c in SYNC_CASES])
+def test_saved_config_names_the_stock_class(name, tmp_path):
+    cls = getattr(DK, name)
+    cls().save_config(tmp_path)
+    stock = cls._dk_stock
+    assert stock.__name__ in (tmp_path / "scheduler_config.json").read_text()
+    assert type(stock.from_pretrained(tmp_path)) is stock
