@@ -170,16 +170,15 @@ class FusedDPMSolverSinglestepScheduler(B.IndexedSchedulerMixin, DPMSolverSingle
         flow = bool(c.use_flow_sigmas)
         sch = [_Sched(sig[k], flow) if 0 <= k < len(sig) else None for k in (i + 1, i, i - 1, i - 2)]
         a, (w0, w1, w2), nz = _update_coeffs(order, c.algorithm_type, c.solver_type, *sch)
-        z = None
-        if c.algorithm_type == "sde-dpmsolver++":
-            z, _ = B.step_noise(self, x, generator, variance_noise, True)
+        sde = c.algorithm_type == "sde-dpmsolver++"
+        z, gen = B.step_noise(self, x, generator, variance_noise, sde)
         terms = [(xs, a), (shifted[0], w1 if order > 1 else 0.0), (shifted[1], w2 if order > 2 else 0.0)]
         terms = [(tsr, w) for tsr, w in terms if w != 0.0 or tsr is xs]
         if c.thresholding:
             (m0,) = B.linear([x, m], ((cx, cm),))
             m0 = self._threshold_sample(m0)
             inputs = [xs, m0] + [tsr for tsr, _ in terms[1:]]
-            (prev,) = B.linear(inputs, ((a, w0, *[w for _, w in terms[1:]]),), None if z is None else (nz,), z)
+            (prev,) = B.linear(inputs, ((a, w0, *[w for _, w in terms[1:]]),), (nz,) if sde else None, z, gen)
         else:
             inputs, row, conv = [x, m], [w0 * cx, w0 * cm], [cx, cm]
             for tsr, w in terms:
@@ -189,7 +188,7 @@ class FusedDPMSolverSinglestepScheduler(B.IndexedSchedulerMixin, DPMSolverSingle
                     inputs.append(tsr)
                     row.append(w)
                     conv.append(0.0)
-            prev, m0 = B.linear(inputs, (tuple(row), tuple(conv)), None if z is None else (nz, 0.0), z)
+            prev, m0 = B.linear(inputs, (tuple(row), tuple(conv)), (nz, 0.0) if sde else None, z, gen)
         for k in range(c.solver_order - 1):
             outs[k] = outs[k + 1]
         outs[-1] = m0

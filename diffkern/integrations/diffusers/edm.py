@@ -91,17 +91,18 @@ class FusedEDMEulerScheduler(B.IndexedSchedulerMixin, EDMEulerScheduler):
         x = sample if sample.dtype == torch.float32 else sample.to(torch.float32)  # stock upcasts the sample
         m = model_output
         i = self._dk_host_index(timestep, st)
-        noise = None
+        noise = gen = None
+        draws = False
         if i is not None:
             sigma, sigma_next = st.sig_host[i], st.sig_host[i + 1]
             gamma = min(s_churn / (len(st.sig_host) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
             rows, a = _edm_coeffs(sigma, sigma_next, gamma, float(s_noise), float(self.config.sigma_data),
                                   self.config.prediction_type == "epsilon")
-            if gamma > 0:
-                noise, _ = B.step_noise(self, x, generator, None, True, shape=tuple(m.shape), dtype=m.dtype)
+            draws = gamma > 0
+            noise, gen = B.step_noise(self, x, generator, None, draws, shape=tuple(m.shape), dtype=m.dtype)
             step_rows, x0_row = rows[:2], rows[2:]
-            ncoef = (rows[0][0] * a, rows[1][0] * a) if noise is not None else None
-            x0_ncoef = (rows[2][0] * a,) if noise is not None else None
+            ncoef = (rows[0][0] * a, rows[1][0] * a) if draws else None
+            x0_ncoef = (rows[2][0] * a,) if draws else None
         else:
             if s_churn > 0:
                 raise NotImplementedError("s_churn > 0 needs a scalar timestep outside torch.compile (the churn "
@@ -111,9 +112,9 @@ class FusedEDMEulerScheduler(B.IndexedSchedulerMixin, EDMEulerScheduler):
             ncoef, x0_ncoef = None, None
         if pred_original_sample is not None:
             x0 = pred_original_sample
-            (prev,) = B.linear([x, x0], x0_row, x0_ncoef, noise)
+            (prev,) = B.linear([x, x0], x0_row, x0_ncoef, noise, gen)
         else:
-            prev, x0 = B.linear([x, m], step_rows, ncoef, noise)
+            prev, x0 = B.linear([x, m], step_rows, ncoef, noise, gen)
         if prev.dtype != m.dtype:
             prev = prev.to(m.dtype)
         if i is not None:

@@ -53,15 +53,14 @@ class FusedFlowMatchHeunDiscreteScheduler(B.IndexedSchedulerMixin, FlowMatchHeun
             sigma_next = st.sig_host[i + 1] if first else st.sig_host[i]
             gamma = min(s_churn / (len(st.sig_host) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
             sigma_hat = sigma * (gamma + 1)
-            z = None
-            if gamma > 0:
-                z, _ = B.step_noise(self, x, generator, None, True, shape=tuple(m.shape), dtype=m.dtype)
+            # a second stage draws too (stock draws, then drops the noised sample)
+            z, gen = B.step_noise(self, x, generator, None, gamma > 0, shape=tuple(m.shape), dtype=m.dtype)
             if first:
                 dt = sigma_next - sigma_hat
                 f = sigma / sigma_hat
-                if z is not None:
+                if gamma > 0:
                     a = s_noise * math.sqrt(sigma_hat * sigma_hat - sigma * sigma)
-                    prev, x_hat = B.linear([x, m], ((1.0, f * dt), (1.0, 0.0)), (a, a), z)
+                    prev, x_hat = B.linear([x, m], ((1.0, f * dt), (1.0, 0.0)), (a, a), z, gen)
                 else:
                     (prev,), x_hat = B.linear([x, m], ((1.0, f * dt),)), x
                 self.prev_derivative, self.dt, self.sample, self._dk_factor = m, dt, x_hat, f
