@@ -103,15 +103,15 @@ class FusedDPMSolverSinglestepScheduler(B.IndexedSchedulerMixin, DPMSolverSingle
     sde-dpmsolver++) runs stock's quantile pass between two calls (x0, then the step).
 
     Not supported (``NotImplementedError``): ``thresholding`` with ``algorithm_type=
-    "dpmsolver"`` (at construction: stock reads ``alpha_t`` / ``sigma_t`` tables this
-    class does not have); a (B,) timestep or torch.compile (at ``step``: the group's order
-    is per position)."""
+    "dpmsolver"`` (at construction: stock's step indexes its ``alpha_t`` / ``sigma_t``
+    tables with ``timestep=None`` there, so it thresholds with whole tables); a (B,)
+    timestep or torch.compile (at ``step``: the group's order is per position)."""
 
     def _dk_check_config(self):
         c = self.config
         if c.thresholding and c.algorithm_type == "dpmsolver":
-            raise B.unsupported(self, "thresholding", True, "with algorithm_type='dpmsolver' stock reads tables "
-                                "(alpha_t, sigma_t) it never builds")
+            raise B.unsupported(self, "thresholding", True, "with algorithm_type='dpmsolver' stock's step indexes "
+                                "its alpha_t / sigma_t tables with timestep=None: whole tables, not the step's values")
 
     def _dk_build(self, device):
         return B._State(**self._dk_sigma_tables(device))
