@@ -368,3 +368,32 @@ def test_kernel_noise_mode_draws_from_the_generator(name, cfg, kw):
     a, b, c = run(1), run(1), run(2)
     assert torch.equal(a, b)
     assert (a - c).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("algo", ["dpmsolver++", "sde-dpmsolver++"])
+def test_dpm_single_per_sample_timesteps(algo, monkeypatch):
+    """Each sample at its own position (orders 1, 2, 3, 2): the result, the group's start
+    sample and the history entry equal stock's step for that sample alone."""
+    cfg = dict(solver_order=3, algorithm_type=algo, solver_type="heun", prediction_type="v_prediction")
+    f = DK.FusedDPMSolverSinglestepScheduler(**cfg)
+    f.set_timesteps(6)  # orders [1, 2, 3, 1, 2, 1]
+    idx = [0, 1, 2, 4]
+    x = torch.cat([_x0(seed=1), _x0(seed=2)[:1]])[..., :4].transpose(-1, -2)  # 4 samples, non-contiguous
+    hist = [torch.cat([_x0(seed=k), _x0(seed=k + 9)[:1]])[..., :4].transpose(-1, -2) for k in (3, 4, 5)]
+    xs = torch.cat([_x0(seed=6), _x0(seed=7)[:1]])[..., :4].transpose(-1, -2)
+    z = torch.cat([_x0(seed=8), _x0(seed=9)[:1]])[..., :4].transpose(-1, -2)
+    m = _model(x, 0.0)
+    f.model_outputs, f.sample = list(hist), xs
+    noise = dict(variance_noise=z) if algo.startswith("sde") else {}
+    prev = f.step(m, f.timesteps[idx], x, **noise).prev_sample
+    import diffusers.schedulers.scheduling_dpmsolver_singlestep as S
+    for b, j in enumerate(idx):
+        s = diffusers.DPMSolverSinglestepScheduler(**cfg)
+        s.set_timesteps(6)
+        s.sigmas = s.sigmas.double()
+        s.model_outputs, s.sample, s._step_index = [h[b:b + 1] for h in hist], xs[b:b + 1], j
+        monkeypatch.setattr(S, "randn_tensor", lambda *a, b=b, **k: z[b:b + 1])
+        ref = s.step(m[b:b + 1], s.timesteps[j], x[b:b + 1]).prev_sample
+        _close(prev[b:b + 1], ref)
+        _close(f.sample[b:b + 1], s.sample)
+        _close(f.model_outputs[-1][b:b + 1], s.model_outputs[-1])

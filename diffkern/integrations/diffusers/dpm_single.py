@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from diffusers import DPMSolverSinglestepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
@@ -102,10 +103,15 @@ class FusedDPMSolverSinglestepScheduler(B.IndexedSchedulerMixin, DPMSolverSingle
     solver types, every sigma option, flow sigmas. ``thresholding`` (dpmsolver++ /
     sde-dpmsolver++) runs stock's quantile pass between two calls (x0, then the step).
 
+    A (B,) timestep (and torch.compile) finds each sample's position on the device and
+    takes its coefficients from a table (per position, per history depth) over (x,
+    model_output, the group's start sample ``self.sample``, the history); a sample at an
+    order-1 position starts a group (``self.sample`` becomes x for it, by a select).
+
     Not supported (``NotImplementedError``): ``thresholding`` with ``algorithm_type=
     "dpmsolver"`` (at construction: stock's step indexes its ``alpha_t`` / ``sigma_t``
     tables with ``timestep=None`` there, so it thresholds with whole tables); a (B,)
-    timestep or torch.compile (at ``step``: the group's order is per position)."""
+    timestep or torch.compile together with ``thresholding`` (at ``step``)."""
 
     def _dk_check_config(self):
         c = self.config
@@ -114,7 +120,7 @@ class FusedDPMSolverSinglestepScheduler(B.IndexedSchedulerMixin, DPMSolverSingle
                                 "its alpha_t / sigma_t tables with timestep=None: whole tables, not the step's values")
 
     def _dk_build(self, device):
-        return B._State(**self._dk_sigma_tables(device))
+        return B._State(**self._dk_sigma_tables(device), per_sample={})
 
     def _dk_convert_row(self, s: float):
         """The converted model output as a row over (x, model_output) at sigma s."""
@@ -149,27 +155,45 @@ class FusedDPMSolverSinglestepScheduler(B.IndexedSchedulerMixin, DPMSolverSingle
         c = self.config
         st = self._dk_state(sample.device)
         i = self._dk_host_index(timestep, st)
-        if i is None:
-            raise NotImplementedError("per-sample timesteps (or torch.compile): the singlestep order is per position")
         m = model_output
         if c.prediction_type == "epsilon" and c.variance_type in ("learned", "learned_range"):
             m = m[:, :3]
         x, m = B.promote(sample, m)
-        sig = st.sig_host
-        cx, cm = self._dk_convert_row(sig[i])
         outs = self.model_outputs
-        order = self.order_list[i]
         # (m1, m2): model_outputs[-2], [-3] after stock's shift, i.e. [-1], [-2] before it; stock
         # lowers the order while model_outputs[-order] is None
         shifted = [outs[-1] if len(outs) > 1 else None, outs[-2] if len(outs) > 2 else None]
-        while order > 1 and shifted[order - 2] is None:
-            order -= 1
-        if order == 1:
-            self.sample = x
-        xs = self.sample
+        avail = 1 if shifted[0] is None else (2 if shifted[1] is None else 3)
+        if i is None:
+            prev, m0 = self._dk_step_per_sample(x, m, timestep, st, shifted, avail, generator, variance_noise)
+        else:
+            order, (cx, cm), a, (w0, w1, w2), nz = self._dk_host_coeffs(i, st, avail)
+            if order == 1:
+                self.sample = x
+            prev, m0 = self._dk_step_host(x, m, order, cx, cm, a, w0, w1, w2, nz, shifted, generator,
+                                          variance_noise)
+        for k in range(c.solver_order - 1):
+            outs[k] = outs[k + 1]
+        outs[-1] = m0
+        if i is not None:
+            self._step_index += 1
+        if not return_dict:
+            return (prev,)
+        return SchedulerOutput(prev_sample=prev)
+
+    def _dk_host_coeffs(self, i: int, st, avail: int):
+        """(order, conversion row, a, (w0, w1, w2), noise) at position i, history ``avail`` deep."""
+        c = self.config
+        sig = st.sig_host
+        order = min(self.order_list[i], avail, i + 1)
         flow = bool(c.use_flow_sigmas)
         sch = [_Sched(sig[k], flow) if 0 <= k < len(sig) else None for k in (i + 1, i, i - 1, i - 2)]
-        a, (w0, w1, w2), nz = _update_coeffs(order, c.algorithm_type, c.solver_type, *sch)
+        a, w, nz = _update_coeffs(order, c.algorithm_type, c.solver_type, *sch)
+        return order, self._dk_convert_row(sig[i]), a, w, nz
+
+    def _dk_step_host(self, x, m, order, cx, cm, a, w0, w1, w2, nz, shifted, generator, variance_noise):
+        c = self.config
+        xs = self.sample
         sde = c.algorithm_type == "sde-dpmsolver++"
         z, gen = B.step_noise(self, x, generator, variance_noise, sde)
         terms = [(xs, a), (shifted[0], w1 if order > 1 else 0.0), (shifted[1], w2 if order > 2 else 0.0)]
@@ -189,10 +213,39 @@ class FusedDPMSolverSinglestepScheduler(B.IndexedSchedulerMixin, DPMSolverSingle
                     row.append(w)
                     conv.append(0.0)
             prev, m0 = B.linear(inputs, (tuple(row), tuple(conv)), (nz, 0.0) if sde else None, z, gen)
-        for k in range(c.solver_order - 1):
-            outs[k] = outs[k + 1]
-        outs[-1] = m0
-        self._step_index += 1
-        if not return_dict:
-            return (prev,)
-        return SchedulerOutput(prev_sample=prev)
+        return prev, m0
+
+    def _dk_step_per_sample(self, x, m, timestep, st, shifted, avail, generator, variance_noise):
+        """A (B,) timestep: each sample's coefficients from a table over (x, m, the group's
+        start sample, m1, m2) built once per history depth; a sample whose order is 1
+        starts a group (its start sample becomes x, by a select on the device)."""
+        c = self.config
+        if c.thresholding:
+            raise NotImplementedError("per-sample timesteps (or torch.compile) with thresholding")
+        tabs = st.per_sample.get(avail)
+        if tabs is None:
+            rows, noise, first = [], [], []
+            for i in range(st.n):
+                order, (cx, cm), a, (w0, w1, w2), nz = self._dk_host_coeffs(i, st, avail)
+                xs_x, xs_s = (a, 0.0) if order == 1 else (0.0, a)
+                row = [w0 * cx + xs_x, w0 * cm, xs_s, w1, w2][:{1: 2, 2: 4, 3: 5}[avail]]
+                conv = [cx, cm, 0.0, 0.0, 0.0][:len(row)]
+                rows.append((row, conv))
+                noise.append((nz, 0.0))
+                first.append(order == 1)
+            tabs = st.per_sample[avail] = (B.const_tensor(rows, st.sig_dev.device, torch.float64),
+                                           B.const_tensor(noise, st.sig_dev.device, torch.float64),
+                                           B.const_tensor(first, st.sig_dev.device, torch.bool))
+        rows, noise, first = tabs
+        idx, valid = self._dk_positions(timestep, x, st)
+        v = rows.index_select(0, idx)
+        coeffs = torch.where(valid.reshape(-1, 1, 1), v, torch.full_like(v, float("nan")))
+        inputs = [x, m]
+        if avail > 1:
+            inputs += [x if self.sample is None else self.sample, shifted[0]] + ([shifted[1]] if avail > 2 else [])
+        sde = c.algorithm_type == "sde-dpmsolver++"
+        z, gen = B.step_noise(self, x, generator, variance_noise, sde)
+        prev, m0 = B.linear(inputs, coeffs, noise.index_select(0, idx) if sde else None, z, gen)
+        starts = first.index_select(0, idx).reshape(-1, *([1] * (x.dim() - 1)))
+        self.sample = x if self.sample is None else torch.where(starts, x, self.sample)
+        return prev, m0
