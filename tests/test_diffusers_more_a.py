@@ -323,7 +323,8 @@ SYNC_CASES = [
 @pytest.mark.parametrize("name,cfg,kw", SYNC_CASES, ids=[c[0] for c in SYNC_CASES])
 def test_no_host_sync_per_step(name, cfg, kw):
     """After set_timesteps, a whole loop (timesteps from ``scheduler.timesteps``, CPU
-    tensors: the same code path as device-resident ones) reads no tensor on the host."""
+    tensors: the same code path as device-resident ones), then a (B,) step, read no
+    tensor on the host."""
     sched = getattr(DK, name)(**cfg)
     sched.set_timesteps(7)
     x = _x0()
@@ -334,7 +335,11 @@ def test_no_host_sync_per_step(name, cfg, kw):
         for t in sched.timesteps:
             xin = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
             x = sched.step(torch.tanh(xin), t, x, **kw).prev_sample
+        tb = sched.timesteps[[0, 1, 2]]
+        kb = {k: v for k, v in kw.items() if k != "s_churn"}  # churn needs a scalar timestep
+        x = sched.step(torch.tanh(x), tb, x, **kb).prev_sample
     assert c.n == 0
+    assert torch.isfinite(x).all()
     with _CountSyncs() as c:  # the counter counts
         torch.tensor(1.0).item()
     assert c.n == 1

@@ -65,10 +65,7 @@ class FusedFlowMatchHeunDiscreteScheduler(B.IndexedSchedulerMixin, FlowMatchHeun
                     (prev,), x_hat = B.linear([x, m], ((1.0, f * dt),)), x
                 self.prev_derivative, self.dt, self.sample, self._dk_factor = m, dt, x_hat, f
             else:
-                dt = self.dt
-                coeffs = ((1.0, 0.5 * dt * self._dk_factor, 0.5 * dt),)
-                (prev,) = B.linear([self.sample, self.prev_derivative, m], coeffs)
-                self.prev_derivative = self.dt = self.sample = None
+                prev = self._dk_second_stage(m)
         if prev.dtype != m.dtype:
             prev = prev.to(m.dtype)
         if i is not None:
@@ -89,8 +86,17 @@ class FusedFlowMatchHeunDiscreteScheduler(B.IndexedSchedulerMixin, FlowMatchHeun
             (prev,) = B.linear([x, m], torch.stack([one, dt], -1).unsqueeze(1))
             self.prev_derivative, self.dt, self.sample, self._dk_factor = m, dt, x, 1.0
             return prev
-        h = 0.5 * self.dt
-        coeffs = torch.stack([torch.ones_like(h), h * self._dk_factor, h], -1).unsqueeze(1)
+        return self._dk_second_stage(m)
+
+    def _dk_second_stage(self, m):
+        """x_hat + dt/2 (f v1 + v2), dt as the first stage left it: a host float, or a (B,)
+        device tensor after a per-sample first stage (either stage may be per-sample)."""
+        dt, f = self.dt, self._dk_factor
+        if isinstance(dt, torch.Tensor):
+            h = 0.5 * dt
+            coeffs = torch.stack([torch.ones_like(h), h * f, h], -1).unsqueeze(1)
+        else:
+            coeffs = ((1.0, 0.5 * dt * f, 0.5 * dt),)
         (prev,) = B.linear([self.sample, self.prev_derivative, m], coeffs)
         self.prev_derivative = self.dt = self.sample = None
         return prev
