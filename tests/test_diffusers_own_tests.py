@@ -37,6 +37,11 @@ FAMILIES = (
     "lcm",
     "unipc",
     "pndm",
+    "edm_euler",
+    "ddim_inverse",
+    "tcd",
+    "ipndm",
+    "dpm_single",
 )
 
 P = "tests/schedulers/test_scheduler_"

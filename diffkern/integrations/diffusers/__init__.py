@@ -46,15 +46,24 @@ from .cogvideox import FusedCogVideoXDDIMScheduler
 from .ddim import FusedDDIMScheduler
 from .ddpm import FusedDDPMScheduler
 from .dpm import FusedDPMSolverMultistepScheduler
+from .dpm_single import FusedDPMSolverSinglestepScheduler
+from .edm import FusedEDMEulerScheduler
 from .euler import FusedEulerAncestralDiscreteScheduler, FusedEulerDiscreteScheduler
 from .flow import FusedFlowMatchEulerDiscreteScheduler
+from .flow_heun import FusedFlowMatchHeunDiscreteScheduler
 from .heun import FusedHeunDiscreteScheduler
+from .inverse import FusedDDIMInverseScheduler
+from .ipndm import FusedIPNDMScheduler
 from .lcm import FusedLCMScheduler
 from .pndm import FusedPNDMScheduler
+from .tcd import FusedTCDScheduler
 from .unipc import FusedUniPCMultistepScheduler
 
 __all__ = ["FusedDDIMScheduler", "FusedDDPMScheduler", "FusedEulerDiscreteScheduler",
            "FusedEulerAncestralDiscreteScheduler", "FusedHeunDiscreteScheduler", "FusedDPMSolverMultistepScheduler",
            "FusedFlowMatchEulerDiscreteScheduler", "FusedLCMScheduler",
            "FusedUniPCMultistepScheduler", "FusedPNDMScheduler",
-           "FusedCogVideoXDDIMScheduler"]
+           "FusedCogVideoXDDIMScheduler",
+           "FusedEDMEulerScheduler", "FusedDDIMInverseScheduler",
+           "FusedTCDScheduler", "FusedIPNDMScheduler",
+           "FusedFlowMatchHeunDiscreteScheduler", "FusedDPMSolverSinglestepScheduler"]
