@@ -264,3 +264,11 @@ __all__ += ["sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpm
             "sample_lcm", "get_sigmas_karras", "get_sigmas_exponential", "to_d", "get_ancestral_step", "append_zero",
             "default_noise_sampler", "DiscreteSchedule", "EpsDenoiser", "VDenoiser", "DiscreteEpsDDPMDenoiser",
             "DiscreteVDDPMDenoiser"]
+
+# ---- ComfyUI's multistep samplers (comfy_samplers.py) ----------------------------------------
+from .comfy_samplers import (  # noqa: E402
+    sample_ipndm,
+    sample_ipndm_v,
+)
+
+__all__ += ["sample_ipndm", "sample_ipndm_v"]

@@ -1,0 +1,170 @@
+"""ComfyUI's multistep samplers on diffkern's fused :func:`~diffkern.sampler_ops.linear_step`.
+
+``from diffkern.samplers import sample_deis`` replaces ComfyUI's
+``comfy.k_diffusion.sampling.sample_deis`` (likewise ``sample_ipndm``, ``sample_ipndm_v``,
+``sample_res_multistep``, ``sample_res_multistep_ancestral``) and
+``comfy.extra_samplers.uni_pc.sample_unipc`` / ``sample_unipc_bh2``: same signatures, defaults
+and arithmetic (comfyanonymous/ComfyUI ``comfy/k_diffusion/sampling.py``, ``deis.py`` and
+``comfy/extra_samplers/uni_pc.py``), conventions of :mod:`diffkern.k_samplers`:
+``model(x, sigma, **extra_args)`` returns the denoised sample, ``sigma`` being
+``sigmas[i] * s_in``.
+
+Each update is one call of ``linear_step`` per model evaluation: the step's coefficients
+(the multistep weights, with the ``d = (x - denoised) / sigma`` conversion and UniPC's
+small linear solves folded in) are formed in float64 on the host from one host copy of
+``sigmas`` made per call, so no step syncs the host. The derivative / x0 history the
+next steps need is a further output row of the same call.
+
+Differences, all invisible to the results beyond rounding:
+
+- ``sigmas`` must be 1-D (one schedule for the batch).
+- ``res_multistep``'s noise: a given ``noise_sampler(sigma, sigma_next)`` is called
+  exactly where ComfyUI calls it (also at ``eta=0``, where ComfyUI multiplies it by 0 and
+  so does not use it here either). Without one, noise is drawn in-kernel from
+  ``generator=`` or keyed by ``seeds=`` (step ``i`` draws with ``step=i``), not from
+  ComfyUI's seeded ``torch.randn``; nothing is drawn where the noise coefficient is 0.
+  ComfyUI's model-sampling ``noise_scale`` factor (a ComfyUI model attribute) is 1.
+- DEIS's coefficient table: ComfyUI integrates it in float32 (``torch.linspace``'s default
+  dtype); here in float64, so the two agree to float32 rounding (~1e-6 relative). The
+  EDM-to-VP fit constants (beta_0, beta_1) are formed in float32 as ComfyUI forms them.
+- Callbacks get the current ``x`` (ComfyUI's iPNDM/DEIS pass the initial ``x`` on every
+  step); UniPC's callback gets ComfyUI's VP-scaled ``x``.
+- ``max_order=1`` works (Euler); ComfyUI's iPNDM/DEIS raise IndexError there.
+- UniPC does not overwrite the caller's final ``sigmas[-1] == 0`` with 0.001 (ComfyUI
+  writes into the given tensor); it steps to 0.001 as ComfyUI does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .k_samplers import _Levels, _trange
+from .sampler_ops import linear_step
+
+__all__ = ["sample_ipndm", "sample_ipndm_v"]
+
+
+def _levels_1d(sigmas, x, name):
+    levels = _Levels(sigmas, x)
+    if levels.per_sample:
+        raise ValueError(f"{name} takes 1-D sigmas (one schedule for the batch), got shape "
+                         f"{tuple(levels.dev.shape)}")
+    return levels
+
+
+def _combine(inputs, rows, noise_coeff=0.0, noise=None, generator=None, seeds=None, step=None):
+    """One linear_step: ``rows`` of float64 coefficients over ``inputs`` (x first). Inputs
+    other than x whose coefficients are zero in every row are dropped (not read)."""
+    keep = [0] + [j for j in range(1, len(inputs)) if any(r[j] != 0.0 for r in rows)]
+    ins = [inputs[j] for j in keep]
+    coeffs = [[float(r[j]) for j in keep] for r in rows]
+    if noise_coeff == 0.0:
+        return linear_step(ins, coeffs)
+    nc = [float(noise_coeff)] + [0.0] * (len(rows) - 1)
+    if noise is not None:
+        return linear_step(ins, coeffs, noise_coeffs=nc, noise=noise)
+    if seeds is not None:
+        return linear_step(ins, coeffs, noise_coeffs=nc, generator=generator, seeds=seeds, step=step)
+    return linear_step(ins, coeffs, noise_coeffs=nc, generator=generator)
+
+
+def _d_step(x, den, buf, s, weights, need_d):
+    """x + sum_k weights[k] d_k with d_0 = (x - den) / s folded into x's and den's
+    coefficients and d_k = buf[-k]; with ``need_d`` d_0 is a second output row (the
+    history). Returns (x_next, d_0 or None)."""
+    w0 = weights[0]
+    row = [1.0 + w0 / s, -w0 / s] + [weights[k] for k in range(1, len(weights))]
+    inputs = [x, den] + [buf[-k] for k in range(1, len(weights))]
+    rows = [row]
+    if need_d:
+        rows.append([1.0 / s, -1.0 / s] + [0.0] * (len(weights) - 1))
+    out = _combine(inputs, rows)
+    return out[0], (out[1] if need_d else None)
+
+
+def _check_order(max_order, top):
+    if not isinstance(max_order, int) or not 1 <= max_order <= top:
+        raise ValueError(f"max_order must be an int in [1, {top}], got {max_order!r}")
+
+
+def _push(buf, d, max_order):
+    if d is not None:
+        buf.append(d)
+        del buf[:-(max_order - 1)]
+
+
+# ---- iPNDM ---------------------------------------------------------------------------------
+_AB = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+
+
+def _ipndm_weights(sig, i, order):
+    """iPNDM's Adams-Bashforth weights on d_i, d_{i-1}, ... (fixed steps)."""
+    return _AB[order]
+
+
+def _ipndm_v_weights(sig, i, order):
+    """iPNDM-v's variable-step weights, ComfyUI's (zju-pi diff-solvers) expressions."""
+    t = sig
+    h_n = t[i + 1] - t[i]
+    if order == 1:
+        return (1.0,)
+    h_n_1 = t[i] - t[i - 1]
+    if order == 2:
+        return ((2 + (h_n / h_n_1)) / 2, -(h_n / h_n_1) / 2)
+    h_n_2 = t[i - 1] - t[i - 2]
+    if order == 3:
+        temp = (1 - h_n / (3 * (h_n + h_n_1)) * (h_n * (h_n + h_n_1)) / (h_n_1 * (h_n_1 + h_n_2))) / 2
+        return ((2 + (h_n / h_n_1)) / 2 + temp,
+                -(h_n / h_n_1) / 2 - (1 + h_n_1 / h_n_2) * temp,
+                temp * h_n_1 / h_n_2)
+    h_n_3 = t[i - 2] - t[i - 3]
+    temp1 = (1 - h_n / (3 * (h_n + h_n_1)) * (h_n * (h_n + h_n_1)) / (h_n_1 * (h_n_1 + h_n_2))) / 2
+    temp2 = ((1 - h_n / (3 * (h_n + h_n_1))) / 2
+             + (1 - h_n / (2 * (h_n + h_n_1))) * h_n / (6 * (h_n + h_n_1 + h_n_2))) \
+        * (h_n * (h_n + h_n_1) * (h_n + h_n_1 + h_n_2)) / (h_n_1 * (h_n_1 + h_n_2) * (h_n_1 + h_n_2 + h_n_3))
+    r = h_n_1 * (h_n_1 + h_n_2) / (h_n_2 * (h_n_2 + h_n_3))
+    return ((2 + (h_n / h_n_1)) / 2 + temp1 + temp2,
+            -(h_n / h_n_1) / 2 - (1 + h_n_1 / h_n_2) * temp1 - (1 + (h_n_1 / h_n_2) + r) * temp2,
+            temp1 * h_n_1 / h_n_2 + ((h_n_1 / h_n_2) + r * (1 + h_n_2 / h_n_3)) * temp2,
+            -temp2 * r * h_n_1 / h_n_2)
+
+
+def _ipndm_loop(name, weights_fn, model, x, sigmas, extra_args, callback, disable, max_order):
+    extra_args = {} if extra_args is None else extra_args
+    _check_order(max_order, 4)
+    levels = _levels_1d(sigmas, x, name)
+    sig = [float(s) for s in levels.host]
+    n = len(sig) - 1
+    buf = []  # the last max_order - 1 derivatives d, newest last
+    for i in _trange(n, disable):
+        den = model(x, levels.model(i), **extra_args)
+        if callback is not None:
+            callback({'x': x, 'i': i, 'sigma': levels.scalar(i), 'sigma_hat': levels.scalar(i), 'denoised': den})
+        s, s_next = sig[i], sig[i + 1]
+        need_d = max_order > 1 and i < n - 1  # d_i is read by a later step
+        order = min(max_order, i + 1)
+        if s_next == 0:  # denoising step: x' = D
+            if not need_d:
+                x = den
+                continue
+            weights = (-s,)  # x - s d = D
+        else:
+            weights = tuple((s_next - s) * w for w in weights_fn(sig, i, order))
+        x, d = _d_step(x, den, buf, s, weights, need_d)
+        _push(buf, d, max_order)
+    return x
+
+
+@torch.no_grad()
+def sample_ipndm(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=4):
+    """iPNDM (Zhang & Chen 2023): Adams-Bashforth in sigma on ``d = (x - D) / sigma`` with
+    up to ``max_order - 1`` past derivatives; ``x' = D`` where ``sigma_next == 0``. One
+    model evaluation and one fused pass per step."""
+    return _ipndm_loop("sample_ipndm", _ipndm_weights, model, x, sigmas, extra_args, callback, disable, max_order)
+
+
+@torch.no_grad()
+def sample_ipndm_v(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=4):
+    """iPNDM with variable-step Adams-Bashforth weights (from the sigma spacing)."""
+    return _ipndm_loop("sample_ipndm_v", _ipndm_v_weights, model, x, sigmas, extra_args, callback, disable,
+                       max_order)

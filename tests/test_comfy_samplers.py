@@ -1,0 +1,201 @@
+"""diffkern.samplers' ComfyUI samplers (comfy_samplers.py): each equals a float64 run of
+ComfyUI's own loop, transcribed below statement by statement from comfyanonymous/ComfyUI
+``comfy/k_diffusion/sampling.py``, ``comfy/k_diffusion/deis.py`` and
+``comfy/extra_samplers/uni_pc.py`` (ComfyUI is not installed; only ``trange`` -> ``range``
+and ComfyUI's model plumbing are left out), on a nonlinear toy denoiser with Karras sigmas:
+1e-12 in float64, 1e-5 in float32 (a non-contiguous x); one model evaluation and one
+fused linear_step per step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import gen, max_rel_err
+
+from diffkern import samplers as S
+
+F64 = torch.float64
+SHAPE = (3, 5, 7, 3)  # (B, C, H, W): ComfyUI's UniPC einsums want 4-D x
+S0 = 0.8
+
+
+def denoiser(x, sigma):
+    """A smooth nonlinear denoiser: the Gaussian posterior mean plus a sigma-dependent tanh
+    term (so every step's model output depends on the history nonlinearly)."""
+    s = sigma.to(F64).reshape(-1, *([1] * (x.dim() - 1)))
+    x64 = x.to(F64)
+    return (x64 * S0**2 / (S0**2 + s**2) + 0.3 * s / (1 + s**2) * torch.tanh(x64)).to(x.dtype)
+
+
+def karras(n, sigma_min=0.03, sigma_max=14.6, rho=7.0):
+    """Karras levels computed in float32 (so float32 and float64 runs see the same values)."""
+    ramp = torch.linspace(0, 1, n)
+    s = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return torch.cat([s, s.new_zeros(1)])
+
+
+def x_start(sigmas, seed=0):
+    return torch.randn(*SHAPE, generator=gen(seed), dtype=F64) * float(sigmas[0])
+
+
+class Counting:
+    def __init__(self, fn=denoiser):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, x, sigma, **kw):
+        self.calls += 1
+        return self.fn(x, sigma, **kw)
+
+
+def noncontig(x):
+    return x.transpose(1, 3).contiguous().transpose(1, 3)
+
+
+# ---- ComfyUI's loops, float64, as written there ---------------------------------------------------
+def trange(n, disable=None):
+    return range(n)
+
+
+def to_d(x, sigma, denoised):
+    return (x - denoised) / sigma.reshape(sigma.shape + (1,) * (x.ndim - sigma.ndim))
+
+
+def comfy_ipndm(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=4):
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones([x.shape[0]])
+    x_next = x
+    buffer_model = []
+    for i in trange(len(sigmas) - 1, disable=disable):
+        t_cur = sigmas[i]
+        t_next = sigmas[i + 1]
+        x_cur = x_next
+        denoised = model(x_cur, t_cur * s_in, **extra_args)
+        d_cur = (x_cur - denoised) / t_cur
+        order = min(max_order, i + 1)
+        if t_next == 0:
+            x_next = denoised
+        elif order == 1:
+            x_next = x_cur + (t_next - t_cur) * d_cur
+        elif order == 2:
+            x_next = x_cur + (t_next - t_cur) * (3 * d_cur - buffer_model[-1]) / 2
+        elif order == 3:
+            x_next = x_cur + (t_next - t_cur) * (23 * d_cur - 16 * buffer_model[-1] + 5 * buffer_model[-2]) / 12
+        elif order == 4:
+            x_next = x_cur + (t_next - t_cur) * (55 * d_cur - 59 * buffer_model[-1] + 37 * buffer_model[-2]
+                                                 - 9 * buffer_model[-3]) / 24
+        if len(buffer_model) == max_order - 1:
+            for k in range(max_order - 2):
+                buffer_model[k] = buffer_model[k + 1]
+            buffer_model[-1] = d_cur
+        else:
+            buffer_model.append(d_cur)
+    return x_next
+
+
+def comfy_ipndm_v(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=4):
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones([x.shape[0]])
+    x_next = x
+    t_steps = sigmas
+    buffer_model = []
+    for i in trange(len(sigmas) - 1, disable=disable):
+        t_cur = sigmas[i]
+        t_next = sigmas[i + 1]
+        x_cur = x_next
+        denoised = model(x_cur, t_cur * s_in, **extra_args)
+        d_cur = (x_cur - denoised) / t_cur
+        order = min(max_order, i + 1)
+        if t_next == 0:
+            x_next = denoised
+        elif order == 1:
+            x_next = x_cur + (t_next - t_cur) * d_cur
+        elif order == 2:
+            h_n = (t_next - t_cur)
+            h_n_1 = (t_cur - t_steps[i - 1])
+            coeff1 = (2 + (h_n / h_n_1)) / 2
+            coeff2 = -(h_n / h_n_1) / 2
+            x_next = x_cur + (t_next - t_cur) * (coeff1 * d_cur + coeff2 * buffer_model[-1])
+        elif order == 3:
+            h_n = (t_next - t_cur)
+            h_n_1 = (t_cur - t_steps[i - 1])
+            h_n_2 = (t_steps[i - 1] - t_steps[i - 2])
+            temp = (1 - h_n / (3 * (h_n + h_n_1)) * (h_n * (h_n + h_n_1)) / (h_n_1 * (h_n_1 + h_n_2))) / 2
+            coeff1 = (2 + (h_n / h_n_1)) / 2 + temp
+            coeff2 = -(h_n / h_n_1) / 2 - (1 + h_n_1 / h_n_2) * temp
+            coeff3 = temp * h_n_1 / h_n_2
+            x_next = x_cur + (t_next - t_cur) * (coeff1 * d_cur + coeff2 * buffer_model[-1]
+                                                 + coeff3 * buffer_model[-2])
+        elif order == 4:
+            h_n = (t_next - t_cur)
+            h_n_1 = (t_cur - t_steps[i - 1])
+            h_n_2 = (t_steps[i - 1] - t_steps[i - 2])
+            h_n_3 = (t_steps[i - 2] - t_steps[i - 3])
+            temp1 = (1 - h_n / (3 * (h_n + h_n_1)) * (h_n * (h_n + h_n_1)) / (h_n_1 * (h_n_1 + h_n_2))) / 2
+            temp2 = ((1 - h_n / (3 * (h_n + h_n_1))) / 2
+                     + (1 - h_n / (2 * (h_n + h_n_1))) * h_n / (6 * (h_n + h_n_1 + h_n_2))) \
+                * (h_n * (h_n + h_n_1) * (h_n + h_n_1 + h_n_2)) / (h_n_1 * (h_n_1 + h_n_2) * (h_n_1 + h_n_2 + h_n_3))
+            coeff1 = (2 + (h_n / h_n_1)) / 2 + temp1 + temp2
+            coeff2 = -(h_n / h_n_1) / 2 - (1 + h_n_1 / h_n_2) * temp1 \
+                - (1 + (h_n_1 / h_n_2) + (h_n_1 * (h_n_1 + h_n_2) / (h_n_2 * (h_n_2 + h_n_3)))) * temp2
+            coeff3 = temp1 * h_n_1 / h_n_2 + ((h_n_1 / h_n_2) + (h_n_1 * (h_n_1 + h_n_2) / (h_n_2 * (h_n_2 + h_n_3)))
+                                              * (1 + h_n_2 / h_n_3)) * temp2
+            coeff4 = -temp2 * (h_n_1 * (h_n_1 + h_n_2) / (h_n_2 * (h_n_2 + h_n_3))) * h_n_1 / h_n_2
+            x_next = x_cur + (t_next - t_cur) * (coeff1 * d_cur + coeff2 * buffer_model[-1]
+                                                 + coeff3 * buffer_model[-2] + coeff4 * buffer_model[-3])
+        if len(buffer_model) == max_order - 1:
+            for k in range(max_order - 2):
+                buffer_model[k] = buffer_model[k + 1]
+            buffer_model[-1] = d_cur.detach()
+        else:
+            buffer_model.append(d_cur.detach())
+    return x_next
+
+
+# ---- the comparisons ------------------------------------------------------------------------------
+def _check(ours, oracle, n_steps=13, seed=0, **kw):
+    """ours == oracle in float64 (1e-12) and in float32 on a non-contiguous x (1e-5); one
+    model call per step."""
+    sig32 = karras(n_steps)
+    sig64 = sig32.to(F64)
+    x = x_start(sig64, seed)
+    ref = oracle(denoiser, x.clone(), sig64.clone(), **kw)
+    m = Counting()
+    out64 = ours(m, x.clone(), sig64, **kw)
+    assert out64.dtype == F64
+    assert max_rel_err(out64, ref) < 1e-12
+    assert m.calls == n_steps
+    out32 = ours(denoiser, noncontig(x.float()), sig32, **kw)
+    assert out32.dtype == torch.float32
+    assert max_rel_err(out32, ref) < 1e-5
+    return ref
+
+
+@pytest.mark.parametrize("max_order", [4, 3, 2, 1])
+def test_ipndm(max_order):
+    ref = _check(S.sample_ipndm, comfy_ipndm if max_order > 1 else _comfy_euler, max_order=max_order)
+    assert ref.abs().max() < 10  # the toy ODE ends near the data scale, not blown up
+
+
+@pytest.mark.parametrize("max_order", [4, 3, 2])
+def test_ipndm_v(max_order):
+    _check(S.sample_ipndm_v, comfy_ipndm_v, max_order=max_order)
+
+
+def _comfy_euler(model, x, sigmas, max_order=1):
+    """ComfyUI's iPNDM at max_order=1 raises IndexError (its buffer update indexes an empty
+    list); the steps it would take are Euler's, and the last one returns D."""
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in)
+        x = denoised if sigmas[i + 1] == 0 else x + (sigmas[i + 1] - sigmas[i]) * to_d(x, sigmas[i] * s_in, denoised)
+    return x
+
+
+def test_ipndm_v_differs_from_ipndm_on_uneven_steps():
+    """The variable-step weights are not the fixed ones on Karras spacing (a test that the
+    two samplers are not one road)."""
+    sig = karras(13).to(F64)
+    x = x_start(sig)
+    a = S.sample_ipndm(denoiser, x, sig)
+    b = S.sample_ipndm_v(denoiser, x, sig)
+    assert max_rel_err(a, b) > 1e-4
