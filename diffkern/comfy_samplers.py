@@ -26,7 +26,7 @@ Differences, all invisible to the results beyond rounding:
   ComfyUI's model-sampling ``noise_scale`` factor (a ComfyUI model attribute) is 1.
 - DEIS's coefficient table: ComfyUI integrates it in float32 (``torch.linspace``'s default
   dtype); here in float64, so the two agree to float32 rounding (~1e-6 relative). The
-  EDM-to-VP fit constants (beta_0, beta_1) are formed in float32 as ComfyUI forms them.
+  EDM-to-VP fit constants are rounded where ComfyUI rounds them (one of its logs is float32).
 - Callbacks get the current ``x`` (ComfyUI's iPNDM/DEIS pass the initial ``x`` on every
   step); UniPC's callback gets ComfyUI's VP-scaled ``x``.
 - ``max_order=1`` works (Euler); ComfyUI's iPNDM/DEIS raise IndexError there.
@@ -41,7 +41,7 @@ import torch
 from .k_samplers import _Levels, _trange
 from .sampler_ops import linear_step
 
-__all__ = ["sample_ipndm", "sample_ipndm_v"]
+__all__ = ["sample_ipndm", "sample_ipndm_v", "sample_deis"]
 
 
 def _levels_1d(sigmas, x, name):
@@ -168,3 +168,75 @@ def sample_ipndm_v(model, x, sigmas, extra_args=None, callback=None, disable=Non
     """iPNDM with variable-step Adams-Bashforth weights (from the sigma spacing)."""
     return _ipndm_loop("sample_ipndm_v", _ipndm_v_weights, model, x, sigmas, extra_args, callback, disable,
                        max_order)
+
+
+# ---- DEIS ------------------------------------------------------------------------------------
+def _deis_vp_fit():
+    """(beta_min, beta_d, beta_1 = beta_d + beta_min) of ComfyUI's EDM->VP fit (deis.edm2t: sigma in [0.002, 80], eps_s
+    1e-3), rounded where ComfyUI rounds: its ``np.log(torch.tensor(0.002) ** 2 + 1)`` and
+    the division by eps_s are float32, the rest (``torch.tensor(80)`` is an int64) float64."""
+    import numpy as np
+
+    eps_s = 1e-3
+    log_min_over_eps = float((torch.as_tensor(np.log((torch.tensor(0.002) ** 2 + 1).numpy())) / eps_s).float())
+    log_max = float(np.log(np.int64(80) ** 2 + 1))
+    beta_d = 2 * (log_min_over_eps - log_max) / (eps_s - 1)
+    beta_min = log_max - 0.5 * beta_d
+    return beta_min, beta_d, beta_d + beta_min
+
+
+def _deis_tab(sig, max_order, N=10000):
+    """ComfyUI's DEIS 'tab' coefficients C[i] (for the steps that use them: order >= 2 and
+    sigma_{i+1} > 0), in float64 on the host: sum over N points tau of linspace(t_i,
+    t_{i+1}) of -0.5 dlog(alpha)/dtau / sqrt(alpha (1 - alpha)) * L_j(tau) * dt / N, L_j
+    the Lagrange basis on t_i, t_{i-1}, ..., t the VP time of each sigma."""
+    b0, bd, b1 = _deis_vp_fit()
+    db = b1 - b0
+    s = torch.tensor(sig, dtype=torch.float64)
+    t = ((b0 ** 2 + 2 * bd * (s ** 2 + 1).log()).sqrt() - b0) / bd
+    C = {}
+    for i in range(len(sig) - 1):
+        order = min(i + 1, max_order)
+        if order == 1 or sig[i + 1] <= 0:
+            continue
+        taus = torch.linspace(float(t[i]), float(t[i + 1]), N, dtype=torch.float64)
+        dtau = (t[i + 1] - t[i]) / N
+        alpha = torch.exp(-0.5 * taus ** 2 * db - taus * b0)
+        integrand = -0.5 * (-(taus * db) - b0) / torch.sqrt(alpha * (1 - alpha))
+        prev_t = [t[i - k] for k in range(order)]
+        row = []
+        for j in range(order):
+            poly = 1
+            for k in range(order):
+                if k != j:
+                    poly = poly * (taus - prev_t[k]) / (prev_t[j] - prev_t[k])
+            row.append(float(torch.sum(integrand * poly) * dtau))
+        C[i] = row
+    return C
+
+
+@torch.no_grad()
+def sample_deis(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=3, deis_mode='tab'):
+    """DEIS (Zhang & Chen 2023), ComfyUI's 'tab' form: x' = x + sum_j C[i][j] d_{i-j} with
+    the exponential-integrator coefficients of the VP ODE tabulated once per call on the
+    host; Euler for the first step and wherever sigma_next <= 0."""
+    if deis_mode != 'tab':
+        raise NotImplementedError(f"deis_mode {deis_mode!r}: only 'tab' (ComfyUI's default; its 'rhoab' table has "
+                                  "one coefficient more than its loop unpacks from step max_order on)")
+    extra_args = {} if extra_args is None else extra_args
+    _check_order(max_order, 4)
+    levels = _levels_1d(sigmas, x, "sample_deis")
+    sig = [float(s) for s in levels.host]
+    n = len(sig) - 1
+    coeffs = _deis_tab(sig, max_order)
+    buf = []
+    for i in _trange(n, disable):
+        den = model(x, levels.model(i), **extra_args)
+        if callback is not None:
+            callback({'x': x, 'i': i, 'sigma': levels.scalar(i), 'sigma_hat': levels.scalar(i), 'denoised': den})
+        s, s_next = sig[i], sig[i + 1]
+        order = 1 if s_next <= 0 else min(max_order, i + 1)
+        weights = (s_next - s,) if order == 1 else tuple(coeffs[i])
+        x, d = _d_step(x, den, buf, s, weights, max_order > 1 and i < n - 1)
+        _push(buf, d, max_order)
+    return x

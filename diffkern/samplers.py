@@ -267,8 +267,9 @@ __all__ += ["sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpm
 
 # ---- ComfyUI's multistep samplers (comfy_samplers.py) ----------------------------------------
 from .comfy_samplers import (  # noqa: E402
+    sample_deis,
     sample_ipndm,
     sample_ipndm_v,
 )
 
-__all__ += ["sample_ipndm", "sample_ipndm_v"]
+__all__ += ["sample_ipndm", "sample_ipndm_v", "sample_deis"]

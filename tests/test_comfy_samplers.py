@@ -8,10 +8,15 @@ fused linear_step per step."""
 
 from __future__ import annotations
 
+import math
+import warnings
+
+import numpy as np
 import pytest
 import torch
 from conftest import gen, max_rel_err
 
+from diffkern import comfy_samplers as C
 from diffkern import samplers as S
 
 F64 = torch.float64
@@ -151,6 +156,106 @@ def comfy_ipndm_v(model, x, sigmas, extra_args=None, callback=None, disable=None
     return x_next
 
 
+# ComfyUI's deis.py ('tab'): the only change is taus = linspace(..., dtype=float64) (ComfyUI's
+# linspace takes the default float32 even for float64 sigmas), so this is its float64 form.
+def edm2t(edm_steps, epsilon_s=1e-3, sigma_min=0.002, sigma_max=80):
+    vp_sigma_inv = lambda beta_d, beta_min: lambda sigma: (  # noqa: E731
+        ((beta_min ** 2 + 2 * beta_d * (sigma ** 2 + 1).log()).sqrt() - beta_min) / beta_d)
+    with warnings.catch_warnings():  # numpy's __array_wrap__ deprecation, on ComfyUI's np.log(tensor)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        vp_beta_d = 2 * (np.log(torch.tensor(sigma_min).cpu() ** 2 + 1) / epsilon_s
+                         - np.log(torch.tensor(sigma_max).cpu() ** 2 + 1)) / (epsilon_s - 1)
+        vp_beta_min = np.log(torch.tensor(sigma_max).cpu() ** 2 + 1) - 0.5 * vp_beta_d
+    t_steps = vp_sigma_inv(vp_beta_d.clone().detach().cpu(), vp_beta_min.clone().detach().cpu())(
+        edm_steps.clone().detach().cpu())
+    return t_steps, vp_beta_min, vp_beta_d + vp_beta_min
+
+
+def cal_poly(prev_t, j, taus):
+    poly = 1
+    for k in range(prev_t.shape[0]):
+        if k == j:
+            continue
+        poly *= (taus - prev_t[k]) / (prev_t[j] - prev_t[k])
+    return poly
+
+
+def t2alpha_fn(beta_0, beta_1, t):
+    return torch.exp(-0.5 * t ** 2 * (beta_1 - beta_0) - t * beta_0)
+
+
+def cal_intergrand(beta_0, beta_1, taus):
+    with torch.inference_mode(mode=False):
+        taus = taus.clone()
+        beta_0 = beta_0.clone()
+        beta_1 = beta_1.clone()
+        with torch.enable_grad():
+            taus.requires_grad_(True)
+            alpha = t2alpha_fn(beta_0, beta_1, taus)
+            log_alpha = alpha.log()
+            log_alpha.sum().backward()
+            d_log_alpha_dtau = taus.grad
+    integrand = -0.5 * d_log_alpha_dtau / torch.sqrt(alpha * (1 - alpha))
+    return integrand
+
+
+def get_deis_coeff_list(t_steps, max_order, N=10000):
+    t_steps, beta_0, beta_1 = edm2t(t_steps)
+    C = []
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:], strict=True)):
+        order = min(i + 1, max_order)
+        if order == 1:
+            C.append([])
+        else:
+            taus = torch.linspace(t_cur, t_next, N, dtype=F64)
+            dtau = (t_next - t_cur) / N
+            prev_t = t_steps[[i - k for k in range(order)]]
+            coeff_temp = []
+            integrand = cal_intergrand(beta_0, beta_1, taus)
+            for j in range(order):
+                poly = cal_poly(prev_t, j, taus)
+                coeff_temp.append(torch.sum(integrand * poly) * dtau)
+            C.append(coeff_temp)
+    return C
+
+
+def comfy_deis(model, x, sigmas, extra_args=None, callback=None, disable=None, max_order=3, deis_mode='tab'):
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones([x.shape[0]])
+    x_next = x
+    t_steps = sigmas
+    coeff_list = get_deis_coeff_list(t_steps, max_order)
+    buffer_model = []
+    for i in trange(len(sigmas) - 1, disable=disable):
+        t_cur = sigmas[i]
+        t_next = sigmas[i + 1]
+        x_cur = x_next
+        denoised = model(x_cur, t_cur * s_in, **extra_args)
+        d_cur = (x_cur - denoised) / t_cur
+        order = min(max_order, i + 1)
+        if t_next <= 0:
+            order = 1
+        if order == 1:
+            x_next = x_cur + (t_next - t_cur) * d_cur
+        elif order == 2:
+            coeff_cur, coeff_prev1 = coeff_list[i]
+            x_next = x_cur + coeff_cur * d_cur + coeff_prev1 * buffer_model[-1]
+        elif order == 3:
+            coeff_cur, coeff_prev1, coeff_prev2 = coeff_list[i]
+            x_next = x_cur + coeff_cur * d_cur + coeff_prev1 * buffer_model[-1] + coeff_prev2 * buffer_model[-2]
+        elif order == 4:
+            coeff_cur, coeff_prev1, coeff_prev2, coeff_prev3 = coeff_list[i]
+            x_next = x_cur + coeff_cur * d_cur + coeff_prev1 * buffer_model[-1] + coeff_prev2 * buffer_model[-2] \
+                + coeff_prev3 * buffer_model[-3]
+        if len(buffer_model) == max_order - 1:
+            for k in range(max_order - 2):
+                buffer_model[k] = buffer_model[k + 1]
+            buffer_model[-1] = d_cur.detach()
+        else:
+            buffer_model.append(d_cur.detach())
+    return x_next
+
+
 # ---- the comparisons ------------------------------------------------------------------------------
 def _check(ours, oracle, n_steps=13, seed=0, **kw):
     """ours == oracle in float64 (1e-12) and in float32 on a non-contiguous x (1e-5); one
@@ -199,3 +304,28 @@ def test_ipndm_v_differs_from_ipndm_on_uneven_steps():
     a = S.sample_ipndm(denoiser, x, sig)
     b = S.sample_ipndm_v(denoiser, x, sig)
     assert max_rel_err(a, b) > 1e-4
+
+
+@pytest.mark.parametrize("max_order", [3, 4, 2])
+def test_deis(max_order):
+    _check(S.sample_deis, comfy_deis, max_order=max_order)
+
+
+def test_deis_table_is_the_vp_integral():
+    """The tabulated coefficients integrate the VP exponential integrator: with constant d
+    (the Lagrange weights sum to 1), the step's total sum_j C[i][j] is the integral of
+    -0.5 dlog(alpha)/dtau / sqrt(alpha (1 - alpha)) over [t_i, t_{i+1}], which is
+    sigma(t_{i+1}) - sigma(t_i) of the VP fit; within the N-point Riemann sum's error."""
+    sig = [float(s) for s in karras(13).to(F64)]
+    table = C._deis_tab(sig, 3)
+    b0, bd, b1 = C._deis_vp_fit()
+    for i, row in table.items():
+        t = [((b0 * b0 + 2 * bd * math.log(s * s + 1)) ** 0.5 - b0) / bd for s in (sig[i], sig[i + 1])]
+        vp_sigma = [math.sqrt(1 / math.exp(-0.5 * u * u * (b1 - b0) - u * b0) - 1) for u in t]
+        assert sum(row) == pytest.approx(vp_sigma[1] - vp_sigma[0], rel=2e-3)
+
+
+def test_deis_rhoab_is_refused():
+    sig = karras(5).to(F64)
+    with pytest.raises(NotImplementedError, match="rhoab"):
+        S.sample_deis(denoiser, x_start(sig), sig, deis_mode="rhoab")
