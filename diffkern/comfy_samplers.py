@@ -38,10 +38,12 @@ from __future__ import annotations
 
 import torch
 
-from .k_samplers import _Levels, _trange
+from . import _validate as V
+from .k_samplers import _keyed_check, _Levels, _trange, get_ancestral_step
 from .sampler_ops import linear_step
 
-__all__ = ["sample_ipndm", "sample_ipndm_v", "sample_deis"]
+__all__ = ["sample_ipndm", "sample_ipndm_v", "sample_deis", "sample_res_multistep",
+           "sample_res_multistep_ancestral"]
 
 
 def _levels_1d(sigmas, x, name):
@@ -240,3 +242,71 @@ def sample_deis(model, x, sigmas, extra_args=None, callback=None, disable=None, 
         x, d = _d_step(x, den, buf, s, weights, max_order > 1 and i < n - 1)
         _push(buf, d, max_order)
     return x
+
+
+# ---- res_multistep -----------------------------------------------------------------------------
+def _f64(v):
+    return torch.tensor(v, dtype=torch.float64)
+
+
+def _res_multistep(name, model, x, sigmas, extra_args, callback, disable, s_noise, noise_sampler, eta, generator,
+                   seeds):
+    extra_args = {} if extra_args is None else extra_args
+    levels = _levels_1d(sigmas, x, name)
+    V.check_generator(generator, x, None)
+    _keyed_check(x, seeds, generator, noise_sampler)
+    sig = [float(s) for s in levels.host]
+    old_denoised, old_sigma_down = None, None
+    for i in _trange(len(sig) - 1, disable):
+        den = model(x, levels.model(i), **extra_args)
+        s, s_next = sig[i], sig[i + 1]
+        sigma_down, sigma_up = get_ancestral_step(s, s_next, eta=eta)
+        if callback is not None:
+            callback({'x': x, 'i': i, 'sigma': levels.scalar(i), 'sigma_hat': levels.scalar(i), 'denoised': den})
+        if sigma_down == 0 or old_denoised is None:  # Euler to sigma_down
+            c = (sigma_down - s) / s
+            row = [1.0 + c, -c, 0.0]
+        else:
+            # 2nd-order multistep of arXiv:2308.02157 in t = -log sigma; torch's float64 scalars
+            # keep ComfyUI's inf/nan behaviour (then nan_to_num) where c2 or h is 0
+            t, t_old, t_next, t_prev = (-_f64(v).log() for v in (s, old_sigma_down, sigma_down, sig[i - 1]))
+            h = t_next - t
+            c2 = (t_prev - t_old) / h
+            phi1 = torch.expm1(-h) / (-h)
+            phi2 = (phi1 - 1.0) / (-h)
+            b1 = torch.nan_to_num(phi1 - phi2 / c2, nan=0.0)
+            b2 = torch.nan_to_num(phi2 / c2, nan=0.0)
+            row = [float(h.neg().exp()), float(h * b1), float(h * b2)]
+        inputs = [x, den, old_denoised if old_denoised is not None else den]
+        nc, noise = 0.0, None
+        if s_next > 0:
+            nc = s_noise * sigma_up
+            if noise_sampler is not None:
+                noise = noise_sampler(levels.scalar(i), levels.scalar(i + 1))  # called as ComfyUI calls it
+        if nc == 0.0:
+            (x,) = _combine(inputs, [row])
+        else:
+            (x,) = _combine(inputs, [row], nc, noise, generator if noise is None else None,
+                            seeds if noise is None else None, i)
+        old_denoised, old_sigma_down = den, sigma_down
+    return x
+
+
+@torch.no_grad()
+def sample_res_multistep(model, x, sigmas, extra_args=None, callback=None, disable=None, s_noise=1.,
+                         noise_sampler=None):
+    """res_multistep (ComfyUI): the second-order exponential multistep in log sigma
+    (arXiv:2308.02157) on the denoised history; Euler for the first step and to 0. A given
+    ``noise_sampler`` is called where ComfyUI calls it (it adds it times 0)."""
+    return _res_multistep("sample_res_multistep", model, x, sigmas, extra_args, callback, disable, s_noise,
+                          noise_sampler, 0., None, None)
+
+
+@torch.no_grad()
+def sample_res_multistep_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.,
+                                   s_noise=1., noise_sampler=None, *, generator=None, seeds=None):
+    """res_multistep with ancestral steps: to sigma_down, then ``s_noise * sigma_up`` times
+    noise (in the same fused pass): from ``noise_sampler``, else in-kernel from
+    ``generator`` or keyed by ``seeds`` (step i draws with ``step=i``)."""
+    return _res_multistep("sample_res_multistep_ancestral", model, x, sigmas, extra_args, callback, disable,
+                          s_noise, noise_sampler, eta, generator, seeds)

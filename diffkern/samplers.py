@@ -270,6 +270,8 @@ from .comfy_samplers import (  # noqa: E402
     sample_deis,
     sample_ipndm,
     sample_ipndm_v,
+    sample_res_multistep,
+    sample_res_multistep_ancestral,
 )
 
-__all__ += ["sample_ipndm", "sample_ipndm_v", "sample_deis"]
+__all__ += ["sample_ipndm", "sample_ipndm_v", "sample_deis", "sample_res_multistep", "sample_res_multistep_ancestral"]

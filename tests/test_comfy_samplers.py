@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import gen, max_rel_err
 
+from diffkern import _rng
 from diffkern import comfy_samplers as C
 from diffkern import samplers as S
 
@@ -256,6 +257,63 @@ def comfy_deis(model, x, sigmas, extra_args=None, callback=None, disable=None, m
     return x_next
 
 
+def get_ancestral_step(sigma_from, sigma_to, eta=1.):
+    if not eta:
+        return sigma_to, 0.
+    sigma_up = min(sigma_to, eta * (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2) ** 0.5)
+    sigma_down = (sigma_to ** 2 - sigma_up ** 2) ** 0.5
+    return sigma_down, sigma_up
+
+
+def comfy_res_multistep(model, x, sigmas, extra_args=None, callback=None, disable=None, s_noise=1.,
+                        noise_sampler=None, eta=1., cfg_pp=False):
+    """ComfyUI's res_multistep without cfg_pp (its model-patcher plumbing) and with its
+    model-sampling noise_scale = 1."""
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones([x.shape[0]])
+    sigma_fn = lambda t: t.neg().exp()  # noqa: E731
+    t_fn = lambda sigma: sigma.log().neg()  # noqa: E731
+    phi1_fn = lambda t: torch.expm1(t) / t  # noqa: E731
+    phi2_fn = lambda t: (phi1_fn(t) - 1.0) / t  # noqa: E731
+    old_sigma_down = None
+    old_denoised = None
+    for i in trange(len(sigmas) - 1, disable=disable):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
+        if sigma_down == 0 or old_denoised is None:
+            d = to_d(x, sigmas[i], denoised)
+            dt = sigma_down - sigmas[i]
+            x = x + d * dt
+        else:
+            t, t_old, t_next, t_prev = t_fn(sigmas[i]), t_fn(old_sigma_down), t_fn(sigma_down), t_fn(sigmas[i - 1])
+            h = t_next - t
+            c2 = (t_prev - t_old) / h
+            phi1_val, phi2_val = phi1_fn(-h), phi2_fn(-h)
+            b1 = torch.nan_to_num(phi1_val - phi2_val / c2, nan=0.0)
+            b2 = torch.nan_to_num(phi2_val / c2, nan=0.0)
+            x = sigma_fn(h) * x + h * (b1 * denoised + b2 * old_denoised)
+        if sigmas[i + 1] > 0:
+            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+        old_denoised = denoised
+        old_sigma_down = sigma_down
+    return x
+
+
+def comfy_res_multistep_eta0(model, x, sigmas, s_noise=1., noise_sampler=None):
+    return comfy_res_multistep(model, x, sigmas, s_noise=s_noise, noise_sampler=noise_sampler, eta=0.)
+
+
+def level_noise(calls=None):
+    """noise_sampler(sigma, sigma_next): a pure function of the level (so both loops see the
+    same z), in sigma's dtype (so a float32 run stays float32); logs its calls."""
+    def sample(sigma, sigma_next):
+        if calls is not None:
+            calls.append((float(sigma), float(sigma_next)))
+        z = torch.randn(*SHAPE, generator=gen(int(float(sigma) * 1e6) % 2**31), dtype=F64)
+        return z.to(sigma.dtype)
+    return sample
+
+
 # ---- the comparisons ------------------------------------------------------------------------------
 def _check(ours, oracle, n_steps=13, seed=0, **kw):
     """ours == oracle in float64 (1e-12) and in float32 on a non-contiguous x (1e-5); one
@@ -329,3 +387,56 @@ def test_deis_rhoab_is_refused():
     sig = karras(5).to(F64)
     with pytest.raises(NotImplementedError, match="rhoab"):
         S.sample_deis(denoiser, x_start(sig), sig, deis_mode="rhoab")
+
+
+@pytest.mark.parametrize("s_noise", [1.0, 0.5])
+def test_res_multistep(s_noise):
+    _check(S.sample_res_multistep, comfy_res_multistep_eta0, s_noise=s_noise, noise_sampler=level_noise())
+
+
+@pytest.mark.parametrize("eta,s_noise", [(1.0, 1.0), (0.6, 0.8)])
+def test_res_multistep_ancestral(eta, s_noise):
+    ref = _check(S.sample_res_multistep_ancestral, comfy_res_multistep, eta=eta, s_noise=s_noise,
+                 noise_sampler=level_noise())
+    sig = karras(13).to(F64)
+    det = comfy_res_multistep_eta0(denoiser, x_start(sig), sig, noise_sampler=level_noise())
+    assert max_rel_err(ref, det) > 1e-2  # the noise is in the oracle, so in the comparison
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_res_multistep_calls_noise_sampler_where_comfyui_does(eta):
+    sig = karras(11).to(F64)
+    x = x_start(sig)
+    ours, theirs = [], []
+    S.sample_res_multistep_ancestral(denoiser, x, sig, eta=eta, noise_sampler=level_noise(ours))
+    comfy_res_multistep(denoiser, x, sig, eta=eta, noise_sampler=level_noise(theirs))
+    assert ours == theirs and len(ours) == len(sig) - 2
+
+
+def test_res_multistep_ancestral_keyed_noise():
+    """seeds=: step i draws z keyed by (seeds[b], step=i), i.e. the run equals the one given
+    that z by a noise_sampler; sample b alone with its seed is the batch's row b."""
+    sig = karras(11)
+    x = x_start(sig.to(F64)).float()
+    seeds = torch.tensor([11, 12, 13])
+    steps = iter(range(len(sig)))
+    keyed = S.sample_res_multistep_ancestral(denoiser, x, sig, seeds=seeds)
+
+    def from_keys(sigma, sigma_next):
+        i = next(steps)
+        return _rng.keyed_noise(x, seeds, i)
+    # the sampler calls noise_sampler on steps 0 .. n-2 in order (the last has sigma_next 0)
+    given = S.sample_res_multistep_ancestral(denoiser, x, sig, noise_sampler=from_keys)
+    assert max_rel_err(keyed, given) < 1e-6
+    alone = S.sample_res_multistep_ancestral(denoiser, x[1:2], sig, seeds=seeds[1:2])
+    assert torch.equal(alone[0], keyed[1])
+    assert max_rel_err(keyed, S.sample_res_multistep_ancestral(denoiser, x, sig, seeds=seeds + 1)) > 1e-2
+
+
+def test_res_multistep_ancestral_generator_reproducible():
+    sig = karras(11)
+    x = x_start(sig.to(F64)).float()
+    a = S.sample_res_multistep_ancestral(denoiser, x, sig, generator=gen(3))
+    b = S.sample_res_multistep_ancestral(denoiser, x, sig, generator=gen(3))
+    c = S.sample_res_multistep_ancestral(denoiser, x, sig, generator=gen(4))
+    assert torch.equal(a, b) and max_rel_err(a, c) > 1e-2
