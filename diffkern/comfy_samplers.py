@@ -36,6 +36,8 @@ Differences, all invisible to the results beyond rounding:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _validate as V
@@ -43,7 +45,7 @@ from .k_samplers import _keyed_check, _Levels, _trange, get_ancestral_step
 from .sampler_ops import linear_step
 
 __all__ = ["sample_ipndm", "sample_ipndm_v", "sample_deis", "sample_res_multistep",
-           "sample_res_multistep_ancestral"]
+           "sample_res_multistep_ancestral", "sample_unipc", "sample_unipc_bh2"]
 
 
 def _levels_1d(sigmas, x, name):
@@ -310,3 +312,144 @@ def sample_res_multistep_ancestral(model, x, sigmas, extra_args=None, callback=N
     ``generator`` or keyed by ``seeds`` (step i draws with ``step=i``)."""
     return _res_multistep("sample_res_multistep_ancestral", model, x, sigmas, extra_args, callback, disable,
                           s_noise, noise_sampler, eta, generator, seeds)
+
+
+# ---- UniPC -----------------------------------------------------------------------------------
+class _SigmaConvert:
+    """ComfyUI's uni_pc.SigmaConvert on host floats: the VP view of a VE sigma, with
+    ComfyUI's expressions (``1 - exp(2 log alpha)`` loses digits at small sigma; kept, so the
+    coefficients are ComfyUI's to float64 rounding)."""
+
+    @staticmethod
+    def log_alpha(s):
+        return 0.5 * math.log(1 / ((s * s) + 1))
+
+    def alpha(self, s):
+        return math.exp(self.log_alpha(s))
+
+    def std(self, s):
+        return math.sqrt(1. - math.exp(2. * self.log_alpha(s)))
+
+    def lam(self, s):
+        la = self.log_alpha(s)
+        return la - 0.5 * math.log(1. - math.exp(2. * la))
+
+
+def _unipc_update(ns, T, i, p, variant):
+    """The UniPC-bh update of ComfyUI's ``multistep_uni_pc_bh_update`` (predict_x0) from
+    T[i-1] to T[i] at order p, in VE form (its VP x divided by alpha): returns (kx, pred,
+    corr), the predictor ``kx X_{i-1} + sum_j pred[j] m_j`` and the corrector ``kx X_{i-1} +
+    sum_j corr[j] m_j`` (j = i in corr: the model output at the predicted point), m_j the
+    x0 prediction at T[j]. The small solves run on the host in float64."""
+    lam_p0, lam_t = ns.lam(T[i - 1]), ns.lam(T[i])
+    h = lam_t - lam_p0
+    kx = ns.std(T[i]) / ns.std(T[i - 1]) * ns.alpha(T[i - 1]) / ns.alpha(T[i])
+    rks = [(ns.lam(T[i - 1 - k]) - lam_p0) / h for k in range(1, p)] + [1.]
+    rks_t = torch.tensor(rks, dtype=torch.float64)
+    hh = torch.tensor(-h, dtype=torch.float64)
+    h_phi_1 = torch.expm1(hh)
+    h_phi_k = h_phi_1 / hh - 1
+    factorial_i = 1
+    if variant == 'bh1':
+        B_h = hh
+    elif variant == 'bh2':
+        B_h = torch.expm1(hh)
+    else:
+        raise ValueError(f"variant must be 'bh1' or 'bh2', got {variant!r}")
+    R, b = [], []
+    for j in range(1, p + 1):
+        R.append(torch.pow(rks_t, j - 1))
+        b.append(h_phi_k * factorial_i / B_h)
+        factorial_i *= (j + 1)
+        h_phi_k = h_phi_k / hh - 1 / factorial_i
+    R = torch.stack(R)
+    b = torch.stack(b)
+    rhos_p = [0.5] if p == 2 else (torch.linalg.solve(R[:-1, :-1], b[:-1]).tolist() if p > 2 else [])
+    rhos_c = [0.5] if p == 1 else torch.linalg.solve(R, b).tolist()
+    B, phi = float(B_h), float(h_phi_1)
+    pred, corr = {i - 1: -phi}, {i - 1: -phi}
+    for k in range(1, p):
+        if rhos_p:
+            pred[i - 1 - k] = -B * rhos_p[k - 1] / rks[k - 1]
+            pred[i - 1] += B * rhos_p[k - 1] / rks[k - 1]
+        corr[i - 1 - k] = -B * rhos_c[k - 1] / rks[k - 1]
+        corr[i - 1] += B * rhos_c[k - 1] / rks[k - 1]
+    corr[i] = -B * rhos_c[-1]
+    corr[i - 1] += B * rhos_c[-1]
+    return kx, pred, corr
+
+
+@torch.no_grad()
+def sample_unipc(model, noise, sigmas, extra_args=None, callback=None, disable=False, noise_scale=1.0,
+                 variant='bh1'):
+    """UniPC (Zhao et al. 2023) as ComfyUI runs it: multistep UniP predictor + UniC
+    corrector, data prediction, order ``min(3, steps - 1)`` with lower orders at the start
+    and the end, on the VP view of the VE sigmas (``alpha = 1/sqrt(1 + sigma^2)``); a final
+    sigma of 0 is stepped to 0.001, and the result is that state (VE scale). ``noise`` is
+    the VE start (``x`` at ``sigmas[0]``). One model evaluation per step; after each, one
+    fused pass writes the corrected x and the next predicted x (from the last corrected x
+    and the x0 history), the corrector's and the next predictor's coefficients solved on
+    the host in float64."""
+    if noise_scale != 1.0:
+        raise NotImplementedError("noise_scale != 1 is not implemented (the ComfyUI version mirrored here has "
+                                  "no noise_scale)")
+    if variant not in ('bh1', 'bh2'):
+        raise ValueError(f"variant must be 'bh1' or 'bh2', got {variant!r}")
+    extra_args = {} if extra_args is None else extra_args
+    levels = _levels_1d(sigmas, noise, "sample_unipc")
+    T = [float(s) for s in levels.host]
+    if T[-1] == 0:
+        T[-1] = 0.001
+    n = len(T) - 1
+    ns = _SigmaConvert()
+    X = noise
+    if n < 1:
+        return X
+    order = min(3, n - 1)
+
+    def step_order(i):  # the order of the update to T[i] (lower_order_final)
+        return i if i < order else min(order, n + 1 - i)
+
+    updates = {}
+
+    def update(i):  # (kx, pred, corr) of the update to T[i]: its predictor and its corrector run in two calls
+        if i not in updates:
+            updates[i] = _unipc_update(ns, T, i, step_order(i), variant)
+        return updates[i]
+
+    ms = []  # the x0 history m_0, m_1, ... (None once no step reads it)
+    X_last = X_pred = X
+    for i in _trange(n, disable):
+        ms.append(model(X_pred, levels.model(i), **extra_args))
+        if i == 0:
+            if n == 1:  # ComfyUI's loop evaluates the model and takes no step; it returns x / alpha(T[1])
+                (X_pred,) = _combine([X], [[1 / math.sqrt(1.0 + T[0] ** 2.0) / ns.alpha(T[1])]])
+            else:
+                kx, pred, _ = update(1)
+                (X_pred,) = _combine([X, ms[0]], [[kx, pred[0]]])
+            x_cb, t_cb = X, T[0]
+        else:
+            # corrector to T[i] (the model output at the predicted point is ms[i]), then the
+            # predictor to T[i + 1] from the corrected x, substituted: both rows from X_last
+            kc, _, corr = update(i)
+            kp, pred, _ = update(i + 1)
+            js = sorted(set(corr) | set(pred), reverse=True)  # i, i - 1, ...
+            row_c = [kc] + [corr.get(j, 0.0) for j in js]
+            row_p = [kp * kc] + [kp * corr.get(j, 0.0) + pred.get(j, 0.0) for j in js]
+            inputs = [X_last] + [ms[j] for j in js]
+            if i == n - 1 and callback is None:
+                (X_pred,) = _combine(inputs, [row_p])
+            else:
+                X_last, X_pred = _combine(inputs, [row_c, row_p])
+            x_cb, t_cb = (X_pred, T[n]) if i == n - 1 else (X_last, T[i])
+            if i >= 3:
+                ms[i - 3] = None
+        if callback is not None:  # ComfyUI's callback sees its VP x
+            callback({'x': x_cb * ns.alpha(t_cb), 'i': i, 'denoised': ms[i]})
+    return X_pred
+
+
+@torch.no_grad()
+def sample_unipc_bh2(model, noise, sigmas, extra_args=None, callback=None, disable=False):
+    """:func:`sample_unipc` with ``variant='bh2'`` (B(h) = e^h - 1)."""
+    return sample_unipc(model, noise, sigmas, extra_args, callback, disable, variant='bh2')

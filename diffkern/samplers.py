@@ -272,6 +272,9 @@ from .comfy_samplers import (  # noqa: E402
     sample_ipndm_v,
     sample_res_multistep,
     sample_res_multistep_ancestral,
+    sample_unipc,
+    sample_unipc_bh2,
 )
 
-__all__ += ["sample_ipndm", "sample_ipndm_v", "sample_deis", "sample_res_multistep", "sample_res_multistep_ancestral"]
+__all__ += ["sample_ipndm", "sample_ipndm_v", "sample_deis", "sample_res_multistep", "sample_res_multistep_ancestral",
+            "sample_unipc", "sample_unipc_bh2"]

@@ -314,6 +314,247 @@ def level_noise(calls=None):
     return sample
 
 
+# ComfyUI's uni_pc.py, the parts sample_unipc runs: SigmaConvert, predict_eps_sigma,
+# model_wrapper (model_type "noise", guidance "uncond"), UniPC (bh variants, predict_x0, no
+# thresholding, multistep sample) and sample_unipc.
+def expand_dims(v, dims):
+    return v[(...,) + (None,) * (dims - 1)]
+
+
+class SigmaConvert:
+    schedule = ""
+
+    def marginal_log_mean_coeff(self, sigma):
+        return 0.5 * torch.log(1 / ((sigma * sigma) + 1))
+
+    def marginal_alpha(self, t):
+        return torch.exp(self.marginal_log_mean_coeff(t))
+
+    def marginal_std(self, t):
+        return torch.sqrt(1. - torch.exp(2. * self.marginal_log_mean_coeff(t)))
+
+    def marginal_lambda(self, t):
+        log_mean_coeff = self.marginal_log_mean_coeff(t)
+        log_std = 0.5 * torch.log(1. - torch.exp(2. * log_mean_coeff))
+        return log_mean_coeff - log_std
+
+
+def predict_eps_sigma(model, input, sigma_in, **kwargs):
+    sigma = sigma_in.view(sigma_in.shape[:1] + (1,) * (input.ndim - 1))
+    input = input * ((sigma ** 2 + 1.0) ** 0.5)
+    return (input - model(input, sigma_in, **kwargs)) / sigma
+
+
+def model_wrapper(model, noise_schedule, model_type="noise", model_kwargs={}, guidance_type="uncond"):  # noqa: B006
+    def get_model_input_time(t_continuous):
+        if noise_schedule.schedule == 'discrete':
+            return (t_continuous - 1. / noise_schedule.total_N) * 1000.
+        else:
+            return t_continuous
+
+    def noise_pred_fn(x, t_continuous, cond=None):
+        if t_continuous.reshape((-1,)).shape[0] == 1:
+            t_continuous = t_continuous.expand(x.shape[0])
+        t_input = get_model_input_time(t_continuous)
+        output = model(x, t_input, **model_kwargs)
+        if model_type == "noise":
+            return output
+
+    def model_fn(x, t_continuous):
+        if t_continuous.reshape((-1,)).shape[0] == 1:
+            t_continuous = t_continuous.expand(x.shape[0])
+        if guidance_type == "uncond":
+            return noise_pred_fn(x, t_continuous)
+
+    return model_fn
+
+
+class UniPC:
+    def __init__(self, model_fn, noise_schedule, predict_x0=True, thresholding=False, max_val=1., variant='bh1'):
+        self.model = model_fn
+        self.noise_schedule = noise_schedule
+        self.variant = variant
+        self.predict_x0 = predict_x0
+        self.thresholding = thresholding
+        self.max_val = max_val
+
+    def noise_prediction_fn(self, x, t):
+        return self.model(x, t)
+
+    def data_prediction_fn(self, x, t):
+        noise = self.noise_prediction_fn(x, t)
+        dims = x.dim()
+        alpha_t, sigma_t = self.noise_schedule.marginal_alpha(t), self.noise_schedule.marginal_std(t)
+        x0 = (x - expand_dims(sigma_t, dims) * noise) / expand_dims(alpha_t, dims)
+        return x0
+
+    def model_fn(self, x, t):
+        if self.predict_x0:
+            return self.data_prediction_fn(x, t)
+        else:
+            return self.noise_prediction_fn(x, t)
+
+    def multistep_uni_pc_update(self, x, model_prev_list, t_prev_list, t, order, **kwargs):
+        if len(t.shape) == 0:
+            t = t.view(-1)
+        return self.multistep_uni_pc_bh_update(x, model_prev_list, t_prev_list, t, order, **kwargs)
+
+    def multistep_uni_pc_bh_update(self, x, model_prev_list, t_prev_list, t, order, x_t=None, use_corrector=True):
+        ns = self.noise_schedule
+        assert order <= len(model_prev_list)
+        dims = x.dim()
+        t_prev_0 = t_prev_list[-1]
+        lambda_prev_0 = ns.marginal_lambda(t_prev_0)
+        lambda_t = ns.marginal_lambda(t)
+        model_prev_0 = model_prev_list[-1]
+        sigma_prev_0, sigma_t = ns.marginal_std(t_prev_0), ns.marginal_std(t)
+        log_alpha_prev_0, log_alpha_t = ns.marginal_log_mean_coeff(t_prev_0), ns.marginal_log_mean_coeff(t)  # noqa: F841
+        alpha_t = torch.exp(log_alpha_t)
+        h = lambda_t - lambda_prev_0
+        rks = []
+        D1s = []
+        for i in range(1, order):
+            t_prev_i = t_prev_list[-(i + 1)]
+            model_prev_i = model_prev_list[-(i + 1)]
+            lambda_prev_i = ns.marginal_lambda(t_prev_i)
+            rk = ((lambda_prev_i - lambda_prev_0) / h)[0]
+            rks.append(rk)
+            D1s.append((model_prev_i - model_prev_0) / rk)
+        rks.append(1.)
+        rks = torch.tensor(rks, device=x.device)
+        R = []
+        b = []
+        hh = -h[0] if self.predict_x0 else h[0]
+        h_phi_1 = torch.expm1(hh)
+        h_phi_k = h_phi_1 / hh - 1
+        factorial_i = 1
+        if self.variant == 'bh1':
+            B_h = hh
+        elif self.variant == 'bh2':
+            B_h = torch.expm1(hh)
+        else:
+            raise NotImplementedError()
+        for i in range(1, order + 1):
+            R.append(torch.pow(rks, i - 1))
+            b.append(h_phi_k * factorial_i / B_h)
+            factorial_i *= (i + 1)
+            h_phi_k = h_phi_k / hh - 1 / factorial_i
+        R = torch.stack(R)
+        b = torch.tensor(b, device=x.device)
+        use_predictor = len(D1s) > 0 and x_t is None
+        if len(D1s) > 0:
+            D1s = torch.stack(D1s, dim=1)
+            if x_t is None:
+                if order == 2:
+                    rhos_p = torch.tensor([0.5], device=b.device)
+                else:
+                    rhos_p = torch.linalg.solve(R[:-1, :-1], b[:-1])
+        else:
+            D1s = None
+        if use_corrector:
+            if order == 1:
+                rhos_c = torch.tensor([0.5], device=b.device)
+            else:
+                rhos_c = torch.linalg.solve(R, b)
+        model_t = None
+        x_t_ = (
+            expand_dims(sigma_t / sigma_prev_0, dims) * x
+            - expand_dims(alpha_t * h_phi_1, dims) * model_prev_0
+        )
+        if x_t is None:
+            if use_predictor:
+                pred_res = torch.einsum('k,bkchw->bchw', rhos_p, D1s)
+            else:
+                pred_res = 0
+            x_t = x_t_ - expand_dims(alpha_t * B_h, dims) * pred_res
+        if use_corrector:
+            model_t = self.model_fn(x_t, t)
+            if D1s is not None:
+                corr_res = torch.einsum('k,bkchw->bchw', rhos_c[:-1], D1s)
+            else:
+                corr_res = 0
+            D1_t = (model_t - model_prev_0)
+            x_t = x_t_ - expand_dims(alpha_t * B_h, dims) * (corr_res + rhos_c[-1] * D1_t)
+        return x_t, model_t
+
+    def sample(self, x, timesteps, t_start=None, t_end=None, order=3, skip_type='time_uniform',
+               method='singlestep', lower_order_final=True, denoise_to_zero=False, solver_type='dpm_solver',
+               atol=0.0078, rtol=0.05, corrector=False, callback=None, disable_pbar=False):
+        steps = len(timesteps) - 1
+        if method == 'multistep':
+            assert steps >= order
+            assert timesteps.shape[0] - 1 == steps
+            for step_index in trange(steps, disable=disable_pbar):
+                if step_index == 0:
+                    vec_t = timesteps[0].expand(x.shape[0])
+                    model_prev_list = [self.model_fn(x, vec_t)]
+                    t_prev_list = [vec_t]
+                elif step_index < order:
+                    init_order = step_index
+                    vec_t = timesteps[init_order].expand(x.shape[0])
+                    x, model_x = self.multistep_uni_pc_update(x, model_prev_list, t_prev_list, vec_t, init_order,
+                                                              use_corrector=True)
+                    if model_x is None:
+                        model_x = self.model_fn(x, vec_t)
+                    model_prev_list.append(model_x)
+                    t_prev_list.append(vec_t)
+                else:
+                    extra_final_step = 0
+                    if step_index == (steps - 1):
+                        extra_final_step = 1
+                    for step in range(step_index, step_index + 1 + extra_final_step):
+                        vec_t = timesteps[step].expand(x.shape[0])
+                        if lower_order_final:
+                            step_order = min(order, steps + 1 - step)
+                        else:
+                            step_order = order
+                        if step == steps:
+                            use_corrector = False
+                        else:
+                            use_corrector = True
+                        x, model_x = self.multistep_uni_pc_update(x, model_prev_list, t_prev_list, vec_t, step_order,
+                                                                  use_corrector=use_corrector)
+                        for i in range(order - 1):
+                            t_prev_list[i] = t_prev_list[i + 1]
+                            model_prev_list[i] = model_prev_list[i + 1]
+                        t_prev_list[-1] = vec_t
+                        if step < steps:
+                            if model_x is None:
+                                model_x = self.model_fn(x, vec_t)
+                            model_prev_list[-1] = model_x
+                if callback is not None:
+                    callback({'x': x, 'i': step_index, 'denoised': model_prev_list[-1]})
+        else:
+            raise NotImplementedError()
+        return x
+
+
+def comfy_unipc(model, noise, sigmas, extra_args=None, callback=None, disable=False, variant='bh1'):
+    sigmas = sigmas.clone()  # ComfyUI writes 0.001 into the caller's sigmas; not the test's
+    timesteps = sigmas.clone()
+    if sigmas[-1] == 0:
+        timesteps = sigmas[:]
+        timesteps[-1] = 0.001
+    else:
+        timesteps = sigmas.clone()
+    ns = SigmaConvert()
+    noise = noise / torch.sqrt(1.0 + timesteps[0] ** 2.0)
+    model_type = "noise"
+    model_fn = model_wrapper(
+        lambda input, sigma, **kwargs: predict_eps_sigma(model, input, sigma, **kwargs),
+        ns,
+        model_type=model_type,
+        guidance_type="uncond",
+        model_kwargs=extra_args or {},
+    )
+    order = min(3, len(timesteps) - 2)
+    uni_pc = UniPC(model_fn, ns, predict_x0=True, thresholding=False, variant=variant)
+    x = uni_pc.sample(noise, timesteps=timesteps, skip_type="time_uniform", method="multistep", order=order,
+                      lower_order_final=True, callback=callback, disable_pbar=disable)
+    x /= ns.marginal_alpha(timesteps[-1])
+    return x
+
+
 # ---- the comparisons ------------------------------------------------------------------------------
 def _check(ours, oracle, n_steps=13, seed=0, **kw):
     """ours == oracle in float64 (1e-12) and in float32 on a non-contiguous x (1e-5); one
@@ -440,3 +681,67 @@ def test_res_multistep_ancestral_generator_reproducible():
     b = S.sample_res_multistep_ancestral(denoiser, x, sig, generator=gen(3))
     c = S.sample_res_multistep_ancestral(denoiser, x, sig, generator=gen(4))
     assert torch.equal(a, b) and max_rel_err(a, c) > 1e-2
+
+
+@pytest.mark.parametrize("variant", ["bh1", "bh2"])
+@pytest.mark.parametrize("n_steps", [13, 4, 3, 2])
+def test_unipc(variant, n_steps):
+    ours = S.sample_unipc if variant == "bh1" else S.sample_unipc_bh2
+    _check(ours, lambda m, x, s: comfy_unipc(m, x, s, variant=variant), n_steps=n_steps)
+
+
+def test_unipc_one_step_and_nonzero_end():
+    """One step: ComfyUI evaluates the model and returns the start rescaled to the last
+    level; a schedule not ending at 0 runs to its own last sigma."""
+    sig = karras(1).to(F64)
+    x = x_start(sig)
+    assert max_rel_err(S.sample_unipc(denoiser, x, sig), comfy_unipc(denoiser, x, sig)) < 1e-12
+    sig = karras(9)[:-1].to(F64)
+    x = x_start(sig)
+    ref = comfy_unipc(denoiser, x, sig, variant="bh2")
+    assert max_rel_err(S.sample_unipc_bh2(denoiser, x, sig), ref) < 1e-12
+
+
+@pytest.mark.parametrize("n_steps", [8, 2])
+def test_unipc_callback(n_steps):
+    """The callback sees ComfyUI's (VP-scaled) x, step index and x0, every step."""
+    sig = karras(n_steps).to(F64)
+    x = x_start(sig)
+    ours, theirs = [], []
+    S.sample_unipc(denoiser, x, sig, callback=ours.append)
+    # ComfyUI divides its last x in place after the last callback: keep a copy
+    comfy_unipc(denoiser, x, sig, callback=lambda d: theirs.append(dict(d, x=d['x'].clone())))
+    assert [d['i'] for d in ours] == [d['i'] for d in theirs] == list(range(n_steps))
+    for a, b in zip(ours, theirs, strict=True):
+        assert max_rel_err(a['x'], b['x']) < 1e-12
+        assert max_rel_err(a['denoised'], b['denoised']) < 1e-12
+
+
+def test_unipc_leaves_sigmas_alone():
+    sig = karras(6).to(F64)
+    before = sig.clone()
+    S.sample_unipc(denoiser, x_start(sig), sig)
+    assert torch.equal(sig, before)
+
+
+@pytest.mark.parametrize("name", ["sample_ipndm", "sample_ipndm_v", "sample_deis", "sample_res_multistep",
+                                  "sample_res_multistep_ancestral", "sample_unipc", "sample_unipc_bh2"])
+def test_one_fused_pass_per_model_evaluation(name, monkeypatch):
+    """Every update is one linear_step call, never more than the model evaluations: the
+    derivative / x0 history and UniPC's corrected x are further output rows of that call."""
+    calls = []
+    real = C.linear_step
+
+    def counting(inputs, coeffs, **kw):
+        calls.append(len(coeffs))
+        return real(inputs, coeffs, **kw)
+
+    monkeypatch.setattr(C, "linear_step", counting)
+    sig = karras(12).to(F64)
+    m = Counting()
+    kw = {"generator": gen(0)} if name == "sample_res_multistep_ancestral" else {}
+    getattr(S, name)(m, x_start(sig), sig, disable=True, **kw)
+    assert m.calls == len(sig) - 1
+    # iPNDM/DEIS's last step to 0 returns D itself (ComfyUI's x' = D): no pass there
+    assert len(calls) == m.calls - (name in ("sample_ipndm", "sample_ipndm_v"))
+    assert max(calls) <= 2
