@@ -194,19 +194,21 @@ def _deis_tab(sig, max_order, N=10000):
     sigma_{i+1} > 0), in float64 on the host: sum over N points tau of linspace(t_i,
     t_{i+1}) of -0.5 dlog(alpha)/dtau / sqrt(alpha (1 - alpha)) * L_j(tau) * dt / N, L_j
     the Lagrange basis on t_i, t_{i-1}, ..., t the VP time of each sigma."""
+    import numpy as np  # single-threaded: these 10^4-point sums are host bookkeeping
+
     b0, bd, b1 = _deis_vp_fit()
     db = b1 - b0
-    s = torch.tensor(sig, dtype=torch.float64)
-    t = ((b0 ** 2 + 2 * bd * (s ** 2 + 1).log()).sqrt() - b0) / bd
+    s = np.asarray(sig, dtype=np.float64)
+    t = (np.sqrt(b0 ** 2 + 2 * bd * np.log(s ** 2 + 1)) - b0) / bd
     C = {}
     for i in range(len(sig) - 1):
         order = min(i + 1, max_order)
         if order == 1 or sig[i + 1] <= 0:
             continue
-        taus = torch.linspace(float(t[i]), float(t[i + 1]), N, dtype=torch.float64)
+        taus = np.linspace(t[i], t[i + 1], N)
         dtau = (t[i + 1] - t[i]) / N
-        alpha = torch.exp(-0.5 * taus ** 2 * db - taus * b0)
-        integrand = -0.5 * (-(taus * db) - b0) / torch.sqrt(alpha * (1 - alpha))
+        alpha = np.exp(-0.5 * taus ** 2 * db - taus * b0)
+        integrand = -0.5 * (-(taus * db) - b0) / np.sqrt(alpha * (1 - alpha))
         prev_t = [t[i - k] for k in range(order)]
         row = []
         for j in range(order):
@@ -214,7 +216,7 @@ def _deis_tab(sig, max_order, N=10000):
             for k in range(order):
                 if k != j:
                     poly = poly * (taus - prev_t[k]) / (prev_t[j] - prev_t[k])
-            row.append(float(torch.sum(integrand * poly) * dtau))
+            row.append(float(np.sum(integrand * poly) * dtau))
         C[i] = row
     return C
 
