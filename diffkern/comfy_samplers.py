@@ -13,7 +13,11 @@ Each update is one call of ``linear_step`` per model evaluation: the step's coef
 (the multistep weights, with the ``d = (x - denoised) / sigma`` conversion and UniPC's
 small linear solves folded in) are formed in float64 on the host from one host copy of
 ``sigmas`` made per call, so no step syncs the host. The derivative / x0 history the
-next steps need is a further output row of the same call.
+next steps need is a further output row of the same call. With diffkern's
+:class:`~diffkern.k_samplers.EpsDenoiser` / :class:`~diffkern.k_samplers.VDenoiser` (and no
+``callback``), iPNDM, DEIS and res_multistep take the raw epsilon / v and fold
+``D = a x + b m`` into the same coefficients, as the k-diffusion samplers do (UniPC calls
+the wrapper).
 
 Differences, all invisible to the results beyond rounding:
 
@@ -41,7 +45,7 @@ import math
 import torch
 
 from . import _validate as V
-from .k_samplers import _keyed_check, _Levels, _trange, get_ancestral_step
+from .k_samplers import _denoise, _keyed_check, _Levels, _trange, get_ancestral_step
 from .sampler_ops import linear_step
 
 __all__ = ["sample_ipndm", "sample_ipndm_v", "sample_deis", "sample_res_multistep",
@@ -72,17 +76,30 @@ def _combine(inputs, rows, noise_coeff=0.0, noise=None, generator=None, seeds=No
     return linear_step(ins, coeffs, noise_coeffs=nc, generator=generator)
 
 
-def _d_step(x, den, buf, s, weights, need_d):
-    """x + sum_k weights[k] d_k with d_0 = (x - den) / s folded into x's and den's
-    coefficients and d_k = buf[-k]; with ``need_d`` d_0 is a second output row (the
-    history). Returns (x_next, d_0 or None)."""
+def _den_affine(pt, s):
+    """(a, b) with the denoised sample D = a x + b m for a model output m of prediction type
+    ``pt`` at sigma s (the VE forms of k-diffusion's wrappers; sigma_data 1)."""
+    if pt == "sample":
+        return 0.0, 1.0
+    if pt == "epsilon":
+        return 1.0, -s
+    return 1.0 / (s * s + 1.0), -s / math.sqrt(s * s + 1.0)  # v_prediction
+
+
+def _fold(rows, a, b):
+    """Rows over [x, D, ...] as rows over [x, m, ...], D = a x + b m."""
+    return [[r[0] + r[1] * a if a else r[0], r[1] * b] + list(r[2:]) for r in rows]
+
+
+def _d_step(x, m, ab, buf, s, weights, need_d):
+    """x + sum_k weights[k] d_k with d_0 = (x - D) / s folded into x's and the model
+    output's coefficients (D = a x + b m, ``ab``) and d_k = buf[-k]; with ``need_d`` d_0 is
+    a second output row (the history). Returns (x_next, d_0 or None)."""
     w0 = weights[0]
-    row = [1.0 + w0 / s, -w0 / s] + [weights[k] for k in range(1, len(weights))]
-    inputs = [x, den] + [buf[-k] for k in range(1, len(weights))]
-    rows = [row]
+    rows = [[1.0 + w0 / s, -w0 / s] + [weights[k] for k in range(1, len(weights))]]
     if need_d:
         rows.append([1.0 / s, -1.0 / s] + [0.0] * (len(weights) - 1))
-    out = _combine(inputs, rows)
+    out = _combine([x, m] + [buf[-k] for k in range(1, len(weights))], _fold(rows, *ab))
     return out[0], (out[1] if need_d else None)
 
 
@@ -141,20 +158,20 @@ def _ipndm_loop(name, weights_fn, model, x, sigmas, extra_args, callback, disabl
     n = len(sig) - 1
     buf = []  # the last max_order - 1 derivatives d, newest last
     for i in _trange(n, disable):
-        den = model(x, levels.model(i), **extra_args)
+        m, pt = _denoise(model, x, levels.model(i), extra_args, callback is None)
         if callback is not None:
-            callback({'x': x, 'i': i, 'sigma': levels.scalar(i), 'sigma_hat': levels.scalar(i), 'denoised': den})
+            callback({'x': x, 'i': i, 'sigma': levels.scalar(i), 'sigma_hat': levels.scalar(i), 'denoised': m})
         s, s_next = sig[i], sig[i + 1]
         need_d = max_order > 1 and i < n - 1  # d_i is read by a later step
         order = min(max_order, i + 1)
         if s_next == 0:  # denoising step: x' = D
-            if not need_d:
-                x = den
+            if not need_d and pt == "sample":
+                x = m
                 continue
             weights = (-s,)  # x - s d = D
         else:
             weights = tuple((s_next - s) * w for w in weights_fn(sig, i, order))
-        x, d = _d_step(x, den, buf, s, weights, need_d)
+        x, d = _d_step(x, m, _den_affine(pt, s), buf, s, weights, need_d)
         _push(buf, d, max_order)
     return x
 
@@ -237,13 +254,13 @@ def sample_deis(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     coeffs = _deis_tab(sig, max_order)
     buf = []
     for i in _trange(n, disable):
-        den = model(x, levels.model(i), **extra_args)
+        m, pt = _denoise(model, x, levels.model(i), extra_args, callback is None)
         if callback is not None:
-            callback({'x': x, 'i': i, 'sigma': levels.scalar(i), 'sigma_hat': levels.scalar(i), 'denoised': den})
+            callback({'x': x, 'i': i, 'sigma': levels.scalar(i), 'sigma_hat': levels.scalar(i), 'denoised': m})
         s, s_next = sig[i], sig[i + 1]
         order = 1 if s_next <= 0 else min(max_order, i + 1)
         weights = (s_next - s,) if order == 1 else tuple(coeffs[i])
-        x, d = _d_step(x, den, buf, s, weights, max_order > 1 and i < n - 1)
+        x, d = _d_step(x, m, _den_affine(pt, s), buf, s, weights, max_order > 1 and i < n - 1)
         _push(buf, d, max_order)
     return x
 
@@ -260,13 +277,15 @@ def _res_multistep(name, model, x, sigmas, extra_args, callback, disable, s_nois
     V.check_generator(generator, x, None)
     _keyed_check(x, seeds, generator, noise_sampler)
     sig = [float(s) for s in levels.host]
+    n = len(sig) - 1
+    x = levels.promote(x)  # ComfyUI's first (Euler) step promotes x with sigmas' dtype in to_d
     old_denoised, old_sigma_down = None, None
-    for i in _trange(len(sig) - 1, disable):
-        den = model(x, levels.model(i), **extra_args)
+    for i in _trange(n, disable):
+        m, pt = _denoise(model, x, levels.model(i), extra_args, callback is None)
         s, s_next = sig[i], sig[i + 1]
         sigma_down, sigma_up = get_ancestral_step(s, s_next, eta=eta)
         if callback is not None:
-            callback({'x': x, 'i': i, 'sigma': levels.scalar(i), 'sigma_hat': levels.scalar(i), 'denoised': den})
+            callback({'x': x, 'i': i, 'sigma': levels.scalar(i), 'sigma_hat': levels.scalar(i), 'denoised': m})
         if sigma_down == 0 or old_denoised is None:  # Euler to sigma_down
             c = (sigma_down - s) / s
             row = [1.0 + c, -c, 0.0]
@@ -281,18 +300,24 @@ def _res_multistep(name, model, x, sigmas, extra_args, callback, disable, s_nois
             b1 = torch.nan_to_num(phi1 - phi2 / c2, nan=0.0)
             b2 = torch.nan_to_num(phi2 / c2, nan=0.0)
             row = [float(h.neg().exp()), float(h * b1), float(h * b2)]
-        inputs = [x, den, old_denoised if old_denoised is not None else den]
+        rows = [row]
+        keep_den = pt != "sample" and i < n - 1  # D is the next step's history: a second row
+        if keep_den:
+            rows.append([0.0, 1.0, 0.0])
+        inputs = [x, m, old_denoised if old_denoised is not None else m]
         nc, noise = 0.0, None
         if s_next > 0:
             nc = s_noise * sigma_up
             if noise_sampler is not None:
                 noise = noise_sampler(levels.scalar(i), levels.scalar(i + 1))  # called as ComfyUI calls it
+        rows = _fold(rows, *_den_affine(pt, s))
         if nc == 0.0:
-            (x,) = _combine(inputs, [row])
+            out = _combine(inputs, rows)
         else:
-            (x,) = _combine(inputs, [row], nc, noise, generator if noise is None else None,
-                            seeds if noise is None else None, i)
-        old_denoised, old_sigma_down = den, sigma_down
+            out = _combine(inputs, rows, nc, noise, generator if noise is None else None,
+                           seeds if noise is None else None, i)
+        x = out[0]
+        old_denoised, old_sigma_down = (out[1] if keep_den else m), sigma_down
     return x
 
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import gen, max_rel_err
 
+import diffkern as dk
 from diffkern import _rng
 from diffkern import comfy_samplers as C
 from diffkern import samplers as S
@@ -745,3 +746,44 @@ def test_one_fused_pass_per_model_evaluation(name, monkeypatch):
     # iPNDM/DEIS's last step to 0 returns D itself (ComfyUI's x' = D): no pass there
     assert len(calls) == m.calls - (name in ("sample_ipndm", "sample_ipndm_v"))
     assert max(calls) <= 2
+
+
+def _inner(x_in, t):
+    """A nonlinear epsilon / v network at the wrappers' scaled input and fractional t."""
+    tt = t.to(F64).reshape(-1, *([1] * (x_in.dim() - 1)))
+    return (0.6 * torch.tanh(x_in.to(F64)) + 1e-4 * tt * x_in.to(F64)).to(x_in.dtype)
+
+
+@pytest.mark.parametrize("wrapper", [S.EpsDenoiser, S.VDenoiser], ids=["eps", "v"])
+@pytest.mark.parametrize("name", ["sample_ipndm", "sample_ipndm_v", "sample_deis", "sample_res_multistep",
+                                  "sample_res_multistep_ancestral"])
+def test_wrapped_models_fold_the_conversion(wrapper, name):
+    """With k-diffusion's EpsDenoiser / VDenoiser (diffkern's) and no callback the samplers
+    take the raw epsilon / v and fold D = a x + b m into the step's coefficients (the
+    wrapper's forward never runs): the same samples as through the wrapper's forward."""
+    class Counted(wrapper):
+        forwards = 0
+
+        def forward(self, *a, **k):
+            Counted.forwards += 1
+            return super().forward(*a, **k)
+
+    w = Counted(_inner, dk.NoiseSchedule.linear())
+    sig = karras(12).to(F64)
+    x = x_start(sig)
+    kw = {"noise_sampler": level_noise()} if "res_" in name else {}
+    fused = getattr(S, name)(w, x, sig, **kw)
+    assert Counted.forwards == 0
+    plain = getattr(S, name)(lambda x_, s_: w(x_, s_), x, sig, **kw)
+    assert Counted.forwards == len(sig) - 1
+    assert max_rel_err(fused, plain) < 1e-12
+
+
+@pytest.mark.parametrize("name,promotes", [("sample_ipndm", False), ("sample_deis", False),
+                                           ("sample_res_multistep", True), ("sample_unipc", False)])
+def test_result_dtype_follows_comfyui(name, promotes):
+    """float32 x with float64 sigmas: ComfyUI's res_multistep promotes x in its first
+    (Euler, to_d) step; iPNDM/DEIS/UniPC keep x's dtype (their sigma factors are 0-d)."""
+    sig = karras(6).to(F64)
+    out = getattr(S, name)(denoiser, x_start(sig).float(), sig, disable=True)
+    assert out.dtype == (F64 if promotes else torch.float32)
