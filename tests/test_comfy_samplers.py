@@ -787,3 +787,23 @@ def test_result_dtype_follows_comfyui(name, promotes):
     sig = karras(6).to(F64)
     out = getattr(S, name)(denoiser, x_start(sig).float(), sig, disable=True)
     assert out.dtype == (F64 if promotes else torch.float32)
+
+
+@pytest.mark.parametrize("name,oracle", [("sample_ipndm", comfy_ipndm), ("sample_ipndm_v", comfy_ipndm_v),
+                                         ("sample_deis", comfy_deis),
+                                         ("sample_res_multistep_ancestral", comfy_res_multistep)])
+def test_schedule_not_ending_at_zero(name, oracle):
+    """A schedule that stops at sigma_min (no denoising step): every step is a multistep one."""
+    sig = karras(10)[:-1].to(F64)
+    x = x_start(sig, seed=3)
+    kw = {"noise_sampler": level_noise()} if "res_" in name else {}
+    ref = oracle(denoiser, x.clone(), sig.clone(), **kw)
+    assert max_rel_err(getattr(S, name)(denoiser, x, sig, **kw), ref) < 1e-12
+
+
+@pytest.mark.parametrize("name", ["sample_ipndm", "sample_deis", "sample_res_multistep_ancestral", "sample_unipc"])
+def test_per_sample_sigmas_are_refused(name):
+    sig = karras(5).to(F64)
+    x = x_start(sig)
+    with pytest.raises(ValueError, match="1-D sigmas"):
+        getattr(S, name)(denoiser, x, sig[:, None].expand(-1, x.shape[0]))
