@@ -264,3 +264,17 @@ __all__ += ["sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpm
             "sample_lcm", "get_sigmas_karras", "get_sigmas_exponential", "to_d", "get_ancestral_step", "append_zero",
             "default_noise_sampler", "DiscreteSchedule", "EpsDenoiser", "VDenoiser", "DiscreteEpsDDPMDenoiser",
             "DiscreteVDDPMDenoiser"]
+
+# ---- ComfyUI's multistep samplers (comfy_samplers.py) ----------------------------------------
+from .comfy_samplers import (  # noqa: E402
+    sample_deis,
+    sample_ipndm,
+    sample_ipndm_v,
+    sample_res_multistep,
+    sample_res_multistep_ancestral,
+    sample_unipc,
+    sample_unipc_bh2,
+)
+
+__all__ += ["sample_ipndm", "sample_ipndm_v", "sample_deis", "sample_res_multistep", "sample_res_multistep_ancestral",
+            "sample_unipc", "sample_unipc_bh2"]
