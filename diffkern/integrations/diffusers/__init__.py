@@ -45,6 +45,7 @@ except ImportError as e:  # pragma: no cover - exercised by monkeypatching sys.m
 from .ddim import FusedDDIMScheduler
 from .ddpm import FusedDDPMScheduler
 from .dpm import FusedDPMSolverMultistepScheduler
+from .dpm_more import FusedDPMSolverMultistepInverseScheduler, FusedEDMDPMSolverMultistepScheduler
 from .euler import FusedEulerAncestralDiscreteScheduler, FusedEulerDiscreteScheduler
 from .flow import FusedFlowMatchEulerDiscreteScheduler
 from .heun import FusedHeunDiscreteScheduler
@@ -52,4 +53,5 @@ from .lcm import FusedLCMScheduler
 
 __all__ = ["FusedDDIMScheduler", "FusedDDPMScheduler", "FusedEulerDiscreteScheduler",
            "FusedEulerAncestralDiscreteScheduler", "FusedHeunDiscreteScheduler", "FusedDPMSolverMultistepScheduler",
-           "FusedFlowMatchEulerDiscreteScheduler", "FusedLCMScheduler"]
+           "FusedFlowMatchEulerDiscreteScheduler", "FusedLCMScheduler", "FusedDPMSolverMultistepInverseScheduler",
+           "FusedEDMDPMSolverMultistepScheduler"]

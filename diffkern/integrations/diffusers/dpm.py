@@ -20,7 +20,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from . import _base as B
 
-__all__ = ["FusedDPMSolverMultistepScheduler", "DPMSolverMultistepMixin", "update_weights"]
+__all__ = ["FusedDPMSolverMultistepScheduler", "DPMSolverMultistepMixin", "DPMSolverVPMixin", "update_weights"]
 
 _SDE = ("sde-dpmsolver", "sde-dpmsolver++")
 _DATA = ("dpmsolver++", "sde-dpmsolver++")  # the types whose D is x0 (else epsilon)
@@ -86,7 +86,7 @@ class DPMSolverMultistepMixin(B.IndexedSchedulerMixin):
     ``_dk_noise_dtype``."""
 
     _dk_first_match_second = True
-    _dk_noise_dtype = torch.float32
+    _dk_noise_dtype = torch.float32  # stock's randn_tensor dtype (None: the model output's)
 
     def _dk_lower_final(self, i, n):
         c = self.config
@@ -162,7 +162,7 @@ class DPMSolverMultistepMixin(B.IndexedSchedulerMixin):
                       x0rows_dev=None if x0rows is None else B.const_tensor(x0rows, device, f64))
         sig = self.sigmas.detach().to("cpu", torch.float32).double()
         a, s = self._dk_alpha_sigma(sig)
-        st.alpha_dev = B.const_tensor(a, device, torch.float32)
+        st.alpha_dev = B.const_tensor(torch.as_tensor(a, dtype=torch.float64).expand_as(sig), device, torch.float32)
         st.sigvp_dev = B.const_tensor(s, device, torch.float32)
         return st
 
@@ -175,10 +175,10 @@ class DPMSolverMultistepMixin(B.IndexedSchedulerMixin):
     def _dk_model_output(self, model_output):
         return model_output
 
-    def _dk_draw(self, x, generator, variance_noise):
+    def _dk_draw(self, x, generator, variance_noise, model_dtype):
         if variance_noise is not None:  # stock: variance_noise wins over the generator
             generator = None
-        return B.step_noise(self, x, generator, variance_noise, True, dtype=self._dk_noise_dtype)
+        return B.step_noise(self, x, generator, variance_noise, True, dtype=self._dk_noise_dtype or model_dtype)
 
     def _dk_step(self, model_output, timestep, sample, generator, variance_noise):
         if self.num_inference_steps is None:
@@ -205,7 +205,7 @@ class DPMSolverMultistepMixin(B.IndexedSchedulerMixin):
         hist = [self.model_outputs[-k] for k in range(1, o)]
         noise = gen = None
         if nz is not None:
-            noise, gen = self._dk_draw(sample, generator, variance_noise)
+            noise, gen = self._dk_draw(sample, generator, variance_noise, torch.promote_types(sample.dtype, m.dtype))
         out = B.linear([sample, y] + hist, rows, nz, noise, gen)
         prev = out[0]
         d0 = out[1] if st.hist_row else (y if x0row is not None else None)
@@ -219,22 +219,9 @@ class DPMSolverMultistepMixin(B.IndexedSchedulerMixin):
         return prev
 
 
-class FusedDPMSolverMultistepScheduler(DPMSolverMultistepMixin, DPMSolverMultistepScheduler):
-    """:class:`diffusers.DPMSolverMultistepScheduler` with one fused ``linear_step`` per
-    step (two with ``thresholding``: stock's quantile clamp of x0 sits between them).
-    Every ``algorithm_type`` (``dpmsolver++``, ``dpmsolver``, ``sde-dpmsolver++``,
-    ``sde-dpmsolver``), orders 1-3, both solver types, flow sigmas / ``flow_prediction``,
-    ``variance_type="learned_range"``; the order logic (warm-up, ``lower_order_final``,
-    ``euler_at_final``, ``final_sigmas_type``) and every sigma option (Karras / exponential
-    / beta / Lu lambdas, ``lambda_min_clipped``, spacings) are stock's. The SDE types draw
-    stock's noise (same seed, same image). A (B,) timestep gives each sample its own
-    position's coefficients (the order, set by the shared history, is the batch's).
-
-    Not supported (``NotImplementedError`` at construction): ``sde-dpmsolver`` with
-    ``solver_order=3`` (stock's third-order update has no branch for it and fails at the
-    third step), ``flow_prediction`` with the noise-space types (stock raises at the first
-    step).
-    """
+class DPMSolverVPMixin(DPMSolverMultistepMixin):
+    """The DPMSolverMultistep config (VP or flow sigmas, the four algorithm types, the
+    learned-variance slice), shared by the forward and the inverse scheduler."""
 
     def _dk_check_config(self):
         c = self.config
@@ -269,7 +256,7 @@ class FusedDPMSolverMultistepScheduler(DPMSolverMultistepMixin, DPMSolverMultist
         return model_output
 
     def step(self, model_output, timestep, sample, generator=None, variance_noise=None, return_dict: bool = True):
-        """DPMSolverMultistepScheduler.step, fused; ``timestep`` may be a (B,) tensor."""
+        """Stock's step, fused; ``timestep`` may be a (B,) tensor."""
         prev = self._dk_step(model_output, timestep, sample, generator, variance_noise)
         out_dtype = torch.promote_types(sample.dtype, model_output.dtype)  # stock: its converted output's dtype
         if prev.dtype != out_dtype:
@@ -277,6 +264,24 @@ class FusedDPMSolverMultistepScheduler(DPMSolverMultistepMixin, DPMSolverMultist
         if not return_dict:
             return (prev,)
         return SchedulerOutput(prev_sample=prev)
+
+
+class FusedDPMSolverMultistepScheduler(DPMSolverVPMixin, DPMSolverMultistepScheduler):
+    """:class:`diffusers.DPMSolverMultistepScheduler` with one fused ``linear_step`` per
+    step (two with ``thresholding``: stock's quantile clamp of x0 sits between them).
+    Every ``algorithm_type`` (``dpmsolver++``, ``dpmsolver``, ``sde-dpmsolver++``,
+    ``sde-dpmsolver``), orders 1-3, both solver types, flow sigmas / ``flow_prediction``,
+    ``variance_type="learned_range"``; the order logic (warm-up, ``lower_order_final``,
+    ``euler_at_final``, ``final_sigmas_type``) and every sigma option (Karras / exponential
+    / beta / Lu lambdas, ``lambda_min_clipped``, spacings) are stock's. The SDE types draw
+    stock's noise (same seed, same image). A (B,) timestep gives each sample its own
+    position's coefficients (the order, set by the shared history, is the batch's).
+
+    Not supported (``NotImplementedError`` at construction): ``sde-dpmsolver`` with
+    ``solver_order=3`` (stock's third-order update has no branch for it and fails at the
+    third step), ``flow_prediction`` with the noise-space types (stock raises at the first
+    step).
+    """
 
     def add_noise(self, original_samples, noise, timesteps):
         """Stock's ``alpha_t x0 + sigma_t z``, per-sample coefficients found on the device."""
