@@ -131,7 +131,7 @@ OPTIONS = [
     dict(lambda_min_clipped=-5.1, beta_schedule="squaredcos_cap_v2", final_sigmas_type="sigma_min"),
     dict(use_lu_lambdas=True, solver_order=3),
     dict(use_karras_sigmas=True, algorithm_type="sde-dpmsolver++"),
-    # (order 3 here: stock's last step has h = 0 at 20 steps (a repeated sigma) and gives NaN)
+    # (not order 3: stock's last step has h = 0 at 20 steps (a repeated sigma) and gives NaN)
     dict(use_exponential_sigmas=True, algorithm_type="dpmsolver", final_sigmas_type="sigma_min"),
     dict(rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing"),
     # Sana: flow sigmas, flow prediction, shift
@@ -215,3 +215,91 @@ def test_refused_configs_name_the_option():
     with pytest.raises(NotImplementedError, match="prediction_type"):
         FusedDPMSolverMultistepScheduler(algorithm_type="dpmsolver", prediction_type="flow_prediction",
                                          final_sigmas_type="sigma_min")
+
+
+# ---- the inverse and the EDM schedulers: the same coefficient code --------------------
+from diffusers import DPMSolverMultistepInverseScheduler, EDMDPMSolverMultistepScheduler  # noqa: E402
+
+from diffkern.integrations.diffusers import (  # noqa: E402
+    FusedDPMSolverMultistepInverseScheduler,
+    FusedEDMDPMSolverMultistepScheduler,
+)
+
+
+@contextlib.contextmanager
+def module_in_float64(mod, native_noise=False):
+    """Stock's step in float64 in ``mod``. These stocks draw noise in the model dtype: the
+    float32 draw, upcast (what a float32 run draws), or with ``native_noise`` the float64
+    draw (what a float64 run draws)."""
+    real_torch, real_randn = mod.torch, mod.randn_tensor
+
+    def randn(shape, generator=None, device=None, dtype=None, **kw):
+        if native_noise:
+            return real_randn(shape, generator=generator, device=device, dtype=dtype)
+        return real_randn(shape, generator=generator, device=device, dtype=real_torch.float32).to(dtype)
+
+    mod.torch, mod.randn_tensor = _Torch64(), randn
+    try:
+        yield
+    finally:
+        mod.torch, mod.randn_tensor = real_torch, real_randn
+
+
+def run_pair(stock_cls, fused_cls, cfg, n, **kw):
+    """(fused float32 - oracle, fused float64 - oracle) relative errors. The float64 loops
+    draw float64 noise (stock: the model dtype), so their oracle draws as stock does."""
+    mod = sys.modules[stock_cls.__module__]
+    ref = run(stock_cls, cfg, n, torch.float64, stepping=lambda: module_in_float64(mod), **kw)
+    assert torch.isfinite(ref).all()
+    ref64 = ref
+    if "sde" in cfg.get("algorithm_type", ""):
+        ref64 = run(stock_cls, cfg, n, torch.float64, stepping=lambda: module_in_float64(mod, native_noise=True),
+                    **kw)
+    return (max_rel_err(run(fused_cls, cfg, n, torch.float32, **kw), ref),
+            max_rel_err(run(fused_cls, cfg, n, torch.float64, **kw), ref64))
+
+
+INVERSE = [
+    dict(algorithm_type=a, solver_order=o, prediction_type=p, solver_type=st)
+    for a, o, p, st in itertools.product(("dpmsolver++", "dpmsolver"), (1, 2, 3), ("epsilon", "v_prediction"),
+                                         ("midpoint", "heun"))
+] + [dict(use_karras_sigmas=True, solver_order=3), dict(thresholding=True, prediction_type="sample", m_scale=3.0),
+     dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0),
+     dict(lower_order_final=False, solver_type="heun")]
+
+
+@pytest.mark.parametrize("cfg", INVERSE, ids=cid)
+def test_inverse_whole_loop_matches_stock_float64(cfg):
+    cfg = dict(cfg)
+    m_scale = cfg.pop("m_scale", 0.3)  # inversion runs toward noise: a small model output keeps it finite
+    e32, e64 = run_pair(DPMSolverMultistepInverseScheduler, FusedDPMSolverMultistepInverseScheduler, cfg, 10,
+                        m_scale=m_scale)
+    assert e32 <= TOL and e64 <= 1e-12
+
+
+EDM = [
+    dict(algorithm_type=a, solver_order=o, prediction_type=p, solver_type=st)
+    for a, o, p, st in itertools.product(("dpmsolver++", "sde-dpmsolver++"), (1, 2, 3), ("epsilon", "v_prediction"),
+                                         ("midpoint", "heun"))
+    if not (a == "sde-dpmsolver++" and o == 3)
+] + [dict(sigma_schedule="exponential", solver_order=3), dict(final_sigmas_type="sigma_min", euler_at_final=True),
+     dict(thresholding=True, sample_max_value=1.5, m_scale=3.0)]
+
+
+@pytest.mark.parametrize("cfg", EDM, ids=cid)
+def test_edm_whole_loop_matches_stock_float64(cfg):
+    cfg = dict(cfg)
+    m_scale = cfg.pop("m_scale", 1.0)
+    e32, e64 = run_pair(EDMDPMSolverMultistepScheduler, FusedEDMDPMSolverMultistepScheduler, cfg, 12,
+                        m_scale=m_scale)
+    assert e32 <= TOL and e64 <= 1e-12
+
+
+def test_edm_and_inverse_refusals_name_the_option():
+    with pytest.raises(NotImplementedError, match="prediction_type"):
+        FusedEDMDPMSolverMultistepScheduler(prediction_type="sample")
+    with pytest.raises(NotImplementedError, match="solver_order"):
+        FusedEDMDPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=3)
+    for algorithm in ("sde-dpmsolver++", "sde-dpmsolver"):
+        with pytest.raises(NotImplementedError, match="algorithm_type"):
+            FusedDPMSolverMultistepInverseScheduler(algorithm_type=algorithm)
