@@ -45,7 +45,11 @@ except ImportError as e:  # pragma: no cover - exercised by monkeypatching sys.m
 from .ddim import FusedDDIMScheduler
 from .ddpm import FusedDDPMScheduler
 from .dpm import FusedDPMSolverMultistepScheduler
-from .dpm_more import FusedDPMSolverMultistepInverseScheduler, FusedEDMDPMSolverMultistepScheduler
+from .dpm_more import (
+    FusedCogVideoXDPMScheduler,
+    FusedDPMSolverMultistepInverseScheduler,
+    FusedEDMDPMSolverMultistepScheduler,
+)
 from .euler import FusedEulerAncestralDiscreteScheduler, FusedEulerDiscreteScheduler
 from .flow import FusedFlowMatchEulerDiscreteScheduler
 from .heun import FusedHeunDiscreteScheduler
@@ -54,4 +58,4 @@ from .lcm import FusedLCMScheduler
 __all__ = ["FusedDDIMScheduler", "FusedDDPMScheduler", "FusedEulerDiscreteScheduler",
            "FusedEulerAncestralDiscreteScheduler", "FusedHeunDiscreteScheduler", "FusedDPMSolverMultistepScheduler",
            "FusedFlowMatchEulerDiscreteScheduler", "FusedLCMScheduler", "FusedDPMSolverMultistepInverseScheduler",
-           "FusedEDMDPMSolverMultistepScheduler"]
+           "FusedEDMDPMSolverMultistepScheduler", "FusedCogVideoXDPMScheduler"]

@@ -1,17 +1,21 @@
-"""The other multistep DPM-Solver drop-ins, on dpm.py's coefficient tables and step:
-FusedDPMSolverMultistepInverseScheduler (inversion for editing) and
-FusedEDMDPMSolverMultistepScheduler (EDM preconditioning)."""
+"""The other multistep DPM-Solver drop-ins: FusedDPMSolverMultistepInverseScheduler
+(inversion for editing) and FusedEDMDPMSolverMultistepScheduler (EDM preconditioning) on
+dpm.py's coefficient tables and step; FusedCogVideoXDPMScheduler (its own DDIM-timestep
+form of DPM-Solver++(2M) SDE) on the same road, linear_step with host coefficients."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
-from diffusers import DPMSolverMultistepInverseScheduler, EDMDPMSolverMultistepScheduler
+from diffusers import CogVideoXDPMScheduler, DPMSolverMultistepInverseScheduler, EDMDPMSolverMultistepScheduler
+from diffusers.schedulers.scheduling_dpm_cogvideox import DDIMSchedulerOutput
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from . import _base as B
 from .dpm import DPMSolverMultistepMixin, DPMSolverVPMixin
 
-__all__ = ["FusedDPMSolverMultistepInverseScheduler", "FusedEDMDPMSolverMultistepScheduler"]
+__all__ = ["FusedDPMSolverMultistepInverseScheduler", "FusedEDMDPMSolverMultistepScheduler",
+           "FusedCogVideoXDPMScheduler"]
 
 
 class FusedDPMSolverMultistepInverseScheduler(DPMSolverVPMixin, DPMSolverMultistepInverseScheduler):
@@ -78,3 +82,94 @@ class FusedEDMDPMSolverMultistepScheduler(DPMSolverMultistepMixin, EDMDPMSolverM
         if not return_dict:
             return (prev,)
         return SchedulerOutput(prev_sample=prev)
+
+
+class FusedCogVideoXDPMScheduler(B.FusedSchedulerMixin, CogVideoXDPMScheduler):
+    """:class:`diffusers.CogVideoXDPMScheduler` (CogVideoX's DPM-Solver++(2M) SDE in DDIM
+    timesteps) with one fused ``linear_step`` per step: the prediction-type conversion,
+    the first- or second-order update and the noise term in one pass, the step's x0 as
+    the second output (what stock returns as ``pred_original_sample``). The coefficients
+    are stock's formulas in float64 on the host from the host ``alphas_cumprod``.
+
+    Noise: stock draws a noise tensor on every step and, on a second-order step, a second
+    one (the first result is discarded); in the default noise mode the fused step makes
+    both draws (same seed, same video), and uses the second. ``variance_noise=`` (stock
+    ignores it) is taken as the step's noise. A timestep that is an element of
+    ``self.timesteps`` (as the pipeline passes it) is found without a host read; any
+    other is read once (stock reads it too). A (B,) timestep is refused (stock's step
+    compares it with 0 as a Python bool and raises)."""
+
+    def _dk_check_config(self):
+        if self.config.prediction_type not in ("epsilon", "sample", "v_prediction"):
+            raise ValueError(f"prediction_type given as {self.config.prediction_type} must be one of `epsilon`, "
+                             "`sample`, or `v_prediction`")
+
+    def _dk_build(self, device):
+        return B._State(ac=[float(v) for v in self.alphas_cumprod.detach().cpu().double().tolist()],
+                        final=float(self.final_alpha_cumprod), ts_host=self.timesteps.detach().cpu().tolist(),
+                        rows={})
+
+    def _dk_int(self, timestep, st):
+        """The timestep's value on the host: its position when it is an element of
+        ``self.timesteps`` (no read), else one read."""
+        if isinstance(timestep, torch.Tensor):
+            if timestep.numel() != 1:
+                raise NotImplementedError(f"{type(self).__name__}.step takes one timestep for the batch (stock "
+                                          "compares it with 0 as a Python bool)")
+            i = self._dk_index_of(timestep)
+            return st.ts_host[i] if i is not None else int(timestep.reshape(()).item())
+        return int(timestep)
+
+    def _dk_coeffs(self, st, t, t_back):
+        """(rows, noise coefficients, second order) of the step from t (and t_back), cached."""
+        key = (t, t_back)
+        hit = st.rows.get(key)
+        if hit is not None:
+            return hit
+        c = self.config
+        prev = t - c.num_train_timesteps // self.num_inference_steps
+        a_t = np.float64(st.ac[t])
+        a_p = np.float64(st.ac[prev] if prev >= 0 else st.final)
+        second = t_back is not None and prev >= 0
+        with np.errstate(all="ignore"):  # a zero-SNR end gives stock's inf / nan, not an exception
+            cx, cm = {"epsilon": (1 / np.sqrt(a_t), -np.sqrt(1 - a_t) / np.sqrt(a_t)), "sample": (0.0, 1.0),
+                      "v_prediction": (np.sqrt(a_t), -np.sqrt(1 - a_t))}[c.prediction_type]
+            lam = np.log(np.sqrt(a_t / (1 - a_t)))
+            h = np.log(np.sqrt(a_p / (1 - a_p))) - lam
+            m1 = np.sqrt((1 - a_p) / (1 - a_t)) * np.exp(-h)
+            m2 = np.expm1(-2 * h) * np.sqrt(a_p)
+            mz = np.sqrt(1 - a_p) * np.sqrt(1 - np.exp(-2 * h))
+            if second:  # x0 replaced by mult3 x0 - mult4 old
+                a_b = np.float64(st.ac[t_back])
+                r = (lam - np.log(np.sqrt(a_b / (1 - a_b)))) / h
+                m3, m4 = 1 + 1 / (2 * r), 1 / (2 * r)
+                rows = ((m1 - m2 * m3 * cx, -m2 * m3 * cm, m2 * m4), (cx, cm, 0.0))
+            else:
+                rows = ((m1 - m2 * cx, -m2 * cm), (cx, cm))
+        hit = st.rows[key] = (tuple(tuple(float(v) for v in r) for r in rows), (float(mz), 0.0), second)
+        return hit
+
+    def step(self, model_output, old_pred_original_sample, timestep, timestep_back, sample, eta: float = 0.0,
+             use_clipped_model_output: bool = False, generator=None, variance_noise=None, return_dict: bool = False):
+        """CogVideoXDPMScheduler.step, fused: returns (prev_sample, pred_original_sample)."""
+        if self.num_inference_steps is None:
+            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating "
+                             "the scheduler")
+        st = self._dk_state(sample.device)
+        t = self._dk_int(timestep, st)
+        tb = None if timestep_back is None else self._dk_int(timestep_back, st)
+        rows, nz, second = self._dk_coeffs(st, t, tb)
+        second = second and old_pred_original_sample is not None
+        if not second and len(rows[0]) == 3:  # t_back given but no old x0: stock's first-order update
+            rows, nz, _ = self._dk_coeffs(st, t, None)
+        if variance_noise is not None:
+            noise, gen = B._check_variance_noise(sample, generator, variance_noise)
+        else:
+            if second and self.noise_mode == "stock":
+                B.step_noise(self, sample, generator, None, True)  # stock's first draw, whose result it discards
+            noise, gen = B.step_noise(self, sample, generator, None, True)
+        inputs = [sample, model_output] + ([old_pred_original_sample] if second else [])
+        prev, x0 = B.linear(inputs, rows, nz, noise, gen)
+        if not second or not return_dict:
+            return prev, x0
+        return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
