@@ -303,3 +303,52 @@ def test_edm_and_inverse_refusals_name_the_option():
     for algorithm in ("sde-dpmsolver++", "sde-dpmsolver"):
         with pytest.raises(NotImplementedError, match="algorithm_type"):
             FusedDPMSolverMultistepInverseScheduler(algorithm_type=algorithm)
+
+
+# ---- CogVideoX's DPM scheduler ---------------------------------------------------------
+from diffusers import CogVideoXDPMScheduler  # noqa: E402
+
+from diffkern.integrations.diffusers import FusedCogVideoXDPMScheduler  # noqa: E402
+
+COG = sys.modules[CogVideoXDPMScheduler.__module__]
+
+
+def cog_loop(cls, cfg, dtype, *, seed=0, n=10, upcast=False, noise32=False):
+    """The CogVideoX pipeline's loop: the previous x0 and the previous timestep go back in."""
+    s = cls(**cfg)
+    s.set_timesteps(n)
+    if upcast:
+        s.alphas_cumprod = s.alphas_cumprod.double()
+        s.final_alpha_cumprod = torch.as_tensor(s.final_alpha_cumprod, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
+    real = COG.randn_tensor
+
+    def randn(shape, generator=None, device=None, dtype=None, **kw):  # the float32 draw, upcast
+        return real(shape, generator=generator, device=device, dtype=torch.float32).to(dtype)
+
+    old, ts = None, s.timesteps
+    if noise32:
+        COG.randn_tensor = randn
+    try:
+        for i, t in enumerate(ts):
+            m = model(x, i).to(dtype)
+            x, old = s.step(m, old, t, ts[i - 1] if i > 0 else None, x, generator=g, return_dict=False)
+    finally:
+        COG.randn_tensor = real
+    return x, old
+
+
+@pytest.mark.parametrize("cfg", [dict(), dict(prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                                                timestep_spacing="trailing"),
+                                 dict(beta_schedule="linear", set_alpha_to_one=False),
+                                 dict(prediction_type="sample", timestep_spacing="linspace")], ids=cid)
+def test_cogvideox_dpm_loop_matches_stock(cfg):
+    """Same seed, same video: stock's two draws on second-order steps are made; float32
+    within TOL of stock run in float64 (on the float32 draws), float64 at 1e-12."""
+    ref, ref_x0 = cog_loop(CogVideoXDPMScheduler, cfg, torch.float64, upcast=True, noise32=True)
+    got, got_x0 = cog_loop(FusedCogVideoXDPMScheduler, cfg, torch.float32)
+    assert max_rel_err(got, ref) <= TOL and max_rel_err(got_x0, ref_x0) <= TOL
+    ref64, _ = cog_loop(CogVideoXDPMScheduler, cfg, torch.float64, upcast=True)
+    assert max_rel_err(cog_loop(FusedCogVideoXDPMScheduler, cfg, torch.float64)[0], ref64) <= 1e-12
+    assert max_rel_err(cog_loop(FusedCogVideoXDPMScheduler, cfg, torch.float32, seed=1)[0], ref) > 1e-2
