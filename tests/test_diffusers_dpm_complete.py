@@ -21,6 +21,7 @@ import warnings
 import pytest
 import torch
 from conftest import max_rel_err
+from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("diffusers", reason="diffusers is needed for the fused schedulers")
 from diffusers import DPMSolverMultistepScheduler  # noqa: E402
@@ -352,3 +353,79 @@ def test_cogvideox_dpm_loop_matches_stock(cfg):
     ref64, _ = cog_loop(CogVideoXDPMScheduler, cfg, torch.float64, upcast=True)
     assert max_rel_err(cog_loop(FusedCogVideoXDPMScheduler, cfg, torch.float64)[0], ref64) <= 1e-12
     assert max_rel_err(cog_loop(FusedCogVideoXDPMScheduler, cfg, torch.float32, seed=1)[0], ref) > 1e-2
+
+
+# ---- no host syncs per step ----------------------------------------------------------------
+class CountSyncs(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("cls,cfg", [
+    (FusedDPMSolverMultistepScheduler, dict(algorithm_type="sde-dpmsolver++", solver_order=3)),
+    (FusedDPMSolverMultistepScheduler, dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0)),
+    (FusedDPMSolverMultistepInverseScheduler, dict(solver_order=3)),
+    (FusedEDMDPMSolverMultistepScheduler, dict(algorithm_type="sde-dpmsolver++")),
+], ids=lambda v: v.__name__ if isinstance(v, type) else cid(v))
+def test_no_host_sync_per_step(cls, cfg):
+    """After set_timesteps, a whole loop (scale_model_input included) and a (B,) step
+    read no tensor on the host; stock's loop does (the counter counts)."""
+    for c, want_zero in ((cls, True), (cls._dk_stock, False)):
+        s = c(**cfg)
+        s.set_timesteps(8)
+        x = torch.randn(SHAPE)
+        g = torch.Generator().manual_seed(0)
+        with CountSyncs() as n:
+            for t in s.timesteps:
+                x = s.step(torch.randn(SHAPE), t, s.scale_model_input(x, t), generator=g).prev_sample
+            if want_zero:
+                s.step(torch.randn(SHAPE), s.timesteps[[1, 2, 3]], x, generator=g)
+        assert (n.n == 0) == want_zero
+
+
+def test_cogvideox_no_host_sync_per_step():
+    for c, want_zero in ((FusedCogVideoXDPMScheduler, True), (CogVideoXDPMScheduler, False)):
+        s = c()
+        s.set_timesteps(8)
+        with CountSyncs() as n:
+            x, old, ts = torch.randn(SHAPE), None, s.timesteps
+            for i, t in enumerate(ts):
+                x, old = s.step(torch.randn(SHAPE), old, t, ts[i - 1] if i > 0 else None, x, return_dict=False)
+        assert (n.n == 0) == want_zero
+
+
+def test_cogvideox_output_types_are_stocks():
+    """First-order steps return a tuple whatever return_dict says (stock's quirk); a
+    second-order step with return_dict returns stock's output class."""
+    out = {}
+    for c in (CogVideoXDPMScheduler, FusedCogVideoXDPMScheduler):
+        s = c()
+        s.set_timesteps(4)
+        x, ts = torch.randn(SHAPE), s.timesteps
+        a = s.step(torch.randn(SHAPE), None, ts[0], None, x, return_dict=True)
+        b = s.step(torch.randn(SHAPE), a[1], ts[1], ts[0], a[0], return_dict=True)
+        out[c] = (type(a), type(b))
+    assert out[CogVideoXDPMScheduler] == out[FusedCogVideoXDPMScheduler]
+
+
+def test_edm_scale_model_input_matches_stock():
+    stock, fused = EDMDPMSolverMultistepScheduler(), FusedEDMDPMSolverMultistepScheduler()
+    stock.set_timesteps(6)
+    fused.set_timesteps(6)
+    x = torch.randn(SHAPE)
+    for k in range(3):
+        a = stock.scale_model_input(x, stock.timesteps[k])
+        assert max_rel_err(fused.scale_model_input(x, fused.timesteps[k]), a) <= 1e-6
+        stock._step_index, fused._step_index = k + 1, k + 1
+    b = fused.scale_model_input(x, fused.timesteps[[0, 3, 5]])
+    for j, k in enumerate((0, 3, 5)):
+        s2 = EDMDPMSolverMultistepScheduler()
+        s2.set_timesteps(6)
+        s2._step_index = k
+        assert max_rel_err(b[j], s2.scale_model_input(x, s2.timesteps[k])[j]) <= 1e-6

@@ -47,7 +47,8 @@ class FusedEDMDPMSolverMultistepScheduler(DPMSolverMultistepMixin, EDMDPMSolverM
     step (two with ``thresholding``): the EDM preconditioning ``c_skip x + c_out m`` is
     folded into the coefficients (alpha = 1, sigma = the EDM sigma). ``dpmsolver++`` and
     ``sde-dpmsolver++`` (stock's noise), orders 1-3. ``step`` also takes
-    ``variance_noise=`` (keyword). ``scale_model_input`` / ``add_noise`` are stock's.
+    ``variance_noise=`` (keyword). ``scale_model_input`` reads no tensor; ``add_noise`` is
+    stock's.
 
     Not supported (``NotImplementedError`` at construction): ``prediction_type="sample"``
     (stock's preconditioning raises at the first step), ``sde-dpmsolver++`` with
@@ -71,6 +72,19 @@ class FusedEDMDPMSolverMultistepScheduler(DPMSolverMultistepMixin, EDMDPMSolverM
         c_skip = sd ** 2 / (sigma ** 2 + sd ** 2)
         c_out = sigma * sd / (sigma ** 2 + sd ** 2) ** 0.5
         return c_skip, (c_out if self.config.prediction_type == "epsilon" else -c_out)
+
+    def scale_model_input(self, sample, timestep):
+        """Stock's ``c_in(sigma) sample``, sigma found as the step finds it (stock's
+        lookup reads the timestep on the host); a (B,) timestep scales each sample."""
+        st = self._dk_state(sample.device)
+        sd2 = self.config.sigma_data ** 2
+        i = self._dk_host_index(timestep, st)
+        self.is_scale_input_called = True
+        if i is not None:
+            return sample * (1 / (st.sig_host[i] ** 2 + sd2) ** 0.5)
+        idx, valid = self._dk_positions(timestep, sample, st)
+        sigma = self._dk_take(st.sig_dev, idx, valid).reshape((-1,) + (1,) * (sample.dim() - 1))
+        return sample * (1 / (sigma ** 2 + sd2) ** 0.5).to(sample.dtype)
 
     def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True, *,
              variance_noise=None):
