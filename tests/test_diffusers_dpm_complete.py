@@ -429,3 +429,31 @@ def test_edm_scale_model_input_matches_stock():
         s2.set_timesteps(6)
         s2._step_index = k
         assert max_rel_err(b[j], s2.scale_model_input(x, s2.timesteps[k])[j]) <= 1e-6
+
+
+@pytest.mark.parametrize("cls,cfg", [
+    (FusedDPMSolverMultistepScheduler, dict(solver_order=3)),
+    (FusedDPMSolverMultistepScheduler, dict(algorithm_type="sde-dpmsolver++")),
+    (FusedEDMDPMSolverMultistepScheduler, dict()),
+], ids=lambda v: v.__name__ if isinstance(v, type) else cid(v))
+def test_compiled_loop_body_has_no_graph_breaks(cls, cfg):
+    """torch.compile(fullgraph=True) of scale + model + step: no graph break (the step
+    takes its coefficient rows from the device tables), the eager loop's numbers. One
+    graph per order of the warm-up (the history length is part of the graph)."""
+    torch._dynamo.reset()
+    s = cls(**cfg)
+    s.set_timesteps(6)
+    eager = copy.deepcopy(s)
+    sde = "sde" in cfg.get("algorithm_type", "")
+
+    def body(s, x, t, z):
+        m = torch.sin(s.scale_model_input(x, t)) * 0.5
+        return (s.step(m, t, x, variance_noise=z) if sde else s.step(m, t, x)).prev_sample
+
+    comp = torch.compile(body, fullgraph=True, backend="eager")
+    x = xe = torch.randn(SHAPE)
+    g = torch.Generator().manual_seed(0)
+    for t, te in zip(s.timesteps, eager.timesteps, strict=True):
+        z = torch.randn(SHAPE, generator=g)
+        x, xe = comp(s, x, t, z), body(eager, xe, te, z)
+    assert max_rel_err(x, xe) <= 1e-6
