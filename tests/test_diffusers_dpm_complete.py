@@ -168,8 +168,11 @@ def test_sde_same_seed_same_result_as_stock(algorithm):
         cfg["final_sigmas_type"] = "sigma_min"
     a = run(DPMSolverMultistepScheduler, cfg, 10, torch.float32, seed=7)
     b = fused(cfg, 10, seed=7)
-    assert max_rel_err(b, a) <= 1e-4  # stock's float32 coefficients are the difference
-    assert max_rel_err(b, oracle(cfg, 10, seed=7)) <= TOL
+    ref = oracle(cfg, 10, seed=7)
+    assert max_rel_err(b, ref) <= TOL
+    # from stock's float32 run no further than the oracle bound plus stock's own distance
+    # from the oracle (its float32 coefficients; measured 1.6e-6 / 6.4e-6 here)
+    assert max_rel_err(b, a) <= TOL + max_rel_err(a, ref)
     assert max_rel_err(fused(cfg, 10, seed=8), a) > 1e-2  # the test sees the noise
 
 
