@@ -460,3 +460,22 @@ def test_compiled_loop_body_has_no_graph_breaks(cls, cfg):
         z = torch.randn(SHAPE, generator=g)
         x, xe = comp(s, x, t, z), body(eager, xe, te, z)
     assert max_rel_err(x, xe) <= 1e-6
+
+
+@pytest.mark.parametrize("stock_cls,fused_cls", [
+    (DPMSolverMultistepScheduler, FusedDPMSolverMultistepScheduler),
+    (DPMSolverMultistepInverseScheduler, FusedDPMSolverMultistepInverseScheduler),
+    (EDMDPMSolverMultistepScheduler, FusedEDMDPMSolverMultistepScheduler),
+], ids=lambda c: c.__name__)
+def test_add_noise_matches_stock_without_syncs(stock_cls, fused_cls):
+    stock, fused = stock_cls(), fused_cls()
+    stock.set_timesteps(7)
+    fused.set_timesteps(7)
+    g = torch.Generator().manual_seed(2)
+    x0, z = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
+    pick = [0, 3, 6]
+    want = stock.add_noise(x0, z, stock.timesteps[pick])
+    with CountSyncs() as n:
+        got = fused.add_noise(x0, z, fused.timesteps[pick])
+    assert n.n == 0
+    assert max_rel_err(got, want) <= 1e-6

@@ -172,6 +172,24 @@ class DPMSolverMultistepMixin(B.IndexedSchedulerMixin):
         v = table.index_select(0, idx.clamp(0, table.shape[0] - 1))
         return torch.where(valid.reshape((-1,) + (1,) * (v.dim() - 1)), v, torch.full_like(v, float("nan")))
 
+    def add_noise(self, original_samples, noise, timesteps):
+        """Stock's ``alpha_t x0 + sigma_t z`` (EDM: alpha = 1), per-sample coefficients found on
+        the device (stock looks each timestep up with a host read)."""
+        x0, z = B.promote(original_samples, noise)
+        st = self._dk_state(x0.device)
+        if self._begin_index is None:  # (the inverse has none: always looked up, as its stock)
+            idx, valid = self._dk_positions(timesteps, x0, st)
+            idx = torch.where(valid, idx, torch.full_like(idx, st.n - 1))  # stock: no match -> the last step
+            valid = torch.ones_like(valid)
+        else:
+            i = self.step_index if self.step_index is not None else self._begin_index
+            idx = torch.full((1,), i, dtype=torch.int64, device=x0.device)
+            valid = torch.ones(1, dtype=torch.bool, device=x0.device)
+        shape = (-1,) + (1,) * (x0.dim() - 1)
+        a = self._dk_take(st.alpha_dev, idx, valid).reshape(shape).to(x0.dtype)
+        s = self._dk_take(st.sigvp_dev, idx, valid).reshape(shape).to(x0.dtype)
+        return torch.addcmul(a * x0, s, z)
+
     def _dk_model_output(self, model_output):
         return model_output
 
@@ -282,20 +300,3 @@ class FusedDPMSolverMultistepScheduler(DPMSolverVPMixin, DPMSolverMultistepSched
     third step), ``flow_prediction`` with the noise-space types (stock raises at the first
     step).
     """
-
-    def add_noise(self, original_samples, noise, timesteps):
-        """Stock's ``alpha_t x0 + sigma_t z``, per-sample coefficients found on the device."""
-        x0, z = B.promote(original_samples, noise)
-        st = self._dk_state(x0.device)
-        if self.begin_index is None:
-            idx, valid = self._dk_positions(timesteps, x0, st)
-            idx = torch.where(valid, idx, torch.full_like(idx, st.n - 1))  # stock: no match -> the last step
-            valid = torch.ones_like(valid)
-        else:
-            i = self.step_index if self.step_index is not None else self.begin_index
-            idx = torch.full((1,), i, dtype=torch.int64, device=x0.device)
-            valid = torch.ones(1, dtype=torch.bool, device=x0.device)
-        shape = (-1,) + (1,) * (x0.dim() - 1)
-        a = self._dk_take(st.alpha_dev, idx, valid).reshape(shape).to(x0.dtype)
-        s = self._dk_take(st.sigvp_dev, idx, valid).reshape(shape).to(x0.dtype)
-        return torch.addcmul(a * x0, s, z)

@@ -21,7 +21,7 @@ __all__ = ["FusedDPMSolverMultistepInverseScheduler", "FusedEDMDPMSolverMultiste
 class FusedDPMSolverMultistepInverseScheduler(DPMSolverVPMixin, DPMSolverMultistepInverseScheduler):
     """:class:`diffusers.DPMSolverMultistepInverseScheduler` with one fused ``linear_step``
     per step (two with ``thresholding``): ``dpmsolver++`` and ``dpmsolver``, orders 1-3,
-    both solver types, flow sigmas. ``add_noise`` is stock's.
+    both solver types, flow sigmas.
 
     Not supported (``NotImplementedError`` at construction): the SDE types (going up in
     noise h < 0, and stock's noise scale ``sqrt(1 - exp(-2h))`` / ``sqrt(exp(2h) - 1)``
@@ -47,8 +47,8 @@ class FusedEDMDPMSolverMultistepScheduler(DPMSolverMultistepMixin, EDMDPMSolverM
     step (two with ``thresholding``): the EDM preconditioning ``c_skip x + c_out m`` is
     folded into the coefficients (alpha = 1, sigma = the EDM sigma). ``dpmsolver++`` and
     ``sde-dpmsolver++`` (stock's noise), orders 1-3. ``step`` also takes
-    ``variance_noise=`` (keyword). ``scale_model_input`` reads no tensor; ``add_noise`` is
-    stock's.
+    ``variance_noise=`` (keyword). ``scale_model_input`` and ``add_noise`` read no tensor on
+    the host.
 
     Not supported (``NotImplementedError`` at construction): ``prediction_type="sample"``
     (stock's preconditioning raises at the first step), ``sde-dpmsolver++`` with
