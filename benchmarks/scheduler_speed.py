@@ -16,7 +16,7 @@ same config, on the same inputs:
     python benchmarks/scheduler_speed.py --quick         # fewer repetitions
     python benchmarks/scheduler_speed.py --tag cpu-2threads   # also writes results/<tag>/scheduler_speed.json
 
-Stochastic classes (DDPM, Euler ancestral, LCM) draw their noise from a generator. Stock
+Stochastic classes (DDPM, Euler ancestral, LCM, DPM-Solver SDE) draw their noise from a generator. Stock
 draws with ``randn_tensor``; the fused class by ``--noise``: ``stock`` (default: stock's
 ``randn_tensor`` call, same image as stock), ``kernel`` (in the fused step) or ``keyed``
 (per-sample seeds). Heun runs 10 steps (19 calls), LCM 8, the others 20.
@@ -54,6 +54,18 @@ CASES = {
     "Heun": ("HeunDiscreteScheduler", dict(beta_schedule="scaled_linear"), 10, {}),
     "DPMSolverMultistep": ("DPMSolverMultistepScheduler", dict(beta_schedule="scaled_linear", beta_start=0.00085,
                                                                beta_end=0.012, use_karras_sigmas=True), 20, {}),
+    "DPMSolverMultistep3": ("DPMSolverMultistepScheduler", dict(beta_schedule="scaled_linear", beta_start=0.00085,
+                                                                beta_end=0.012, solver_order=3), 20, {}),
+    "DPMSolverMultistepSDE": ("DPMSolverMultistepScheduler", dict(beta_schedule="scaled_linear", beta_start=0.00085,
+                                                                  beta_end=0.012, use_karras_sigmas=True,
+                                                                  algorithm_type="sde-dpmsolver++"), 20,
+                              {"generator": True}),
+    "DPMSolverMultistepSana": ("DPMSolverMultistepScheduler", dict(use_flow_sigmas=True, flow_shift=3.0,
+                                                                   prediction_type="flow_prediction"), 20, {}),
+    "DPMSolverMultistepInverse": ("DPMSolverMultistepInverseScheduler", dict(beta_schedule="scaled_linear",
+                                                                             beta_start=0.00085, beta_end=0.012),
+                                  20, {}),
+    "EDMDPMSolverMultistep": ("EDMDPMSolverMultistepScheduler", dict(), 20, {}),
     "FlowMatchEuler": ("FlowMatchEulerDiscreteScheduler", dict(shift=3.0), 20, {}),
     "LCM": ("LCMScheduler", dict(), 8, {"generator": True}),
     # Wan 2.1 / 2.2

@@ -42,6 +42,8 @@ FAMILIES = (
     "tcd",
     "ipndm",
     "dpm_single",
+    "dpm_multi_inverse",
+    "edm_dpmsolver_multistep",
 )
 
 P = "tests/schedulers/test_scheduler_"
@@ -50,10 +52,6 @@ KNOWN_FAILURES = {
     # upcast, the same float32 noise) gives 387.96761, the fused loop 387.96765 (2.3e-7 max
     # relative from it; stock float32 is 5.4e-5 away), outside the test's bound of 0.01
     P + "ddpm.py::DDPMSchedulerTest::test_full_loop_with_noise",
-    # refused configs: sde-dpmsolver++ / dpmsolver / order 3 / thresholding (deliverable 4)
-    P + "dpm_multi.py::DPMSolverMultistepSchedulerTest::test_custom_timesteps",
-    P + "dpm_multi.py::DPMSolverMultistepSchedulerTest::test_solver_order_and_type",
-    P + "dpm_multi.py::DPMSolverMultistepSchedulerTest::test_thresholding",
 }
 
 

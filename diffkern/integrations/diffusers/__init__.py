@@ -46,6 +46,11 @@ from .cogvideox import FusedCogVideoXDDIMScheduler
 from .ddim import FusedDDIMScheduler
 from .ddpm import FusedDDPMScheduler
 from .dpm import FusedDPMSolverMultistepScheduler
+from .dpm_more import (
+    FusedCogVideoXDPMScheduler,
+    FusedDPMSolverMultistepInverseScheduler,
+    FusedEDMDPMSolverMultistepScheduler,
+)
 from .dpm_single import FusedDPMSolverSinglestepScheduler
 from .edm import FusedEDMEulerScheduler
 from .euler import FusedEulerAncestralDiscreteScheduler, FusedEulerDiscreteScheduler
@@ -63,7 +68,8 @@ __all__ = ["FusedDDIMScheduler", "FusedDDPMScheduler", "FusedEulerDiscreteSchedu
            "FusedEulerAncestralDiscreteScheduler", "FusedHeunDiscreteScheduler", "FusedDPMSolverMultistepScheduler",
            "FusedFlowMatchEulerDiscreteScheduler", "FusedLCMScheduler",
            "FusedUniPCMultistepScheduler", "FusedPNDMScheduler",
-           "FusedCogVideoXDDIMScheduler",
+           "FusedCogVideoXDDIMScheduler", "FusedCogVideoXDPMScheduler",
+           "FusedDPMSolverMultistepInverseScheduler", "FusedEDMDPMSolverMultistepScheduler",
            "FusedEDMEulerScheduler", "FusedDDIMInverseScheduler",
            "FusedTCDScheduler", "FusedIPNDMScheduler",
            "FusedFlowMatchHeunDiscreteScheduler", "FusedDPMSolverSinglestepScheduler"]
