@@ -33,17 +33,19 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from . import _rng
 from . import _validate as V
 from .ops import langevin_step
-from .sampler_ops import dpmpp_2m_step, euler_step, flow_step, heun_step
+from .sampler_ops import dpmpp_2m_step, euler_step, flow_step, heun_step, linear_step
 from .schedules import NoiseSchedule
 
 __all__ = ["append_zero", "get_sigmas_karras", "get_sigmas_exponential", "to_d", "get_ancestral_step",
            "default_noise_sampler", "sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpmpp_2m",
-           "sample_flow_euler", "sample_lcm", "DiscreteSchedule", "EpsDenoiser", "VDenoiser",
+           "sample_flow_euler", "sample_lcm", "sample_dpm_2", "sample_dpm_2_ancestral",
+           "DiscreteSchedule", "EpsDenoiser", "VDenoiser",
            "DiscreteEpsDDPMDenoiser", "DiscreteVDDPMDenoiser"]
 
 
@@ -341,6 +343,176 @@ def sample_lcm(model, x, sigmas, extra_args=None, callback=None, disable=None, n
                 x = x + noise_sampler(levels.scalar(i), sn) * (append_dims(sn, x.ndim) if sn.dim() else sn)
             else:
                 x = _add_noise(x, levels.op(i + 1), generator, seeds, i)
+    return x
+
+
+# ---- the two-stage and multistep samplers on linear_step -------------------------------------
+# Each update below is ONE call of :func:`diffkern.linear_step` per model evaluation: its
+# outputs are linear combinations of x, the model output, the kept history and one noise
+# draw, with coefficients formed in float64 on the host from the host copy of ``sigmas``.
+# A linear combination is written as a dict {tensor name: coefficient}; a coefficient is a
+# float64 numpy scalar (shared levels) or a (B,) array (per-sample levels).
+def _hs(levels, i):
+    """sigmas[i] in float64 on the host: a numpy scalar, or the (B,) row."""
+    return levels.host[i].numpy()
+
+
+def _all_or_none(mask, what: str) -> bool:
+    """A host branch condition; per-sample levels must agree on it (one code path)."""
+    m = np.asarray(mask)
+    if m.ndim and bool(m.any()) != bool(m.all()):
+        raise ValueError(f"per-sample sigmas must agree on {what} across the batch")
+    return bool(m.all())
+
+
+def _anc_host(sigma_from, sigma_to, eta):
+    """get_ancestral_step in float64 on the host (elementwise on (B,) rows)."""
+    if not eta:
+        return sigma_to, np.zeros_like(sigma_to)
+    sigma_up = np.minimum(sigma_to, eta * (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2) ** 0.5)
+    return (sigma_to ** 2 - sigma_up ** 2) ** 0.5, sigma_up
+
+
+def _den(pt, sigma, x_name, m_name):
+    """The denoised sample as a combination of the model's input and raw output: the
+    conversion of the :class:`EpsDenoiser` / :class:`VDenoiser` wrappers, folded into the
+    step's coefficients (``sample``: the output itself)."""
+    if pt == "sample":
+        return {m_name: 1.0}
+    if pt == "epsilon":
+        return {x_name: 1.0, m_name: -sigma}
+    return {x_name: 1.0 / (sigma * sigma + 1), m_name: -sigma / np.sqrt(sigma * sigma + 1)}
+
+
+def _lc(*terms):
+    """sum of coef * combination."""
+    out = {}
+    for c, e in terms:
+        for k, v in e.items():
+            out[k] = out.get(k, 0.0) + c * v
+    return out
+
+
+_X = {"x": 1.0}
+
+
+def _nonzero(c) -> bool:
+    return bool(np.any(np.asarray(c) != 0))
+
+
+def _combine(levels, tensors, rows, noise_coeffs=None, noise=None, generator=None, seeds=None, step=None):
+    """linear_step over the named tensors: x first, then those with a nonzero coefficient
+    (the others are not read). Per-sample coefficients go as a (B, K, J) float64 CPU
+    tensor, which linear_step copies to x's device: one small host-to-device copy per
+    call, the price of a per-sample schedule (shared levels pass plain floats)."""
+    keys = ["x"] + [k for k in tensors if k != "x" and any(_nonzero(r.get(k, 0.0)) for r in rows)]
+    if noise_coeffs is not None and not any(_nonzero(c) for c in noise_coeffs):
+        noise_coeffs = None  # nothing to add: no draw (a given noise tensor goes unused, as k's * 0)
+    if levels.per_sample:
+        B = levels.dev.shape[1]
+        table = np.zeros((B, len(rows), len(keys)))
+        for k, r in enumerate(rows):
+            for j, name in enumerate(keys):
+                table[:, k, j] = r.get(name, 0.0)
+        coeffs = torch.from_numpy(table)
+        if noise_coeffs is not None:
+            nt = np.zeros((B, len(rows)))
+            for k, c in enumerate(noise_coeffs):
+                nt[:, k] = c
+            noise_coeffs = torch.from_numpy(nt)
+    else:
+        coeffs = [[float(r.get(name, 0.0)) for name in keys] for r in rows]
+        if noise_coeffs is not None:
+            noise_coeffs = [float(c) for c in noise_coeffs]
+    kw = {}
+    if noise_coeffs is not None:
+        kw = {"noise": noise} if noise is not None else {"seeds": seeds, "step": step} if seeds is not None else \
+            {"generator": generator}
+    return linear_step([tensors[k] for k in keys], coeffs, noise_coeffs=noise_coeffs, **kw)
+
+
+def _level(levels, value, model: bool):
+    """A host level (a float, or the (B,) row) as a device tensor without a host sync:
+    for the model (``sigma * s_in``: (B,), x's dtype) or for noise_sampler (0-d, sigmas'
+    dtype). Shared: a fill; per-sample: a small host-to-device copy."""
+    if levels.per_sample:
+        return torch.as_tensor(np.asarray(value), dtype=levels.dev.dtype).to(levels.dev.device)
+    if model:
+        return torch.full_like(levels.s_in, float(value))
+    return torch.full((), float(value), dtype=levels.dev.dtype, device=levels.dev.device)
+
+
+def _noise_at(noise_sampler, a, b):
+    return noise_sampler(a, b) if noise_sampler is not None else None
+
+
+def _euler_rows(den, sigma, sigma_to):
+    """k's ``x + to_d(x, sigma, denoised) * (sigma_to - sigma)`` as one combination."""
+    c = (sigma_to - sigma) / sigma
+    return _lc((1 + c, _X), (-c, den))
+
+
+@torch.no_grad()
+def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
+                 s_tmax=float('inf'), s_noise=1., *, generator=None, seeds=None):
+    """A sampler inspired by DPM-Solver-2 and Algorithm 2 from Karras et al. (2022): the
+    midpoint in log sigma, two model calls a step (one on the last, an Euler step to 0)."""
+    extra_args = {} if extra_args is None else extra_args
+    levels = _Levels(sigmas, x)
+    V.check_generator(generator, x, None)
+    _keyed_check(x, seeds, generator)
+    fuse = callback is None
+    for i in _trange(len(levels) - 1, disable):
+        gamma = _churn_gamma(levels, i, s_churn, s_tmin, s_tmax)
+        if gamma > 0:
+            x = _add_churn(x, levels, i, gamma, s_noise, generator, seeds)
+        m, pt = _denoise(model, x, levels.model(i, gamma + 1), extra_args, fuse)
+        if callback is not None:
+            callback({'x': x, 'i': i, 'sigma': levels.scalar(i), 'sigma_hat': levels.scalar(i) * (gamma + 1),
+                      'denoised': m})
+        x = levels.promote(x)
+        sigma_hat, sigma_next = _hs(levels, i) * (gamma + 1), _hs(levels, i + 1)
+        den, t = _den(pt, sigma_hat, "x", "m"), {"x": x, "m": m}
+        if levels.zero(i + 1):  # Euler method
+            x, = _combine(levels, t, [_euler_rows(den, sigma_hat, sigma_next)])
+            continue
+        sigma_mid = np.exp(np.log(sigma_hat) + 0.5 * (np.log(sigma_next) - np.log(sigma_hat)))
+        t["x2"], = _combine(levels, t, [_euler_rows(den, sigma_hat, sigma_mid)])
+        t["m2"], pt2 = _denoise(model, t["x2"], _level(levels, sigma_mid, True), extra_args, fuse)
+        c = (sigma_next - sigma_hat) / sigma_mid  # x + to_d(x_2, sigma_mid, denoised_2) * dt_2
+        x, = _combine(levels, t, [_lc((1.0, _X), (c, {"x2": 1.0}), (-c, _den(pt2, sigma_mid, "x2", "m2")))])
+    return x
+
+
+@torch.no_grad()
+def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
+                           noise_sampler=None, *, generator=None, seeds=None):
+    """Ancestral sampling with DPM-Solver second-order steps. Noise: ``noise_sampler`` where
+    k-diffusion calls it (after the second model call), else in-kernel from ``generator``
+    or keyed by ``(seeds[b], step=i)``."""
+    extra_args = {} if extra_args is None else extra_args
+    levels = _Levels(sigmas, x)
+    V.check_generator(generator, x, None)
+    _keyed_check(x, seeds, generator, noise_sampler)
+    fuse = callback is None
+    for i in _trange(len(levels) - 1, disable):
+        m, pt = _denoise(model, x, levels.model(i), extra_args, fuse)
+        sigma, sigma_next = _hs(levels, i), _hs(levels, i + 1)
+        sigma_down, sigma_up = _anc_host(sigma, sigma_next, eta)
+        if callback is not None:
+            callback({'x': x, 'i': i, 'sigma': levels.scalar(i), 'sigma_hat': levels.scalar(i), 'denoised': m})
+        x = levels.promote(x)
+        den, t = _den(pt, sigma, "x", "m"), {"x": x, "m": m}
+        if _all_or_none(sigma_down == 0, f"sigma_down == 0 (row {i + 1})"):  # Euler method, no noise
+            x, = _combine(levels, t, [_euler_rows(den, sigma, sigma_down)])
+            continue
+        sigma_mid = np.exp(np.log(sigma) + 0.5 * (np.log(sigma_down) - np.log(sigma)))
+        t["x2"], = _combine(levels, t, [_euler_rows(den, sigma, sigma_mid)])
+        t["m2"], pt2 = _denoise(model, t["x2"], _level(levels, sigma_mid, True), extra_args, fuse)
+        c = (sigma_down - sigma) / sigma_mid
+        noise = _noise_at(noise_sampler, levels.scalar(i), levels.scalar(i + 1))
+        x, = _combine(levels, t, [_lc((1.0, _X), (c, {"x2": 1.0}), (-c, _den(pt2, sigma_mid, "x2", "m2")))],
+                      [s_noise * sigma_up], noise, generator, seeds, i)
     return x
 
 
