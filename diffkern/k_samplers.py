@@ -45,7 +45,7 @@ from .schedules import NoiseSchedule
 __all__ = ["append_zero", "get_sigmas_karras", "get_sigmas_exponential", "to_d", "get_ancestral_step",
            "default_noise_sampler", "sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpmpp_2m",
            "sample_flow_euler", "sample_lcm", "sample_dpm_2", "sample_dpm_2_ancestral",
-           "DiscreteSchedule", "EpsDenoiser", "VDenoiser",
+           "sample_lms", "sample_dpmpp_2s_ancestral", "DiscreteSchedule", "EpsDenoiser", "VDenoiser",
            "DiscreteEpsDDPMDenoiser", "DiscreteVDDPMDenoiser"]
 
 
@@ -513,6 +513,97 @@ def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
         noise = _noise_at(noise_sampler, levels.scalar(i), levels.scalar(i + 1))
         x, = _combine(levels, t, [_lc((1.0, _X), (c, {"x2": 1.0}), (-c, _den(pt2, sigma_mid, "x2", "m2")))],
                       [s_noise * sigma_up], noise, generator, seeds, i)
+    return x
+
+
+def _lms_coeffs(sig, order):
+    """k-diffusion's linear_multistep_coeff for every step, once per call: row i holds
+    ``integral_{s_i}^{s_{i+1}} prod_{k != j} (tau - s_{i-k}) / (s_{i-j} - s_{i-k}) dtau``
+    for j < min(i + 1, order). The integrand is a polynomial of degree < order, so
+    ``order``-node Gauss-Legendre is exact (k-diffusion's scipy ``quad`` agrees to its
+    rounding); float64, elementwise over the columns of a per-sample ``sig``."""
+    nodes, weights = np.polynomial.legendre.leggauss(order)
+    nodes = nodes.reshape((-1,) + (1,) * (sig.ndim - 1))
+    weights = weights.reshape(nodes.shape)
+    table = []
+    for i in range(sig.shape[0] - 1):
+        p = min(i + 1, order)
+        half = (sig[i + 1] - sig[i]) / 2
+        tau = half * nodes + (sig[i] + sig[i + 1]) / 2
+        row = []
+        for j in range(p):
+            prod = np.ones_like(tau)
+            for k in range(p):
+                if k != j:
+                    prod = prod * (tau - sig[i - k]) / (sig[i - j] - sig[i - k])
+            row.append(half * (weights * prod).sum(axis=0))
+        table.append(row)
+    return table
+
+
+@torch.no_grad()
+def sample_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, order=4):
+    """Linear multistep (k-diffusion's LMS): ``x + sum_j c_ij d_{i-j}``, d = to_d(x,
+    sigma, denoised), the last ``order`` derivatives kept. The coefficients are computed
+    once per call on the host. Each step is one linear_step writing x and this step's
+    derivative (the history the next steps read); ``order`` is at most 5 (x, the model
+    output and 4 past derivatives fill linear_step's 6 inputs)."""
+    if not 1 <= order <= 5:
+        raise ValueError(f"order must be in 1..5, got {order}")
+    extra_args = {} if extra_args is None else extra_args
+    levels = _Levels(sigmas, x)
+    table = _lms_coeffs(levels.host.numpy(), order)
+    fuse = callback is None
+    n = len(levels) - 1
+    ds = []  # past derivatives, newest first
+    for i in _trange(n, disable):
+        m, pt = _denoise(model, x, levels.model(i), extra_args, fuse)
+        if callback is not None:
+            callback({'x': x, 'i': i, 'sigma': levels.scalar(i), 'sigma_hat': levels.scalar(i), 'denoised': m})
+        x = levels.promote(x)
+        sigma = _hs(levels, i)
+        d = _lc((1 / sigma, _X), (-1 / sigma, _den(pt, sigma, "x", "m")))
+        coeffs = table[i]
+        t = {"x": x, "m": m, **{f"d{j}": ds[j - 1] for j in range(1, len(coeffs))}}
+        update = _lc((1.0, _X), (coeffs[0], d), *((coeffs[j], {f"d{j}": 1.0}) for j in range(1, len(coeffs))))
+        keep = order > 1 and i < n - 1
+        out = _combine(levels, t, [update, d] if keep else [update])
+        x = out[0]
+        if keep:
+            ds = [out[1]] + ds[:order - 2]
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
+                              noise_sampler=None, *, generator=None, seeds=None):
+    """Ancestral sampling with DPM-Solver++(2S) second-order steps. Noise: ``noise_sampler``
+    where k-diffusion calls it (after the step, where sigmas[i + 1] > 0), else in-kernel
+    from ``generator`` or keyed by ``(seeds[b], step=i)``."""
+    extra_args = {} if extra_args is None else extra_args
+    levels = _Levels(sigmas, x)
+    V.check_generator(generator, x, None)
+    _keyed_check(x, seeds, generator, noise_sampler)
+    fuse = callback is None
+    for i in _trange(len(levels) - 1, disable):
+        m, pt = _denoise(model, x, levels.model(i), extra_args, fuse)
+        sigma, sigma_next = _hs(levels, i), _hs(levels, i + 1)
+        sigma_down, sigma_up = _anc_host(sigma, sigma_next, eta)
+        if callback is not None:
+            callback({'x': x, 'i': i, 'sigma': levels.scalar(i), 'sigma_hat': levels.scalar(i), 'denoised': m})
+        den, t = _den(pt, sigma, "x", "m"), {"x": x, "m": m}
+        if _all_or_none(sigma_down == 0, f"sigma_down == 0 (row {i + 1})"):  # Euler method
+            t["x"] = levels.promote(x)
+            update = _euler_rows(den, sigma, sigma_down)
+        else:  # DPM-Solver++(2S), the midpoint in log sigma
+            h = np.log(sigma) - np.log(sigma_down)
+            sigma_s = np.exp(np.log(sigma) - 0.5 * h)
+            t["x2"], = _combine(levels, t, [_lc((sigma_s / sigma, _X), (-np.expm1(-0.5 * h), den))])
+            t["m2"], pt2 = _denoise(model, t["x2"], _level(levels, sigma_s, True), extra_args, fuse)
+            update = _lc((sigma_down / sigma, _X), (-np.expm1(-h), _den(pt2, sigma_s, "x2", "m2")))
+        noisy = not levels.zero(i + 1)
+        noise = _noise_at(noise_sampler, levels.scalar(i), levels.scalar(i + 1)) if noisy else None
+        x, = _combine(levels, t, [update], [s_noise * sigma_up] if noisy else None, noise, generator, seeds, i)
     return x
 
 

@@ -111,6 +111,71 @@ def k_dpm_2_ancestral(model, x, sigmas, eta=1., s_noise=1., noise_sampler=None):
     return x
 
 
+def linear_multistep_coeff(order, t, i, j):
+    if order - 1 > i:
+        raise ValueError(f'Order {order} too high for step {i}')
+
+    def fn(tau):
+        prod = 1.
+        for k in range(order):
+            if j == k:
+                continue
+            prod *= (tau - t[i - k]) / (t[i - j] - t[i - k])
+        return prod
+    try:
+        from scipy import integrate
+    except ImportError:  # without scipy: the polynomial integrated exactly
+        p = np.polynomial.Polynomial.fit(np.linspace(t[i], t[i + 1], order + 1),
+                                         [fn(v) for v in np.linspace(t[i], t[i + 1], order + 1)], order).integ()
+        return p(t[i + 1]) - p(t[i])
+    return integrate.quad(fn, t[i], t[i + 1], epsrel=1e-4)[0]
+
+
+def k_lms(model, x, sigmas, order=4):
+    s_in = x.new_ones([x.shape[0]])
+    sigmas_cpu = sigmas.detach().cpu().numpy()
+    ds = []
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in)
+        d = to_d(x, sigmas[i], denoised)
+        ds.append(d)
+        if len(ds) > order:
+            ds.pop(0)
+        cur_order = min(i + 1, order)
+        coeffs = [linear_multistep_coeff(cur_order, sigmas_cpu, i, j) for j in range(cur_order)]
+        x = x + sum(coeff * d for coeff, d in zip(coeffs, reversed(ds), strict=False))
+    return x
+
+
+def k_dpmpp_2s_ancestral(model, x, sigmas, eta=1., s_noise=1., noise_sampler=None):
+    s_in = x.new_ones([x.shape[0]])
+
+    def sigma_fn(t):
+        return t.neg().exp()
+
+    def t_fn(sigma):
+        return sigma.log().neg()
+
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in)
+        sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
+        if sigma_down == 0:
+            d = to_d(x, sigmas[i], denoised)
+            dt = sigma_down - sigmas[i]
+            x = x + d * dt
+        else:
+            t, t_next = t_fn(sigmas[i]), t_fn(sigma_down)
+            r = 1 / 2
+            h = t_next - t
+            s = t + r * h
+            x_2 = (sigma_fn(s) / sigma_fn(t)) * x - (-h * r).expm1() * denoised
+            denoised_2 = model(x_2, sigma_fn(s) * s_in)
+            x = (sigma_fn(t_next) / sigma_fn(t)) * x - (-h).expm1() * denoised_2
+        if sigmas[i + 1] > 0:
+            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+    return x
+
+
 # ---- the cases: (id, ours(x, sigmas, noise_sampler), k's loop(x, sigmas, noise_sampler)) ----------
 CASES = [
     ("dpm_2", lambda x, sg, ns: S.sample_dpm_2(toy_denoiser, x, sg, disable=True),
@@ -125,10 +190,24 @@ CASES = [
     ("dpm_2_ancestral-eta", lambda x, sg, ns: S.sample_dpm_2_ancestral(toy_denoiser, x, sg, disable=True, eta=0.6,
                                                                        s_noise=1.02, noise_sampler=ns),
      lambda x, sg, ns: k_dpm_2_ancestral(toy_denoiser, x, sg, eta=0.6, s_noise=1.02, noise_sampler=ns)),
+    ("lms", lambda x, sg, ns: S.sample_lms(toy_denoiser, x, sg, disable=True),
+     lambda x, sg, ns: k_lms(toy_denoiser, x, sg)),
+    ("lms-order2", lambda x, sg, ns: S.sample_lms(toy_denoiser, x, sg, disable=True, order=2),
+     lambda x, sg, ns: k_lms(toy_denoiser, x, sg, order=2)),
+    ("lms-order5", lambda x, sg, ns: S.sample_lms(toy_denoiser, x, sg, disable=True, order=5),
+     lambda x, sg, ns: k_lms(toy_denoiser, x, sg, order=5)),
+    ("dpmpp_2s_ancestral", lambda x, sg, ns: S.sample_dpmpp_2s_ancestral(toy_denoiser, x, sg, disable=True,
+                                                                         noise_sampler=ns),
+     lambda x, sg, ns: k_dpmpp_2s_ancestral(toy_denoiser, x, sg, noise_sampler=ns)),
+    ("dpmpp_2s_ancestral-eta", lambda x, sg, ns: S.sample_dpmpp_2s_ancestral(
+        toy_denoiser, x, sg, disable=True, eta=0.5, s_noise=0.97, noise_sampler=ns),
+     lambda x, sg, ns: k_dpmpp_2s_ancestral(toy_denoiser, x, sg, eta=0.5, s_noise=0.97, noise_sampler=ns)),
 ]
 NOISY = {"dpm_2_ancestral": lambda x, sg, **kw: S.sample_dpm_2_ancestral(toy_denoiser, x, sg, disable=True, **kw),
          "dpm_2-churn": lambda x, sg, **kw: S.sample_dpm_2(toy_denoiser, x, sg, disable=True, s_churn=1.5, **kw)}
-DETERMINISTIC = {"dpm_2": lambda x, sg, **kw: S.sample_dpm_2(toy_denoiser, x, sg, disable=True, **kw)}
+NOISY["dpmpp_2s_ancestral"] = lambda x, sg, **kw: S.sample_dpmpp_2s_ancestral(toy_denoiser, x, sg, disable=True, **kw)
+DETERMINISTIC = {"dpm_2": lambda x, sg, **kw: S.sample_dpm_2(toy_denoiser, x, sg, disable=True, **kw),
+                 "lms": lambda x, sg, **kw: S.sample_lms(toy_denoiser, x, sg, disable=True, **kw)}
 
 SIGMAS = S.get_sigmas_karras(7, 0.03, 14.6)  # float32, as k-diffusion makes them
 
@@ -219,6 +298,9 @@ FUSED = [
     ("dpm_2", lambda w, x, sg, **kw: S.sample_dpm_2(w, x, sg, disable=True, **kw)),
     ("dpm_2_ancestral", lambda w, x, sg, **kw: S.sample_dpm_2_ancestral(w, x, sg, disable=True,
                                                                         noise_sampler=SeqNoise(F64), **kw)),
+    ("lms", lambda w, x, sg, **kw: S.sample_lms(w, x, sg, disable=True, **kw)),
+    ("dpmpp_2s_ancestral", lambda w, x, sg, **kw: S.sample_dpmpp_2s_ancestral(w, x, sg, disable=True,
+                                                                              noise_sampler=SeqNoise(F64), **kw)),
 ]
 
 
@@ -247,6 +329,21 @@ def test_bad_arguments():
     mixed[-2, 1] = 0.0
     with pytest.raises(ValueError, match="same step|agree"):
         S.sample_dpm_2(toy_denoiser, x[:2], mixed, disable=True)
+    for order in (0, 6):
+        with pytest.raises(ValueError, match="order"):
+            S.sample_lms(toy_denoiser, x, SIGMAS, disable=True, order=order)
+
+
+def test_lms_coefficients_are_k_diffusions_integrals():
+    # Gauss-Legendre on the Lagrange basis = k-diffusion's quad, at every step and order
+    from diffkern.k_samplers import _lms_coeffs
+
+    sig = SIGMAS.double().numpy()
+    for order in (1, 2, 3, 4, 5):
+        table = _lms_coeffs(sig, order)
+        for i, row in enumerate(table):
+            want = [linear_multistep_coeff(min(i + 1, order), sig, i, j) for j in range(min(i + 1, order))]
+            np.testing.assert_allclose(row, want, rtol=1e-12, atol=1e-12 * abs(sig[i + 1] - sig[i]))
 
 
 _ = math  # math is used by the oracles added below
