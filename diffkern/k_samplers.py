@@ -45,7 +45,8 @@ from .schedules import NoiseSchedule
 __all__ = ["append_zero", "get_sigmas_karras", "get_sigmas_exponential", "to_d", "get_ancestral_step",
            "default_noise_sampler", "sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpmpp_2m",
            "sample_flow_euler", "sample_lcm", "sample_dpm_2", "sample_dpm_2_ancestral",
-           "sample_lms", "sample_dpmpp_2s_ancestral", "DiscreteSchedule", "EpsDenoiser", "VDenoiser",
+           "sample_lms", "sample_dpmpp_2s_ancestral", "sample_dpmpp_sde",
+           "DiscreteSchedule", "EpsDenoiser", "VDenoiser",
            "DiscreteEpsDDPMDenoiser", "DiscreteVDDPMDenoiser"]
 
 
@@ -604,6 +605,58 @@ def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, 
         noisy = not levels.zero(i + 1)
         noise = _noise_at(noise_sampler, levels.scalar(i), levels.scalar(i + 1)) if noisy else None
         x, = _combine(levels, t, [update], [s_noise * sigma_up] if noisy else None, noise, generator, seeds, i)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
+                     noise_sampler=None, r=1 / 2, *, generator=None, seeds=None):
+    """DPM-Solver++ (stochastic): two model calls a step (one on the last, an Euler step to
+    0), each stage one linear_step with its noise.
+
+    Noise: k-diffusion's default is a BrownianTreeNoiseSampler over [min sigma > 0, max
+    sigma] (torchsde). Here a given ``noise_sampler`` is called where k-diffusion calls it
+    (before the second model call and at the end of the step, even at eta = 0), with
+    ``sigmas[i]`` / ``sigmas[i + 1]`` for k's ``sigma_fn(t)`` / ``sigma_fn(t_next)`` (equal
+    up to one rounding) and the stage level ``sigma_fn(s)``; without one, the noise is
+    drawn in-kernel from ``generator``, or keyed by ``(seeds[b], step=2 i)`` for the first
+    stage and ``step=2 i + 1`` for the second (two independent draws per step). Either
+    way not a Brownian tree: the two draws of a step are independent, as with
+    ``default_noise_sampler``."""
+    extra_args = {} if extra_args is None else extra_args
+    levels = _Levels(sigmas, x)
+    V.check_generator(generator, x, None)
+    _keyed_check(x, seeds, generator, noise_sampler)
+    fuse = callback is None
+    fac = 1 / (2 * r)
+    for i in _trange(len(levels) - 1, disable):
+        m, pt = _denoise(model, x, levels.model(i), extra_args, fuse)
+        if callback is not None:
+            callback({'x': x, 'i': i, 'sigma': levels.scalar(i), 'sigma_hat': levels.scalar(i), 'denoised': m})
+        sigma, sigma_next = _hs(levels, i), _hs(levels, i + 1)
+        den, t = _den(pt, sigma, "x", "m"), {"x": x, "m": m}
+        if levels.zero(i + 1):  # Euler method
+            t["x"] = levels.promote(x)
+            x, = _combine(levels, t, [_euler_rows(den, sigma, sigma_next)])
+            continue
+        lt, lt_next = -np.log(sigma), -np.log(sigma_next)  # k's t = -log sigma
+        sigma_t, sigma_s = np.exp(-lt), np.exp(-(lt + (lt_next - lt) * r))
+        # Step 1 (an ancestral step to sigma_s)
+        sd, su = _anc_host(sigma_t, sigma_s, eta)
+        with np.errstate(divide="ignore"):  # sigma_down = 0 (eta large): log 0 = -inf, as in k
+            s_ = -np.log(sd)
+        noise = _noise_at(noise_sampler, levels.scalar(i), _level(levels, sigma_s, False))
+        t["x2"], = _combine(levels, t, [_lc((np.exp(-s_) / sigma_t, _X), (-np.expm1(lt - s_), den))],
+                            [su * s_noise], noise, generator, seeds, 2 * i)
+        t["m2"], pt2 = _denoise(model, t["x2"], _level(levels, sigma_s, True), extra_args, fuse)
+        # Step 2 (an ancestral step to sigma_next on the blended denoised sample)
+        sd, su = _anc_host(sigma_t, np.exp(-lt_next), eta)
+        with np.errstate(divide="ignore"):
+            t_next_ = -np.log(sd)
+        den_d = _lc((1 - fac, den), (fac, _den(pt2, sigma_s, "x2", "m2")))
+        noise = _noise_at(noise_sampler, levels.scalar(i), levels.scalar(i + 1))
+        x, = _combine(levels, t, [_lc((np.exp(-t_next_) / sigma_t, _X), (-np.expm1(lt - t_next_), den_d))],
+                      [su * s_noise], noise, generator, seeds, 2 * i + 1)
     return x
 
 

@@ -176,6 +176,43 @@ def k_dpmpp_2s_ancestral(model, x, sigmas, eta=1., s_noise=1., noise_sampler=Non
     return x
 
 
+def k_dpmpp_sde(model, x, sigmas, eta=1., s_noise=1., noise_sampler=None, r=1 / 2):
+    s_in = x.new_ones([x.shape[0]])
+
+    def sigma_fn(t):
+        return t.neg().exp()
+
+    def t_fn(sigma):
+        return sigma.log().neg()
+
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in)
+        if sigmas[i + 1] == 0:
+            d = to_d(x, sigmas[i], denoised)
+            dt = sigmas[i + 1] - sigmas[i]
+            x = x + d * dt
+        else:
+            t, t_next = t_fn(sigmas[i]), t_fn(sigmas[i + 1])
+            h = t_next - t
+            s = t + h * r
+            fac = 1 / (2 * r)
+
+            # Step 1
+            sd, su = get_ancestral_step(sigma_fn(t), sigma_fn(s), eta)
+            s_ = t_fn(sd)
+            x_2 = (sigma_fn(s_) / sigma_fn(t)) * x - (t - s_).expm1() * denoised
+            x_2 = x_2 + noise_sampler(sigma_fn(t), sigma_fn(s)) * s_noise * su
+            denoised_2 = model(x_2, sigma_fn(s) * s_in)
+
+            # Step 2
+            sd, su = get_ancestral_step(sigma_fn(t), sigma_fn(t_next), eta)
+            t_next_ = t_fn(sd)
+            denoised_d = (1 - fac) * denoised + fac * denoised_2
+            x = (sigma_fn(t_next_) / sigma_fn(t)) * x - (t - t_next_).expm1() * denoised_d
+            x = x + noise_sampler(sigma_fn(t), sigma_fn(t_next)) * s_noise * su
+    return x
+
+
 # ---- the cases: (id, ours(x, sigmas, noise_sampler), k's loop(x, sigmas, noise_sampler)) ----------
 CASES = [
     ("dpm_2", lambda x, sg, ns: S.sample_dpm_2(toy_denoiser, x, sg, disable=True),
@@ -202,10 +239,19 @@ CASES = [
     ("dpmpp_2s_ancestral-eta", lambda x, sg, ns: S.sample_dpmpp_2s_ancestral(
         toy_denoiser, x, sg, disable=True, eta=0.5, s_noise=0.97, noise_sampler=ns),
      lambda x, sg, ns: k_dpmpp_2s_ancestral(toy_denoiser, x, sg, eta=0.5, s_noise=0.97, noise_sampler=ns)),
+    ("dpmpp_sde", lambda x, sg, ns: S.sample_dpmpp_sde(toy_denoiser, x, sg, disable=True, noise_sampler=ns),
+     lambda x, sg, ns: k_dpmpp_sde(toy_denoiser, x, sg, noise_sampler=ns)),
+    ("dpmpp_sde-eta-r", lambda x, sg, ns: S.sample_dpmpp_sde(toy_denoiser, x, sg, disable=True, eta=0.7, s_noise=1.03,
+                                                             r=0.3, noise_sampler=ns),
+     lambda x, sg, ns: k_dpmpp_sde(toy_denoiser, x, sg, eta=0.7, s_noise=1.03, r=0.3, noise_sampler=ns)),
+    ("dpmpp_sde-eta0", lambda x, sg, ns: S.sample_dpmpp_sde(toy_denoiser, x, sg, disable=True, eta=0.,
+                                                            noise_sampler=ns),
+     lambda x, sg, ns: k_dpmpp_sde(toy_denoiser, x, sg, eta=0., noise_sampler=ns)),
 ]
 NOISY = {"dpm_2_ancestral": lambda x, sg, **kw: S.sample_dpm_2_ancestral(toy_denoiser, x, sg, disable=True, **kw),
          "dpm_2-churn": lambda x, sg, **kw: S.sample_dpm_2(toy_denoiser, x, sg, disable=True, s_churn=1.5, **kw)}
 NOISY["dpmpp_2s_ancestral"] = lambda x, sg, **kw: S.sample_dpmpp_2s_ancestral(toy_denoiser, x, sg, disable=True, **kw)
+NOISY["dpmpp_sde"] = lambda x, sg, **kw: S.sample_dpmpp_sde(toy_denoiser, x, sg, disable=True, **kw)
 DETERMINISTIC = {"dpm_2": lambda x, sg, **kw: S.sample_dpm_2(toy_denoiser, x, sg, disable=True, **kw),
                  "lms": lambda x, sg, **kw: S.sample_lms(toy_denoiser, x, sg, disable=True, **kw)}
 
@@ -286,6 +332,14 @@ def test_dpm_2_ancestral_at_eta_0_is_dpm_2():
     assert max_rel_err(got, S.sample_dpm_2(toy_denoiser, x, sg, disable=True)) <= 1e-12
 
 
+@pytest.mark.parametrize("sampler", [S.sample_dpmpp_sde, S.sample_dpmpp_2s_ancestral], ids=lambda f: f.__name__)
+def test_eta_0_draws_nothing(sampler):
+    # eta = 0: the noise coefficients are 0, so nothing is drawn: any generator, same result
+    x = x_start(float(SIGMAS[0]))
+    a = sampler(toy_denoiser, x, SIGMAS.to(F64), disable=True, eta=0., generator=gen(1))
+    assert torch.equal(a, sampler(toy_denoiser, x, SIGMAS.to(F64), disable=True, eta=0., generator=gen(2)))
+
+
 # ---- the wrappers' raw outputs, folded into the coefficients --------------------------------------
 SCHED = dk.NoiseSchedule.scaled_linear()
 
@@ -299,6 +353,7 @@ FUSED = [
     ("dpm_2_ancestral", lambda w, x, sg, **kw: S.sample_dpm_2_ancestral(w, x, sg, disable=True,
                                                                         noise_sampler=SeqNoise(F64), **kw)),
     ("lms", lambda w, x, sg, **kw: S.sample_lms(w, x, sg, disable=True, **kw)),
+    ("dpmpp_sde", lambda w, x, sg, **kw: S.sample_dpmpp_sde(w, x, sg, disable=True, noise_sampler=SeqNoise(F64), **kw)),
     ("dpmpp_2s_ancestral", lambda w, x, sg, **kw: S.sample_dpmpp_2s_ancestral(w, x, sg, disable=True,
                                                                               noise_sampler=SeqNoise(F64), **kw)),
 ]
