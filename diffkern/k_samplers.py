@@ -46,7 +46,7 @@ __all__ = ["append_zero", "get_sigmas_karras", "get_sigmas_exponential", "to_d",
            "default_noise_sampler", "sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpmpp_2m",
            "sample_flow_euler", "sample_lcm", "sample_dpm_2", "sample_dpm_2_ancestral",
            "sample_lms", "sample_dpmpp_2s_ancestral", "sample_dpmpp_sde",
-           "DiscreteSchedule", "EpsDenoiser", "VDenoiser",
+           "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "DiscreteSchedule", "EpsDenoiser", "VDenoiser",
            "DiscreteEpsDDPMDenoiser", "DiscreteVDDPMDenoiser"]
 
 
@@ -658,6 +658,119 @@ def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=N
         x, = _combine(levels, t, [_lc((np.exp(-t_next_) / sigma_t, _X), (-np.expm1(lt - t_next_), den_d))],
                       [su * s_noise], noise, generator, seeds, 2 * i + 1)
     return x
+
+
+_SDE_NOISE_DOC = """
+    Noise: k-diffusion's default is a BrownianTreeNoiseSampler over [min sigma > 0, max
+    sigma] (torchsde). Here a given ``noise_sampler`` is called where k-diffusion calls it
+    (every step but the last, when eta != 0); without one the noise is drawn in-kernel
+    from ``generator``, or keyed by ``(seeds[b], step=i)`` (batch-size invariant). The
+    branches read the host copy of ``sigmas``: no ``if sigmas[i + 1] == 0`` sync per step.
+    With an :class:`EpsDenoiser` / :class:`VDenoiser` (and no callback) the step's
+    denoised sample is the call's second output, kept as history."""
+
+
+def _keep(pt, m, out):
+    """The denoised sample the next steps read: the model output itself, or the
+    history row of the fused call."""
+    return m if pt == "sample" else out[1]
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
+                        noise_sampler=None, solver_type='midpoint', *, generator=None, seeds=None):
+    if solver_type not in {'heun', 'midpoint'}:
+        raise ValueError('solver_type must be \'heun\' or \'midpoint\'')
+    extra_args = {} if extra_args is None else extra_args
+    levels = _Levels(sigmas, x)
+    V.check_generator(generator, x, None)
+    _keyed_check(x, seeds, generator, noise_sampler)
+    fuse = callback is None
+    n = len(levels) - 1
+    old_denoised, h_last = None, None
+    for i in _trange(n, disable):
+        m, pt = _denoise(model, x, levels.model(i), extra_args, fuse)
+        if callback is not None:
+            callback({'x': x, 'i': i, 'sigma': levels.scalar(i), 'sigma_hat': levels.scalar(i), 'denoised': m})
+        sigma, sigma_next = _hs(levels, i), _hs(levels, i + 1)
+        den, t = _den(pt, sigma, "x", "m"), {"x": x, "m": m}
+        rows_after = [den] if pt != "sample" and i < n - 1 else []
+        if levels.zero(i + 1):  # denoising step: x = denoised
+            out = _combine(levels, t, [den] + rows_after)
+        else:
+            h = np.log(sigma) - np.log(sigma_next)  # k: -log sigma_next - (-log sigma)
+            eta_h = eta * h
+            a = -np.expm1(-h - eta_h)
+            update = _lc((sigma_next / sigma * np.exp(-eta_h), _X), (a, den))
+            if old_denoised is not None:
+                r = h_last / h
+                c = (a / (-h - eta_h) + 1) * (1 / r) if solver_type == 'heun' else 0.5 * a * (1 / r)
+                t["old"] = old_denoised
+                update = _lc((1.0, update), (c, den), (-c, {"old": 1.0}))
+            noisy = bool(eta)
+            noise = _noise_at(noise_sampler, levels.scalar(i), levels.scalar(i + 1)) if noisy else None
+            nc = [sigma_next * np.sqrt(-np.expm1(-2 * eta_h)) * s_noise] + [0.0] * len(rows_after) if noisy else None
+            out = _combine(levels, t, [update] + rows_after, nc, noise, generator, seeds, i)
+            h_last = h
+        x = out[0]
+        old_denoised = _keep(pt, m, out) if i < n - 1 else None
+    return x
+
+
+sample_dpmpp_2m_sde.__doc__ = "DPM-Solver++(2M) SDE (solver_type 'midpoint' or 'heun'): one linear_step a step.\n" \
+    + _SDE_NOISE_DOC
+
+
+@torch.no_grad()
+def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
+                        noise_sampler=None, *, generator=None, seeds=None):
+    extra_args = {} if extra_args is None else extra_args
+    levels = _Levels(sigmas, x)
+    V.check_generator(generator, x, None)
+    _keyed_check(x, seeds, generator, noise_sampler)
+    fuse = callback is None
+    n = len(levels) - 1
+    denoised_1, denoised_2 = None, None
+    h, h_1, h_2 = None, None, None
+    for i in _trange(n, disable):
+        m, pt = _denoise(model, x, levels.model(i), extra_args, fuse)
+        if callback is not None:
+            callback({'x': x, 'i': i, 'sigma': levels.scalar(i), 'sigma_hat': levels.scalar(i), 'denoised': m})
+        sigma, sigma_next = _hs(levels, i), _hs(levels, i + 1)
+        den, t = _den(pt, sigma, "x", "m"), {"x": x, "m": m}
+        rows_after = [den] if pt != "sample" and i < n - 1 else []
+        if levels.zero(i + 1):  # denoising step: x = denoised
+            out = _combine(levels, t, [den] + rows_after)
+        else:
+            h = np.log(sigma) - np.log(sigma_next)
+            h_eta = h * (eta + 1)
+            update = _lc((np.exp(-h_eta), _X), (-np.expm1(-h_eta), den))
+            phi_2 = np.expm1(-h_eta) / h_eta + 1
+            if h_2 is not None:
+                # phi_2 d1 - phi_3 d2 with k's d1, d2, expanded over denoised, denoised_1, denoised_2
+                r0, r1 = h_1 / h, h_2 / h
+                phi_3 = phi_2 / h_eta - 0.5
+                w = (phi_2 * r0 - phi_3) / (r0 + r1)
+                t["d1"], t["d2"] = denoised_1, denoised_2
+                update = _lc((1.0, update), ((phi_2 + w) / r0, den),
+                             (-(phi_2 + w) / r0 - w / r1, {"d1": 1.0}), (w / r1, {"d2": 1.0}))
+            elif h_1 is not None:
+                r = h_1 / h
+                t["d1"] = denoised_1
+                update = _lc((1.0, update), (phi_2 / r, den), (-phi_2 / r, {"d1": 1.0}))
+            noisy = bool(eta)
+            noise = _noise_at(noise_sampler, levels.scalar(i), levels.scalar(i + 1)) if noisy else None
+            nc = [sigma_next * np.sqrt(-np.expm1(-2 * h * eta)) * s_noise] + [0.0] * len(rows_after) if noisy \
+                else None
+            out = _combine(levels, t, [update] + rows_after, nc, noise, generator, seeds, i)
+        x = out[0]
+        if i < n - 1:
+            denoised_1, denoised_2 = _keep(pt, m, out), denoised_1
+        h_1, h_2 = h, h_1
+    return x
+
+
+sample_dpmpp_3m_sde.__doc__ = "DPM-Solver++(3M) SDE: one linear_step a step.\n" + _SDE_NOISE_DOC
 
 
 # ---- denoiser wrappers (k-diffusion's external.py) ---------------------------------------

@@ -254,7 +254,9 @@ from .k_samplers import (  # noqa: E402
     sample_dpm_2,
     sample_dpm_2_ancestral,
     sample_dpmpp_2m,
+    sample_dpmpp_2m_sde,
     sample_dpmpp_2s_ancestral,
+    sample_dpmpp_3m_sde,
     sample_dpmpp_sde,
     sample_euler,
     sample_euler_ancestral,
@@ -269,4 +271,5 @@ __all__ += ["sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpm
             "sample_lcm", "get_sigmas_karras", "get_sigmas_exponential", "to_d", "get_ancestral_step", "append_zero",
             "default_noise_sampler", "DiscreteSchedule", "EpsDenoiser", "VDenoiser", "DiscreteEpsDDPMDenoiser",
             "DiscreteVDDPMDenoiser", "sample_dpm_2", "sample_dpm_2_ancestral",
-            "sample_lms", "sample_dpmpp_2s_ancestral", "sample_dpmpp_sde"]
+            "sample_lms", "sample_dpmpp_2s_ancestral", "sample_dpmpp_sde", "sample_dpmpp_2m_sde",
+            "sample_dpmpp_3m_sde"]

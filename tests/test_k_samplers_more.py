@@ -8,8 +8,6 @@ outputs folded into the coefficients give the unfused numbers."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -18,6 +16,8 @@ from conftest import gen, max_rel_err
 import diffkern as dk
 from diffkern import _rng
 from diffkern import samplers as S
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: a second thread only waits
 
 F64 = torch.float64
 S0 = 0.5  # data std of the toy denoiser
@@ -213,6 +213,94 @@ def k_dpmpp_sde(model, x, sigmas, eta=1., s_noise=1., noise_sampler=None, r=1 / 
     return x
 
 
+def k_dpmpp_2m_sde(model, x, sigmas, eta=1., s_noise=1., noise_sampler=None, solver_type='midpoint'):
+    s_in = x.new_ones([x.shape[0]])
+    old_denoised = None
+    h_last = None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in)
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            t, s = -sigmas[i].log(), -sigmas[i + 1].log()
+            h = s - t
+            eta_h = eta * h
+            x = sigmas[i + 1] / sigmas[i] * (-eta_h).exp() * x + (-h - eta_h).expm1().neg() * denoised
+            if old_denoised is not None:
+                r = h_last / h
+                if solver_type == 'heun':
+                    x = x + ((-h - eta_h).expm1().neg() / (-h - eta_h) + 1) * (1 / r) * (denoised - old_denoised)
+                elif solver_type == 'midpoint':
+                    x = x + 0.5 * (-h - eta_h).expm1().neg() * (1 / r) * (denoised - old_denoised)
+            if eta:
+                x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * (-2 * eta_h).expm1().neg().sqrt() * \
+                    s_noise
+        old_denoised = denoised
+        h_last = h
+    return x
+
+
+def k_dpmpp_3m_sde(model, x, sigmas, eta=1., s_noise=1., noise_sampler=None):
+    s_in = x.new_ones([x.shape[0]])
+    denoised_1, denoised_2 = None, None
+    h_1, h_2 = None, None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in)
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            t, s = -sigmas[i].log(), -sigmas[i + 1].log()
+            h = s - t
+            h_eta = h * (eta + 1)
+            x = torch.exp(-h_eta) * x + (-h_eta).expm1().neg() * denoised
+            if h_2 is not None:
+                r0 = h_1 / h
+                r1 = h_2 / h
+                d1_0 = (denoised - denoised_1) / r0
+                d1_1 = (denoised_1 - denoised_2) / r1
+                d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                phi_2 = h_eta.neg().expm1() / h_eta + 1
+                phi_3 = phi_2 / h_eta - 0.5
+                x = x + phi_2 * d1 - phi_3 * d2
+            elif h_1 is not None:
+                r = h_1 / h
+                d = (denoised - denoised_1) / r
+                phi_2 = h_eta.neg().expm1() / h_eta + 1
+                x = x + phi_2 * d
+            if eta:
+                x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * \
+                    (-2 * h * eta).expm1().neg().sqrt() * s_noise
+        denoised_1, denoised_2 = denoised, denoised_1
+        h_1, h_2 = h, h_1
+    return x
+
+
+def k_dpmpp_2m(model, x, sigmas):
+    s_in = x.new_ones([x.shape[0]])
+
+    def sigma_fn(t):
+        return t.neg().exp()
+
+    def t_fn(sigma):
+        return sigma.log().neg()
+
+    old_denoised = None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in)
+        t, t_next = t_fn(sigmas[i]), t_fn(sigmas[i + 1])
+        h = t_next - t
+        if old_denoised is None or sigmas[i + 1] == 0:
+            x = (sigma_fn(t_next) / sigma_fn(t)) * x - (-h).expm1() * denoised
+        else:
+            h_last = t - t_fn(sigmas[i - 1])
+            r = h_last / h
+            denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+            x = (sigma_fn(t_next) / sigma_fn(t)) * x - (-h).expm1() * denoised_d
+        old_denoised = denoised
+    return x
+
+
 # ---- the cases: (id, ours(x, sigmas, noise_sampler), k's loop(x, sigmas, noise_sampler)) ----------
 CASES = [
     ("dpm_2", lambda x, sg, ns: S.sample_dpm_2(toy_denoiser, x, sg, disable=True),
@@ -247,11 +335,35 @@ CASES = [
     ("dpmpp_sde-eta0", lambda x, sg, ns: S.sample_dpmpp_sde(toy_denoiser, x, sg, disable=True, eta=0.,
                                                             noise_sampler=ns),
      lambda x, sg, ns: k_dpmpp_sde(toy_denoiser, x, sg, eta=0., noise_sampler=ns)),
+    ("dpmpp_2m_sde", lambda x, sg, ns: S.sample_dpmpp_2m_sde(toy_denoiser, x, sg, disable=True, noise_sampler=ns),
+     lambda x, sg, ns: k_dpmpp_2m_sde(toy_denoiser, x, sg, noise_sampler=ns)),
+    ("dpmpp_2m_sde-heun", lambda x, sg, ns: S.sample_dpmpp_2m_sde(toy_denoiser, x, sg, disable=True, noise_sampler=ns,
+                                                                  solver_type='heun'),
+     lambda x, sg, ns: k_dpmpp_2m_sde(toy_denoiser, x, sg, noise_sampler=ns, solver_type='heun')),
+    ("dpmpp_2m_sde-heun-eta", lambda x, sg, ns: S.sample_dpmpp_2m_sde(
+        toy_denoiser, x, sg, disable=True, eta=0.4, s_noise=1.05, noise_sampler=ns, solver_type='heun'),
+     lambda x, sg, ns: k_dpmpp_2m_sde(toy_denoiser, x, sg, eta=0.4, s_noise=1.05, noise_sampler=ns,
+                                      solver_type='heun')),
+    ("dpmpp_2m_sde-eta0", lambda x, sg, ns: S.sample_dpmpp_2m_sde(toy_denoiser, x, sg, disable=True, eta=0.,
+                                                                  noise_sampler=ns),
+     lambda x, sg, ns: k_dpmpp_2m_sde(toy_denoiser, x, sg, eta=0., noise_sampler=ns)),
+    ("dpmpp_3m_sde", lambda x, sg, ns: S.sample_dpmpp_3m_sde(toy_denoiser, x, sg, disable=True, noise_sampler=ns),
+     lambda x, sg, ns: k_dpmpp_3m_sde(toy_denoiser, x, sg, noise_sampler=ns)),
+    ("dpmpp_3m_sde-eta", lambda x, sg, ns: S.sample_dpmpp_3m_sde(toy_denoiser, x, sg, disable=True, eta=0.6,
+                                                                 s_noise=0.98, noise_sampler=ns),
+     lambda x, sg, ns: k_dpmpp_3m_sde(toy_denoiser, x, sg, eta=0.6, s_noise=0.98, noise_sampler=ns)),
+    ("dpmpp_3m_sde-eta0", lambda x, sg, ns: S.sample_dpmpp_3m_sde(toy_denoiser, x, sg, disable=True, eta=0.,
+                                                                  noise_sampler=ns),
+     lambda x, sg, ns: k_dpmpp_3m_sde(toy_denoiser, x, sg, eta=0., noise_sampler=ns)),
 ]
 NOISY = {"dpm_2_ancestral": lambda x, sg, **kw: S.sample_dpm_2_ancestral(toy_denoiser, x, sg, disable=True, **kw),
          "dpm_2-churn": lambda x, sg, **kw: S.sample_dpm_2(toy_denoiser, x, sg, disable=True, s_churn=1.5, **kw)}
 NOISY["dpmpp_2s_ancestral"] = lambda x, sg, **kw: S.sample_dpmpp_2s_ancestral(toy_denoiser, x, sg, disable=True, **kw)
 NOISY["dpmpp_sde"] = lambda x, sg, **kw: S.sample_dpmpp_sde(toy_denoiser, x, sg, disable=True, **kw)
+NOISY["dpmpp_2m_sde"] = lambda x, sg, **kw: S.sample_dpmpp_2m_sde(toy_denoiser, x, sg, disable=True, **kw)
+NOISY["dpmpp_2m_sde-heun"] = lambda x, sg, **kw: S.sample_dpmpp_2m_sde(toy_denoiser, x, sg, disable=True,
+                                                                      solver_type='heun', **kw)
+NOISY["dpmpp_3m_sde"] = lambda x, sg, **kw: S.sample_dpmpp_3m_sde(toy_denoiser, x, sg, disable=True, **kw)
 DETERMINISTIC = {"dpm_2": lambda x, sg, **kw: S.sample_dpm_2(toy_denoiser, x, sg, disable=True, **kw),
                  "lms": lambda x, sg, **kw: S.sample_lms(toy_denoiser, x, sg, disable=True, **kw)}
 
@@ -332,7 +444,17 @@ def test_dpm_2_ancestral_at_eta_0_is_dpm_2():
     assert max_rel_err(got, S.sample_dpm_2(toy_denoiser, x, sg, disable=True)) <= 1e-12
 
 
-@pytest.mark.parametrize("sampler", [S.sample_dpmpp_sde, S.sample_dpmpp_2s_ancestral], ids=lambda f: f.__name__)
+def test_dpmpp_2m_sde_at_eta_0_is_dpmpp_2m():
+    # the midpoint form at eta = 0 is DPM-Solver++(2M), the ODE solver
+    x = x_start(float(SIGMAS[0]))
+    sg = SIGMAS.to(F64)
+    got = S.sample_dpmpp_2m_sde(toy_denoiser, x, sg, disable=True, eta=0.)
+    assert max_rel_err(got, k_dpmpp_2m(toy_denoiser, x, sg)) <= 1e-12
+    assert max_rel_err(got, S.sample_dpmpp_2m(toy_denoiser, x, sg, disable=True)) <= 1e-12
+
+
+@pytest.mark.parametrize("sampler", [S.sample_dpmpp_sde, S.sample_dpmpp_2s_ancestral, S.sample_dpmpp_2m_sde,
+                                     S.sample_dpmpp_3m_sde], ids=lambda f: f.__name__)
 def test_eta_0_draws_nothing(sampler):
     # eta = 0: the noise coefficients are 0, so nothing is drawn: any generator, same result
     x = x_start(float(SIGMAS[0]))
@@ -354,6 +476,12 @@ FUSED = [
                                                                         noise_sampler=SeqNoise(F64), **kw)),
     ("lms", lambda w, x, sg, **kw: S.sample_lms(w, x, sg, disable=True, **kw)),
     ("dpmpp_sde", lambda w, x, sg, **kw: S.sample_dpmpp_sde(w, x, sg, disable=True, noise_sampler=SeqNoise(F64), **kw)),
+    ("dpmpp_2m_sde", lambda w, x, sg, **kw: S.sample_dpmpp_2m_sde(w, x, sg, disable=True, noise_sampler=SeqNoise(F64),
+                                                                  **kw)),
+    ("dpmpp_2m_sde-heun", lambda w, x, sg, **kw: S.sample_dpmpp_2m_sde(
+        w, x, sg, disable=True, noise_sampler=SeqNoise(F64), solver_type='heun', **kw)),
+    ("dpmpp_3m_sde", lambda w, x, sg, **kw: S.sample_dpmpp_3m_sde(w, x, sg, disable=True, noise_sampler=SeqNoise(F64),
+                                                                  **kw)),
     ("dpmpp_2s_ancestral", lambda w, x, sg, **kw: S.sample_dpmpp_2s_ancestral(w, x, sg, disable=True,
                                                                               noise_sampler=SeqNoise(F64), **kw)),
 ]
@@ -384,6 +512,8 @@ def test_bad_arguments():
     mixed[-2, 1] = 0.0
     with pytest.raises(ValueError, match="same step|agree"):
         S.sample_dpm_2(toy_denoiser, x[:2], mixed, disable=True)
+    with pytest.raises(ValueError, match="solver_type"):
+        S.sample_dpmpp_2m_sde(toy_denoiser, x, SIGMAS, disable=True, solver_type='euler')
     for order in (0, 6):
         with pytest.raises(ValueError, match="order"):
             S.sample_lms(toy_denoiser, x, SIGMAS, disable=True, order=order)
@@ -400,5 +530,3 @@ def test_lms_coefficients_are_k_diffusions_integrals():
             want = [linear_multistep_coeff(min(i + 1, order), sig, i, j) for j in range(min(i + 1, order))]
             np.testing.assert_allclose(row, want, rtol=1e-12, atol=1e-12 * abs(sig[i + 1] - sig[i]))
 
-
-_ = math  # math is used by the oracles added below
