@@ -3,7 +3,12 @@
 ``from diffkern.samplers import sample_euler_ancestral`` replaces
 ``from k_diffusion.sampling import sample_euler_ancestral``: same signatures, same
 arithmetic (crowsonkb/k-diffusion ``sampling.py`` and ``external.py``; ComfyUI's
-``sample_lcm``), each update one call of a :mod:`diffkern.sampler_ops` op.
+``sample_lcm``), each update one call of a :mod:`diffkern.sampler_ops` op. The two-stage
+and multistep samplers (sample_dpm_2, _dpm_2_ancestral, _lms, _dpmpp_2s_ancestral,
+_dpmpp_sde, _dpmpp_2m_sde, _dpmpp_3m_sde) make one :func:`diffkern.linear_step` call per
+model evaluation, its coefficients formed on the host (per-sample ``sigmas``: passed as a
+(B, K, J) float64 CPU tensor, which linear_step copies to x's device on each call; the
+stage levels handed to the model are copied likewise; shared ``sigmas`` copy nothing).
 
 ``model(x, sigma, **extra_args)`` returns the denoised sample, ``sigma`` being
 ``sigmas[i] * s_in`` (a (B,) tensor) as in k-diffusion. Differences, all opt-in or

@@ -40,7 +40,7 @@ class SeqNoise:
         self.g, self.dtype, self.shape, self.calls = gen(seed), dtype, shape, []
 
     def __call__(self, sigma, sigma_next):
-        self.calls.append((float(sigma), float(sigma_next)))
+        self.calls.append(torch.stack([sigma, sigma_next]).double().reshape(2, -1).tolist())
         return torch.randn(self.shape, generator=self.g, dtype=F64).to(self.dtype)
 
 
@@ -487,20 +487,46 @@ FUSED = [
 ]
 
 
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per-sample"])
 @pytest.mark.parametrize("wrapper", [S.EpsDenoiser, S.VDenoiser], ids=["eps", "v"])
 @pytest.mark.parametrize("case", FUSED, ids=lambda c: c[0])
-def test_wrapped_models_fused_equal_unfused(case, wrapper):
+def test_wrapped_models_fused_equal_unfused(case, wrapper, per_sample):
     # without a callback the raw eps / v goes to linear_step with the conversion folded in;
     # with one the sampler calls the wrapper for the denoised sample, as k-diffusion does
     _, run = case
     w = wrapper(eps_model, SCHED).double()
     sigmas = w.get_sigmas(6).double()
     x = x_start(float(sigmas[0]))
+    if per_sample:  # a (n+1, B) schedule: the folded coefficients go per sample
+        sigmas = sigmas[:, None] * torch.tensor([1.0, 0.8, 0.6], dtype=F64)
     seen = []
     fused = run(w, x, sigmas)
     unfused = run(w, x, sigmas, callback=lambda d: seen.append(d["i"]))
     assert seen == list(range(len(sigmas) - 1))
     assert max_rel_err(fused, unfused) <= 1e-12
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
+def test_one_linear_step_per_model_evaluation(case, monkeypatch):
+    import diffkern.k_samplers as K
+
+    _, ours, _ = case
+    counts = {"model": 0, "linear_step": 0}
+    real, denoiser = K.linear_step, toy_denoiser
+
+    def counting_step(*a, **kw):
+        counts["linear_step"] += 1
+        return real(*a, **kw)
+
+    def counting_model(x, sigma):
+        counts["model"] += 1
+        return denoiser(x, sigma)
+
+    monkeypatch.setattr(K, "linear_step", counting_step)
+    monkeypatch.setitem(globals(), "toy_denoiser", counting_model)  # the cases look it up when they run
+    sigmas = SIGMAS.to(F64)
+    ours(x_start(float(sigmas[0])), sigmas, SeqNoise(F64))
+    assert counts["linear_step"] == counts["model"] >= len(sigmas) - 1
 
 
 def test_bad_arguments():
