@@ -6,9 +6,10 @@ arithmetic (crowsonkb/k-diffusion ``sampling.py`` and ``external.py``; ComfyUI's
 ``sample_lcm``), each update one call of a :mod:`diffkern.sampler_ops` op. The two-stage
 and multistep samplers (sample_dpm_2, _dpm_2_ancestral, _lms, _dpmpp_2s_ancestral,
 _dpmpp_sde, _dpmpp_2m_sde, _dpmpp_3m_sde) make one :func:`diffkern.linear_step` call per
-model evaluation, its coefficients formed on the host (per-sample ``sigmas``: passed as a
-(B, K, J) float64 CPU tensor, which linear_step copies to x's device on each call; the
-stage levels handed to the model are copied likewise; shared ``sigmas`` copy nothing).
+model evaluation, its coefficients formed on the host (per-sample ``sigmas``: a (B, K, J)
+float64 table copied to x's device on each call, through pinned memory so the copy is
+queued without a host sync; the stage levels handed to the model likewise; shared
+``sigmas`` copy nothing).
 
 ``model(x, sigma, **extra_args)`` returns the denoised sample, ``sigma`` being
 ``sigmas[i] * s_in`` (a (B,) tensor) as in k-diffusion. Differences, all opt-in or
@@ -406,11 +407,22 @@ def _nonzero(c) -> bool:
     return bool(np.any(np.asarray(c) != 0))
 
 
+def _to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host table onto ``device`` without a host sync: a plain ``.to(cuda)`` of
+    pageable memory waits for the stream; from pinned memory with ``non_blocking`` the copy
+    is queued on the stream (the caching host allocator keeps the buffer until it ran)."""
+    if device.type == "cpu":
+        return table
+    if device.type == "cuda":
+        return table.pin_memory().to(device, non_blocking=True)
+    return table.to(device)
+
+
 def _combine(levels, tensors, rows, noise_coeffs=None, noise=None, generator=None, seeds=None, step=None):
     """linear_step over the named tensors: x first, then those with a nonzero coefficient
-    (the others are not read). Per-sample coefficients go as a (B, K, J) float64 CPU
-    tensor, which linear_step copies to x's device: one small host-to-device copy per
-    call, the price of a per-sample schedule (shared levels pass plain floats)."""
+    (the others are not read). Per-sample coefficients go as a (B, K, J) float64 tensor
+    built on the host and copied to x's device: one small queued copy per call, the price
+    of a per-sample schedule (shared levels pass plain floats)."""
     keys = ["x"] + [k for k in tensors if k != "x" and any(_nonzero(r.get(k, 0.0)) for r in rows)]
     if noise_coeffs is not None and not any(_nonzero(c) for c in noise_coeffs):
         noise_coeffs = None  # nothing to add: no draw (a given noise tensor goes unused, as k's * 0)
@@ -420,12 +432,17 @@ def _combine(levels, tensors, rows, noise_coeffs=None, noise=None, generator=Non
         for k, r in enumerate(rows):
             for j, name in enumerate(keys):
                 table[:, k, j] = r.get(name, 0.0)
-        coeffs = torch.from_numpy(table)
+        nt = None
         if noise_coeffs is not None:
             nt = np.zeros((B, len(rows)))
             for k, c in enumerate(noise_coeffs):
                 nt[:, k] = c
-            noise_coeffs = torch.from_numpy(nt)
+        # checked here: linear_step checks host tables only, and these reach it on the device
+        if not (np.isfinite(table).all() and (nt is None or np.isfinite(nt).all())):
+            raise ValueError("the step's coefficients are not finite (check sigmas)")
+        dev = tensors["x"].device
+        coeffs = _to_device(torch.from_numpy(table), dev)
+        noise_coeffs = None if nt is None else _to_device(torch.from_numpy(nt), dev)
     else:
         coeffs = [[float(r.get(name, 0.0)) for name in keys] for r in rows]
         if noise_coeffs is not None:
@@ -440,9 +457,9 @@ def _combine(levels, tensors, rows, noise_coeffs=None, noise=None, generator=Non
 def _level(levels, value, model: bool):
     """A host level (a float, or the (B,) row) as a device tensor without a host sync:
     for the model (``sigma * s_in``: (B,), x's dtype) or for noise_sampler (0-d, sigmas'
-    dtype). Shared: a fill; per-sample: a small host-to-device copy."""
+    dtype). Shared: a fill; per-sample: a small queued host-to-device copy."""
     if levels.per_sample:
-        return torch.as_tensor(np.asarray(value), dtype=levels.dev.dtype).to(levels.dev.device)
+        return _to_device(torch.as_tensor(np.asarray(value), dtype=levels.dev.dtype), levels.dev.device)
     if model:
         return torch.full_like(levels.s_in, float(value))
     return torch.full((), float(value), dtype=levels.dev.dtype, device=levels.dev.device)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import gen, max_rel_err
+from conftest import gen, max_rel_err, needs_cuda
 
 import diffkern as dk
 from diffkern import _rng
@@ -527,6 +527,43 @@ def test_one_linear_step_per_model_evaluation(case, monkeypatch):
     sigmas = SIGMAS.to(F64)
     ours(x_start(float(sigmas[0])), sigmas, SeqNoise(F64))
     assert counts["linear_step"] == counts["model"] >= len(sigmas) - 1
+
+
+def _cuda_syncs(fn):
+    """(fn(), the host syncs it made) by torch's sync debug mode."""
+    import warnings
+
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return out, [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message).lower()]
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.skipif(torch.cuda.is_available() and not dk.native_available("cuda"), reason="native CUDA ops not built")
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per-sample"])
+@pytest.mark.parametrize("name", sorted(NOISY) + sorted(DETERMINISTIC))
+def test_cuda_no_host_sync_per_step(name, per_sample):
+    # the host copy of sigmas is made once per call: the syncs must not grow with the steps
+    # (k-diffusion's `if sigmas[i + 1] == 0` syncs on every step); and CUDA == CPU
+    run = {**NOISY, **DETERMINISTIC}[name]
+    counts = []
+    for n in (4, 9):
+        sg = (torch.stack([S.get_sigmas_karras(n, 0.03 + 0.01 * k, 14.6 - k) for k in range(3)], 1) if per_sample
+              else S.get_sigmas_karras(n, 0.03, 14.6)).double()
+        x = x_start(14.6)
+        kw = {"seeds": torch.tensor([5, 6, 7])} if name in NOISY else {}
+        xc, sgc, kwc = x.cuda(), sg.cuda(), {k: v.cuda() for k, v in kw.items()}
+        out, syncs = _cuda_syncs(lambda: run(xc, sgc, **kwc))  # noqa: B023 (called at once)
+        counts.append(len(syncs))
+        assert max_rel_err(out, run(x, sg, **kw)) <= 1e-12
+    assert counts[0] == counts[1], syncs
 
 
 def test_bad_arguments():
