@@ -399,6 +399,28 @@ def test_float32_within_1e5_of_float64_k_diffusion(case):
     assert max_rel_err(got, want) <= 1e-5
 
 
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
+def test_result_dtype_is_k_diffusions(case):
+    # float32 x with float64 sigmas: k's to_d (a dimensioned sigma) promotes x to float64 in
+    # the branches that use it, its 0-d scalars do not
+    _, ours, oracle = case
+    x = x_start(float(SIGMAS[0])).float()
+    got = ours(x, SIGMAS.to(F64), SeqNoise(torch.float32))
+    want = oracle(x, SIGMAS.to(F64), SeqNoise(torch.float32))
+    assert got.dtype == want.dtype
+    assert max_rel_err(got, want) <= 1e-5
+
+
+@pytest.mark.parametrize("name", sorted(NOISY) + sorted(DETERMINISTIC))
+def test_non_contiguous_x_gives_the_same_numbers(name):
+    run = {**NOISY, **DETERMINISTIC}[name]
+    x = x_start(float(SIGMAS[0]), shape=(3, 7, 5)).float()
+    view = x.transpose(1, 2)  # (3, 5, 7), not contiguous
+    kw = {"seeds": torch.tensor([1, 2, 3])} if name in NOISY else {}
+    assert not view.is_contiguous()
+    assert max_rel_err(run(view, SIGMAS, **kw), run(view.contiguous(), SIGMAS, **kw)) <= _tol()
+
+
 @pytest.mark.parametrize("name", sorted(NOISY))
 def test_generator_noise_is_deterministic_and_seeded(name):
     run = NOISY[name]
