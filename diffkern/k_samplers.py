@@ -3,7 +3,13 @@
 ``from diffkern.samplers import sample_euler_ancestral`` replaces
 ``from k_diffusion.sampling import sample_euler_ancestral``: same signatures, same
 arithmetic (crowsonkb/k-diffusion ``sampling.py`` and ``external.py``; ComfyUI's
-``sample_lcm``), each update one call of a :mod:`diffkern.sampler_ops` op.
+``sample_lcm``), each update one call of a :mod:`diffkern.sampler_ops` op. The two-stage
+and multistep samplers (sample_dpm_2, _dpm_2_ancestral, _lms, _dpmpp_2s_ancestral,
+_dpmpp_sde, _dpmpp_2m_sde, _dpmpp_3m_sde) make one :func:`diffkern.linear_step` call per
+model evaluation, its coefficients formed on the host (per-sample ``sigmas``: a (B, K, J)
+float64 table copied to x's device on each call, through pinned memory so the copy is
+queued without a host sync; the stage levels handed to the model likewise; shared
+``sigmas`` copy nothing).
 
 ``model(x, sigma, **extra_args)`` returns the denoised sample, ``sigma`` being
 ``sigmas[i] * s_in`` (a (B,) tensor) as in k-diffusion. Differences, all opt-in or
@@ -33,17 +39,20 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from . import _rng
 from . import _validate as V
 from .ops import langevin_step
-from .sampler_ops import dpmpp_2m_step, euler_step, flow_step, heun_step
+from .sampler_ops import dpmpp_2m_step, euler_step, flow_step, heun_step, linear_step
 from .schedules import NoiseSchedule
 
 __all__ = ["append_zero", "get_sigmas_karras", "get_sigmas_exponential", "to_d", "get_ancestral_step",
            "default_noise_sampler", "sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpmpp_2m",
-           "sample_flow_euler", "sample_lcm", "DiscreteSchedule", "EpsDenoiser", "VDenoiser",
+           "sample_flow_euler", "sample_lcm", "sample_dpm_2", "sample_dpm_2_ancestral",
+           "sample_lms", "sample_dpmpp_2s_ancestral", "sample_dpmpp_sde",
+           "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "DiscreteSchedule", "EpsDenoiser", "VDenoiser",
            "DiscreteEpsDDPMDenoiser", "DiscreteVDDPMDenoiser"]
 
 
@@ -342,6 +351,448 @@ def sample_lcm(model, x, sigmas, extra_args=None, callback=None, disable=None, n
             else:
                 x = _add_noise(x, levels.op(i + 1), generator, seeds, i)
     return x
+
+
+# ---- the two-stage and multistep samplers on linear_step -------------------------------------
+# Each update below is ONE call of :func:`diffkern.linear_step` per model evaluation: its
+# outputs are linear combinations of x, the model output, the kept history and one noise
+# draw, with coefficients formed in float64 on the host from the host copy of ``sigmas``.
+# A linear combination is written as a dict {tensor name: coefficient}; a coefficient is a
+# float64 numpy scalar (shared levels) or a (B,) array (per-sample levels).
+def _hs(levels, i):
+    """sigmas[i] in float64 on the host: a numpy scalar, or the (B,) row."""
+    return levels.host[i].numpy()
+
+
+def _all_or_none(mask, what: str) -> bool:
+    """A host branch condition; per-sample levels must agree on it (one code path)."""
+    m = np.asarray(mask)
+    if m.ndim and bool(m.any()) != bool(m.all()):
+        raise ValueError(f"per-sample sigmas must agree on {what} across the batch")
+    return bool(m.all())
+
+
+def _anc_host(sigma_from, sigma_to, eta):
+    """get_ancestral_step in float64 on the host (elementwise on (B,) rows)."""
+    if not eta:
+        return sigma_to, np.zeros_like(sigma_to)
+    sigma_up = np.minimum(sigma_to, eta * (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2) ** 0.5)
+    return (sigma_to ** 2 - sigma_up ** 2) ** 0.5, sigma_up
+
+
+def _den(pt, sigma, x_name, m_name):
+    """The denoised sample as a combination of the model's input and raw output: the
+    conversion of the :class:`EpsDenoiser` / :class:`VDenoiser` wrappers, folded into the
+    step's coefficients (``sample``: the output itself)."""
+    if pt == "sample":
+        return {m_name: 1.0}
+    if pt == "epsilon":
+        return {x_name: 1.0, m_name: -sigma}
+    return {x_name: 1.0 / (sigma * sigma + 1), m_name: -sigma / np.sqrt(sigma * sigma + 1)}
+
+
+def _lc(*terms):
+    """sum of coef * combination."""
+    out = {}
+    for c, e in terms:
+        for k, v in e.items():
+            out[k] = out.get(k, 0.0) + c * v
+    return out
+
+
+_X = {"x": 1.0}
+
+
+def _nonzero(c) -> bool:
+    return bool(np.any(np.asarray(c) != 0))
+
+
+def _to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host table onto ``device`` without a host sync: a plain ``.to(cuda)`` of
+    pageable memory waits for the stream; from pinned memory with ``non_blocking`` the copy
+    is queued on the stream (the caching host allocator keeps the buffer until it ran)."""
+    if device.type == "cpu":
+        return table
+    if device.type == "cuda":
+        return table.pin_memory().to(device, non_blocking=True)
+    return table.to(device)
+
+
+def _combine(levels, tensors, rows, noise_coeffs=None, noise=None, generator=None, seeds=None, step=None):
+    """linear_step over the named tensors: x first, then those with a nonzero coefficient
+    (the others are not read). Per-sample coefficients go as a (B, K, J) float64 tensor
+    built on the host and copied to x's device: one small queued copy per call, the price
+    of a per-sample schedule (shared levels pass plain floats)."""
+    keys = ["x"] + [k for k in tensors if k != "x" and any(_nonzero(r.get(k, 0.0)) for r in rows)]
+    if noise_coeffs is not None and not any(_nonzero(c) for c in noise_coeffs):
+        noise_coeffs = None  # nothing to add: no draw (a given noise tensor goes unused, as k's * 0)
+    if levels.per_sample:
+        B = levels.dev.shape[1]
+        table = np.zeros((B, len(rows), len(keys)))
+        for k, r in enumerate(rows):
+            for j, name in enumerate(keys):
+                table[:, k, j] = r.get(name, 0.0)
+        nt = None
+        if noise_coeffs is not None:
+            nt = np.zeros((B, len(rows)))
+            for k, c in enumerate(noise_coeffs):
+                nt[:, k] = c
+        # checked here: linear_step checks host tables only, and these reach it on the device
+        if not (np.isfinite(table).all() and (nt is None or np.isfinite(nt).all())):
+            raise ValueError("the step's coefficients are not finite (check sigmas)")
+        dev = tensors["x"].device
+        coeffs = _to_device(torch.from_numpy(table), dev)
+        noise_coeffs = None if nt is None else _to_device(torch.from_numpy(nt), dev)
+    else:
+        coeffs = [[float(r.get(name, 0.0)) for name in keys] for r in rows]
+        if noise_coeffs is not None:
+            noise_coeffs = [float(c) for c in noise_coeffs]
+    kw = {}
+    if noise_coeffs is not None:
+        kw = {"noise": noise} if noise is not None else {"seeds": seeds, "step": step} if seeds is not None else \
+            {"generator": generator}
+    return linear_step([tensors[k] for k in keys], coeffs, noise_coeffs=noise_coeffs, **kw)
+
+
+def _level(levels, value, model: bool):
+    """A host level (a float, or the (B,) row) as a device tensor without a host sync:
+    for the model (``sigma * s_in``: (B,), x's dtype) or for noise_sampler (0-d, sigmas'
+    dtype). Shared: a fill; per-sample: a small queued host-to-device copy."""
+    if levels.per_sample:
+        return _to_device(torch.as_tensor(np.asarray(value), dtype=levels.dev.dtype), levels.dev.device)
+    if model:
+        return torch.full_like(levels.s_in, float(value))
+    return torch.full((), float(value), dtype=levels.dev.dtype, device=levels.dev.device)
+
+
+def _noise_at(noise_sampler, a, b):
+    return noise_sampler(a, b) if noise_sampler is not None else None
+
+
+def _euler_rows(den, sigma, sigma_to):
+    """k's ``x + to_d(x, sigma, denoised) * (sigma_to - sigma)`` as one combination."""
+    c = (sigma_to - sigma) / sigma
+    return _lc((1 + c, _X), (-c, den))
+
+
+@torch.no_grad()
+def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
+                 s_tmax=float('inf'), s_noise=1., *, generator=None, seeds=None):
+    """A sampler inspired by DPM-Solver-2 and Algorithm 2 from Karras et al. (2022): the
+    midpoint in log sigma, two model calls a step (one on the last, an Euler step to 0)."""
+    extra_args = {} if extra_args is None else extra_args
+    levels = _Levels(sigmas, x)
+    V.check_generator(generator, x, None)
+    _keyed_check(x, seeds, generator)
+    fuse = callback is None
+    for i in _trange(len(levels) - 1, disable):
+        gamma = _churn_gamma(levels, i, s_churn, s_tmin, s_tmax)
+        if gamma > 0:
+            x = _add_churn(x, levels, i, gamma, s_noise, generator, seeds)
+        m, pt = _denoise(model, x, levels.model(i, gamma + 1), extra_args, fuse)
+        if callback is not None:
+            callback({'x': x, 'i': i, 'sigma': levels.scalar(i), 'sigma_hat': levels.scalar(i) * (gamma + 1),
+                      'denoised': m})
+        x = levels.promote(x)
+        sigma_hat, sigma_next = _hs(levels, i) * (gamma + 1), _hs(levels, i + 1)
+        den, t = _den(pt, sigma_hat, "x", "m"), {"x": x, "m": m}
+        if levels.zero(i + 1):  # Euler method
+            x, = _combine(levels, t, [_euler_rows(den, sigma_hat, sigma_next)])
+            continue
+        sigma_mid = np.exp(np.log(sigma_hat) + 0.5 * (np.log(sigma_next) - np.log(sigma_hat)))
+        t["x2"], = _combine(levels, t, [_euler_rows(den, sigma_hat, sigma_mid)])
+        t["m2"], pt2 = _denoise(model, t["x2"], _level(levels, sigma_mid, True), extra_args, fuse)
+        c = (sigma_next - sigma_hat) / sigma_mid  # x + to_d(x_2, sigma_mid, denoised_2) * dt_2
+        x, = _combine(levels, t, [_lc((1.0, _X), (c, {"x2": 1.0}), (-c, _den(pt2, sigma_mid, "x2", "m2")))])
+    return x
+
+
+@torch.no_grad()
+def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
+                           noise_sampler=None, *, generator=None, seeds=None):
+    """Ancestral sampling with DPM-Solver second-order steps. Noise: ``noise_sampler`` where
+    k-diffusion calls it (after the second model call), else in-kernel from ``generator``
+    or keyed by ``(seeds[b], step=i)``."""
+    extra_args = {} if extra_args is None else extra_args
+    levels = _Levels(sigmas, x)
+    V.check_generator(generator, x, None)
+    _keyed_check(x, seeds, generator, noise_sampler)
+    fuse = callback is None
+    for i in _trange(len(levels) - 1, disable):
+        m, pt = _denoise(model, x, levels.model(i), extra_args, fuse)
+        sigma, sigma_next = _hs(levels, i), _hs(levels, i + 1)
+        sigma_down, sigma_up = _anc_host(sigma, sigma_next, eta)
+        if callback is not None:
+            callback({'x': x, 'i': i, 'sigma': levels.scalar(i), 'sigma_hat': levels.scalar(i), 'denoised': m})
+        x = levels.promote(x)
+        den, t = _den(pt, sigma, "x", "m"), {"x": x, "m": m}
+        if _all_or_none(sigma_down == 0, f"sigma_down == 0 (row {i + 1})"):  # Euler method, no noise
+            x, = _combine(levels, t, [_euler_rows(den, sigma, sigma_down)])
+            continue
+        sigma_mid = np.exp(np.log(sigma) + 0.5 * (np.log(sigma_down) - np.log(sigma)))
+        t["x2"], = _combine(levels, t, [_euler_rows(den, sigma, sigma_mid)])
+        t["m2"], pt2 = _denoise(model, t["x2"], _level(levels, sigma_mid, True), extra_args, fuse)
+        c = (sigma_down - sigma) / sigma_mid
+        noise = _noise_at(noise_sampler, levels.scalar(i), levels.scalar(i + 1))
+        x, = _combine(levels, t, [_lc((1.0, _X), (c, {"x2": 1.0}), (-c, _den(pt2, sigma_mid, "x2", "m2")))],
+                      [s_noise * sigma_up], noise, generator, seeds, i)
+    return x
+
+
+def _lms_coeffs(sig, order):
+    """k-diffusion's linear_multistep_coeff for every step, once per call: row i holds
+    ``integral_{s_i}^{s_{i+1}} prod_{k != j} (tau - s_{i-k}) / (s_{i-j} - s_{i-k}) dtau``
+    for j < min(i + 1, order). The integrand is a polynomial of degree < order, so
+    ``order``-node Gauss-Legendre is exact (k-diffusion's scipy ``quad`` agrees to its
+    rounding); float64, elementwise over the columns of a per-sample ``sig``."""
+    nodes, weights = np.polynomial.legendre.leggauss(order)
+    nodes = nodes.reshape((-1,) + (1,) * (sig.ndim - 1))
+    weights = weights.reshape(nodes.shape)
+    table = []
+    for i in range(sig.shape[0] - 1):
+        p = min(i + 1, order)
+        half = (sig[i + 1] - sig[i]) / 2
+        tau = half * nodes + (sig[i] + sig[i + 1]) / 2
+        row = []
+        for j in range(p):
+            prod = np.ones_like(tau)
+            for k in range(p):
+                if k != j:
+                    prod = prod * (tau - sig[i - k]) / (sig[i - j] - sig[i - k])
+            row.append(half * (weights * prod).sum(axis=0))
+        table.append(row)
+    return table
+
+
+@torch.no_grad()
+def sample_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, order=4):
+    """Linear multistep (k-diffusion's LMS): ``x + sum_j c_ij d_{i-j}``, d = to_d(x,
+    sigma, denoised), the last ``order`` derivatives kept. The coefficients are computed
+    once per call on the host. Each step is one linear_step writing x and this step's
+    derivative (the history the next steps read); ``order`` is at most 5 (x, the model
+    output and 4 past derivatives fill linear_step's 6 inputs)."""
+    if not 1 <= order <= 5:
+        raise ValueError(f"order must be in 1..5, got {order}")
+    extra_args = {} if extra_args is None else extra_args
+    levels = _Levels(sigmas, x)
+    table = _lms_coeffs(levels.host.numpy(), order)
+    fuse = callback is None
+    n = len(levels) - 1
+    ds = []  # past derivatives, newest first
+    for i in _trange(n, disable):
+        m, pt = _denoise(model, x, levels.model(i), extra_args, fuse)
+        if callback is not None:
+            callback({'x': x, 'i': i, 'sigma': levels.scalar(i), 'sigma_hat': levels.scalar(i), 'denoised': m})
+        x = levels.promote(x)
+        sigma = _hs(levels, i)
+        d = _lc((1 / sigma, _X), (-1 / sigma, _den(pt, sigma, "x", "m")))
+        coeffs = table[i]
+        t = {"x": x, "m": m, **{f"d{j}": ds[j - 1] for j in range(1, len(coeffs))}}
+        update = _lc((1.0, _X), (coeffs[0], d), *((coeffs[j], {f"d{j}": 1.0}) for j in range(1, len(coeffs))))
+        keep = order > 1 and i < n - 1
+        out = _combine(levels, t, [update, d] if keep else [update])
+        x = out[0]
+        if keep:
+            ds = [out[1]] + ds[:order - 2]
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
+                              noise_sampler=None, *, generator=None, seeds=None):
+    """Ancestral sampling with DPM-Solver++(2S) second-order steps. Noise: ``noise_sampler``
+    where k-diffusion calls it (after the step, where sigmas[i + 1] > 0), else in-kernel
+    from ``generator`` or keyed by ``(seeds[b], step=i)``."""
+    extra_args = {} if extra_args is None else extra_args
+    levels = _Levels(sigmas, x)
+    V.check_generator(generator, x, None)
+    _keyed_check(x, seeds, generator, noise_sampler)
+    fuse = callback is None
+    for i in _trange(len(levels) - 1, disable):
+        m, pt = _denoise(model, x, levels.model(i), extra_args, fuse)
+        sigma, sigma_next = _hs(levels, i), _hs(levels, i + 1)
+        sigma_down, sigma_up = _anc_host(sigma, sigma_next, eta)
+        if callback is not None:
+            callback({'x': x, 'i': i, 'sigma': levels.scalar(i), 'sigma_hat': levels.scalar(i), 'denoised': m})
+        den, t = _den(pt, sigma, "x", "m"), {"x": x, "m": m}
+        if _all_or_none(sigma_down == 0, f"sigma_down == 0 (row {i + 1})"):  # Euler method
+            t["x"] = levels.promote(x)
+            update = _euler_rows(den, sigma, sigma_down)
+        else:  # DPM-Solver++(2S), the midpoint in log sigma
+            h = np.log(sigma) - np.log(sigma_down)
+            sigma_s = np.exp(np.log(sigma) - 0.5 * h)
+            t["x2"], = _combine(levels, t, [_lc((sigma_s / sigma, _X), (-np.expm1(-0.5 * h), den))])
+            t["m2"], pt2 = _denoise(model, t["x2"], _level(levels, sigma_s, True), extra_args, fuse)
+            update = _lc((sigma_down / sigma, _X), (-np.expm1(-h), _den(pt2, sigma_s, "x2", "m2")))
+        noisy = not levels.zero(i + 1)
+        noise = _noise_at(noise_sampler, levels.scalar(i), levels.scalar(i + 1)) if noisy else None
+        x, = _combine(levels, t, [update], [s_noise * sigma_up] if noisy else None, noise, generator, seeds, i)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
+                     noise_sampler=None, r=1 / 2, *, generator=None, seeds=None):
+    """DPM-Solver++ (stochastic): two model calls a step (one on the last, an Euler step to
+    0), each stage one linear_step with its noise.
+
+    Noise: k-diffusion's default is a BrownianTreeNoiseSampler over [min sigma > 0, max
+    sigma] (torchsde). Here a given ``noise_sampler`` is called where k-diffusion calls it
+    (before the second model call and at the end of the step, even at eta = 0), with
+    ``sigmas[i]`` / ``sigmas[i + 1]`` for k's ``sigma_fn(t)`` / ``sigma_fn(t_next)`` (equal
+    up to one rounding) and the stage level ``sigma_fn(s)``; without one, the noise is
+    drawn in-kernel from ``generator``, or keyed by ``(seeds[b], step=2 i)`` for the first
+    stage and ``step=2 i + 1`` for the second (two independent draws per step). Either
+    way not a Brownian tree: the two draws of a step are independent, as with
+    ``default_noise_sampler``."""
+    extra_args = {} if extra_args is None else extra_args
+    levels = _Levels(sigmas, x)
+    V.check_generator(generator, x, None)
+    _keyed_check(x, seeds, generator, noise_sampler)
+    fuse = callback is None
+    fac = 1 / (2 * r)
+    for i in _trange(len(levels) - 1, disable):
+        m, pt = _denoise(model, x, levels.model(i), extra_args, fuse)
+        if callback is not None:
+            callback({'x': x, 'i': i, 'sigma': levels.scalar(i), 'sigma_hat': levels.scalar(i), 'denoised': m})
+        sigma, sigma_next = _hs(levels, i), _hs(levels, i + 1)
+        den, t = _den(pt, sigma, "x", "m"), {"x": x, "m": m}
+        if levels.zero(i + 1):  # Euler method
+            t["x"] = levels.promote(x)
+            x, = _combine(levels, t, [_euler_rows(den, sigma, sigma_next)])
+            continue
+        lt, lt_next = -np.log(sigma), -np.log(sigma_next)  # k's t = -log sigma
+        sigma_t, sigma_s = np.exp(-lt), np.exp(-(lt + (lt_next - lt) * r))
+        # Step 1 (an ancestral step to sigma_s)
+        sd, su = _anc_host(sigma_t, sigma_s, eta)
+        with np.errstate(divide="ignore"):  # sigma_down = 0 (eta large): log 0 = -inf, as in k
+            s_ = -np.log(sd)
+        noise = _noise_at(noise_sampler, levels.scalar(i), _level(levels, sigma_s, False))
+        t["x2"], = _combine(levels, t, [_lc((np.exp(-s_) / sigma_t, _X), (-np.expm1(lt - s_), den))],
+                            [su * s_noise], noise, generator, seeds, 2 * i)
+        t["m2"], pt2 = _denoise(model, t["x2"], _level(levels, sigma_s, True), extra_args, fuse)
+        # Step 2 (an ancestral step to sigma_next on the blended denoised sample)
+        sd, su = _anc_host(sigma_t, np.exp(-lt_next), eta)
+        with np.errstate(divide="ignore"):
+            t_next_ = -np.log(sd)
+        den_d = _lc((1 - fac, den), (fac, _den(pt2, sigma_s, "x2", "m2")))
+        noise = _noise_at(noise_sampler, levels.scalar(i), levels.scalar(i + 1))
+        x, = _combine(levels, t, [_lc((np.exp(-t_next_) / sigma_t, _X), (-np.expm1(lt - t_next_), den_d))],
+                      [su * s_noise], noise, generator, seeds, 2 * i + 1)
+    return x
+
+
+_SDE_NOISE_DOC = """
+    Noise: k-diffusion's default is a BrownianTreeNoiseSampler over [min sigma > 0, max
+    sigma] (torchsde). Here a given ``noise_sampler`` is called where k-diffusion calls it
+    (every step but the last, when eta != 0); without one the noise is drawn in-kernel
+    from ``generator``, or keyed by ``(seeds[b], step=i)`` (batch-size invariant). The
+    branches read the host copy of ``sigmas``: no ``if sigmas[i + 1] == 0`` sync per step.
+    With an :class:`EpsDenoiser` / :class:`VDenoiser` (and no callback) the step's
+    denoised sample is the call's second output, kept as history."""
+
+
+def _keep(pt, m, out):
+    """The denoised sample the next steps read: the model output itself, or the
+    history row of the fused call."""
+    return m if pt == "sample" else out[1]
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
+                        noise_sampler=None, solver_type='midpoint', *, generator=None, seeds=None):
+    if solver_type not in {'heun', 'midpoint'}:
+        raise ValueError('solver_type must be \'heun\' or \'midpoint\'')
+    extra_args = {} if extra_args is None else extra_args
+    levels = _Levels(sigmas, x)
+    V.check_generator(generator, x, None)
+    _keyed_check(x, seeds, generator, noise_sampler)
+    fuse = callback is None
+    n = len(levels) - 1
+    old_denoised, h_last = None, None
+    for i in _trange(n, disable):
+        m, pt = _denoise(model, x, levels.model(i), extra_args, fuse)
+        if callback is not None:
+            callback({'x': x, 'i': i, 'sigma': levels.scalar(i), 'sigma_hat': levels.scalar(i), 'denoised': m})
+        sigma, sigma_next = _hs(levels, i), _hs(levels, i + 1)
+        den, t = _den(pt, sigma, "x", "m"), {"x": x, "m": m}
+        rows_after = [den] if pt != "sample" and i < n - 1 else []
+        if levels.zero(i + 1):  # denoising step: x = denoised
+            out = _combine(levels, t, [den] + rows_after)
+        else:
+            h = np.log(sigma) - np.log(sigma_next)  # k: -log sigma_next - (-log sigma)
+            eta_h = eta * h
+            a = -np.expm1(-h - eta_h)
+            update = _lc((sigma_next / sigma * np.exp(-eta_h), _X), (a, den))
+            if old_denoised is not None:
+                r = h_last / h
+                c = (a / (-h - eta_h) + 1) * (1 / r) if solver_type == 'heun' else 0.5 * a * (1 / r)
+                t["old"] = old_denoised
+                update = _lc((1.0, update), (c, den), (-c, {"old": 1.0}))
+            noisy = bool(eta)
+            noise = _noise_at(noise_sampler, levels.scalar(i), levels.scalar(i + 1)) if noisy else None
+            nc = [sigma_next * np.sqrt(-np.expm1(-2 * eta_h)) * s_noise] + [0.0] * len(rows_after) if noisy else None
+            out = _combine(levels, t, [update] + rows_after, nc, noise, generator, seeds, i)
+            h_last = h
+        x = out[0]
+        old_denoised = _keep(pt, m, out) if i < n - 1 else None
+    return x
+
+
+sample_dpmpp_2m_sde.__doc__ = "DPM-Solver++(2M) SDE (solver_type 'midpoint' or 'heun'): one linear_step a step.\n" \
+    + _SDE_NOISE_DOC
+
+
+@torch.no_grad()
+def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
+                        noise_sampler=None, *, generator=None, seeds=None):
+    extra_args = {} if extra_args is None else extra_args
+    levels = _Levels(sigmas, x)
+    V.check_generator(generator, x, None)
+    _keyed_check(x, seeds, generator, noise_sampler)
+    fuse = callback is None
+    n = len(levels) - 1
+    denoised_1, denoised_2 = None, None
+    h, h_1, h_2 = None, None, None
+    for i in _trange(n, disable):
+        m, pt = _denoise(model, x, levels.model(i), extra_args, fuse)
+        if callback is not None:
+            callback({'x': x, 'i': i, 'sigma': levels.scalar(i), 'sigma_hat': levels.scalar(i), 'denoised': m})
+        sigma, sigma_next = _hs(levels, i), _hs(levels, i + 1)
+        den, t = _den(pt, sigma, "x", "m"), {"x": x, "m": m}
+        rows_after = [den] if pt != "sample" and i < n - 1 else []
+        if levels.zero(i + 1):  # denoising step: x = denoised
+            out = _combine(levels, t, [den] + rows_after)
+        else:
+            h = np.log(sigma) - np.log(sigma_next)
+            h_eta = h * (eta + 1)
+            update = _lc((np.exp(-h_eta), _X), (-np.expm1(-h_eta), den))
+            phi_2 = np.expm1(-h_eta) / h_eta + 1
+            if h_2 is not None:
+                # phi_2 d1 - phi_3 d2 with k's d1, d2, expanded over denoised, denoised_1, denoised_2
+                r0, r1 = h_1 / h, h_2 / h
+                phi_3 = phi_2 / h_eta - 0.5
+                w = (phi_2 * r0 - phi_3) / (r0 + r1)
+                t["d1"], t["d2"] = denoised_1, denoised_2
+                update = _lc((1.0, update), ((phi_2 + w) / r0, den),
+                             (-(phi_2 + w) / r0 - w / r1, {"d1": 1.0}), (w / r1, {"d2": 1.0}))
+            elif h_1 is not None:
+                r = h_1 / h
+                t["d1"] = denoised_1
+                update = _lc((1.0, update), (phi_2 / r, den), (-phi_2 / r, {"d1": 1.0}))
+            noisy = bool(eta)
+            noise = _noise_at(noise_sampler, levels.scalar(i), levels.scalar(i + 1)) if noisy else None
+            nc = [sigma_next * np.sqrt(-np.expm1(-2 * h * eta)) * s_noise] + [0.0] * len(rows_after) if noisy \
+                else None
+            out = _combine(levels, t, [update] + rows_after, nc, noise, generator, seeds, i)
+        x = out[0]
+        if i < n - 1:
+            denoised_1, denoised_2 = _keep(pt, m, out), denoised_1
+        h_1, h_2 = h, h_1
+    return x
+
+
+sample_dpmpp_3m_sde.__doc__ = "DPM-Solver++(3M) SDE: one linear_step a step.\n" + _SDE_NOISE_DOC
 
 
 # ---- denoiser wrappers (k-diffusion's external.py) ---------------------------------------

@@ -251,19 +251,28 @@ from .k_samplers import (  # noqa: E402
     get_ancestral_step,
     get_sigmas_exponential,
     get_sigmas_karras,
+    sample_dpm_2,
+    sample_dpm_2_ancestral,
     sample_dpmpp_2m,
+    sample_dpmpp_2m_sde,
+    sample_dpmpp_2s_ancestral,
+    sample_dpmpp_3m_sde,
+    sample_dpmpp_sde,
     sample_euler,
     sample_euler_ancestral,
     sample_flow_euler,
     sample_heun,
     sample_lcm,
+    sample_lms,
     to_d,
 )
 
 __all__ += ["sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpmpp_2m", "sample_flow_euler",
             "sample_lcm", "get_sigmas_karras", "get_sigmas_exponential", "to_d", "get_ancestral_step", "append_zero",
             "default_noise_sampler", "DiscreteSchedule", "EpsDenoiser", "VDenoiser", "DiscreteEpsDDPMDenoiser",
-            "DiscreteVDDPMDenoiser"]
+            "DiscreteVDDPMDenoiser", "sample_dpm_2", "sample_dpm_2_ancestral",
+            "sample_lms", "sample_dpmpp_2s_ancestral", "sample_dpmpp_sde", "sample_dpmpp_2m_sde",
+            "sample_dpmpp_3m_sde"]
 
 # ---- ComfyUI's multistep samplers (comfy_samplers.py) ----------------------------------------
 from .comfy_samplers import (  # noqa: E402
