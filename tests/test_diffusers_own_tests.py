@@ -27,7 +27,16 @@ RUN = Path(os.environ.get("DIFFKERN_SHARED", ROOT.parent / "shared")) / "diffuse
 IMPORTED_FROM = Path(diffkern.__file__).resolve().parents[1]
 
 # the test files of the classes diffkern has
-FAMILIES = ("ddim", "ddpm", "euler", "euler_ancestral", "heun", "dpm_multi", "lcm")
+FAMILIES = (
+    "ddim",
+    "ddpm",
+    "euler",
+    "euler_ancestral",
+    "heun",
+    "dpm_multi",
+    "lcm",
+    "lms",
+)
 
 P = "tests/schedulers/test_scheduler_"
 KNOWN_FAILURES = {

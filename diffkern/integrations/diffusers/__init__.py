@@ -49,7 +49,9 @@ from .euler import FusedEulerAncestralDiscreteScheduler, FusedEulerDiscreteSched
 from .flow import FusedFlowMatchEulerDiscreteScheduler
 from .heun import FusedHeunDiscreteScheduler
 from .lcm import FusedLCMScheduler
+from .lms import FusedLMSDiscreteScheduler
 
 __all__ = ["FusedDDIMScheduler", "FusedDDPMScheduler", "FusedEulerDiscreteScheduler",
            "FusedEulerAncestralDiscreteScheduler", "FusedHeunDiscreteScheduler", "FusedDPMSolverMultistepScheduler",
-           "FusedFlowMatchEulerDiscreteScheduler", "FusedLCMScheduler"]
+           "FusedFlowMatchEulerDiscreteScheduler", "FusedLCMScheduler",
+           "FusedLMSDiscreteScheduler"]

@@ -1,0 +1,108 @@
+"""More fused diffusers drop-ins (issue 23): LMS, KDPM2, KDPM2 ancestral, DEIS, each
+against its stock class over whole loops, with the harness of test_fused_schedulers
+(the same model outputs and noise; every output within 1e-5 relative of stock float32,
+or where stock's own float32 rounding is the larger error, of stock run in float64)."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from conftest import gen, max_rel_err
+from test_fused_schedulers import CountSyncs, opt_id, rand, run_loops
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers is needed for the fused schedulers")
+from diffusers import LMSDiscreteScheduler  # noqa: E402
+
+from diffkern.integrations.diffusers import FusedLMSDiscreteScheduler  # noqa: E402
+from diffkern.integrations.diffusers.lms import lms_coefficients  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+
+SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+SIGMA_OPTIONS = [dict(), dict(use_karras_sigmas=True), dict(use_exponential_sigmas=True),
+                 dict(use_beta_sigmas=True)]
+
+
+# ---- LMS ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("options", SIGMA_OPTIONS, ids=opt_id)
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_lms_loop_matches_stock(monkeypatch, prediction_type, spacing, options):
+    cfg = dict(SD, prediction_type=prediction_type, timestep_spacing=spacing, steps_offset=1, **options)
+    run_loops(monkeypatch, LMSDiscreteScheduler, FusedLMSDiscreteScheduler, cfg, n_steps=13)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3, 5])
+def test_lms_step_order_matches_stock(monkeypatch, order):
+    run_loops(monkeypatch, LMSDiscreteScheduler, FusedLMSDiscreteScheduler, dict(), n_steps=11,
+              step_kw=dict(order=order))
+
+
+def test_lms_coefficients_equal_stock_integrals():
+    """The Gauss-Legendre coefficients are stock's scipy.integrate.quad integrals (on the
+    same float32 sigmas, upcast: quad's 21-point rule is exact on these polynomials too)."""
+    stock = LMSDiscreteScheduler(use_karras_sigmas=True)
+    stock.set_timesteps(9)
+    stock.sigmas = stock.sigmas.double()
+    sig = stock.sigmas.tolist()
+    for order in (1, 2, 4, 6):
+        ours = lms_coefficients(sig, order, range(len(sig) - 1))
+        for t in range(len(sig) - 1):
+            eff = min(t + 1, order)
+            want = [float(stock.get_lms_coefficient(eff, t, j)) for j in range(eff)]
+            scale = max(abs(v) for v in want)
+            assert len(ours[t]) == eff
+            assert max(abs(a - b) for a, b in zip(ours[t], want, strict=True)) <= 1e-12 * scale, (order, t)
+
+
+def test_lms_begin_index_midway_matches_stock():
+    """Started mid-schedule (img2img): stock's history is shorter than the order it asks
+    for, and it zips the first coefficients with the derivatives it has."""
+    g = gen(3)
+    stock, fused = LMSDiscreteScheduler(**SD), FusedLMSDiscreteScheduler(**SD)
+    for s in (stock, fused):
+        s.set_timesteps(12)
+        s.set_begin_index(5)
+    xs = xf = rand(g, (2, 3, 5, 7)).float() * 3
+    for t, tf in zip(stock.timesteps[5:], fused.timesteps[5:], strict=True):
+        m = rand(g, (2, 3, 5, 7)).float()
+        a = stock.step(m, t, stock.scale_model_input(xs, t))
+        b = fused.step(m, tf, fused.scale_model_input(xf, tf))
+        assert max_rel_err(b.prev_sample, a.prev_sample) <= 1e-5
+        xs, xf = a.prev_sample, b.prev_sample
+
+
+# ---- every class --------------------------------------------------------------------------
+CLASSES = {  # name: (fused class, config, steps)
+    "lms": (FusedLMSDiscreteScheduler, dict(SD, prediction_type="v_prediction"), 10),
+}
+
+
+@pytest.mark.parametrize("name", list(CLASSES))
+def test_no_host_sync_per_step(name):
+    """After set_timesteps: no aten._local_scalar_dense in a whole loop (stock reads its
+    timestep on the host every step: the counter counts)."""
+    cls, cfg, n = CLASSES[name]
+    for sched, want_zero in ((cls(**cfg), True), (cls._dk_stock(**cfg), False)):
+        sched.set_timesteps(n)
+        x = torch.randn(2, 3, 8, 8)
+        g = gen(0)
+        with CountSyncs() as c:
+            for t in sched.timesteps:
+                x = sched.scale_model_input(x, t)
+                gkw = dict(generator=g) if "generator" in inspect.signature(sched.step).parameters else {}
+                x = sched.step(torch.randn(2, 3, 8, 8), t, x, **gkw).prev_sample
+        assert (c.n == 0) == want_zero, (type(sched).__name__, c.n)
+
+
+@pytest.mark.parametrize("name", list(CLASSES))
+def test_saved_config_is_stocks(name, tmp_path):
+    cls, cfg, _ = CLASSES[name]
+    sched = cls(**cfg)
+    sched.save_config(tmp_path)
+    back = cls._dk_stock.from_pretrained(tmp_path)
+    public = {k: v for k, v in sched.config.items() if not k.startswith("_")}
+    assert type(back) is cls._dk_stock and {k: back.config[k] for k in public} == public
+    assert '"_class_name": "' + cls._dk_stock.__name__ + '"' in (tmp_path / "scheduler_config.json").read_text()
