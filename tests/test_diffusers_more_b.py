@@ -13,9 +13,17 @@ from conftest import gen, max_rel_err
 from test_fused_schedulers import CountSyncs, opt_id, rand, run_loops
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is needed for the fused schedulers")
-from diffusers import LMSDiscreteScheduler  # noqa: E402
+from diffusers import (  # noqa: E402
+    KDPM2AncestralDiscreteScheduler,
+    KDPM2DiscreteScheduler,
+    LMSDiscreteScheduler,
+)
 
-from diffkern.integrations.diffusers import FusedLMSDiscreteScheduler  # noqa: E402
+from diffkern.integrations.diffusers import (  # noqa: E402
+    FusedKDPM2AncestralDiscreteScheduler,
+    FusedKDPM2DiscreteScheduler,
+    FusedLMSDiscreteScheduler,
+)
 from diffkern.integrations.diffusers.lms import lms_coefficients  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
@@ -77,6 +85,8 @@ def test_lms_begin_index_midway_matches_stock():
 # ---- every class --------------------------------------------------------------------------
 CLASSES = {  # name: (fused class, config, steps)
     "lms": (FusedLMSDiscreteScheduler, dict(SD, prediction_type="v_prediction"), 10),
+    "kdpm2": (FusedKDPM2DiscreteScheduler, dict(use_karras_sigmas=True), 6),
+    "kdpm2_ancestral": (FusedKDPM2AncestralDiscreteScheduler, dict(prediction_type="v_prediction"), 6),
 }
 
 
@@ -106,3 +116,43 @@ def test_saved_config_is_stocks(name, tmp_path):
     public = {k: v for k, v in sched.config.items() if not k.startswith("_")}
     assert type(back) is cls._dk_stock and {k: back.config[k] for k in public} == public
     assert '"_class_name": "' + cls._dk_stock.__name__ + '"' in (tmp_path / "scheduler_config.json").read_text()
+
+
+# ---- KDPM2, KDPM2 ancestral -------------------------------------------------------------
+@pytest.mark.parametrize("options", SIGMA_OPTIONS, ids=opt_id)
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_kdpm2_loop_matches_stock(monkeypatch, prediction_type, spacing, options):
+    cfg = dict(prediction_type=prediction_type, timestep_spacing=spacing, steps_offset=1, **options)
+    run_loops(monkeypatch, KDPM2DiscreteScheduler, FusedKDPM2DiscreteScheduler, cfg, n_steps=9)
+
+
+@pytest.mark.parametrize("options", SIGMA_OPTIONS, ids=opt_id)
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_kdpm2_ancestral_loop_matches_stock(monkeypatch, prediction_type, spacing, options):
+    cfg = dict(prediction_type=prediction_type, timestep_spacing=spacing, steps_offset=1, **options)
+    draws = run_loops(monkeypatch, KDPM2AncestralDiscreteScheduler, FusedKDPM2AncestralDiscreteScheduler, cfg,
+                      n_steps=9)
+    assert draws == 8  # one per second stage
+
+
+def test_kdpm2_ancestral_same_seed_same_result():
+    """Stock draws its noise from the generator; the fused loop draws the same numbers."""
+    outs = []
+    for cls in (KDPM2AncestralDiscreteScheduler, FusedKDPM2AncestralDiscreteScheduler):
+        s = cls(**SD)
+        s.set_timesteps(7)
+        g, gm = gen(11), gen(12)
+        x = torch.randn(2, 4, 9, 5, generator=gm) * s.init_noise_sigma
+        for t in s.timesteps:
+            m = torch.sin(s.scale_model_input(x, t) * 1.7) + 0.05 * x
+            x = s.step(m, t, x, generator=g).prev_sample
+        outs.append(x)
+    assert max_rel_err(outs[1], outs[0]) <= 1e-5
+
+
+@pytest.mark.parametrize("cls", [FusedKDPM2DiscreteScheduler, FusedKDPM2AncestralDiscreteScheduler])
+def test_kdpm2_sample_prediction_refused(cls):
+    with pytest.raises(NotImplementedError, match="prediction_type='sample'"):
+        cls(prediction_type="sample")

@@ -36,6 +36,8 @@ FAMILIES = (
     "dpm_multi",
     "lcm",
     "lms",
+    "kdpm2_discrete",
+    "kdpm2_ancestral",
 )
 
 P = "tests/schedulers/test_scheduler_"

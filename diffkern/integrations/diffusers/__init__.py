@@ -48,10 +48,13 @@ from .dpm import FusedDPMSolverMultistepScheduler
 from .euler import FusedEulerAncestralDiscreteScheduler, FusedEulerDiscreteScheduler
 from .flow import FusedFlowMatchEulerDiscreteScheduler
 from .heun import FusedHeunDiscreteScheduler
+from .kdpm2 import FusedKDPM2AncestralDiscreteScheduler, FusedKDPM2DiscreteScheduler
 from .lcm import FusedLCMScheduler
 from .lms import FusedLMSDiscreteScheduler
 
 __all__ = ["FusedDDIMScheduler", "FusedDDPMScheduler", "FusedEulerDiscreteScheduler",
            "FusedEulerAncestralDiscreteScheduler", "FusedHeunDiscreteScheduler", "FusedDPMSolverMultistepScheduler",
            "FusedFlowMatchEulerDiscreteScheduler", "FusedLCMScheduler",
-           "FusedLMSDiscreteScheduler"]
+           "FusedLMSDiscreteScheduler",
+           "FusedKDPM2DiscreteScheduler",
+           "FusedKDPM2AncestralDiscreteScheduler"]
