@@ -14,12 +14,14 @@ from test_fused_schedulers import CountSyncs, opt_id, rand, run_loops
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is needed for the fused schedulers")
 from diffusers import (  # noqa: E402
+    DEISMultistepScheduler,
     KDPM2AncestralDiscreteScheduler,
     KDPM2DiscreteScheduler,
     LMSDiscreteScheduler,
 )
 
 from diffkern.integrations.diffusers import (  # noqa: E402
+    FusedDEISMultistepScheduler,
     FusedKDPM2AncestralDiscreteScheduler,
     FusedKDPM2DiscreteScheduler,
     FusedLMSDiscreteScheduler,
@@ -87,6 +89,7 @@ CLASSES = {  # name: (fused class, config, steps)
     "lms": (FusedLMSDiscreteScheduler, dict(SD, prediction_type="v_prediction"), 10),
     "kdpm2": (FusedKDPM2DiscreteScheduler, dict(use_karras_sigmas=True), 6),
     "kdpm2_ancestral": (FusedKDPM2AncestralDiscreteScheduler, dict(prediction_type="v_prediction"), 6),
+    "deis": (FusedDEISMultistepScheduler, dict(solver_order=3), 10),
 }
 
 
@@ -156,3 +159,26 @@ def test_kdpm2_ancestral_same_seed_same_result():
 def test_kdpm2_sample_prediction_refused(cls):
     with pytest.raises(NotImplementedError, match="prediction_type='sample'"):
         cls(prediction_type="sample")
+
+
+# ---- DEIS ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("n_steps", [8, 16])
+@pytest.mark.parametrize("solver_order", [1, 2, 3])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_deis_loop_matches_stock(monkeypatch, prediction_type, solver_order, n_steps):
+    cfg = dict(SD, prediction_type=prediction_type, solver_order=solver_order)
+    run_loops(monkeypatch, DEISMultistepScheduler, FusedDEISMultistepScheduler, cfg, n_steps=n_steps)
+
+
+DEIS_OPTIONS = [dict(use_karras_sigmas=True), dict(use_exponential_sigmas=True), dict(use_beta_sigmas=True),
+                dict(timestep_spacing="leading", steps_offset=1), dict(timestep_spacing="trailing"),
+                dict(lower_order_final=False), dict(beta_schedule="squaredcos_cap_v2"),
+                dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0),
+                dict(thresholding=True, prediction_type="sample", sample_max_value=1.5)]
+
+
+@pytest.mark.parametrize("options", DEIS_OPTIONS, ids=opt_id)
+def test_deis_options_match_stock(monkeypatch, options):
+    cfg = dict(dict(solver_order=3), **options)
+    m_scale = 2.0 if options.get("thresholding") else 1.0
+    run_loops(monkeypatch, DEISMultistepScheduler, FusedDEISMultistepScheduler, cfg, n_steps=10, m_scale=m_scale)

@@ -38,6 +38,7 @@ FAMILIES = (
     "lms",
     "kdpm2_discrete",
     "kdpm2_ancestral",
+    "deis",
 )
 
 P = "tests/schedulers/test_scheduler_"

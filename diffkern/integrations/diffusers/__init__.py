@@ -44,6 +44,7 @@ except ImportError as e:  # pragma: no cover - exercised by monkeypatching sys.m
 
 from .ddim import FusedDDIMScheduler
 from .ddpm import FusedDDPMScheduler
+from .deis import FusedDEISMultistepScheduler
 from .dpm import FusedDPMSolverMultistepScheduler
 from .euler import FusedEulerAncestralDiscreteScheduler, FusedEulerDiscreteScheduler
 from .flow import FusedFlowMatchEulerDiscreteScheduler
@@ -57,4 +58,5 @@ __all__ = ["FusedDDIMScheduler", "FusedDDPMScheduler", "FusedEulerDiscreteSchedu
            "FusedFlowMatchEulerDiscreteScheduler", "FusedLCMScheduler",
            "FusedLMSDiscreteScheduler",
            "FusedKDPM2DiscreteScheduler",
-           "FusedKDPM2AncestralDiscreteScheduler"]
+           "FusedKDPM2AncestralDiscreteScheduler",
+           "FusedDEISMultistepScheduler"]
