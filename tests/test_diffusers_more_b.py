@@ -6,6 +6,7 @@ or where stock's own float32 rounding is the larger error, of stock run in float
 from __future__ import annotations
 
 import inspect
+import sys
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from diffusers import (  # noqa: E402
     KDPM2AncestralDiscreteScheduler,
     KDPM2DiscreteScheduler,
     LMSDiscreteScheduler,
+    SASolverScheduler,
 )
 
 from diffkern.integrations.diffusers import (  # noqa: E402
@@ -25,6 +27,7 @@ from diffkern.integrations.diffusers import (  # noqa: E402
     FusedKDPM2AncestralDiscreteScheduler,
     FusedKDPM2DiscreteScheduler,
     FusedLMSDiscreteScheduler,
+    FusedSASolverScheduler,
 )
 from diffkern.integrations.diffusers.lms import lms_coefficients  # noqa: E402
 
@@ -90,6 +93,7 @@ CLASSES = {  # name: (fused class, config, steps)
     "kdpm2": (FusedKDPM2DiscreteScheduler, dict(use_karras_sigmas=True), 6),
     "kdpm2_ancestral": (FusedKDPM2AncestralDiscreteScheduler, dict(prediction_type="v_prediction"), 6),
     "deis": (FusedDEISMultistepScheduler, dict(solver_order=3), 10),
+    "sasolver": (FusedSASolverScheduler, dict(predictor_order=3, corrector_order=3), 10),
 }
 
 
@@ -182,3 +186,68 @@ def test_deis_options_match_stock(monkeypatch, options):
     cfg = dict(dict(solver_order=3), **options)
     m_scale = 2.0 if options.get("thresholding") else 1.0
     run_loops(monkeypatch, DEISMultistepScheduler, FusedDEISMultistepScheduler, cfg, n_steps=10, m_scale=m_scale)
+
+
+# ---- SA-Solver ------------------------------------------------------------------------------
+@pytest.mark.parametrize("orders", [(1, 1), (2, 2), (3, 3), (3, 1), (1, 3)], ids=str)
+@pytest.mark.parametrize("algorithm_type", ["data_prediction", "noise_prediction"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_sasolver_loop_matches_stock(monkeypatch, prediction_type, algorithm_type, orders):
+    cfg = dict(SD, prediction_type=prediction_type, algorithm_type=algorithm_type, predictor_order=orders[0],
+               corrector_order=orders[1])
+    draws = run_loops(monkeypatch, SASolverScheduler, FusedSASolverScheduler, cfg, n_steps=10)
+    assert draws == 10  # stock draws every step (the corrector reuses it)
+
+
+SA_OPTIONS = [dict(use_karras_sigmas=True), dict(use_exponential_sigmas=True), dict(use_beta_sigmas=True),
+              dict(timestep_spacing="leading", steps_offset=1), dict(timestep_spacing="trailing"),
+              dict(lower_order_final=False), dict(beta_schedule="squaredcos_cap_v2", lambda_min_clipped=-5.1),
+              dict(tau_func=lambda t: 0.5 if 100 <= t <= 900 else 0.0),
+              dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0),
+              dict(thresholding=True, prediction_type="sample", sample_max_value=1.5)]
+
+
+@pytest.mark.parametrize("options", SA_OPTIONS, ids=lambda o: opt_id({k: v for k, v in o.items() if k != "tau_func"})
+                         + (",tau_func" if "tau_func" in o else ""))
+def test_sasolver_options_match_stock(monkeypatch, options):
+    cfg = dict(dict(predictor_order=3, corrector_order=2), **options)
+    m_scale = 2.0 if options.get("thresholding") else 1.0
+    run_loops(monkeypatch, SASolverScheduler, FusedSASolverScheduler, cfg, n_steps=10, m_scale=m_scale)
+
+
+def test_sasolver_same_seed_same_result(monkeypatch):
+    """With a generator the fused loop draws stock's numbers: it ends where stock run in
+    float64 on the same float32 draws ends (stock float32 is itself ~1e-4 away here: its
+    coefficients are float32), and leaves the generator where stock leaves it."""
+    mod = sys.modules[SASolverScheduler.__module__]
+    real = mod.randn_tensor
+
+    def randn_f32(shape, generator=None, device=None, dtype=None, **kw):
+        return real(shape, generator=generator, device=device, dtype=torch.float32).to(dtype)
+
+    outs, states = [], []
+    for cls, dtype in ((SASolverScheduler, torch.float32), (SASolverScheduler, torch.float64),
+                       (FusedSASolverScheduler, torch.float32)):
+        s = cls(**SD, predictor_order=3, corrector_order=3)
+        s.set_timesteps(9)
+        if dtype == torch.float64:
+            s.sigmas = s.sigmas.double()
+            monkeypatch.setattr(mod, "randn_tensor", randn_f32)
+        g, gm = gen(21), gen(22)
+        x = torch.randn(2, 4, 9, 5, generator=gm).to(dtype)
+        for t in s.timesteps:
+            x = s.step(torch.sin(x * 1.7) + 0.05 * x, t, x, generator=g).prev_sample
+        monkeypatch.setattr(mod, "randn_tensor", real)
+        outs.append(x)
+        states.append(g.get_state())
+    assert torch.equal(states[2], states[0])
+    assert max_rel_err(outs[2], outs[1]) <= 1e-5
+
+
+@pytest.mark.parametrize("cfg,option", [(dict(predictor_order=4), "predictor_order"),
+                                        (dict(corrector_order=4), "corrector_order"),
+                                        (dict(thresholding=True, algorithm_type="noise_prediction"), "thresholding"),
+                                        (dict(dk_noise="kernel"), "dk_noise")])
+def test_sasolver_refused_configs(cfg, option):
+    with pytest.raises(NotImplementedError, match=option):
+        FusedSASolverScheduler(**cfg)

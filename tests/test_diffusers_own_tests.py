@@ -39,6 +39,7 @@ FAMILIES = (
     "kdpm2_discrete",
     "kdpm2_ancestral",
     "deis",
+    "sasolver",
 )
 
 P = "tests/schedulers/test_scheduler_"

@@ -52,6 +52,7 @@ from .heun import FusedHeunDiscreteScheduler
 from .kdpm2 import FusedKDPM2AncestralDiscreteScheduler, FusedKDPM2DiscreteScheduler
 from .lcm import FusedLCMScheduler
 from .lms import FusedLMSDiscreteScheduler
+from .sasolver import FusedSASolverScheduler
 
 __all__ = ["FusedDDIMScheduler", "FusedDDPMScheduler", "FusedEulerDiscreteScheduler",
            "FusedEulerAncestralDiscreteScheduler", "FusedHeunDiscreteScheduler", "FusedDPMSolverMultistepScheduler",
@@ -59,4 +60,5 @@ __all__ = ["FusedDDIMScheduler", "FusedDDPMScheduler", "FusedEulerDiscreteSchedu
            "FusedLMSDiscreteScheduler",
            "FusedKDPM2DiscreteScheduler",
            "FusedKDPM2AncestralDiscreteScheduler",
-           "FusedDEISMultistepScheduler"]
+           "FusedDEISMultistepScheduler",
+           "FusedSASolverScheduler"]
