@@ -5,10 +5,12 @@ or where stock's own float32 rounding is the larger error, of stock run in float
 
 from __future__ import annotations
 
+import copy
 import inspect
 import sys
 
 import pytest
+import test_fused_noise as NZ
 import torch
 from conftest import gen, max_rel_err
 from test_fused_schedulers import CountSyncs, opt_id, rand, run_loops
@@ -251,3 +253,71 @@ def test_sasolver_same_seed_same_result(monkeypatch):
 def test_sasolver_refused_configs(cfg, option):
     with pytest.raises(NotImplementedError, match=option):
         FusedSASolverScheduler(**cfg)
+
+
+# ---- noise: same seed, same image; opt-in modes ------------------------------------------------
+STOCHASTIC = {  # name: (fused class, config, steps)
+    "kdpm2_ancestral": (FusedKDPM2AncestralDiscreteScheduler, dict(prediction_type="v_prediction"), 6),
+    "sasolver": (FusedSASolverScheduler, dict(SD, predictor_order=3, tau_func=lambda t: 1.0), 8),
+}
+
+
+def _pair(name):
+    cls, cfg, steps = STOCHASTIC[name]
+    stock = cls._dk_stock(**cfg)
+    return stock, cls.from_config(stock.config, **({"tau_func": cfg["tau_func"]} if "tau_func" in cfg else {})), steps
+
+
+@pytest.mark.parametrize("kind", ["one", "list", "global"])
+@pytest.mark.parametrize("name", list(STOCHASTIC))
+def test_whole_loop_equals_stock_for_the_same_seed(name, kind, monkeypatch):
+    """stock's randn_tensor calls (spied: the same arguments, as many), the generators left
+    where stock leaves them, and the same result."""
+    stock, fused, steps = _pair(name)
+    mod = sys.modules[type(fused)._dk_stock.__module__]
+    real, calls = mod.randn_tensor, []
+
+    def spy(shape, generator=None, device=None, dtype=None, **k):
+        calls.append((tuple(shape), torch.device(device), dtype))
+        return real(shape, generator=generator, device=device, dtype=dtype, **k)
+
+    monkeypatch.setattr(mod, "randn_tensor", spy)
+    outs, states, counts = [], [], []
+    for sched in (stock, fused):
+        torch.manual_seed(123)
+        g = NZ.generators(kind)
+        outs.append(NZ.run_loop(sched, steps, {}, g))
+        states.append(NZ.gen_state(g))
+        counts.append(list(calls))
+        calls.clear()
+    assert counts[0] == counts[1] and len(counts[0]) >= steps - 1
+    assert torch.equal(states[0], states[1])
+    assert max_rel_err(outs[1], outs[0]) <= 1e-5
+
+
+def test_kdpm2_ancestral_kernel_noise_is_opt_in_and_seeded(monkeypatch):
+    stock, default, steps = _pair("kdpm2_ancestral")
+    fused = type(default).from_config(stock.config, dk_noise="kernel")
+    NZ._refuse_stock_randn(monkeypatch, fused)
+    a = NZ.run_loop(copy.deepcopy(fused), steps, {}, gen(1))
+    b = NZ.run_loop(copy.deepcopy(fused), steps, {}, gen(1))
+    c = NZ.run_loop(copy.deepcopy(fused), steps, {}, gen(2))
+    assert torch.isfinite(a).all() and torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("name", list(STOCHASTIC))
+def test_keyed_noise_is_batch_invariant(name, monkeypatch):
+    stock, default, steps = _pair(name)
+    cls = type(default)
+    extra = {"tau_func": STOCHASTIC[name][1]["tau_func"]} if "tau_func" in STOCHASTIC[name][1] else {}
+    seeds = torch.tensor([11, 22, 33], dtype=torch.int64)
+    NZ._refuse_stock_randn(monkeypatch, default)
+    shape = (3,) + NZ.SHAPE[1:]
+    whole = NZ.run_loop(cls.from_config(stock.config, dk_noise="keyed", dk_seeds=seeds, **extra), steps, {}, gen(1),
+                        shape)
+    for b in (0, 2):
+        one = cls.from_config(stock.config, dk_noise="keyed", dk_seeds=seeds[b:b + 1], **extra)
+        assert torch.equal(NZ._loop_sample(one, steps, {}, shape, b), whole[b:b + 1])
+    other = NZ.run_loop(cls.from_config(stock.config, dk_noise="keyed", dk_seeds=seeds + 1, **extra), steps, {},
+                        None, shape)
+    assert not torch.equal(other, whole)
