@@ -44,6 +44,11 @@ FAMILIES = (
     "dpm_single",
     "dpm_multi_inverse",
     "edm_dpmsolver_multistep",
+    "lms",
+    "kdpm2_discrete",
+    "kdpm2_ancestral",
+    "deis",
+    "sasolver",
 )
 
 P = "tests/schedulers/test_scheduler_"

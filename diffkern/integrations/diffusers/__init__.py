@@ -45,6 +45,7 @@ except ImportError as e:  # pragma: no cover - exercised by monkeypatching sys.m
 from .cogvideox import FusedCogVideoXDDIMScheduler
 from .ddim import FusedDDIMScheduler
 from .ddpm import FusedDDPMScheduler
+from .deis import FusedDEISMultistepScheduler
 from .dpm import FusedDPMSolverMultistepScheduler
 from .dpm_more import (
     FusedCogVideoXDPMScheduler,
@@ -59,8 +60,11 @@ from .flow_heun import FusedFlowMatchHeunDiscreteScheduler
 from .heun import FusedHeunDiscreteScheduler
 from .inverse import FusedDDIMInverseScheduler
 from .ipndm import FusedIPNDMScheduler
+from .kdpm2 import FusedKDPM2AncestralDiscreteScheduler, FusedKDPM2DiscreteScheduler
 from .lcm import FusedLCMScheduler
+from .lms import FusedLMSDiscreteScheduler
 from .pndm import FusedPNDMScheduler
+from .sasolver import FusedSASolverScheduler
 from .tcd import FusedTCDScheduler
 from .unipc import FusedUniPCMultistepScheduler
 
@@ -72,4 +76,6 @@ __all__ = ["FusedDDIMScheduler", "FusedDDPMScheduler", "FusedEulerDiscreteSchedu
            "FusedDPMSolverMultistepInverseScheduler", "FusedEDMDPMSolverMultistepScheduler",
            "FusedEDMEulerScheduler", "FusedDDIMInverseScheduler",
            "FusedTCDScheduler", "FusedIPNDMScheduler",
-           "FusedFlowMatchHeunDiscreteScheduler", "FusedDPMSolverSinglestepScheduler"]
+           "FusedFlowMatchHeunDiscreteScheduler", "FusedDPMSolverSinglestepScheduler",
+           "FusedLMSDiscreteScheduler", "FusedKDPM2DiscreteScheduler", "FusedKDPM2AncestralDiscreteScheduler",
+           "FusedDEISMultistepScheduler", "FusedSASolverScheduler"]
