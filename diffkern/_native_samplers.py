@@ -215,6 +215,11 @@ if _ops is not None:
           return_denoised):
         return _empty_like_out(x), (_empty_like_out(x) if return_denoised else _empty(x))
 
+    if hasattr(_ops, "linear_step"):
+        @torch.library.register_fake("diffkern::linear_step")
+        def _(inputs, coeffs, coeffs_t, outputs, noisy, noise, generator, seed, offset):
+            return [_empty_like_out(inputs[0]) for _ in range(outputs)]
+
     @torch.library.register_fake("diffkern::lcm_step_backward")
     def _(grad, grad_den, x, m, t, t_prev, table, ts, sd, prediction, clip):
         return _empty_like_out(grad), _empty_like_out(grad)

@@ -30,6 +30,7 @@ struct Kernels {
                         cudaStream_t);
   void (*keyed_normal)(const diffkern::cuda::KeyedLaunch&, cudaStream_t);
   void (*gmm_annealed_langevin)(const diffkern::cuda::GmmLaunch&, cudaStream_t);
+  void (*linear_step)(const diffkern::cuda::SamplerLaunch&, const diffkern::LinearOp&, cudaStream_t);
 };
 
 }  // namespace dk_emu

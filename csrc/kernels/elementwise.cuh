@@ -202,7 +202,8 @@ void launch_elementwise(const StepLaunch& p, const Op& op, cudaStream_t stream) 
 }
 
 // The sampler-family ops' driver (sampler_ops.h interface): the same geometry as
-// step_kernel, with up to four inputs and two outputs. Coefficients are formed in double
+// step_kernel, with up to six inputs and three outputs (LinearOp; the fixed-arity ops up to
+// four and two). Coefficients are formed in double
 // per unit (once per thread when they do not depend on the sample) and rounded to C.
 // Out of line: the double-precision coefficients (logs, expm1) inlined twice into the
 // unrolled loop spilled registers.
@@ -217,9 +218,9 @@ __global__ void __launch_bounds__(kThreads) sampler_kernel(const SamplerLaunch p
   using K = typename Op::template Coeffs<C>;
   const PhiloxKey key = resolve_key(p.rng);
   const int64_t nunits = (p.numel + kUnit - 1) / kUnit;
+  constexpr int kIn = Op::kInputs, kOut = Op::kOutputs > 2 ? Op::kOutputs : 2;
   const K shared = sampler_coeffs<K>(op, 0);
   const bool has_z = p.draw || p.has_noise;
-  const bool two = p.out[1] != nullptr;
   for (int64_t u = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; u < nunits; u += int64_t(gridDim.x) * blockDim.x) {
     const int64_t e0 = u * kUnit;
     float z[kUnit] = {};
@@ -236,25 +237,38 @@ __global__ void __launch_bounds__(kThreads) sampler_kernel(const SamplerLaunch p
     const bool one_sample = !p.per_sample || (e0 + n - 1) / p.inner == b0;
     const K k = p.per_sample ? sampler_coeffs<K>(op, b0) : shared;
     if (p.vectorized && n == kUnit && one_sample) {
-      C a0[kUnit], a1[kUnit], a2[kUnit], a3[kUnit], ns[kUnit], r0[kUnit], r1[kUnit];
+      C a[kIn][kUnit], ns[kUnit], r[kOut][kUnit];
 #pragma unroll
-      for (int i = 0; i < kUnit; ++i) a1[i] = a2[i] = a3[i] = ns[i] = r1[i] = C(0);
-      Unit<C, T>::load(p.in[0].data, e0, a0);
-      if (Op::kInputs > 1 && p.nin > 1) Unit<C, T>::load(p.in[1].data, e0, a1);
-      if (Op::kInputs > 2 && p.nin > 2) Unit<C, T>::load(p.in[2].data, e0, a2);
-      if (Op::kInputs > 3 && p.nin > 3) Unit<C, T>::load(p.in[3].data, e0, a3);
+      for (int i = 0; i < kUnit; ++i) {
+        ns[i] = C(0);
+#pragma unroll
+        for (int j = 1; j < kIn; ++j) a[j][i] = C(0);
+      }
+      Unit<C, T>::load(p.in[0].data, e0, a[0]);
+#pragma unroll
+      for (int j = 1; j < kIn; ++j)
+        if (p.nin > j) Unit<C, T>::load(p.in[j].data, e0, a[j]);
       if (p.has_noise) Unit<C, T>::load(p.noise.data, e0, ns);
 #pragma unroll
       for (int i = 0; i < kUnit; ++i) {
         const C zi = p.draw ? C(z[i]) : ns[i];
+        C ai[kIn], ri[kOut];
+#pragma unroll
+        for (int j = 0; j < kIn; ++j) ai[j] = a[j][i];
+#pragma unroll
+        for (int o = 0; o < kOut; ++o) ri[o] = C(0);
         if (has_z)
-          op.template apply<true, C>(k, a0[i], a1[i], a2[i], a3[i], zi, r0[i], r1[i]);
+          apply_op<true, kIn, kOut>(op, k, ai, zi, ri);
         else
-          op.template apply<false, C>(k, a0[i], a1[i], a2[i], a3[i], zi, r0[i], r1[i]);
-        if (Op::kWritesNoise) r1[i] = zi;
+          apply_op<false, kIn, kOut>(op, k, ai, zi, ri);
+        if (Op::kWritesNoise) ri[1] = zi;
+#pragma unroll
+        for (int o = 0; o < kOut; ++o) r[o][i] = ri[o];
       }
-      Unit<C, T>::store(p.out[0], e0, r0);
-      if (two) Unit<C, T>::store(p.out[1], e0, r1);
+      Unit<C, T>::store(p.out[0], e0, r[0]);
+#pragma unroll
+      for (int o = 1; o < kOut; ++o)
+        if (p.out[o]) Unit<C, T>::store(p.out[o], e0, r[o]);
     } else {
 #pragma unroll 1
       for (int i = 0; i < n; ++i) {
@@ -264,17 +278,19 @@ __global__ void __launch_bounds__(kThreads) sampler_kernel(const SamplerLaunch p
 #pragma unroll
         for (int j = 1; j < kUnit; ++j) zd = i == j ? z[j] : zd;
         const C zi = p.draw ? C(zd) : (p.has_noise ? to_c<C>(load_at<T>(p.noise, e)) : C(0));
-        const C v0 = to_c<C>(load_at<T>(p.in[0], e));
-        const C v1 = Op::kInputs > 1 && p.nin > 1 ? to_c<C>(load_at<T>(p.in[1], e)) : C(0);
-        const C v2 = Op::kInputs > 2 && p.nin > 2 ? to_c<C>(load_at<T>(p.in[2], e)) : C(0);
-        const C v3 = Op::kInputs > 3 && p.nin > 3 ? to_c<C>(load_at<T>(p.in[3], e)) : C(0);
-        C o0, o1 = C(0);
+        C v[kIn], o[kOut];
+#pragma unroll
+        for (int j = 0; j < kIn; ++j) v[j] = p.nin > j ? to_c<C>(load_at<T>(p.in[j], e)) : C(0);
+#pragma unroll
+        for (int j = 0; j < kOut; ++j) o[j] = C(0);
         if (has_z)
-          op.template apply<true, C>(ki, v0, v1, v2, v3, zi, o0, o1);
+          apply_op<true, kIn, kOut>(op, ki, v, zi, o);
         else
-          op.template apply<false, C>(ki, v0, v1, v2, v3, zi, o0, o1);
-        static_cast<T*>(p.out[0])[e] = from_c<T>(o0);
-        if (two) static_cast<T*>(p.out[1])[e] = from_c<T>(Op::kWritesNoise ? zi : o1);
+          apply_op<false, kIn, kOut>(op, ki, v, zi, o);
+        static_cast<T*>(p.out[0])[e] = from_c<T>(o[0]);
+#pragma unroll
+        for (int j = 1; j < kOut; ++j)
+          if (p.out[j]) static_cast<T*>(p.out[j])[e] = from_c<T>(Op::kWritesNoise && j == 1 ? zi : o[j]);
       }
     }
   }

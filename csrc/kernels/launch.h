@@ -48,18 +48,19 @@ void launch_ddim_step(const StepLaunch& p, const DdimOp& op, cudaStream_t stream
 void launch_ddpm_step(const StepLaunch& p, const DdpmOp& op, cudaStream_t stream);
 void launch_langevin_step(const StepLaunch& p, const LangevinOp& op, cudaStream_t stream);
 
-// The sampler-family ops (sampler_ops.h): up to four inputs (in[0] = x; the last may be
-// absent, nin = kInputs - 1), optional noise, one or two outputs (out[1] null: not written).
+// The sampler-family ops (sampler_ops.h): up to six inputs (in[0] = x; a fixed-arity op's
+// last may be absent, nin = kInputs - 1; LinearOp reads nin of them), optional noise, one
+// to three outputs (out[j] null: not written).
 struct SamplerLaunch {
   DType dtype = DType::kFloat32;
   int64_t numel = 0;
   int64_t inner = 1;
-  Operand in[4];
+  Operand in[kMaxLinearInputs];
   int nin = 1;
   Operand noise;
   bool has_noise = false, draw = false, per_sample = false;
   bool vectorized = false;  // every operand contiguous and 16-byte aligned
-  void* out[2] = {nullptr, nullptr};
+  void* out[kMaxLinearOutputs] = {nullptr, nullptr, nullptr};
   RngArgs rng;
   int device = 0;
 };
@@ -71,6 +72,7 @@ void launch_flow_step(const SamplerLaunch& p, const FlowOp& op, cudaStream_t str
 void launch_flow_q_sample(const SamplerLaunch& p, const FlowQSampleOp& op, cudaStream_t stream);
 void launch_lcm_step(const SamplerLaunch& p, const LcmOp& op, cudaStream_t stream);
 void launch_lcm_step_backward(const SamplerLaunch& p, const LcmBackwardOp& op, cudaStream_t stream);
+void launch_linear_step(const SamplerLaunch& p, const LinearOp& op, cudaStream_t stream);
 
 struct BackwardLaunch {
   DType dtype = DType::kFloat32;

@@ -469,3 +469,90 @@ struct LcmBackwardOp {
 constexpr int kJacobianWidth = 5;  // d/d (in0, in1, in2, in3, z) per output row
 
 }  // namespace diffkern
+
+namespace diffkern {
+
+// ---- linear_step: the multistep / multistage solvers' update --------------------------
+//   out_o = sum_{j < nin} c[o][j] in_j  (+ cn[o] z where cn[o] != 0),   o < nout
+// Every DPM-Solver(++)/UniPC/PLMS/LMS/iPNDM/DEIS step and every stage of DPM2 / DPM++ 2S /
+// DPM++ SDE is this once its scalars are known; the callers (diffkern/samplers, the
+// diffusers drop-ins) form the coefficients in double on the host from host sigmas, so
+// the functor holds no solver math. Coefficients: `shared` (nout rows of nin + 1 values,
+// the noise coefficient last) or, per sample, a double table on the op's device with
+// `rows` (1 or B) such rows, read in the kernel.
+constexpr int kMaxLinearInputs = 6;
+constexpr int kMaxLinearOutputs = 3;
+
+struct LinearOp {
+  static constexpr int kInputs = kMaxLinearInputs;
+  static constexpr int kOutputs = kMaxLinearOutputs;
+  static constexpr bool kWritesNoise = false;
+  static constexpr bool kArrayApply = true;  // apply(k, in[], z, out[]): see ApplyOp
+  int nin = 1, nout = 1;
+  double shared[kMaxLinearOutputs * (kMaxLinearInputs + 1)] = {};
+  const double* table = nullptr;
+  int64_t rows = 1;
+
+  template <class C>
+  struct Coeffs {
+    C c[kMaxLinearOutputs][kMaxLinearInputs];
+    C cn[kMaxLinearOutputs];
+    template <class S>
+    static DK_HD Coeffs from(const Coeffs<S>& s) {
+      Coeffs k;
+      for (int o = 0; o < kMaxLinearOutputs; ++o) {
+        for (int j = 0; j < kMaxLinearInputs; ++j) k.c[o][j] = C(s.c[o][j]);
+        k.cn[o] = C(s.cn[o]);
+      }
+      return k;
+    }
+  };
+  DK_HD bool per_sample() const { return table != nullptr && rows > 1; }
+
+  template <class S>
+  DK_HD Coeffs<S> coeffs(int64_t b) const {
+    const int w = nin + 1;
+    const double* row = table ? table + (rows == 1 ? 0 : b) * int64_t(nout) * w : shared;
+    Coeffs<S> k;
+    for (int o = 0; o < kMaxLinearOutputs; ++o) {
+      for (int j = 0; j < kMaxLinearInputs; ++j) k.c[o][j] = o < nout && j < nin ? S(row[o * w + j]) : S(0);
+      k.cn[o] = o < nout ? S(row[o * w + nin]) : S(0);
+    }
+    return k;
+  }
+  // N inputs present, NO outputs computed (compile-time in the CPU loops; the CUDA driver
+  // passes the maxima). Summed left to right as the reference sums (bitwise the same).
+  template <bool kHasZ, int N, int NO, class C>
+  DK_HD void apply(const Coeffs<C>& k, const C* a, C z, C* r) const {
+    for (int o = 0; o < NO; ++o) {
+      C acc = k.c[o][0] * a[0];
+      for (int j = 1; j < N; ++j) acc = acc + k.c[o][j] * a[j];
+      // a select, not 0 * z: a sample whose noise coefficient is 0 takes no noise term
+      if (kHasZ) acc = k.cn[o] != C(0) ? acc + k.cn[o] * z : acc;
+      r[o] = acc;
+    }
+  }
+};
+
+// The drivers call every functor through this: the array form of LinearOp, or the
+// positional form (x, in1..in3, z -> out0, out1) of the fixed-arity ops.
+template <class Op, class = void>
+struct HasArrayApply {
+  static constexpr bool value = false;
+};
+template <class Op>
+struct HasArrayApply<Op, decltype(void(Op::kArrayApply))> {
+  static constexpr bool value = Op::kArrayApply;
+};
+
+template <bool kHasZ, int N, int NO, class Op, class K, class C>
+DK_HD void apply_op(const Op& op, const K& k, const C* a, C z, C* r) {
+  if constexpr (HasArrayApply<Op>::value) {
+    op.template apply<kHasZ, N, NO, C>(k, a, z, r);
+  } else {
+    op.template apply<kHasZ, C>(k, a[0], N > 1 ? a[1] : C(0), N > 2 ? a[2] : C(0), N > 3 ? a[3] : C(0), z, r[0],
+                                r[1]);
+  }
+}
+
+}  // namespace diffkern

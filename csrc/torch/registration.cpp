@@ -91,6 +91,12 @@ TORCH_LIBRARY(diffkern, m) {
       "lcm_step_backward(Tensor grad, Tensor? grad_denoised, Tensor x, Tensor model_output, Tensor t, "
       "Tensor t_prev, Tensor alphas_cumprod, float timestep_scaling, float sigma_data, int prediction_type, "
       "float clip_sample) -> (Tensor, Tensor)");
+  // The multistep solvers' update (LinearOp): `outputs` linear combinations of the inputs
+  // (x first) and one noise draw; coefficients as linear_op (csrc/torch/sampler_args.h)
+  // reads them. Noise as the other ops, used only when `noisy`.
+  m.def(
+      "linear_step(Tensor[] inputs, float[] coeffs, Tensor? coeffs_t, int outputs, bool noisy, Tensor? noise, "
+      "Generator? generator, int seed, int offset) -> Tensor[]");
   // Their backward coefficients (sampler_autograd.cpp): (nb, 10) float64 on x's device,
   // nb = B when a level is per-sample else 1; row b = d out / d (in0..in3, z), then the
   // same for the second output.

@@ -423,6 +423,89 @@ std::tuple<at::Tensor, at::Tensor> lcm_step_autograd(const at::Tensor& x, const 
   return {r[0], r[1]};
 }
 
+// ---- linear_step -------------------------------------------------------------------------
+// out_o = sum_j c[o][j] in_j + c[o][J] z: the coefficients are the op's own arguments, so
+// the backward needs no jacobian op: d in_j = sum_o c[o][j] d out_o, per sample.
+using LinearSig = std::vector<at::Tensor>(at::TensorList, c10::ArrayRef<double>, const OptTensor&, int64_t, bool,
+                                          const OptTensor&, const std::optional<at::Generator>&, int64_t, int64_t);
+
+// Column c of a (1|B, n) coefficient table as a factor of g (B, ...) in g's dtype, without
+// reading sizes (they may be symbolic under torch.compile).
+at::Tensor sample_factor(const at::Tensor& table, int64_t c, const at::Tensor& g) {
+  std::vector<int64_t> shape(size_t(std::max<int64_t>(g.dim(), 1)), 1);
+  shape[0] = -1;
+  return table.select(1, c).reshape(shape).to(g.scalar_type());
+}
+
+struct LinearFn : public torch::autograd::Function<LinearFn> {
+  // The inputs as separate arguments (autograd tracks each), at most kMaxLinearInputs.
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x0, const OptTensor& x1, const OptTensor& x2,
+                               const OptTensor& x3, const OptTensor& x4, const OptTensor& x5, const OptTensor& noise,
+                               c10::ArrayRef<double> coeffs, const OptTensor& table, int64_t outputs, bool noisy,
+                               const std::optional<at::Generator>& generator, int64_t seed, int64_t offset) {
+    static auto op = op_handle("diffkern::linear_step").typed<LinearSig>();
+    std::vector<at::Tensor> ins{x0};
+    for (const OptTensor* t : {&x1, &x2, &x3, &x4, &x5})
+      if (t->has_value()) ins.push_back(**t);
+    // shared coefficients stay numbers (a tensor made from host data cannot be traced)
+    if (table.has_value())
+      ctx->saved_data["table"] = *table;
+    else
+      ctx->saved_data["coeffs"] = coeffs.vec();
+    ctx->saved_data["nin"] = int64_t(ins.size());
+    ctx->saved_data["outputs"] = outputs;
+    static const char* const kNames[kMaxLinearInputs] = {"in0", "in1", "in2", "in3", "in4", "in5"};
+    for (size_t j = 0; j < ins.size(); ++j) save_shapes(ctx, {{kNames[j], &ins[j]}});
+    const at::Tensor used_noise = noisy ? defined_or_empty(noise) : at::Tensor();
+    save_shapes(ctx, {{"noise", &used_noise}});
+    at::AutoDispatchBelowADInplaceOrView below;
+    return op.call(ins, coeffs, table, outputs, noisy, noise, generator, seed, offset);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const int64_t nin = ctx->saved_data["nin"].toInt(), nout = ctx->saved_data["outputs"].toInt();
+    const bool per_sample = ctx->saved_data.count("table") > 0;
+    at::Tensor table;
+    std::vector<double> shared;
+    if (per_sample) {
+      for (const auto& g : grads)
+        if (g.defined()) table = ctx->saved_data["table"].toTensor().to(g.device());
+    } else {
+      shared = ctx->saved_data["coeffs"].toDoubleVector();
+    }
+    variable_list out(14);
+    static const char* const kNames[kMaxLinearInputs + 1] = {"in0", "in1", "in2", "in3", "in4", "in5", "noise"};
+    for (int64_t j = 0; j <= nin; ++j) {
+      const char* name = j < nin ? kNames[j] : kNames[kMaxLinearInputs];
+      const std::string key(name);
+      if (!ctx->saved_data.count(key + "_shape")) continue;
+      at::Tensor r;
+      for (int64_t o = 0; o < nout; ++o) {
+        if (!grads[o].defined()) continue;
+        const int64_t c = o * (nin + 1) + j;
+        const at::Tensor g = grads[o].to(compute_type(grads[o].scalar_type()));
+        at::Tensor t = per_sample ? g * sample_factor(table, c, g) : g * shared[size_t(c)];
+        r = r.defined() ? r + t : t;
+      }
+      if (!r.defined()) continue;
+      const std::vector<int64_t> shape = ctx->saved_data[key + "_shape"].toIntVector();
+      r = at::sum_to(r, c10::fromIntArrayRefSlow(shape));  // symbolic-size safe (torch.compile)
+      out[j < nin ? j : kMaxLinearInputs] = r.to(at::ScalarType(ctx->saved_data[key + "_dtype"].toInt()));
+    }
+    return out;
+  }
+};
+
+std::vector<at::Tensor> linear_step_autograd(at::TensorList inputs, c10::ArrayRef<double> coeffs,
+                                             const OptTensor& table, int64_t outputs, bool noisy,
+                                             const OptTensor& noise, const std::optional<at::Generator>& generator,
+                                             int64_t seed, int64_t offset) {
+  TORCH_CHECK(!inputs.empty() && int64_t(inputs.size()) <= kMaxLinearInputs, "linear_step takes 1 to ",
+              kMaxLinearInputs, " inputs, got ", inputs.size());
+  auto in = [&](size_t j) { return j < inputs.size() ? OptTensor(inputs[j]) : std::nullopt; };
+  return LinearFn::apply(inputs[0], in(1), in(2), in(3), in(4), in(5), noise, coeffs, table, outputs, noisy,
+                         generator, seed, offset);
+}
+
 }  // namespace
 
 // Host code over whatever device the levels live on: one kernel for every backend.
@@ -442,6 +525,7 @@ TORCH_LIBRARY_IMPL(diffkern, Autograd, m) {
   m.impl("flow_step", &flow_step_autograd);
   m.impl("flow_q_sample", &flow_q_sample_autograd);
   m.impl("lcm_step", &lcm_step_autograd);
+  m.impl("linear_step", &linear_step_autograd);
 }
 
 }  // namespace diffkern

@@ -340,7 +340,7 @@ void run_step_case(const Op& op, Launcher launch, DType dt, Geometry g, Layout L
 
 // ---- sampler ops (SamplerLaunch) ----------------------------------------------------
 template <class C, class Op, class Launcher>
-void run_sampler_case(const Op& op, Launcher launch, int nin, bool two, DType dt, Geometry g, Layout L, Noise nz,
+void run_sampler_case(const Op& op, Launcher launch, int nin, int nout, DType dt, Geometry g, Layout L, Noise nz,
                       Rng& r) {
   const int64_t numel = g.B * g.inner;
   cuda::SamplerLaunch p;
@@ -349,13 +349,13 @@ void run_sampler_case(const Op& op, Launcher launch, int nin, bool two, DType dt
   p.inner = g.inner;
   p.per_sample = op.per_sample();
   p.nin = nin;
-  Arr in[4];
+  Arr in[kMaxLinearInputs];
   for (int i = 0; i < nin; ++i) {
     in[i] = make_input(dt, g.B, g.inner, L, i, r, -3, 3);
     p.in[i] = in[i].op;
   }
   Arr nn = make_input(dt, g.B, g.inner, L, 3, r, -3, 3);
-  Arr out0 = make_output(dt, numel, L), out1 = make_output(dt, numel, L);
+  Arr outs[kMaxLinearOutputs] = {make_output(dt, numel, L), make_output(dt, numel, L), make_output(dt, numel, L)};
   p.has_noise = nz == kGiven;
   if (p.has_noise) p.noise = nn.op;
   p.draw = nz == kDrawn || nz == kCaptured;
@@ -363,8 +363,7 @@ void run_sampler_case(const Op& op, Launcher launch, int nin, bool two, DType dt
   setup_rng(rs, nz, r);
   p.rng = rs.args;
   p.vectorized = L == kAligned;
-  p.out[0] = out0.base;
-  p.out[1] = two ? out1.base : nullptr;
+  for (int o = 0; o < kMaxLinearOutputs; ++o) p.out[o] = o < nout ? outs[o].base : nullptr;
   p.device = next_device();
   launch(p, op, nullptr);
   using Kc = typename Op::template Coeffs<C>;
@@ -375,18 +374,17 @@ void run_sampler_case(const Op& op, Launcher launch, int nin, bool two, DType dt
   for (int64_t e = 0; e < numel; ++e) {
     const Kc& k = ks[p.per_sample ? e / g.inner : 0];
     const C z = p.draw ? C(zs[e]) : p.has_noise ? read_as<C>(dt, nn.base, nn.off(e)) : C(0);
-    C v[4] = {C(0), C(0), C(0), C(0)};
+    constexpr int kIn = Op::kInputs, kOut = Op::kOutputs > 2 ? Op::kOutputs : 2;
+    C v[kIn] = {}, o[kOut] = {};
     for (int i = 0; i < nin; ++i) v[i] = read_as<C>(dt, in[i].base, in[i].off(e));
-    C o0, o1 = C(0);
     if (has_z)
-      op.template apply<true, C>(k, v[0], v[1], v[2], v[3], z, o0, o1);
+      apply_op<true, kIn, kOut>(op, k, v, z, o);
     else
-      op.template apply<false, C>(k, v[0], v[1], v[2], v[3], z, o0, o1);
-    check_out<C>("out0", out0, e, o0);
-    if (two) check_out<C>("out1", out1, e, Op::kWritesNoise ? z : o1);
+      apply_op<false, kIn, kOut>(op, k, v, z, o);
+    static const char* const kOutNames[kMaxLinearOutputs] = {"out0", "out1", "out2"};
+    for (int j = 0; j < nout; ++j) check_out<C>(kOutNames[j], outs[j], e, Op::kWritesNoise && j == 1 ? z : o[j]);
   }
-  check_guard("out0", out0, numel);
-  if (two) check_guard("out1", out1, numel);
+  for (int j = 0; j < nout; ++j) check_guard(j == 0 ? "out0" : j == 1 ? "out1" : "out2", outs[j], numel);
 }
 
 // ---- the loops over dtypes, layouts, geometries, levels, noise -----------------------
@@ -464,7 +462,7 @@ void test_sampler_ops() {
       op.s_noise = 1.0;
       op.gamma = variant == 2 ? 0.3 : 0.0;
       op.prediction = variant;
-      run_sampler_case<C>(op, K->euler_step, 2, false, dt, g, L, nz, r);
+      run_sampler_case<C>(op, K->euler_step, 2, 1, dt, g, L, nz, r);
     });
   }
   for_all("heun", {kNone}, true, [&]<class C>(DType dt, Geometry g, Layout L, Noise nz, bool ps, Rng& r) {
@@ -472,7 +470,7 @@ void test_sampler_ops() {
     op.sigma = scalar_of(s1, g.B, ps, 2.0, 14.0, r);
     op.sigma_next = scalar_of(s2, g.B, ps, 0.1, 1.9, r);
     op.prediction = int(r.bits() % 3);
-    run_sampler_case<C>(op, K->heun_step, 4, false, dt, g, L, nz, r);
+    run_sampler_case<C>(op, K->heun_step, 4, 1, dt, g, L, nz, r);
   });
   for (int variant = 0; variant < 3; ++variant) {
     for_all("dpmpp_2m", {kNone}, true, [&]<class C>(DType dt, Geometry g, Layout L, Noise nz, bool ps, Rng& r) {
@@ -485,7 +483,7 @@ void test_sampler_ops() {
       op.solver = variant == 1 ? kHeun : kMidpoint;
       op.variance_preserving = variant == 2;
       op.has_old = variant != 0;
-      run_sampler_case<C>(op, K->dpmpp_2m_step, op.has_old ? 3 : 2, true, dt, g, L, nz, r);
+      run_sampler_case<C>(op, K->dpmpp_2m_step, op.has_old ? 3 : 2, 2, dt, g, L, nz, r);
     });
   }
   for_all("flow", {kNone, kGiven, kDrawn}, true, [&]<class C>(DType dt, Geometry g, Layout L, Noise nz, bool ps, Rng& r) {
@@ -493,25 +491,49 @@ void test_sampler_ops() {
     op.sigma = scalar_of(s1, g.B, ps, 0.5, 1.0, r);
     op.sigma_next = scalar_of(s2, g.B, ps, 0.0, 0.5, r);
     op.stochastic = nz != kNone;
-    run_sampler_case<C>(op, K->flow_step, 2, false, dt, g, L, nz, r);
+    run_sampler_case<C>(op, K->flow_step, 2, 1, dt, g, L, nz, r);
   });
   for_all("flow_q_sample", {kGiven, kDrawn, kCaptured}, true,
           [&]<class C>(DType dt, Geometry g, Layout L, Noise nz, bool ps, Rng& r) {
             FlowQSampleOp op{};
             op.sigma = scalar_of(s1, g.B, ps, 0.0, 1.0, r);
-            run_sampler_case<C>(op, K->flow_q_sample, 1, nz != kGiven, dt, g, L, nz, r);
+            run_sampler_case<C>(op, K->flow_q_sample, 1, nz != kGiven ? 2 : 1, dt, g, L, nz, r);
           });
   for (int variant = 0; variant < 2; ++variant) {
     for_all("lcm", {kNone, kGiven, kDrawn}, true, [&]<class C>(DType dt, Geometry g, Layout L, Noise nz, bool ps, Rng& r) {
       const Timesteps ts = make_timesteps(ps ? g.B : 1, r);
       LcmOp op{ts.args(true), 10.0, 0.5, variant == 0 ? kEpsilon : kVPrediction, variant == 0, 1.0, true};
-      run_sampler_case<C>(op, K->lcm_step, 2, true, dt, g, L, nz, r);
+      run_sampler_case<C>(op, K->lcm_step, 2, 2, dt, g, L, nz, r);
+    });
+  }
+  // linear_step: every input count, 1-3 outputs, shared and per-sample coefficient rows
+  // (a per-sample table with a zero noise coefficient in one row: no noise term there).
+  std::vector<double> lt;
+  for (int nin = 1; nin <= kMaxLinearInputs; ++nin) {
+    const int nout = 1 + nin % kMaxLinearOutputs;
+    for_all("linear", {kNone, kGiven, kDrawn}, true, [&]<class C>(DType dt, Geometry g, Layout L, Noise nz, bool ps,
+                                                                  Rng& r) {
+      LinearOp op{};
+      op.nin = nin;
+      op.nout = nout;
+      const int w = nout * (nin + 1);
+      lt.clear();
+      for (int64_t b = 0; b < (ps ? g.B : 1); ++b)
+        for (int i = 0; i < w; ++i) lt.push_back(r.uniform(-2.0, 2.0));
+      if (ps && g.B > 2) lt[size_t(w) + nin] = 0.0;
+      if (ps) {
+        op.table = lt.data();
+        op.rows = g.B;
+      } else {
+        for (int i = 0; i < w; ++i) op.shared[i] = lt[size_t(i)];
+      }
+      run_sampler_case<C>(op, K->linear_step, nin, nout, dt, g, L, nz, r);
     });
   }
   for_all("lcm_backward", {kNone}, true, [&]<class C>(DType dt, Geometry g, Layout L, Noise nz, bool ps, Rng& r) {
     const Timesteps ts = make_timesteps(ps ? g.B : 1, r);
     LcmBackwardOp op{LcmOp{ts.args(true), 10.0, 0.5, kEpsilon, true, 1.0, true}};
-    run_sampler_case<C>(op, K->lcm_step_backward, 4, true, dt, g, L, nz, r);
+    run_sampler_case<C>(op, K->lcm_step_backward, 4, 2, dt, g, L, nz, r);
   });
 }
 

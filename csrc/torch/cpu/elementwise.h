@@ -8,10 +8,13 @@
 #include <immintrin.h>
 #endif
 
+#include <algorithm>
+#include <array>
 #include <type_traits>
 #include <utility>
 
 #include "../../kernels/philox_simd.h"
+#include "../../kernels/sampler_ops.h"
 #include "../common.h"
 #include "../validate.h"
 #include "output_cache.h"
@@ -114,31 +117,23 @@ enum class ZMode { kNone, kDrawn, kGiven };
 
 // The contiguous loop over [i0, i1) of one sample. Every pointer addresses the chunk's
 // first element (a tensor's data + e0, or an L1 buffer), so indices are chunk-relative.
-// N inputs are read; out1 gets the op's second value, or the noise for kWritesNoise ops.
-template <int N, ZMode Z, class TI, class TO, class C, class Op>
+// N inputs are read and NO outputs written; for kWritesNoise ops out[1] gets the noise.
+template <int N, int NO, ZMode Z, class TI, class TO, class C, class Op>
 inline void fast_span(const Op& op, const typename Op::template Coeffs<C>& k, const TI* const* in, const TI* np,
-                      const float* z, TO* out0, TO* out1, int64_t i0, int64_t i1, bool write1) {
-  const TI *p0 = in[0], *p1 = in[1], *p2 = in[2], *p3 = in[3];
+                      const float* z, TO* const* out, int64_t i0, int64_t i1) {
   constexpr bool kZ = Z != ZMode::kNone;
-  if (write1) {
+  constexpr int kR = Op::kOutputs > 2 ? Op::kOutputs : 2;
+  const TI* p[N];
+  for (int j = 0; j < N; ++j) p[j] = in[j];
+  TO* o[NO];
+  for (int j = 0; j < NO; ++j) o[j] = out[j];
 #pragma omp simd
-    for (int64_t i = i0; i < i1; ++i) {
-      const C zi = Z == ZMode::kDrawn ? C(z[i]) : (Z == ZMode::kGiven ? C(np[i]) : C(0));
-      C r0, r1 = C(0);
-      op.template apply<kZ, C>(k, C(p0[i]), N > 1 ? C(p1[i]) : C(0), N > 2 ? C(p2[i]) : C(0),
-                               N > 3 ? C(p3[i]) : C(0), zi, r0, r1);
-      out0[i] = TO(r0);
-      out1[i] = TO(Op::kWritesNoise ? zi : r1);
-    }
-  } else {
-#pragma omp simd
-    for (int64_t i = i0; i < i1; ++i) {
-      const C zi = Z == ZMode::kDrawn ? C(z[i]) : (Z == ZMode::kGiven ? C(np[i]) : C(0));
-      C r0, r1;
-      op.template apply<kZ, C>(k, C(p0[i]), N > 1 ? C(p1[i]) : C(0), N > 2 ? C(p2[i]) : C(0),
-                               N > 3 ? C(p3[i]) : C(0), zi, r0, r1);
-      out0[i] = TO(r0);
-    }
+  for (int64_t i = i0; i < i1; ++i) {
+    const C zi = Z == ZMode::kDrawn ? C(z[i]) : (Z == ZMode::kGiven ? C(np[i]) : C(0));
+    C a[N], r[kR] = {};
+    for (int j = 0; j < N; ++j) a[j] = C(p[j][i]);
+    apply_op<kZ, N, NO>(op, k, a, zi, r);
+    for (int j = 0; j < NO; ++j) o[j][i] = TO(Op::kWritesNoise && j == 1 ? zi : r[j]);
   }
 }
 
@@ -148,23 +143,49 @@ inline const T& at_(const Operand& o, int64_t i) {
   return o.contiguous ? p[i] : p[o.ix.offset(i)];
 }
 
+constexpr int kMaxIn = kMaxLinearInputs, kMaxOut = kMaxLinearOutputs;
+
 struct StepIO {
-  Operand in[4];  // in[0] = x; an op may leave its last input absent (nin = kInputs - 1)
+  Operand in[kMaxIn];  // in[0] = x; a fixed-arity op may leave its last input absent (nin = kInputs - 1)
   int nin = 0;
   Operand noise;
   bool has_noise = false, draw = false;
-  void* out[2] = {nullptr, nullptr};  // out[1]: the op's second value or the noise used; null: not written
+  // out[1]: the op's second value or the noise used; out[2]: a third value; null: not written
+  void* out[kMaxOut] = {nullptr, nullptr, nullptr};
   PhiloxKey key{0, 0};
 };
 
-// f(integral_constant<N>) for the number of inputs present: Op::kInputs, or one fewer.
+// f(integral_constant<N>) for the number of inputs present: any of 1..kInputs for
+// LinearOp (its callers pass only the inputs they combine), else Op::kInputs or one fewer.
 template <class Op, class F>
 inline void with_inputs(int nin, F&& f) {
-  constexpr int kAll = Op::kInputs, kFewer = Op::kInputs > 1 ? Op::kInputs - 1 : 1;
-  if (nin == kAll)
-    f(std::integral_constant<int, kAll>{});
+  if constexpr (HasArrayApply<Op>::value) {
+    switch (nin) {
+      case 1: f(std::integral_constant<int, 1>{}); break;
+      case 2: f(std::integral_constant<int, 2>{}); break;
+      case 3: f(std::integral_constant<int, 3>{}); break;
+      case 4: f(std::integral_constant<int, 4>{}); break;
+      case 5: f(std::integral_constant<int, 5>{}); break;
+      default: f(std::integral_constant<int, 6>{}); break;
+    }
+  } else {
+    constexpr int kAll = Op::kInputs, kFewer = Op::kInputs > 1 ? Op::kInputs - 1 : 1;
+    if (nin == kAll)
+      f(std::integral_constant<int, kAll>{});
+    else
+      f(std::integral_constant<int, kFewer>{});
+  }
+}
+
+// f(integral_constant<NO>) for the number of outputs the loop writes (1..3).
+template <class Op, class F>
+inline void with_outputs(int nout, F&& f) {
+  if (nout <= 1)
+    f(std::integral_constant<int, 1>{});
+  else if (Op::kOutputs <= 2 || nout == 2)
+    f(std::integral_constant<int, 2>{});
   else
-    f(std::integral_constant<int, kFewer>{});
+    f(std::integral_constant<int, (Op::kOutputs > 2 ? 3 : 2)>{});
 }
 
 template <class F>
@@ -186,26 +207,30 @@ void run_elementwise(const Op& op, const StepIO& io, int64_t numel, int64_t inne
   using K = typename Op::template Coeffs<C>;
   if (numel == 0) return;
   constexpr bool kFloat = std::is_same<T, float>::value;
+  constexpr int kOut = Op::kOutputs > 2 ? Op::kOutputs : 2;  // output slots (kWritesNoise ops: 2)
   const K shared = K::from(op.template coeffs<double>(0));
   bool fast = !io.has_noise || io.noise.contiguous;
   for (int j = 0; j < io.nin; ++j) fast = fast && io.in[j].contiguous;
-  const bool two = io.out[1] != nullptr;
+  int nalloc = 0;  // outputs allocated: out[0..nalloc)
+  while (nalloc < kOut && io.out[nalloc] != nullptr) ++nalloc;
+  bool aligned = true;
+  for (int j = 0; j < nalloc; ++j) aligned = aligned && reinterpret_cast<uintptr_t>(io.out[j]) % 64 == 0;
   const int64_t nchunks = (numel + kChunk - 1) / kChunk;
   // Streaming: float outputs written in the contiguous fast path, staged a chunk at a time
   // in L1 (chunks start 8 KiB apart, so aligned whenever the output is).
-  const bool stream = kFloat && fast && numel * int64_t(sizeof(T)) >= kStreamBytes &&
-                      reinterpret_cast<uintptr_t>(io.out[0]) % 64 == 0 &&
-                      reinterpret_cast<uintptr_t>(io.out[1]) % 64 == 0;
+  const bool stream = kFloat && fast && numel * int64_t(sizeof(T)) >= kStreamBytes && aligned;
   // Staged: fp16/bf16 in the fast path, widened to float a chunk at a time in L1 buffers.
   const bool staged = IsHalf<T>::value && fast;
-  // The second output of a kWritesNoise op is the drawn noise: streamed or narrowed from
-  // the noise buffer when those paths run, written by the loop otherwise.
-  const bool write1 = two && (Op::kOutputs == 2 || (Op::kWritesNoise && io.draw && !stream && !staged));
+  // Outputs the loop writes. The second output of a kWritesNoise op is the drawn noise:
+  // streamed or narrowed from the noise buffer when those paths run, written by the loop
+  // otherwise.
+  const int nloop = Op::kWritesNoise ? (nalloc == 2 && io.draw && !stream && !staged ? 2 : 1)
+                                     : (nalloc > 0 ? nalloc : 1);
   constexpr int64_t kStage = IsHalf<T>::kStage, kStreamBuf = kFloat ? kChunk : 1;
   at::parallel_for(0, nchunks, 16, [&](int64_t cbeg, int64_t cend) {
     alignas(64) float zbuf[kChunk];
-    alignas(64) T obuf[2][kStreamBuf];
-    alignas(64) float fin[Op::kInputs][kStage], fn[kStage], fo[2][kStage];
+    alignas(64) T obuf[kOut][kStreamBuf];
+    alignas(64) float fin[Op::kInputs][kStage], fn[kStage], fo[kOut][kStage];
     int64_t cached_b = -1;
     K k = shared;
     // Chunks exist for the L1 buffers; without them a thread's whole range is one span.
@@ -213,13 +238,17 @@ void run_elementwise(const Op& op, const StepIO& io, int64_t numel, int64_t inne
     const int64_t span = (io.draw || stream || staged) ? kChunk : eend;
     for (int64_t e0 = cbeg * kChunk; e0 < eend; e0 += span) {
       const int64_t e1 = std::min(eend, e0 + span), n = e1 - e0;
-      T* const dst0 = static_cast<T*>(io.out[0]) + e0;
-      T* const dst1 = two ? static_cast<T*>(io.out[1]) + e0 : nullptr;
-      T* const out0 = stream ? obuf[0] : dst0;
-      T* const out1 = stream ? obuf[1] : dst1;
+      T* dst[kOut] = {};
+      T* out[kOut] = {};
+      float* fout[kOut] = {};
+      for (int j = 0; j < nalloc; ++j) {
+        dst[j] = static_cast<T*>(io.out[j]) + e0;
+        out[j] = stream ? obuf[j] : dst[j];
+        fout[j] = fo[j];
+      }
       if (io.draw) simd::fill_normals(io.key, uint64_t(e0 / 4), (n + 3) / 4, zbuf);
-      const T* in[4] = {nullptr, nullptr, nullptr, nullptr};
-      const float* fin_p[4] = {nullptr, nullptr, nullptr, nullptr};
+      const T* in[kMaxIn] = {};
+      const float* fin_p[kMaxIn] = {};
       for (int j = 0; j < io.nin; ++j) {
         in[j] = fast ? static_cast<const T*>(io.in[j].data) + e0 : nullptr;
         if constexpr (IsHalf<T>::value) {
@@ -242,42 +271,46 @@ void run_elementwise(const Op& op, const StepIO& io, int64_t numel, int64_t inne
         }
         const int64_t i0 = e - e0, i1 = r1 - e0;
         if (staged || fast) {
+          // staged: the op's own outputs go to the float buffers (a kWritesNoise op's
+          // noise is narrowed from zbuf below)
+          const int nl = staged ? (Op::kWritesNoise ? 1 : nloop) : nloop;
           with_inputs<Op>(io.nin, [&](auto nc) {
             with_zmode(io.draw, io.has_noise, [&](auto zc) {
-              constexpr int N = decltype(nc)::value;
-              constexpr ZMode Z = decltype(zc)::value;
-              if (staged)
-                fast_span<N, Z, float, float, C>(op, k, fin_p, fn, zbuf, fo[0], fo[1], i0, i1, Op::kOutputs == 2 && two);
-              else
-                fast_span<N, Z, T, T, C>(op, k, in, np, zbuf, out0, out1, i0, i1, write1);
+              with_outputs<Op>(nl, [&](auto oc) {
+                constexpr int N = decltype(nc)::value, NO = decltype(oc)::value;
+                constexpr ZMode Z = decltype(zc)::value;
+                if (staged)
+                  fast_span<N, NO, Z, float, float, C>(op, k, fin_p, fn, zbuf, fout, i0, i1);
+                else
+                  fast_span<N, NO, Z, T, T, C>(op, k, in, np, zbuf, out, i0, i1);
+              });
             });
           });
         } else {
           const bool has_z = io.draw || io.has_noise;
           for (int64_t i = e; i < r1; ++i) {
             const C zi = io.draw ? C(zbuf[i - e0]) : (io.has_noise ? C(at_<T>(io.noise, i)) : C(0));
-            C a[4] = {C(0), C(0), C(0), C(0)};
+            C a[kMaxIn] = {};
             for (int j = 0; j < io.nin; ++j) a[j] = C(at_<T>(io.in[j], i));
-            C r0, r1v = C(0);
+            C r[kMaxOut] = {};
             if (has_z)
-              op.template apply<true, C>(k, a[0], a[1], a[2], a[3], zi, r0, r1v);
+              apply_op<true, Op::kInputs, kOut>(op, k, a, zi, r);
             else
-              op.template apply<false, C>(k, a[0], a[1], a[2], a[3], zi, r0, r1v);
-            out0[i - e0] = T(r0);
-            if (two) out1[i - e0] = T(Op::kWritesNoise ? zi : r1v);
+              apply_op<false, Op::kInputs, kOut>(op, k, a, zi, r);
+            for (int j = 0; j < nalloc; ++j) out[j][i - e0] = T(Op::kWritesNoise && j == 1 ? zi : r[j]);
           }
         }
         e = r1;
       }
       if constexpr (IsHalf<T>::value) {
         if (staged) {
-          narrow(fo[0], dst0, n);
-          if (two) narrow(Op::kWritesNoise ? zbuf : fo[1], dst1, n);
+          for (int j = 0; j < nalloc; ++j) narrow(Op::kWritesNoise && j == 1 ? zbuf : fo[j], dst[j], n);
         }
       }
       if (stream) {
-        stream_copy(reinterpret_cast<float*>(dst0), reinterpret_cast<const float*>(obuf[0]), n);
-        if (two) stream_copy(reinterpret_cast<float*>(dst1), Op::kWritesNoise ? zbuf : reinterpret_cast<const float*>(obuf[1]), n);
+        for (int j = 0; j < nalloc; ++j)
+          stream_copy(reinterpret_cast<float*>(dst[j]),
+                      Op::kWritesNoise && j == 1 ? zbuf : reinterpret_cast<const float*>(obuf[j]), n);
       }
     }
     if (stream) stream_fence();
@@ -291,38 +324,39 @@ namespace diffkern {
 namespace cpu {
 
 // Tensors -> StepIO, dtype dispatch, run: inputs[0] is x (every input x's dtype, viewed
-// with x's shape), `noise` used when given, else drawn when `draw`. Returns the output and
-// the second output (the op's second value when `second`, or for kWritesNoise ops the
-// drawn noise; undefined otherwise).
+// with x's shape; a null ends the list), `noise` used when given, else drawn when `draw`.
+// Returns the op's first `nout` outputs (for kWritesNoise ops the second is the drawn
+// noise, allocated only when drawn); the others undefined.
 template <class Op>
-std::pair<at::Tensor, at::Tensor> run_sampler(const Op& op, std::initializer_list<const at::Tensor*> inputs,
-                                              const std::optional<at::Tensor>& noise, bool draw, PhiloxKey key,
-                                              bool per_sample, bool second) {
-  static const char* const kNames[4] = {"x", "model output", "third input", "fourth input"};
-  const at::Tensor& x = **inputs.begin();
+std::array<at::Tensor, kMaxOut> run_outputs(const Op& op, c10::ArrayRef<const at::Tensor*> inputs,
+                                            const std::optional<at::Tensor>& noise, bool draw, PhiloxKey key,
+                                            bool per_sample, int nout) {
+  static const char* const kNames[kMaxIn] = {"x", "model output", "third input", "fourth input", "fifth input",
+                                             "sixth input"};
+  const at::Tensor& x = *inputs[0];
   TORCH_CHECK(x.device().is_cpu(), "expected CPU tensors");
-  at::Tensor out = empty_output(x.sizes(), x.options());
-  const int64_t numel = out.numel();
-  const int64_t inner = numel == 0 ? 1 : numel / batch_of(out);
+  std::array<at::Tensor, kMaxOut> outs;
+  outs[0] = empty_output(x.sizes(), x.options());
+  const int64_t numel = outs[0].numel();
+  const int64_t inner = numel == 0 ? 1 : numel / batch_of(outs[0]);
   StepIO io;
   for (const at::Tensor* t : inputs) {
     if (!t) break;  // an absent last input
     TORCH_CHECK(io.nin < Op::kInputs, "diffkern: too many inputs");
     if (io.nin > 0) check_same(x, *t, kNames[io.nin]);
-    io.in[io.nin++] = make_operand(*t, out.sizes());
+    io.in[io.nin++] = make_operand(*t, outs[0].sizes());
   }
   if (noise.has_value()) {
     check_same(x, *noise, "noise");
-    io.noise = make_operand(*noise, out.sizes());
+    io.noise = make_operand(*noise, outs[0].sizes());
     io.has_noise = true;
   }
   io.draw = draw && !io.has_noise;
   io.key = key;
-  io.out[0] = out.data_ptr();
-  at::Tensor out1;
-  if (Op::kWritesNoise ? io.draw : second) {
-    out1 = empty_output(out.sizes(), out.options());
-    io.out[1] = out1.data_ptr();
+  const int n = Op::kWritesNoise ? (io.draw ? 2 : 1) : std::min(std::max(nout, 1), Op::kOutputs);
+  for (int j = 0; j < n; ++j) {
+    if (j > 0) outs[j] = empty_output(outs[0].sizes(), outs[0].options());
+    io.out[j] = outs[j].data_ptr();
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "diffkern_cpu_step", [&] {
     run_elementwise<scalar_t>(op, io, numel, inner, per_sample);
@@ -330,7 +364,20 @@ std::pair<at::Tensor, at::Tensor> run_sampler(const Op& op, std::initializer_lis
   // The kernel writes in x's logical order; a channels_last x gets channels_last outputs,
   // as from the front-door ops (validate::output_format).
   const at::MemoryFormat format = validate::output_format(x);
-  return {validate::in_format(out, format), out1.defined() ? validate::in_format(out1, format) : out1};
+  for (auto& t : outs)
+    if (t.defined()) t = validate::in_format(t, format);
+  return outs;
+}
+
+// The fixed-arity ops: the output and the second output (the op's second value when
+// `second`, or for kWritesNoise ops the drawn noise; undefined otherwise).
+template <class Op>
+std::pair<at::Tensor, at::Tensor> run_sampler(const Op& op, std::initializer_list<const at::Tensor*> inputs,
+                                              const std::optional<at::Tensor>& noise, bool draw, PhiloxKey key,
+                                              bool per_sample, bool second) {
+  auto outs = run_outputs(op, c10::ArrayRef<const at::Tensor*>(inputs.begin(), inputs.size()), noise, draw, key,
+                          per_sample, second ? 2 : 1);
+  return {outs[0], outs[1]};
 }
 
 // The older ops: `noise_out` is written when the op draws and reports its noise (q_sample).

@@ -8,18 +8,18 @@ namespace diffkern {
 namespace cuda_binding {
 
 struct SamplerTensors {
-  at::Tensor out, out1;
-  Operand in[4], noise;
+  at::Tensor out, out1, out2;
+  Operand in[kMaxLinearInputs], noise;
   cuda::SamplerLaunch launch;
 };
 
-// inputs[0] is x; a null last input is absent. `second`: allocate the second output (the
-// op's second value; for noise-writing ops pass whether the noise is drawn).
-inline SamplerTensors prepare_sampler(std::initializer_list<const at::Tensor*> inputs,
-                                      const std::optional<at::Tensor>& noise, bool draw, bool per_sample,
-                                      bool second) {
-  static const char* const kNames[4] = {"x", "model output", "third input", "fourth input"};
-  const at::Tensor& x = **inputs.begin();
+// inputs[0] is x; a null ends the list. `nout`: the op's outputs to allocate (1 to 3; for
+// noise-writing ops 2 when the noise is drawn).
+inline SamplerTensors prepare_outputs(c10::ArrayRef<const at::Tensor*> inputs, const std::optional<at::Tensor>& noise,
+                                      bool draw, bool per_sample, int nout) {
+  static const char* const kNames[kMaxLinearInputs] = {"x", "model output", "third input", "fourth input",
+                                                       "fifth input", "sixth input"};
+  const at::Tensor& x = *inputs[0];
   TORCH_CHECK(x.is_cuda(), "expected CUDA tensors");
   SamplerTensors s;
   s.out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
@@ -33,7 +33,7 @@ inline SamplerTensors prepare_sampler(std::initializer_list<const at::Tensor*> i
   int nin = 0;
   for (const at::Tensor* t : inputs) {
     if (!t) break;
-    TORCH_CHECK(nin < 4, "diffkern: too many inputs");
+    TORCH_CHECK(nin < kMaxLinearInputs, "diffkern: too many inputs");
     if (nin > 0) check_same(x, *t, kNames[nin]);
     s.in[nin] = make_operand(*t, s.out.sizes());
     p.in[nin] = operand(s.in[nin]);
@@ -50,13 +50,23 @@ inline SamplerTensors prepare_sampler(std::initializer_list<const at::Tensor*> i
   }
   p.draw = draw && !p.has_noise;
   p.out[0] = s.out.data_ptr();
-  if (second) {
-    s.out1 = at::empty_like(s.out);
-    p.out[1] = s.out1.data_ptr();
-    vec = vec && aligned16(p.out[1]);
+  at::Tensor* extra[2] = {&s.out1, &s.out2};
+  for (int j = 1; j < nout && j < kMaxLinearOutputs; ++j) {
+    *extra[j - 1] = at::empty_like(s.out);
+    p.out[j] = extra[j - 1]->data_ptr();
+    vec = vec && aligned16(p.out[j]);
   }
   p.vectorized = vec;
   return s;
+}
+
+// The fixed-arity ops. `second`: allocate the second output (the op's second value; for
+// noise-writing ops pass whether the noise is drawn).
+inline SamplerTensors prepare_sampler(std::initializer_list<const at::Tensor*> inputs,
+                                      const std::optional<at::Tensor>& noise, bool draw, bool per_sample,
+                                      bool second) {
+  return prepare_outputs(c10::ArrayRef<const at::Tensor*>(inputs.begin(), inputs.size()), noise, draw, per_sample,
+                         second ? 2 : 1);
 }
 
 // An output in x's memory format: the kernel writes in x's logical order, and a
