@@ -305,7 +305,7 @@ def langevin_step(x, score, step_size, *, noise=None, generator=None, seeds=None
     if noise is not None and generator is not None:
         V.check_generator(generator, x, noise)
     if _eager(x, score):
-        return _F._langevin_step(x, score, step, noise, generator)
+        return _F._langevin_step(x, score, alpha, noise, generator)
     gen, seed, offset = _key(generator, x, noise is None)
     return _ops.langevin_step(x, score, alpha, noise, gen, seed, offset)
 

@@ -318,10 +318,13 @@ def _lcm_args(x, model_output, t, t_prev, schedule, prediction_type, timestep_sc
     a = _LcmArgs()
     t_int = V._as_int(t)
     t = t if t_int is None else t_int
-    a.t = V.check_timesteps(t, x, sched.num_timesteps)
+    # both checked on the host where they are there (the order check included), then moved
+    # to x's device together: the kernel reads both beside the device table
+    t_host = V.check_timesteps_host(t, x, sched.num_timesteps)
     tp_int = V._as_int(t_prev)
     t_prev = t_prev if tp_int is None else tp_int
-    a.t_prev = V.check_t_prev(t_prev, a.t, x, sched.num_timesteps, t)
+    a.t_prev = V._move(V.check_t_prev(t_prev, t_host, x, sched.num_timesteps, t), x)
+    a.t = V._move(t_host, x)
     a.prediction = V.check_prediction_type(prediction_type)
     a.timestep_scaling = V.check_nonneg(timestep_scaling, "timestep_scaling")
     a.sigma_data = V.check_positive(sigma_data, "sigma_data")

@@ -300,8 +300,10 @@ def test_cuda_gmm_zero_weights_first():
     kw = dict(n_steps_each=5, step_lr=0.05)
     out = dk.gmm_annealed_langevin(x, w, mu, sd, [2.0, 1.0], generator=gen(3, "cuda"), **kw)
     assert torch.isfinite(out).all()
-    cpu = dk.gmm_annealed_langevin(x.cpu(), w.cpu(), mu.cpu(), sd.cpu(), [2.0, 1.0], generator=gen(3), **kw)
-    assert max_rel_err(out.cpu(), cpu) <= 1e-4
+    # components of weight 0 add exp(-inf) = 0 to every sum: the chain equals the one
+    # without them, drawn from the same CUDA stream (a CPU generator keys other noise)
+    trim = dk.gmm_annealed_langevin(x, w[2:], mu[2:], sd[2:], [2.0, 1.0], generator=gen(3, "cuda"), **kw)
+    assert max_rel_err(out, trim) <= 1e-6
 
 
 def test_gmm_zero_weights_first_cpu():

@@ -595,7 +595,11 @@ def test_cuda_no_host_sync_per_step(name, per_sample):
         xc, sgc, kwc = x.cuda(), sg.cuda(), {k: v.cuda() for k, v in kw.items()}
         out, syncs = _cuda_syncs(lambda: run(xc, sgc, **kwc))  # noqa: B023 (called at once)
         counts.append(len(syncs))
-        assert max_rel_err(out, run(x, sg, **kw)) <= 1e-12
+        # float64 arithmetic agrees to rounding; the keyed normals do not: their transforms
+        # (log, sincos in float32) round differently on the two devices, up to 1e-5 at unit
+        # scale (test_keyed_noise's device rule), so a noisy run is held to that
+        noisy = name in NOISY or "churn" in name
+        assert max_rel_err(out, run(x, sg, **kw)) <= (1e-5 if noisy else 1e-12)
     assert counts[0] == counts[1], syncs
 
 
