@@ -78,6 +78,25 @@ CASES = {
     # CogVideoX
     "CogVideoXDDIM": ("CogVideoXDDIMScheduler", dict(prediction_type="v_prediction", rescale_betas_zero_snr=True,
                                                      timestep_spacing="trailing"), 20, {}),
+    # the rest of KarrasDiffusionSchedulers (issue 23)
+    "EDMEuler": ("EDMEulerScheduler", dict(), 20, {}),
+    "DDIMInverse": ("DDIMInverseScheduler", dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+                    20, {}),
+    "TCD": ("TCDScheduler", dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012), 8,
+            {"generator": True}),
+    "IPNDM": ("IPNDMScheduler", dict(), 20, {}),
+    "FlowMatchHeun": ("FlowMatchHeunDiscreteScheduler", dict(shift=3.0), 10, {}),
+    "DPMSolverSinglestep": ("DPMSolverSinglestepScheduler", dict(beta_schedule="scaled_linear", beta_start=0.00085,
+                                                                 beta_end=0.012), 20, {}),
+    "LMS": ("LMSDiscreteScheduler", dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012), 20, {}),
+    "KDPM2": ("KDPM2DiscreteScheduler", dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012), 10,
+              {}),
+    "KDPM2Ancestral": ("KDPM2AncestralDiscreteScheduler", dict(beta_schedule="scaled_linear", beta_start=0.00085,
+                                                               beta_end=0.012), 10, {"generator": True}),
+    "DEIS": ("DEISMultistepScheduler", dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012), 20,
+             {}),
+    "SASolver": ("SASolverScheduler", dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012), 20,
+                 {"generator": True}),
 }
 
 
