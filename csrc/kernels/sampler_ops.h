@@ -521,16 +521,33 @@ struct LinearOp {
     return k;
   }
   // N inputs present, NO outputs computed (compile-time in the CPU loops; the CUDA driver
-  // passes the maxima). Summed left to right as the reference sums (bitwise the same).
+  // passes the maxima). Summed left to right as the reference sums (bitwise the same). The
+  // scalar form is what the CPU loop vectorizes; the array form serves the other drivers.
+  template <bool kHasZ, int N, class C>
+  DK_HD C row(const Coeffs<C>& k, int o, C a0, C a1, C a2, C a3, C a4, C a5, C z) const {
+    C acc = k.c[o][0] * a0;
+    if (N > 1) acc = acc + k.c[o][1] * a1;
+    if (N > 2) acc = acc + k.c[o][2] * a2;
+    if (N > 3) acc = acc + k.c[o][3] * a3;
+    if (N > 4) acc = acc + k.c[o][4] * a4;
+    if (N > 5) acc = acc + k.c[o][5] * a5;
+    // a select, not 0 * z: a sample whose noise coefficient is 0 takes no noise term
+    if (kHasZ) acc = k.cn[o] != C(0) ? acc + k.cn[o] * z : acc;
+    return acc;
+  }
+  template <bool kHasZ, int N, int NO, class C>
+  DK_HD void apply_n(const Coeffs<C>& k, C a0, C a1, C a2, C a3, C a4, C a5, C z, C& r0, C& r1, C& r2) const {
+    r0 = row<kHasZ, N>(k, 0, a0, a1, a2, a3, a4, a5, z);
+    if (NO > 1) r1 = row<kHasZ, N>(k, 1, a0, a1, a2, a3, a4, a5, z);
+    if (NO > 2) r2 = row<kHasZ, N>(k, 2, a0, a1, a2, a3, a4, a5, z);
+  }
   template <bool kHasZ, int N, int NO, class C>
   DK_HD void apply(const Coeffs<C>& k, const C* a, C z, C* r) const {
-    for (int o = 0; o < NO; ++o) {
-      C acc = k.c[o][0] * a[0];
-      for (int j = 1; j < N; ++j) acc = acc + k.c[o][j] * a[j];
-      // a select, not 0 * z: a sample whose noise coefficient is 0 takes no noise term
-      if (kHasZ) acc = k.cn[o] != C(0) ? acc + k.cn[o] * z : acc;
-      r[o] = acc;
-    }
+    C r1 = C(0), r2 = C(0);
+    apply_n<kHasZ, N, NO, C>(k, a[0], N > 1 ? a[1] : C(0), N > 2 ? a[2] : C(0), N > 3 ? a[3] : C(0),
+                             N > 4 ? a[4] : C(0), N > 5 ? a[5] : C(0), z, r[0], r1, r2);
+    if (NO > 1) r[1] = r1;
+    if (NO > 2) r[2] = r2;
   }
 };
 

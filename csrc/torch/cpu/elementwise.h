@@ -118,22 +118,30 @@ enum class ZMode { kNone, kDrawn, kGiven };
 // The contiguous loop over [i0, i1) of one sample. Every pointer addresses the chunk's
 // first element (a tensor's data + e0, or an L1 buffer), so indices are chunk-relative.
 // N inputs are read and NO outputs written; for kWritesNoise ops out[1] gets the noise.
+// Scalars and separate pointers, not arrays: GCC does not vectorize the loop when the
+// operands go through local arrays (measured: a DDIM step 7x slower).
 template <int N, int NO, ZMode Z, class TI, class TO, class C, class Op>
 inline void fast_span(const Op& op, const typename Op::template Coeffs<C>& k, const TI* const* in, const TI* np,
                       const float* z, TO* const* out, int64_t i0, int64_t i1) {
   constexpr bool kZ = Z != ZMode::kNone;
-  constexpr int kR = Op::kOutputs > 2 ? Op::kOutputs : 2;
-  const TI* p[N];
-  for (int j = 0; j < N; ++j) p[j] = in[j];
-  TO* o[NO];
-  for (int j = 0; j < NO; ++j) o[j] = out[j];
+  // absent operands alias in[0] / out[0] and are never read or written
+  const TI *p0 = in[0], *p1 = N > 1 ? in[1] : in[0], *p2 = N > 2 ? in[2] : in[0], *p3 = N > 3 ? in[3] : in[0];
+  const TI *p4 = N > 4 ? in[4] : in[0], *p5 = N > 5 ? in[5] : in[0];
+  TO *o0 = out[0], *o1 = NO > 1 ? out[1] : out[0], *o2 = NO > 2 ? out[2] : out[0];
 #pragma omp simd
   for (int64_t i = i0; i < i1; ++i) {
     const C zi = Z == ZMode::kDrawn ? C(z[i]) : (Z == ZMode::kGiven ? C(np[i]) : C(0));
-    C a[N], r[kR] = {};
-    for (int j = 0; j < N; ++j) a[j] = C(p[j][i]);
-    apply_op<kZ, N, NO>(op, k, a, zi, r);
-    for (int j = 0; j < NO; ++j) o[j][i] = TO(Op::kWritesNoise && j == 1 ? zi : r[j]);
+    const C a0 = C(p0[i]), a1 = N > 1 ? C(p1[i]) : C(0), a2 = N > 2 ? C(p2[i]) : C(0), a3 = N > 3 ? C(p3[i]) : C(0);
+    C r0, r1 = C(0), r2 = C(0);
+    if constexpr (HasArrayApply<Op>::value) {
+      const C a4 = N > 4 ? C(p4[i]) : C(0), a5 = N > 5 ? C(p5[i]) : C(0);
+      op.template apply_n<kZ, N, NO, C>(k, a0, a1, a2, a3, a4, a5, zi, r0, r1, r2);
+    } else {
+      op.template apply<kZ, C>(k, a0, a1, a2, a3, zi, r0, r1);
+    }
+    o0[i] = TO(r0);
+    if (NO > 1) o1[i] = TO(Op::kWritesNoise ? zi : r1);
+    if (NO > 2) o2[i] = TO(r2);
   }
 }
 
