@@ -82,4 +82,12 @@ struct StridedIndexer {
   }
 };
 
+// An operand as both drivers read it (csrc/torch/cpu/driver.h, elementwise.cuh): its data
+// in logical order, or through its strides when not contiguous.
+struct OperandView {
+  const void* data = nullptr;
+  bool contiguous = true;
+  StridedIndexer ix{};
+};
+
 }  // namespace diffkern

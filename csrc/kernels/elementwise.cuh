@@ -128,12 +128,21 @@ struct Unit<float, __half> : Unit16<__half> {};
 template <>
 struct Unit<float, __nv_bfloat16> : Unit16<__nv_bfloat16> {};
 
+// A step op's coefficients as the CPU driver forms them: in double, then rounded to the
+// compute type, so a CUDA step equals the CPU one bit for bit (the emulation tests check
+// it). Formed once per 8-element unit, never per element; out of line so the double
+// arithmetic stays out of the unrolled loop's registers.
+template <class C, class Op>
+__device__ __noinline__ StepCoeffs<C> step_coeffs(const Op& op, int64_t b) {
+  return cast_coeffs<C>(op.template coeffs<double>(b));
+}
+
 template <class T, class Op>
 __global__ void __launch_bounds__(kThreads) step_kernel(const StepLaunch p, const Op op) {
   using C = typename Compute<T>::type;
   const PhiloxKey key = resolve_key(p.rng);
   const int64_t nunits = (p.numel + kUnit - 1) / kUnit;
-  const StepCoeffs<C> shared = op.template coeffs<C>(0);
+  const StepCoeffs<C> shared = step_coeffs<C>(op, 0);
   const bool has_z = p.draw || p.has_noise;
   for (int64_t u = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; u < nunits; u += int64_t(gridDim.x) * blockDim.x) {
     const int64_t e0 = u * kUnit;
@@ -149,7 +158,7 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const StepLaunch p, cons
     const int64_t n = p.numel - e0 < kUnit ? p.numel - e0 : kUnit;
     const int64_t b0 = e0 / p.inner;
     const bool one_sample = !p.per_sample || (e0 + n - 1) / p.inner == b0;
-    StepCoeffs<C> k = p.per_sample ? op.template coeffs<C>(b0) : shared;
+    StepCoeffs<C> k = p.per_sample ? step_coeffs<C>(op, b0) : shared;
     // The vector path needs one coefficient set for the unit; units that straddle two
     // samples (tiny per-sample sizes) take the scalar path, which keeps the per-element
     // coefficient code out of the unrolled loop (and its registers).
@@ -173,7 +182,7 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const StepLaunch p, cons
 #pragma unroll 1
       for (int i = 0; i < n; ++i) {
         const int64_t e = e0 + i;
-        const StepCoeffs<C> ki = one_sample ? k : op.template coeffs<C>(e / p.inner);
+        const StepCoeffs<C> ki = one_sample ? k : step_coeffs<C>(op, e / p.inner);
         float zd = z[0];  // z[i] by selects: a runtime index would move z to local memory
 #pragma unroll
         for (int j = 1; j < kUnit; ++j) zd = i == j ? z[j] : zd;

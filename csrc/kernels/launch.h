@@ -24,11 +24,7 @@ struct RngArgs {
   bool captured = false;
 };
 
-struct Operand {
-  const void* data = nullptr;
-  bool contiguous = true;
-  StridedIndexer ix{};
-};
+using Operand = OperandView;
 
 struct StepLaunch {
   DType dtype = DType::kFloat32;

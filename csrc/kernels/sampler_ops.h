@@ -1,11 +1,11 @@
 // The sampler-family steps as functors (Euler / Euler ancestral / churn, Heun's second
 // stage, DPM-Solver++(2M), flow-matching Euler, flow q_sample, LCM): per-sample
 // coefficients formed in double once per sample (`coeffs<S>(b)`) and the per-element
-// update (`apply`). The CPU loops (csrc/torch/cpu/elementwise.h) and the CUDA kernels
+// update (`apply`). The CPU loops (csrc/torch/cpu/driver.h) and the CUDA kernels
 // (elementwise.cuh) drive these; the formulas are SAMPLER_SEMANTICS.md's, and
 // diffkern/reference_samplers.py writes them the way k-diffusion and diffusers do.
 //
-// The driver interface (also met by the older ops through SampleStep in elementwise.h):
+// The driver interface (also met by the older ops through SampleStep in driver.h):
 //   kInputs       tensor inputs read per element: in0 = x, then up to three more
 //   kOutputs      values written per element: 1, or 2 (the step and its denoised sample)
 //   kWritesNoise  the second output is the noise used (q_sample-like)

@@ -7,8 +7,15 @@ namespace cuda {
 template <class T, class Op>
 __global__ void __launch_bounds__(kThreads) step_backward_kernel(const BackwardLaunch p, const Op op) {
   using C = typename Compute<T>::type;
+  // Coefficients in double, rounded to C, as the CPU backward forms them; looked up again
+  // only when the sample changes (a thread's elements are a grid apart).
+  int64_t cached_b = p.per_sample ? -1 : 0;
+  StepCoeffs<C> k = step_coeffs<C>(op, 0);
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < p.numel; e += int64_t(gridDim.x) * blockDim.x) {
-    const StepCoeffs<C> k = op.template coeffs<C>(p.per_sample ? e / p.inner : 0);
+    if (p.per_sample && e / p.inner != cached_b) {
+      cached_b = e / p.inner;
+      k = step_coeffs<C>(op, cached_b);
+    }
     const C g = to_c<C>(load_at<T>(p.grad, e));
     C gx, gm;
     step_backward<C>(k, to_c<C>(load_at<T>(p.x, e)), to_c<C>(load_at<T>(p.m, e)), g, op.has_clip, C(op.clip), &gx, &gm);

@@ -12,12 +12,10 @@
 
 namespace diffkern {
 
-// An input viewed with the output's shape: contiguous, or strided with an indexer.
-struct Operand {
+// An input viewed with the output's shape: contiguous, or strided with an indexer; the
+// drivers read it as the OperandView it is.
+struct Operand : OperandView {
   at::Tensor owner;  // keeps a contiguous copy alive when one was needed
-  const void* data = nullptr;
-  bool contiguous = true;
-  StridedIndexer ix{};
 };
 
 inline Operand make_operand(const at::Tensor& t, at::IntArrayRef shape) {

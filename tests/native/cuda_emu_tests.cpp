@@ -46,6 +46,12 @@
 #include "kernels/philox.h"
 #include "kernels/sampler_ops.h"
 #include "kernels/step_ops.h"
+#if DIFFKERN_EMU_CPU_DRIVER
+// The real CPU driver, compiled here with torch's c10 headers and a serial stand-in for
+// at::parallel_for (tests/native/stubs): every elementwise case also runs through it, and
+// its outputs must equal the emulated CUDA kernel's bit for bit (issue 24, deliverable 3).
+#include "torch/cpu/driver.h"
+#endif
 
 using namespace diffkern;
 using diffkern::cuda::DType;
@@ -295,6 +301,50 @@ std::vector<float> drawn_normals(PhiloxKey key, int64_t numel) {
   return z;
 }
 
+// ---- the CPU driver on the same operands ----------------------------------------------
+long long driver_checks = 0;
+#if DIFFKERN_EMU_CPU_DRIVER
+// Runs `op` (the driver interface of sampler_ops.h) through cpu::run_elementwise with the
+// launch's operands, noise and key, and compares each output the binding would allocate
+// (for a kWritesNoise op, the noise only when drawn) with the emulated kernel's.
+template <class Op>
+void compare_cpu_driver(const Op& op, DType dt, const Operand* in, int nin, const Arr* noise, bool draw, PhiloxKey key,
+                        int64_t numel, int64_t inner, bool per_sample, const Arr* emu_outs, int nout) {
+  cpu::StepIO io;
+  for (int j = 0; j < nin; ++j) io.in[j] = in[j];
+  io.nin = nin;
+  if (noise) {
+    io.noise = noise->op;
+    io.has_noise = true;
+  }
+  io.draw = draw;
+  io.key = key;
+  const int n = Op::kWritesNoise ? (draw ? 2 : 1) : nout;
+  Arr outs[kMaxLinearOutputs];
+  for (int j = 0; j < n; ++j) {
+    outs[j] = make_output(dt, numel, kAligned);
+    io.out[j] = outs[j].base;
+  }
+  switch (dt) {
+    case DType::kFloat32: cpu::run_elementwise<float>(op, io, numel, inner, per_sample); break;
+    case DType::kFloat64: cpu::run_elementwise<double>(op, io, numel, inner, per_sample); break;
+    case DType::kFloat16: cpu::run_elementwise<c10::Half>(op, io, numel, inner, per_sample); break;
+    case DType::kBFloat16: cpu::run_elementwise<c10::BFloat16>(op, io, numel, inner, per_sample); break;
+  }
+  static const char* const kNames[kMaxLinearOutputs] = {"cpu driver out0", "cpu driver out1", "cpu driver out2"};
+  const size_t es = esize(dt);
+  for (int j = 0; j < n; ++j) {
+    for (int64_t e = 0; e < numel; ++e) {
+      ++checks;
+      ++driver_checks;
+      const unsigned char* want = outs[j].base + size_t(e) * es;
+      const unsigned char* got = emu_outs[j].base + size_t(e) * es;
+      if (std::memcmp(got, want, es) != 0) fail(kNames[j], e, got, want, es);
+    }
+  }
+}
+#endif
+
 // ---- step ops (StepLaunch: q_sample, ddim, ddpm, langevin) -------------------------
 template <class C, class Op, class Launcher>
 void run_step_case(const Op& op, Launcher launch, DType dt, Geometry g, Layout L, Noise nz, bool per_sample, Rng& r) {
@@ -323,8 +373,8 @@ void run_step_case(const Op& op, Launcher launch, DType dt, Geometry g, Layout L
   p.device = next_device();
   launch(p, op, nullptr);
   const bool has_z = p.draw || p.has_noise;
-  std::vector<StepCoeffs<C>> ks;  // per sample, formed once
-  for (int64_t b = 0; b < (per_sample ? g.B : 1); ++b) ks.push_back(op.template coeffs<C>(b));
+  std::vector<StepCoeffs<C>> ks;  // per sample, formed once: in double, rounded (the CPU driver's convention)
+  for (int64_t b = 0; b < (per_sample ? g.B : 1); ++b) ks.push_back(cast_coeffs<C>(op.template coeffs<double>(b)));
   const std::vector<float> zs = p.draw ? drawn_normals(rs.key, numel) : std::vector<float>{};
   for (int64_t e = 0; e < numel; ++e) {
     const StepCoeffs<C>& k = ks[per_sample ? e / g.inner : 0];
@@ -336,6 +386,12 @@ void run_step_case(const Op& op, Launcher launch, DType dt, Geometry g, Layout L
   }
   check_guard("out", out, numel);
   if (p.noise_out) check_guard("noise_out", nout, numel);
+#if DIFFKERN_EMU_CPU_DRIVER
+  const Operand ins[2] = {x.op, m.op};
+  const Arr emu_outs[2] = {out, nout};
+  compare_cpu_driver(cpu::SampleStep<Op>{op}, dt, ins, Op::kHasModel ? 2 : 1, p.has_noise ? &nn : nullptr, p.draw,
+                     rs.key, numel, g.inner, per_sample, emu_outs, 1);
+#endif
 }
 
 // ---- sampler ops (SamplerLaunch) ----------------------------------------------------
@@ -385,6 +441,12 @@ void run_sampler_case(const Op& op, Launcher launch, int nin, int nout, DType dt
     for (int j = 0; j < nout; ++j) check_out<C>(kOutNames[j], outs[j], e, Op::kWritesNoise && j == 1 ? z : o[j]);
   }
   for (int j = 0; j < nout; ++j) check_guard(j == 0 ? "out0" : j == 1 ? "out1" : "out2", outs[j], numel);
+#if DIFFKERN_EMU_CPU_DRIVER
+  Operand ins[kMaxLinearInputs];
+  for (int i = 0; i < nin; ++i) ins[i] = in[i].op;
+  compare_cpu_driver(op, dt, ins, nin, p.has_noise ? &nn : nullptr, p.draw, rs.key, numel, g.inner, p.per_sample, outs,
+                     nout);
+#endif
 }
 
 // ---- the loops over dtypes, layouts, geometries, levels, noise -----------------------
@@ -560,7 +622,7 @@ void run_backward_case(int kind, const DdimOp& ddim, const DdpmOp& ddpm, const O
   p.device = next_device();
   K->step_backward(p, kind, ddim, ddpm, nullptr);
   std::vector<StepCoeffs<C>> ks;
-  for (int64_t b = 0; b < (per_sample ? g.B : 1); ++b) ks.push_back(op.template coeffs<C>(b));
+  for (int64_t b = 0; b < (per_sample ? g.B : 1); ++b) ks.push_back(cast_coeffs<C>(op.template coeffs<double>(b)));
   for (int64_t e = 0; e < numel; ++e) {
     const StepCoeffs<C>& k = ks[per_sample ? e / g.inner : 0];
     const C gv = read_as<C>(dt, gr.base, gr.off(e));
@@ -746,5 +808,10 @@ int main(int argc, char** argv) {
                 checks - before, failures - failed, K->threads_executed());
   }
   std::printf("%lld bitwise checks, %lld failures\n", checks, failures);
+#if DIFFKERN_EMU_CPU_DRIVER
+  std::printf("of which %lld against the CPU driver (csrc/torch/cpu/driver.h)\n", driver_checks);
+#else
+  std::printf("CPU driver comparison OFF: built without torch's c10 headers (DIFFKERN_TORCH_INCLUDE)\n");
+#endif
   return failures == 0 ? 0 : 1;
 }

@@ -26,13 +26,7 @@ inline cuda::DType dtype_of(const at::Tensor& t) {
   }
 }
 
-inline cuda::Operand operand(const Operand& o) {
-  cuda::Operand c;
-  c.data = o.data;
-  c.contiguous = o.contiguous;
-  c.ix = o.ix;
-  return c;
-}
+inline cuda::Operand operand(const Operand& o) { return static_cast<const OperandView&>(o); }
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
