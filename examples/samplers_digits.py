@@ -1,12 +1,15 @@
 """The sampler zoo on digits: Fréchet distance and time per sample against model evaluations.
 
 One epsilon-prediction UNet (DDPM's L_simple) is sampled with DDPM-1000, DDIM (eta 0,
-trailing spacing), and k-diffusion's Euler, Euler ancestral, Heun and DPM++ 2M on Karras
-sigmas (through :class:`diffkern.samplers.EpsDenoiser`); the same UNet architecture trained
-by flow matching (:func:`diffkern.training.train_flow`, velocity target, time input
-sigma * 1000) is sampled with flow Euler. Each sampler runs at 5, 10, 20 and 50 model
-evaluations (NFE; Heun's n steps cost 2n - 1, so it gets the largest n within the budget)
-from the same starting noise. Quality is the Fréchet distance on the digits classifier's
+trailing spacing), k-diffusion's Euler, Euler ancestral, Heun, DPM2, DPM2 ancestral, LMS,
+DPM++ 2S ancestral, DPM++ SDE, DPM++ 2M, DPM++ 2M SDE and DPM++ 3M SDE, and ComfyUI's
+iPNDM, iPNDM-v, DEIS, res_multistep and UniPC (bh1), all on Karras sigmas (through
+:class:`diffkern.samplers.EpsDenoiser`); the same UNet architecture trained by flow
+matching (:func:`diffkern.training.train_flow`, velocity target, time input sigma * 1000)
+is sampled with flow Euler. Each sampler runs at 5, 10, 20 and 50 model evaluations (NFE;
+the two-stage samplers' n steps cost 2n - 1, so they get the largest n within the budget)
+from the same starting noise; the stochastic ones draw their noise in-kernel from one
+seeded generator. Quality is the Fréchet distance on the digits classifier's
 features (:func:`diffkern.metrics.digits_quality`).
 
 The models are trained once and kept as checkpoints (``OUT/checkpoints/unet.pt``, the file
@@ -36,7 +39,30 @@ from diffkern.metrics import digits_quality  # noqa: E402
 from diffkern.models import UNet, build_model, count_parameters  # noqa: E402
 from diffkern.training import VelocityModel, load_checkpoint, train_ddpm, train_flow  # noqa: E402
 
-EPS_SAMPLERS = ("DDIM eta=0", "Euler", "Euler ancestral", "Heun", "DPM++ 2M")
+# (name, diffkern.samplers function, takes generator=): k-diffusion's and ComfyUI's samplers
+K_SAMPLERS = {
+    "Euler": ("sample_euler", False),
+    "Euler ancestral": ("sample_euler_ancestral", True),
+    "Heun": ("sample_heun", False),
+    "DPM++ 2M": ("sample_dpmpp_2m", False),
+    "DPM2": ("sample_dpm_2", False),
+    "DPM2 ancestral": ("sample_dpm_2_ancestral", True),
+    "LMS": ("sample_lms", False),
+    "DPM++ 2S ancestral": ("sample_dpmpp_2s_ancestral", True),
+    "DPM++ SDE": ("sample_dpmpp_sde", True),
+    "DPM++ 2M SDE": ("sample_dpmpp_2m_sde", True),
+    "DPM++ 3M SDE": ("sample_dpmpp_3m_sde", True),
+    "iPNDM": ("sample_ipndm", False),
+    "iPNDM-v": ("sample_ipndm_v", False),
+    "DEIS": ("sample_deis", False),
+    "res_multistep": ("sample_res_multistep", False),
+    "UniPC": ("sample_unipc", False),
+}
+# Two model calls a step except the last (an Euler step to sigma = 0): n steps cost 2n - 1.
+TWO_STAGE = ("Heun", "DPM2", "DPM2 ancestral", "DPM++ 2S ancestral", "DPM++ SDE")
+EPS_SAMPLERS = ("DDIM eta=0", *K_SAMPLERS)
+# The first figure panel: the samplers the zoo had before issue 21 (the rest go to the second).
+FIRST_PANEL = ("DDPM", "DDIM eta=0", "Euler", "Euler ancestral", "Heun", "DPM++ 2M", "flow Euler")
 IMAGE_SHAPE = (1, 16, 16)
 
 
@@ -110,7 +136,7 @@ def reused_ddpm_row(out: Path, stem: str, *, eps_steps: int, n: int, seed: int, 
 
 
 def heun_steps(nfe: int) -> int:
-    """The most Heun steps whose 2n - 1 evaluations fit in ``nfe``."""
+    """The most steps of a two-stage sampler (Heun, DPM2, ...) whose 2n - 1 evaluations fit in ``nfe``."""
     return max(1, (nfe + 1) // 2)
 
 
@@ -153,23 +179,20 @@ def run_eps_sampler(name: str, nfe: int, model, z, *, device, seed: int, schedul
         return x, nfe, nfe
     denoiser = samplers.EpsDenoiser(model, schedule or dk.NoiseSchedule.linear())
     smin, smax = float(denoiser.sigmas.min()), float(denoiser.sigmas.max())
-    steps = heun_steps(nfe) if name == "Heun" else nfe
+    if name not in K_SAMPLERS:
+        raise ValueError(name)
+    fn_name, noisy = K_SAMPLERS[name]
+    two_stage = name in TWO_STAGE
+    steps = heun_steps(nfe) if two_stage else nfe
     sigmas = samplers.get_sigmas_karras(steps, smin, smax, device=device)
     x = z * sigmas[0]
     if clip:
         denoiser = ClampedDenoiser(denoiser, clip)
     with torch.no_grad():
-        if name == "Euler":
-            x = samplers.sample_euler(denoiser, x, sigmas, disable=True)
-        elif name == "Euler ancestral":
-            x = samplers.sample_euler_ancestral(denoiser, x, sigmas, disable=True, generator=g)
-        elif name == "Heun":
-            x = samplers.sample_heun(denoiser, x, sigmas, disable=True)
-        elif name == "DPM++ 2M":
-            x = samplers.sample_dpmpp_2m(denoiser, x, sigmas, disable=True)
-        else:
-            raise ValueError(name)
-    return x, (2 * steps - 1 if name == "Heun" else steps), steps
+        # ComfyUI's UniPC ends at sigma 0.001 instead of 0 (it steps to 0.001 and returns that
+        # state, VE-scaled): a residual noise of 0.001 on data in [-1, 1], below what FD sees.
+        x = getattr(samplers, fn_name)(denoiser, x, sigmas, disable=True, **({"generator": g} if noisy else {}))
+    return x, (2 * steps - 1 if two_stage else steps), steps
 
 
 def run_flow_euler(nfe: int, velocity, z, *, device, clip: float | None = None):
@@ -181,25 +204,38 @@ def run_flow_euler(nfe: int, velocity, z, *, device, clip: float | None = None):
 
 
 def plot_fd_vs_nfe(rows, floor, path):
+    """Two panels on one y scale, so that 19 lines stay readable: the zoo's first samplers,
+    then issue 21's samplers with DDIM and DPM++ 2M repeated (grey) as the yardstick."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.6))
-    names = [r["sampler"] for r in rows]
-    for i, name in enumerate(dict.fromkeys(names)):
-        pts = sorted((r["nfe"], r["fd"]) for r in rows if r["sampler"] == name)
-        style = dict(marker="*", ms=14, ls="none") if len(pts) == 1 else dict(marker="o", ls="--" if "flow" in name
-                                                                               else "-")
-        ax.plot(*zip(*pts, strict=True), color=f"C{i}", label=name, **style)
-    ax.axhline(floor, color="gray", ls=":", label="real held-out digits")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    nfes = sorted({r["nfe"] for r in rows if r["sampler"] != "Heun"})  # Heun's 2n - 1 sit beside them
-    ax.set_xticks(nfes, [str(v) for v in nfes], fontsize=8)
-    ax.minorticks_off()
-    ax.set_xlabel("model evaluations (NFE)")
-    ax.set_ylabel("Fréchet distance (classifier features)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, which="both")
+    names = list(dict.fromkeys(r["sampler"] for r in rows))
+    second = [n for n in names if n not in FIRST_PANEL]
+    panels = [("before issue 21", [n for n in names if n in FIRST_PANEL], ())]
+    if second:
+        panels.append(("issue 21's samplers", second, ("DDIM eta=0", "DPM++ 2M")))
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.8), sharey=True, squeeze=False)
+    nfes = sorted({r["nfe"] for r in rows if r["sampler"] not in TWO_STAGE})  # 2n - 1 sit beside them
+    cmap = plt.get_cmap("tab20")
+    for ax, (title, shown, refs) in zip(axes[0], panels, strict=True):
+        for i, name in enumerate([*refs, *shown]):
+            pts = sorted((r["nfe"], r["fd"]) for r in rows if r["sampler"] == name)
+            if len(pts) == 1:
+                style = dict(marker="*", ms=14, ls="none")
+            else:
+                style = dict(marker="osD^v<>ph"[i % 9], ms=4, ls="--" if "flow" in name or name in TWO_STAGE else "-")
+            k = i - len(refs)  # tab20 comes in dark/light pairs: the ten dark hues first
+            color = "0.6" if name in refs else cmap((2 * k) % 20 + (2 * k) // 20 % 2)
+            ax.plot(*zip(*pts, strict=True), color=color, label=name + (" (ref.)" if name in refs else ""), **style)
+        ax.axhline(floor, color="gray", ls=":", label="real held-out digits")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xticks(nfes, [str(v) for v in nfes], fontsize=8)
+        ax.minorticks_off()
+        ax.set_xlabel("model evaluations (NFE; dashed: two model calls a step, 2n - 1)")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=7, ncol=2)
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel("Fréchet distance (classifier features)")
     save_figure(fig, path)
 
 
@@ -301,7 +337,7 @@ def summarize(rows) -> list[str]:
     ddpm = next(r for r in rows if r["sampler"] == "DDPM")
     for nfe in sorted({r["nfe"] for r in rows if r["sampler"] == "flow Euler"}):
         eps = [r for r in rows if r["sampler"] in EPS_SAMPLERS and r["nfe"] <= nfe and
-               (r["nfe"] == nfe or r["sampler"] == "Heun" and r["nfe"] == 2 * heun_steps(nfe) - 1)]
+               (r["nfe"] == nfe or r["sampler"] in TWO_STAGE and r["nfe"] == 2 * heun_steps(nfe) - 1)]
         best = min(eps, key=lambda r: r["fd"]) if eps else None
         flow = next(r for r in rows if r["sampler"] == "flow Euler" and r["nfe"] == nfe)
         if best:

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import diffkern as dk
 
@@ -110,6 +111,67 @@ def test_loop_speed_quick(tmp_path):
             assert 0.0 <= e["outside_model_share"] <= 1.0
             if lp["loop"] == "ddim50":  # deterministic: every row samples the same thing
                 assert e["max_abs_diff_vs_torch"] < 1e-2, (name, e)
+
+
+@pytest.mark.skipif(not NATIVE_CPU, reason="native ops not built (the script measures diffkern's kernels)")
+def test_sampler_loop_speed_quick(tmp_path):
+    _run("sampler_loop_speed.py", "--quick", "--budget", "0.01", "--min-reps", "2",
+         "--out", str(tmp_path), "--tag", "test")
+    doc = json.loads((tmp_path / "sampler_loop_speed-test.json").read_text())
+    assert doc["schema"] == "diffkern.benchmarks.sampler_loop_speed/1"
+    _common_header(doc)
+    assert [c["sampler"] for c in doc["cases"]] == ["dpmpp_2m_sde", "dpmpp_3m_sde", "unipc"]
+    for c in doc["cases"]:
+        sde = c["sampler"] != "unipc"
+        assert set(c["times"]) == {"eager", "diffkern", "model only"} | ({"diffkern+randn"} if sde else set())
+        for t in c["times"].values():
+            assert _is_time(t["median_ms"]) and _is_time(t["cpu_median_ms"]) and t["reps"] >= 2
+        assert _is_time(c["ratio_eager_over_diffkern"])
+        w = c["same_work"]
+        # the two loops do the same work: both float32 runs near the float64 eager run, with
+        # the noise_sampler called as often (once per step but the last). 20 steps: with few
+        # steps stock UniPC's float32 coefficients (phi_k recursions, float32 linalg.solve)
+        # drift to ~1e-4 (6 steps), diffkern's (float64, host) do not
+        assert w["rel_err_eager_f32"] < 1e-5 and w["rel_err_diffkern_f32"] < 1e-5, w
+        if sde:
+            assert w["noise_calls"] == {"ref": 19, "eager": 19, "diffkern": 19}, w
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("steps", [6, 20])
+def test_eager_loops_are_the_test_oracles(dtype, steps):
+    """The benchmark's eager loops are bitwise the test suite's transcriptions of
+    k-diffusion's / ComfyUI's loops (the benchmark may not import tests, so it has its own)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import _eager_samplers as E
+    finally:
+        sys.path.remove(str(BENCH))
+    import test_comfy_samplers as TC
+    import test_k_samplers_more as TK
+
+    from diffkern import samplers as S
+
+    def model(x, s):
+        s = s.reshape(-1, 1, 1, 1)  # a nonlinear denoiser: the history terms matter
+        return x * (0.25 / (0.25 + s * s)) + 0.1 * torch.tanh(x) * (s / (1 + s))
+
+    sig = S.get_sigmas_karras(steps, 0.0292, 14.6146).to(dtype)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, 4, generator=g, dtype=dtype) * sig[0]
+    draws = [torch.randn(2, 3, 5, 4, generator=g, dtype=dtype) for _ in range(steps)]
+
+    def noise():
+        it = iter(draws)
+        return lambda a, b: next(it)
+
+    assert torch.equal(E.sample_unipc(model, x, sig), TC.comfy_unipc(model, x, sig))
+    assert torch.equal(E.sample_dpmpp_2m_sde(model, x, sig, noise_sampler=noise()),
+                       TK.k_dpmpp_2m_sde(model, x, sig, noise_sampler=noise()))
+    assert torch.equal(E.sample_dpmpp_2m_sde(model, x, sig, noise_sampler=noise(), solver_type="heun"),
+                       TK.k_dpmpp_2m_sde(model, x, sig, noise_sampler=noise(), solver_type="heun"))
+    assert torch.equal(E.sample_dpmpp_3m_sde(model, x, sig, noise_sampler=noise()),
+                       TK.k_dpmpp_3m_sde(model, x, sig, noise_sampler=noise()))
 
 
 def test_backward_speed_small():

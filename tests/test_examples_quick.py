@@ -45,9 +45,13 @@ def digits_rows(run_dir):
 def test_samplers_digits_quick(run_dir, digits_rows):
     rows = digits_rows
     names = {r["sampler"] for r in rows}
-    assert names == {"DDPM", "DDIM eta=0", "Euler", "Euler ancestral", "Heun", "DPM++ 2M", "flow Euler"}
-    heun = sorted(r["nfe"] for r in rows if r["sampler"] == "Heun")
-    assert heun == [5, 9]  # 3 and 5 steps: 2 n - 1 evaluations within the budgets 5 and 10
+    assert names == {"DDPM", "DDIM eta=0", "Euler", "Euler ancestral", "Heun", "DPM++ 2M", "flow Euler",
+                     "DPM2", "DPM2 ancestral", "LMS", "DPM++ 2S ancestral", "DPM++ SDE", "DPM++ 2M SDE",
+                     "DPM++ 3M SDE", "iPNDM", "iPNDM-v", "DEIS", "res_multistep", "UniPC"}
+    for two_stage in ("Heun", "DPM2", "DPM2 ancestral", "DPM++ 2S ancestral", "DPM++ SDE"):
+        nfes = sorted(r["nfe"] for r in rows if r["sampler"] == two_stage)
+        assert nfes == [5, 9], two_stage  # 3 and 5 steps: 2 n - 1 evaluations within the budgets 5 and 10
+    assert sorted(r["nfe"] for r in rows if r["sampler"] == "UniPC") == [5, 10]  # one evaluation a step
     assert all(math.isfinite(r["fd"]) and r["seconds_per_sample"] > 0 for r in rows)
     table = json.loads((run_dir / "digits_fd_vs_nfe.json").read_text())
     assert {"sampler", "nfe", "fd", "seconds_per_sample"} <= set(table["rows"][0])
