@@ -11,6 +11,8 @@ itself at small sizes.
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import functools
 import json
 import numbers
@@ -25,7 +27,7 @@ from ... import reference as R
 from ... import reference_samplers as RS
 from ... import sampler_ops as SO
 
-__all__ = ["FusedSchedulerMixin", "promote", "ddim", "ddpm", "q_sample", "unsupported", "NOISE_MODES"]
+__all__ = ["FusedSchedulerMixin", "promote", "ddim", "ddpm", "q_sample", "unsupported", "output", "NOISE_MODES"]
 
 # Where a step's noise comes from (README "Noise"):
 # - "stock": the numbers stock draws, from stock's own randn_tensor call (same seed, same
@@ -238,6 +240,35 @@ class FusedSchedulerMixin:
             return None
         i = d // st
         return i if 0 <= i < ts.shape[0] else None
+
+
+# ---- outputs --------------------------------------------------------------------------
+_odict_new = collections.OrderedDict.__new__
+_odict_set = collections.OrderedDict.__setitem__
+_attr_set = object.__setattr__
+_FIELDS: dict = {}
+
+
+def output(cls, *values):
+    """``cls(*values)`` for one of diffusers' output dataclasses (``BaseOutput``), built
+    as its constructor leaves it: every field an attribute (missing ones at their
+    defaults), the non-None ones also dict entries in field order. The generated
+    ``__init__`` and ``BaseOutput.__post_init__`` (``dataclasses.fields``, a getattr per
+    field) cost 2-3 us a step, as much as a whole fused step at small sizes. The first
+    field is always a tensor here (``__post_init__``'s dict-unpacking case never applies)."""
+    spec = _FIELDS.get(cls)
+    if spec is None:
+        spec = _FIELDS[cls] = tuple((f.name, f.default) for f in dataclasses.fields(cls))
+    o = _odict_new(cls)
+    n = len(values)
+    for k, (name, default) in enumerate(spec):
+        v = values[k] if k < n else default
+        if v is dataclasses.MISSING:
+            raise TypeError(f"{cls.__name__} needs {name}")
+        _attr_set(o, name, v)
+        if v is not None:
+            _odict_set(o, name, v)
+    return o
 
 
 # ---- arguments ------------------------------------------------------------------------
