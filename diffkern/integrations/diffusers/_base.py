@@ -482,6 +482,42 @@ def linear(inputs, coeffs, noise_coeffs=None, noise=None, generator=None):
     return RS._linear(list(inputs), coeffs, noise_coeffs, K, noise, generator)
 
 
+def _raw_linear():
+    try:
+        return _ops().linear_step.default if native(torch.device("cpu")) else None
+    except (AttributeError, RuntimeError):  # an extension built before the op existed
+        return None
+
+
+_LINEAR = _raw_linear()
+
+
+def prepare(rows, noise_coeffs=None):
+    """Host rows (and noise coefficients) for :func:`linear_pre`, converted once: a
+    scheduler whose rows depend only on the step index prepares them once per index (per
+    ``set_timesteps``) instead of once per call."""
+    rows = tuple(tuple(float(v) for v in row) for row in rows)
+    nc = None if noise_coeffs is None else tuple(float(v) for v in noise_coeffs)
+    K = len(rows)
+    ncs = nc if nc is not None else (0.0,) * K
+    return rows, nc, [v for k in range(K) for v in (*rows[k], ncs[k])], K
+
+
+def linear_pre(inputs, pre, noise=None, generator=None):
+    """``linear(inputs, rows, noise_coeffs, noise, generator)`` for ``pre = prepare(rows,
+    noise_coeffs)``. Where the native op runs the call as the native hook makes it
+    (operands already in one dtype, noise given or none, not traced), the raw overload is
+    called directly: at 1x4x64x64 the hook's argument handling cost as much as the op."""
+    rows, nc, flat, K = pre
+    x = inputs[0]
+    if (_LINEAR is not None and generator is None and (nc is None) == (noise is None) and _native_for(x)
+            and not compiling()):
+        dt = x.dtype
+        if all(t.dtype == dt for t in inputs) and (noise is None or noise.dtype == dt):
+            return _LINEAR(list(inputs), flat, None, K, nc is not None, noise, None, 0, 0)
+    return linear(inputs, rows, nc, noise, generator)
+
+
 def flow(x, v, sigma, sigma_next, stochastic, noise=None, generator=None):
     return _family("flow_step", RS._flow, x, v, sigma, sigma_next, stochastic, noise, generator)
 
