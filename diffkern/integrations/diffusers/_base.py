@@ -255,7 +255,11 @@ def output(cls, *values):
     defaults), the non-None ones also dict entries in field order. The generated
     ``__init__`` and ``BaseOutput.__post_init__`` (``dataclasses.fields``, a getattr per
     field) cost 2-3 us a step, as much as a whole fused step at small sizes. The first
-    field is always a tensor here (``__post_init__``'s dict-unpacking case never applies)."""
+    field is always a tensor here (``__post_init__``'s dict-unpacking case never applies).
+    Under torch.compile the constructor itself runs: dynamo traces it, not the
+    OrderedDict internals (a graph break)."""
+    if compiling():
+        return cls(*values)
     spec = _FIELDS.get(cls)
     if spec is None:
         spec = _FIELDS[cls] = tuple((f.name, f.default) for f in dataclasses.fields(cls))
