@@ -11,6 +11,8 @@ itself at small sizes.
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import functools
 import json
 import numbers
@@ -25,7 +27,7 @@ from ... import reference as R
 from ... import reference_samplers as RS
 from ... import sampler_ops as SO
 
-__all__ = ["FusedSchedulerMixin", "promote", "ddim", "ddpm", "q_sample", "unsupported", "NOISE_MODES"]
+__all__ = ["FusedSchedulerMixin", "promote", "ddim", "ddpm", "q_sample", "unsupported", "output", "NOISE_MODES"]
 
 # Where a step's noise comes from (README "Noise"):
 # - "stock": the numbers stock draws, from stock's own randn_tensor call (same seed, same
@@ -240,6 +242,39 @@ class FusedSchedulerMixin:
         return i if 0 <= i < ts.shape[0] else None
 
 
+# ---- outputs --------------------------------------------------------------------------
+_odict_new = collections.OrderedDict.__new__
+_odict_set = collections.OrderedDict.__setitem__
+_attr_set = object.__setattr__
+_FIELDS: dict = {}
+
+
+def output(cls, *values):
+    """``cls(*values)`` for one of diffusers' output dataclasses (``BaseOutput``), built
+    as its constructor leaves it: every field an attribute (missing ones at their
+    defaults), the non-None ones also dict entries in field order. The generated
+    ``__init__`` and ``BaseOutput.__post_init__`` (``dataclasses.fields``, a getattr per
+    field) cost 2-3 us a step, as much as a whole fused step at small sizes. The first
+    field is always a tensor here (``__post_init__``'s dict-unpacking case never applies).
+    Under torch.compile the constructor itself runs: dynamo traces it, not the
+    OrderedDict internals (a graph break)."""
+    if compiling():
+        return cls(*values)
+    spec = _FIELDS.get(cls)
+    if spec is None:
+        spec = _FIELDS[cls] = tuple((f.name, f.default) for f in dataclasses.fields(cls))
+    o = _odict_new(cls)
+    n = len(values)
+    for k, (name, default) in enumerate(spec):
+        v = values[k] if k < n else default
+        if v is dataclasses.MISSING:
+            raise TypeError(f"{cls.__name__} needs {name}")
+        _attr_set(o, name, v)
+        if v is not None:
+            _odict_set(o, name, v)
+    return o
+
+
 # ---- arguments ------------------------------------------------------------------------
 def promote(sample: torch.Tensor, model_output: torch.Tensor):
     """Both operands in the dtype torch's promotion gives them (an fp16 model output with
@@ -449,6 +484,42 @@ def linear(inputs, coeffs, noise_coeffs=None, noise=None, generator=None):
         if out is not NotImplemented:
             return out
     return RS._linear(list(inputs), coeffs, noise_coeffs, K, noise, generator)
+
+
+def _raw_linear():
+    try:
+        return _ops().linear_step.default if native(torch.device("cpu")) else None
+    except (AttributeError, RuntimeError):  # an extension built before the op existed
+        return None
+
+
+_LINEAR = _raw_linear()
+
+
+def prepare(rows, noise_coeffs=None):
+    """Host rows (and noise coefficients) for :func:`linear_pre`, converted once: a
+    scheduler whose rows depend only on the step index prepares them once per index (per
+    ``set_timesteps``) instead of once per call."""
+    rows = tuple(tuple(float(v) for v in row) for row in rows)
+    nc = None if noise_coeffs is None else tuple(float(v) for v in noise_coeffs)
+    K = len(rows)
+    ncs = nc if nc is not None else (0.0,) * K
+    return rows, nc, [v for k in range(K) for v in (*rows[k], ncs[k])], K
+
+
+def linear_pre(inputs, pre, noise=None, generator=None):
+    """``linear(inputs, rows, noise_coeffs, noise, generator)`` for ``pre = prepare(rows,
+    noise_coeffs)``. Where the native op runs the call as the native hook makes it
+    (operands already in one dtype, noise given or none, not traced), the raw overload is
+    called directly: at 1x4x64x64 the hook's argument handling cost as much as the op."""
+    rows, nc, flat, K = pre
+    x = inputs[0]
+    if (_LINEAR is not None and generator is None and (nc is None) == (noise is None) and _native_for(x)
+            and not compiling()):
+        dt = x.dtype
+        if all(t.dtype == dt for t in inputs) and (noise is None or noise.dtype == dt):
+            return _LINEAR(list(inputs), flat, None, K, nc is not None, noise, None, 0, 0)
+    return linear(inputs, rows, nc, noise, generator)
 
 
 def flow(x, v, sigma, sigma_next, stochastic, noise=None, generator=None):

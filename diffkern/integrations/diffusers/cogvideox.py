@@ -93,4 +93,4 @@ class FusedCogVideoXDDIMScheduler(B.FusedSchedulerMixin, CogVideoXDDIMScheduler)
         x0 = model_output if sample_pred else outs[1]
         if not return_dict:
             return (prev, x0)
-        return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+        return B.output(DDIMSchedulerOutput, prev, x0)

@@ -98,7 +98,7 @@ class FusedDDIMScheduler(B.FusedSchedulerMixin, DDIMScheduler):
             prev = B.ddim(x, m, t, tp, st.table_ext, eta, st.prediction, st.clip, noise, gen)
         if not return_dict:
             return (prev, x0)
-        return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+        return B.output(DDIMSchedulerOutput, prev, x0)
 
     def _dk_thresholded(self, x, m, x0, t, tp, st, eta, use_clipped, noise, gen, return_dict):
         """Dynamic thresholding. The per-sample quantile is stock's ``_threshold_sample``
@@ -116,7 +116,7 @@ class FusedDDIMScheduler(B.FusedSchedulerMixin, DDIMScheduler):
             prev = prev + st.table_ext.index_select(0, tp).sqrt().reshape(shape).to(prev.dtype) * (x0t - x0)
         if not return_dict:
             return (prev, x0t)
-        return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0t)
+        return B.output(DDIMSchedulerOutput, prev, x0t)
 
     def add_noise(self, original_samples, noise, timesteps):
         """DDIMScheduler.add_noise (dk.q_sample, coefficients in float32)."""

@@ -121,7 +121,7 @@ class FusedDDPMScheduler(B.FusedSchedulerMixin, DDPMScheduler):
                 x0 = B.pred_x0(x, m, t, st, st.prediction, st.clip) if not st.threshold else \
                     self._threshold_sample(B.pred_x0(x, m, t, st, st.prediction, None))
                 prev = x0.clone()
-                return DDPMSchedulerOutput(prev_sample=prev, pred_original_sample=x0) if return_dict else (prev, x0)
+                return B.output(DDPMSchedulerOutput, prev, x0) if return_dict else (prev, x0)
         if st.threshold:
             x0 = self._threshold_sample(B.pred_x0(x, m, t, st, st.prediction, None))
             prev = B.ddpm(x, x0, t, tp, st.table, st.variance, V.PREDICTION_TYPES["sample"], None, noise, gen)
@@ -130,7 +130,7 @@ class FusedDDPMScheduler(B.FusedSchedulerMixin, DDPMScheduler):
             prev = B.ddpm(x, m, t, tp, st.table, st.variance, st.prediction, st.clip, noise, gen)
         if not return_dict:
             return (prev, x0)
-        return DDPMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+        return B.output(DDPMSchedulerOutput, prev, x0)
 
     def _learned_noise(self, st, t, tp, pv, z):
         """z * std_learned / std_fixed_small: the kernel's fixed_small step then adds

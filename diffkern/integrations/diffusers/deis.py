@@ -142,4 +142,4 @@ class FusedDEISMultistepScheduler(B.IndexedSchedulerMixin, DEISMultistepSchedule
         self._step_index += 1
         if not return_dict:
             return (prev,)
-        return SchedulerOutput(prev_sample=prev)
+        return B.output(SchedulerOutput, prev)

@@ -281,7 +281,7 @@ class DPMSolverVPMixin(DPMSolverMultistepMixin):
             prev = prev.to(out_dtype)
         if not return_dict:
             return (prev,)
-        return SchedulerOutput(prev_sample=prev)
+        return B.output(SchedulerOutput, prev)
 
 
 class FusedDPMSolverMultistepScheduler(DPMSolverVPMixin, DPMSolverMultistepScheduler):

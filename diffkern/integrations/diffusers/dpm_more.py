@@ -95,7 +95,7 @@ class FusedEDMDPMSolverMultistepScheduler(DPMSolverMultistepMixin, EDMDPMSolverM
             prev = prev.to(out_dtype)
         if not return_dict:
             return (prev,)
-        return SchedulerOutput(prev_sample=prev)
+        return B.output(SchedulerOutput, prev)
 
 
 class FusedCogVideoXDPMScheduler(B.FusedSchedulerMixin, CogVideoXDPMScheduler):
@@ -186,4 +186,4 @@ class FusedCogVideoXDPMScheduler(B.FusedSchedulerMixin, CogVideoXDPMScheduler):
         prev, x0 = B.linear(inputs, rows, nz, noise, gen)
         if not second or not return_dict:
             return prev, x0
-        return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+        return B.output(DDIMSchedulerOutput, prev, x0)

@@ -179,7 +179,7 @@ class FusedDPMSolverSinglestepScheduler(B.IndexedSchedulerMixin, DPMSolverSingle
             self._step_index += 1
         if not return_dict:
             return (prev,)
-        return SchedulerOutput(prev_sample=prev)
+        return B.output(SchedulerOutput, prev)
 
     def _dk_host_coeffs(self, i: int, st, avail: int):
         """(order, conversion row, a, (w0, w1, w2), noise) at position i, history ``avail`` deep."""

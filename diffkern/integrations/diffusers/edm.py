@@ -121,7 +121,7 @@ class FusedEDMEulerScheduler(B.IndexedSchedulerMixin, EDMEulerScheduler):
             self._step_index += 1
         if not return_dict:
             return (prev, x0)
-        return EDMEulerSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+        return B.output(EDMEulerSchedulerOutput, prev, x0)
 
     def add_noise(self, original_samples, noise, timesteps):
         """Stock's ``x0 + sigma z`` (per-sample sigma found on the device: no host read)."""

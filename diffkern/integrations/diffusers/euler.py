@@ -143,7 +143,7 @@ class FusedEulerDiscreteScheduler(_KarrasVEMixin, EulerDiscreteScheduler):
             self._step_index += 1
         if not return_dict:
             return (prev, x0)
-        return EulerDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+        return B.output(EulerDiscreteSchedulerOutput, prev, x0)
 
 
 class FusedEulerAncestralDiscreteScheduler(_KarrasVEMixin, EulerAncestralDiscreteScheduler):
@@ -184,4 +184,4 @@ class FusedEulerAncestralDiscreteScheduler(_KarrasVEMixin, EulerAncestralDiscret
             self._step_index += 1
         if not return_dict:
             return (prev, x0)
-        return EulerAncestralDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+        return B.output(EulerAncestralDiscreteSchedulerOutput, prev, x0)

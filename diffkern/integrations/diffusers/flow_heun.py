@@ -72,7 +72,7 @@ class FusedFlowMatchHeunDiscreteScheduler(B.IndexedSchedulerMixin, FlowMatchHeun
             self._step_index += 1
         if not return_dict:
             return (prev,)
-        return FlowMatchHeunDiscreteSchedulerOutput(prev_sample=prev)
+        return B.output(FlowMatchHeunDiscreteSchedulerOutput, prev)
 
     def _dk_step_per_sample(self, m, timestep, x, st, first, s_churn):
         if s_churn > 0:

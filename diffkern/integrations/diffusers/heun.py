@@ -67,4 +67,4 @@ class FusedHeunDiscreteScheduler(_KarrasVEMixin, HeunDiscreteScheduler):
             self._step_index += 1
         if not return_dict:
             return (prev, x0)
-        return HeunDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+        return B.output(HeunDiscreteSchedulerOutput, prev, x0)

@@ -79,4 +79,4 @@ class FusedIPNDMScheduler(B.IndexedSchedulerMixin, IPNDMScheduler):
             self._step_index += 1
         if not return_dict:
             return (prev,)
-        return SchedulerOutput(prev_sample=prev)
+        return B.output(SchedulerOutput, prev)

@@ -68,8 +68,8 @@ class _KDPM2Mixin(_KarrasVEMixin):
         else:
             inputs, rows = [x, m, base], [[dt * dx, dt * dm, 1.0], [ax, am, 0.0]]
         if noise_coeff or noise is not None or generator is not None:
-            return B.linear(inputs, rows, [noise_coeff, 0.0], noise, generator)
-        return B.linear(inputs, rows)
+            return B.linear_pre(inputs, B.prepare(rows, [noise_coeff, 0.0]), noise, generator)
+        return B.linear_pre(inputs, B.prepare(rows))
 
 
 class FusedKDPM2DiscreteScheduler(_KDPM2Mixin, KDPM2DiscreteScheduler):
@@ -99,7 +99,7 @@ class FusedKDPM2DiscreteScheduler(_KDPM2Mixin, KDPM2DiscreteScheduler):
         self._step_index += 1
         if not return_dict:
             return (prev, x0)
-        return KDPM2DiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+        return B.output(KDPM2DiscreteSchedulerOutput, prev, x0)
 
 
 class FusedKDPM2AncestralDiscreteScheduler(_KDPM2Mixin, KDPM2AncestralDiscreteScheduler):
@@ -138,4 +138,4 @@ class FusedKDPM2AncestralDiscreteScheduler(_KDPM2Mixin, KDPM2AncestralDiscreteSc
         self._step_index += 1
         if not return_dict:
             return (prev, x0)
-        return KDPM2AncestralDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+        return B.output(KDPM2AncestralDiscreteSchedulerOutput, prev, x0)

@@ -109,7 +109,7 @@ class FusedLCMScheduler(B.IndexedSchedulerMixin, LCMScheduler):
             self._step_index += 1
         if not return_dict:
             return (prev, den)
-        return LCMSchedulerOutput(prev_sample=prev, denoised=den)
+        return B.output(LCMSchedulerOutput, prev, den)
 
     def add_noise(self, original_samples, noise, timesteps):
         """LCMScheduler.add_noise (dk.q_sample, coefficients in float32)."""

@@ -137,4 +137,4 @@ class FusedLMSDiscreteScheduler(_KarrasVEMixin, LMSDiscreteScheduler):
         self._step_index += 1
         if not return_dict:
             return (prev, x0)
-        return LMSDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+        return B.output(LMSDiscreteSchedulerOutput, prev, x0)

@@ -117,7 +117,7 @@ class FusedPNDMScheduler(B.FusedSchedulerMixin, PNDMScheduler):
         self.counter += 1
         if not return_dict:
             return (prev_sample,)
-        return SchedulerOutput(prev_sample=prev_sample)
+        return B.output(SchedulerOutput, prev_sample)
 
     def step_plms(self, model_output, timestep, sample, return_dict: bool = True):
         """PNDMScheduler.step_plms, fused."""
@@ -158,4 +158,4 @@ class FusedPNDMScheduler(B.FusedSchedulerMixin, PNDMScheduler):
         self.counter += 1
         if not return_dict:
             return (prev_sample,)
-        return SchedulerOutput(prev_sample=prev_sample)
+        return B.output(SchedulerOutput, prev_sample)

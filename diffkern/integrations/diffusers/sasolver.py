@@ -258,4 +258,4 @@ class FusedSASolverScheduler(B.IndexedSchedulerMixin, SASolverScheduler):
         prev = prev.to(x.dtype) if prev.dtype != x.dtype else prev
         if not return_dict:
             return (prev,)
-        return SchedulerOutput(prev_sample=prev)
+        return B.output(SchedulerOutput, prev)

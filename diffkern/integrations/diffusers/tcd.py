@@ -123,7 +123,7 @@ class FusedTCDScheduler(B.IndexedSchedulerMixin, TCDScheduler):
             self._step_index += 1
         if not return_dict:
             return (prev, noised)
-        return TCDSchedulerOutput(prev_sample=prev, pred_noised_sample=noised)
+        return B.output(TCDSchedulerOutput, prev, noised)
 
     def add_noise(self, original_samples, noise, timesteps):
         """TCDScheduler.add_noise (dk.q_sample, coefficients in float32)."""

@@ -256,4 +256,4 @@ class FusedUniPCMultistepScheduler(B.IndexedSchedulerMixin, UniPCMultistepSchedu
         self._step_index += 1
         if not return_dict:
             return (prev,)
-        return SchedulerOutput(prev_sample=prev)
+        return B.output(SchedulerOutput, prev)
