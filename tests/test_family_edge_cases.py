@@ -183,6 +183,7 @@ _LAYOUTS = [
     pytest.param(CL, CL, (1, 3, 4, 5), id="x_cl-m_cl_broadcast"),
     pytest.param(CL, torch.contiguous_format, (3, 1, 5), id="x_cl-m_broadcast"),
     pytest.param(torch.channels_last_3d, torch.contiguous_format, (2, 3, 2, 4, 5), id="x_cl3d-m_contig"),
+    pytest.param(torch.channels_last_3d, torch.channels_last_3d, (2, 3, 2, 4, 5), id="x_cl3d-m_cl3d"),
 ]
 
 
@@ -198,15 +199,15 @@ def test_outputs_take_x_layout(ops, name, xf, mf, mshape, dtype):
     xshape = (2, 3, 2, 4, 5) if xf == torch.channels_last_3d else (2, 3, 4, 5)
     x = randn(*xshape, seed=1, dtype=dtype).contiguous(memory_format=xf)
     m = randn(*mshape, seed=2, dtype=dtype)
-    if m.dim() == 4:
+    if m.dim() == x.dim():
         m = m.contiguous(memory_format=mf)
     want_fmt = output_format(x)
     assert (want_fmt == torch.contiguous_format) == (xf == torch.contiguous_format)
     call = _calls(2)[name]
     for zf in (CL, torch.contiguous_format, None):
         z = None if zf is None else randn(*xshape, seed=3, dtype=dtype)
-        if z is not None and z.dim() == 4:
-            z = z.contiguous(memory_format=zf)
+        if z is not None:
+            z = z.contiguous(memory_format=zf if z.dim() == 4 or zf != CL else torch.channels_last_3d)
         outs = call(ops, x, m, z)
         want = call(ops, x.contiguous(), m.contiguous(), None if z is None else z.contiguous())
         for i, (got, w) in enumerate(zip(outs, want, strict=True)):
@@ -214,3 +215,34 @@ def test_outputs_take_x_layout(ops, name, xf, mf, mshape, dtype):
                 continue
             assert got.is_contiguous(memory_format=want_fmt), (name, i, zf, got.stride())
             assert torch.equal(got, w), (name, i, zf)
+
+
+_OLD_OPS = {
+    "ddim_step": lambda x, m, z, g: dk.ddim_step(x, m, torch.tensor([700, 650]), 0.7, t_prev=torch.tensor([500, 20]),
+                                                 noise=z, generator=g),
+    "ddpm_step": lambda x, m, z, g: dk.ddpm_step(x, m, torch.tensor([700, 3]), noise=z, generator=g),
+    "q_sample": lambda x, m, z, g: dk.q_sample(x, torch.tensor([700, 3]), z, generator=g),
+    "langevin_step": lambda x, m, z, g: dk.langevin_step(x, m, 0.01, noise=z, generator=g),
+}
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+@pytest.mark.parametrize("fmt", [CL, torch.channels_last_3d])
+@pytest.mark.parametrize("name", list(_OLD_OPS))
+def test_front_door_ops_in_memory_order(name, fmt, dtype):
+    """The CPU driver runs a channels_last x with no noise to draw in memory order (the
+    permuted views are dense); it shares that driver with the front-door ops. Results
+    equal the contiguous call's, with per-sample coefficients, in x's layout, with the
+    model output and noise in x's layout or not, and with noise drawn (logical order)."""
+    shape = (2, 3, 4, 5) if fmt == CL else (2, 3, 2, 4, 5)
+    x = randn(*shape, seed=1, dtype=dtype).contiguous(memory_format=fmt)
+    for m in (randn(*shape, seed=2, dtype=dtype).contiguous(memory_format=fmt), randn(*shape, seed=2, dtype=dtype)):
+        for z in (randn(*shape, seed=3, dtype=dtype).contiguous(memory_format=fmt), randn(*shape, seed=3, dtype=dtype),
+                  None):
+            got = _OLD_OPS[name](x, m, z, None if z is not None else gen(7))
+            want = _OLD_OPS[name](x.contiguous(), m.contiguous(), None if z is None else z.contiguous(),
+                                  None if z is not None else gen(7))
+            got, want = (got[0], want[0]) if isinstance(got, tuple) else (got, want)
+            assert got.is_contiguous(memory_format=fmt) and not got.is_contiguous()
+            assert torch.equal(got, want), (name, z is None)
