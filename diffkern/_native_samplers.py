@@ -7,9 +7,9 @@ dependency runs one way.
 Each impl takes the arguments of the reference's private ``_<op>`` function. Scalars go
 to the kernel as a number, or as a 1-D float32/float64 tensor on x's device that the
 kernel reads per sample (no host sync). Operands of different dtypes are cast to their
-promoted dtype first (exact), so the result is the reference's. An impl returns
-``NotImplemented`` where the reference must run: a noise level that needs a gradient, or
-noise whose dtype would round in the cast. Noise is keyed as the older ops key it
+promoted dtype first (exact; given noise too, where the step uses it), so the result is
+the reference's. An impl returns ``NotImplemented`` where the reference must run: a noise
+level that needs a gradient. Noise is keyed as the older ops key it
 (``_noise_key``): a CPU generator here (diffkern._rng's rule), a CUDA generator's Philox
 state in the kernel (graph-safe).
 """
@@ -49,14 +49,6 @@ def _common(x, *others):
     return tuple(t if t is None or t.dtype == dtype else t.to(dtype) for t in (x, *others))
 
 
-def _noise_as(noise, dtype):
-    if noise is None or noise.dtype == dtype:
-        return noise
-    if torch.promote_types(noise.dtype, dtype) != dtype:  # the reference uses it unrounded
-        raise _Fallback
-    return noise.to(dtype)
-
-
 def _noise_key(x, generator, draws: bool):
     """(generator, seed, offset) for a raw op: CUDA generators go to the op (it reads
     torch's Philox state, graph-safe); CPU ones are keyed here, as the older ops key them."""
@@ -81,9 +73,8 @@ def _native(fn):
 
 @_native
 def euler_step(x, m, sigma, sigma_next, eta, s_noise, gamma, prediction, noise, generator):
-    x, m = _common(x, m)
     noisy = eta > 0 or gamma > 0
-    noise = _noise_as(noise, x.dtype) if noisy else None
+    x, m, noise = _common(x, m, noise if noisy else None)
     (st, s), (snt, sn) = _level(sigma), _level(sigma_next)
     gen, seed, offset = _noise_key(x, generator, noisy and noise is None)
     return _ops.euler_step(x, m, st, snt, s, sn, eta, s_noise, gamma, prediction, noise, gen, seed, offset)
@@ -109,8 +100,7 @@ def dpmpp_2m_step(x, m, old_denoised, sigma, sigma_next, sigma_prev, prediction,
 
 @_native
 def flow_step(x, v, sigma, sigma_next, stochastic, noise, generator):
-    x, v = _common(x, v)
-    noise = _noise_as(noise, x.dtype) if stochastic else None
+    x, v, noise = _common(x, v, noise if stochastic else None)
     (st, s), (snt, sn) = _level(sigma), _level(sigma_next)
     gen, seed, offset = _noise_key(x, generator, stochastic and noise is None)
     return _ops.flow_step(x, v, st, snt, s, sn, stochastic, noise, gen, seed, offset)
@@ -130,8 +120,7 @@ def flow_q_sample(x0, sigma, noise, generator):
 def lcm_step(x, m, a, noise, generator):
     if x.numel() == 0:  # a zero batch has no timesteps for the kernel's (B,) tables
         raise _Fallback
-    x, m = _common(x, m)
-    noise = _noise_as(noise, x.dtype)
+    x, m, noise = _common(x, m, noise)
     # One draw per call, also on the final step (the reference's generator advances the
     # same way); the kernel skips the noise when every sample is at its final step.
     renoise = not (a.t_prev.device.type == "cpu" and a.t_prev.numel() == 1 and int(a.t_prev) < 0)
@@ -149,11 +138,9 @@ def lcm_step(x, m, a, noise, generator):
 def linear_step(inputs, c, cn, K, noise, generator):
     if not hasattr(_ops, "linear_step"):  # an extension built before the op existed
         raise _Fallback
-    x, *rest = _common(*inputs)
-    J = len(inputs)
     noisy = cn is not None
-    if noisy:
-        noise = _noise_as(noise, x.dtype)
+    x, *rest, noise = _common(*inputs, noise if noisy else None)
+    J = len(inputs)
     if isinstance(c, torch.Tensor) or isinstance(cn, torch.Tensor):
         if (isinstance(c, torch.Tensor) and c.requires_grad) or (isinstance(cn, torch.Tensor) and cn.requires_grad):
             raise _Fallback
@@ -163,7 +150,8 @@ def linear_step(inputs, c, cn, K, noise, generator):
         else:
             ntab = cn if isinstance(cn, torch.Tensor) else torch.tensor(cn, dtype=torch.float64, device=x.device)[None]
             ntab = ntab.unsqueeze(-1)
-        rows = max(tab.shape[0], ntab.shape[0])
+        # 1 broadcasts to B, also to a zero batch's 0 (max() would give 1 there)
+        rows = ntab.shape[0] if tab.shape[0] == 1 else tab.shape[0]
         full = torch.cat((tab.expand(rows, K, J), ntab.expand(rows, K, 1)), dim=2).reshape(rows, K * (J + 1))
         flat, table = [], full.contiguous()
     else:

@@ -17,8 +17,10 @@ k-diffusion's ``sampling.py`` and diffusers' schedulers (SAMPLER_SEMANTICS.md):
 
 Per-sample scalars arrive validated (a Python float or a 1-D tensor of length 1 or B on
 x's device); coefficients are formed in float64 and cast to the compute dtype (float64
-for float64 operands, else float32). Output dtype is the promotion of x's and the model
-outputs' dtypes. Noise, when drawn, comes from :mod:`diffkern._rng` (the native ops'
+for float64 operands, else float32). Output dtype is the promotion of x's, the model
+outputs' and, where the step uses it, the given noise's dtypes (torch's rule, as
+q_sample/ddim_step); outputs have x's shape and layout (channels_last kept) and never
+alias an input. Noise, when drawn, comes from :mod:`diffkern._rng` (the native ops'
 Philox stream), one x-shaped draw per call.
 """
 
@@ -38,7 +40,9 @@ SOLVER_TYPES = ("midpoint", "heun")
 
 
 def _dtypes(*tensors: torch.Tensor):
-    """(compute dtype, output dtype) for operands that may differ in dtype."""
+    """(compute dtype, output dtype) for operands that may differ in dtype (None: an
+    operand the step does not use, such as noise=None or noise a deterministic step
+    ignores; given noise that the step uses promotes as in ``x + sigma_up * z``)."""
     out = tensors[0].dtype
     for t in tensors[1:]:
         if t is not None:
@@ -46,10 +50,21 @@ def _dtypes(*tensors: torch.Tensor):
     return (torch.float64 if out == torch.float64 else torch.float32), out
 
 
-def _own(result: torch.Tensor, operand: torch.Tensor) -> torch.Tensor:
-    """A result that is not the caller's operand (``sample`` prediction makes D = m):
-    editing the result in place must not edit the input, as with the native ops."""
-    return result.clone() if result is operand else result
+def _out(result: torch.Tensor, x: torch.Tensor, dtype: torch.dtype, operand: torch.Tensor | None = None):
+    """A result as the native ops hand it back: the promoted dtype, x's shape (``sample``
+    prediction makes D = m, which may be a broadcast operand), x's layout (channels_last
+    stays channels_last whatever the operands' layouts; torch's elementwise ops would
+    follow theirs), and never a view of the caller's ``operand``: editing the result in
+    place must not edit the input."""
+    result = result.to(dtype)
+    if result.shape != x.shape:
+        result = result.expand(x.shape)
+    fmt = V.output_format(x)
+    if not result.is_contiguous(memory_format=fmt):
+        result = result.contiguous(memory_format=fmt)
+    if operand is not None and result.untyped_storage().data_ptr() == operand.untyped_storage().data_ptr():
+        result = result.clone(memory_format=fmt)
+    return result
 
 
 def _level(v, x: torch.Tensor) -> torch.Tensor:
@@ -113,7 +128,7 @@ def euler_step(x, denoised, sigma, sigma_next, *, eta=0.0, s_noise=1.0, gamma=0.
 
 
 def _euler(x, m, sigma, sigma_next, eta, s_noise, gamma, prediction, noise, generator):
-    cd, out_dtype = _dtypes(x, m)
+    cd, out_dtype = _dtypes(x, m, noise if eta > 0 or gamma > 0 else None)
     s, sn = _level(sigma, x), _level(sigma_next, x)
     xc, mc = x.to(cd), m.to(cd)
     if gamma > 0:
@@ -126,16 +141,16 @@ def _euler(x, m, sigma, sigma_next, eta, s_noise, gamma, prediction, noise, gene
         den = denoised_from(x_hat, mc, s if prediction == V.PREDICTION_TYPES["v_prediction"] else s_hat,
                             prediction, cd)
         d = (x_hat - den) / s_hat.to(cd)
-        return (x_hat + d * (sn - s_hat).to(cd)).to(out_dtype)
+        return _out(x_hat + d * (sn - s_hat).to(cd), x, out_dtype)
     den = denoised_from(xc, mc, s, prediction, cd)
     d = (xc - den) / s.to(cd)
     if eta == 0:
-        return (xc + d * (sn - s).to(cd)).to(out_dtype)
+        return _out(xc + d * (sn - s).to(cd), x, out_dtype)
     sigma_down, sigma_up = ancestral_split(s, sn, eta)
     out = xc + d * (sigma_down - s).to(cd)
     z = _noise(x, noise, generator, cd)
     out = torch.where(sn > 0, out + (s_noise * sigma_up).to(cd) * z, out)  # k-diffusion adds no noise at sigma 0
-    return out.to(out_dtype)
+    return _out(out, x, out_dtype)
 
 
 # ---- Heun ----------------------------------------------------------------------------
@@ -163,7 +178,7 @@ def _heun(x, m, x_proposal, m_proposal, sigma, sigma_next, prediction):
     xc, xp = x.to(cd), x_proposal.to(cd)
     d = (xc - denoised_from(xc, m.to(cd), s, prediction, cd)) / s.to(cd)
     d2 = (xp - denoised_from(xp, m_proposal.to(cd), sn, prediction, cd)) / sn.to(cd)
-    return (xc + (d + d2) / 2 * (sn - s).to(cd)).to(out_dtype)
+    return _out(xc + (d + d2) / 2 * (sn - s).to(cd), x, out_dtype)
 
 
 # ---- DPM-Solver++(2M) ----------------------------------------------------------------
@@ -239,8 +254,8 @@ def _dpmpp_2m(x, m, old_denoised, sigma, sigma_next, sigma_prev, prediction, sol
     x_next = torch.where(final, den, x_next)
     if variance_preserving:
         x_next = x_next * (1 / (sn * sn + 1).sqrt()).to(cd)
-    x_next = x_next.to(out_dtype)
-    return (x_next, _own(den.to(out_dtype), m)) if return_denoised else x_next
+    x_next = _out(x_next, x, out_dtype)
+    return (x_next, _out(den, x, out_dtype, m)) if return_denoised else x_next
 
 
 # ---- flow matching -------------------------------------------------------------------
@@ -269,14 +284,14 @@ def flow_step(x, velocity, sigma, sigma_next, *, stochastic=False, noise=None, g
 
 
 def _flow(x, v, sigma, sigma_next, stochastic, noise, generator):
-    cd, out_dtype = _dtypes(x, v)
+    cd, out_dtype = _dtypes(x, v, noise if stochastic else None)
     s, sn = _level(sigma, x), _level(sigma_next, x)
     xc, vc = x.to(cd), v.to(cd)
     if not stochastic:
-        return (xc + (sn - s).to(cd) * vc).to(out_dtype)
+        return _out(xc + (sn - s).to(cd) * vc, x, out_dtype)
     x0 = xc - s.to(cd) * vc
     z = _noise(x, noise, generator, cd)
-    return ((1 - sn).to(cd) * x0 + sn.to(cd) * z).to(out_dtype)
+    return _out((1 - sn).to(cd) * x0 + sn.to(cd) * z, x, out_dtype)
 
 
 def _flow_q_sample_args(x0, sigma, noise, generator):
@@ -300,8 +315,8 @@ def _flow_q_sample(x0, sigma, noise, generator):
     cd, out_dtype = _dtypes(x0, noise)  # fp32 noise with bf16 x0 gives fp32, as q_sample does
     s = _level(sigma, x0)
     z = _noise(x0, noise, generator, cd)
-    xt = ((1 - s).to(cd) * x0.to(cd) + s.to(cd) * z).to(out_dtype)
-    return xt, (z.to(out_dtype) if noise is None else noise)
+    xt = _out((1 - s).to(cd) * x0.to(cd) + s.to(cd) * z, x0, out_dtype)
+    return xt, (_out(z, x0, out_dtype) if noise is None else noise)
 
 
 # ---- LCM -----------------------------------------------------------------------------
@@ -352,7 +367,9 @@ def lcm_step(x, model_output, t, t_prev, *, schedule=None, prediction_type="epsi
 
 
 def _lcm(x, m, a: _LcmArgs, noise, generator):
-    cd, out_dtype = _dtypes(x, m)
+    # the noise promotes even where every t_prev < 0 (as ddim_step's final step): the
+    # dtype never depends on values that may live on a device
+    cd, out_dtype = _dtypes(x, m, noise)
     ab = _per_sample(_lookup(a.table, a.t, False), x)
     ab_prev = _per_sample(_lookup(a.table, a.t_prev, True), x)  # 1 where t_prev < 0
     # boundary condition c_skip(0) = 1, c_out(0) = 0 (Song et al. 2023, eq. 7; LCM's discrete form)
@@ -373,8 +390,8 @@ def _lcm(x, m, a: _LcmArgs, noise, generator):
     z = _noise(x, noise, generator, cd)
     final = _per_sample(a.t_prev < 0, x)
     x_prev = torch.where(final, den, ab_prev.sqrt().to(cd) * den + (1 - ab_prev).sqrt().to(cd) * z)
-    x_prev = x_prev.to(out_dtype)
-    return (x_prev, den.to(out_dtype)) if a.return_denoised else x_prev
+    x_prev = _out(x_prev, x, out_dtype)
+    return (x_prev, _out(den, x, out_dtype)) if a.return_denoised else x_prev
 
 
 # ---- linear_step: the multistep solvers' update ----------------------------------------
@@ -461,7 +478,7 @@ def linear_step(inputs, coeffs, *, noise_coeffs=None, noise=None, generator=None
 
 def _linear(inputs, c, cn, K, noise, generator):
     x = inputs[0]
-    cd, out_dtype = _dtypes(*inputs)
+    cd, out_dtype = _dtypes(*inputs, noise if cn is not None else None)
     table = _as_table(c, x)  # (1 or B, K, J) float64
     z = None if cn is None else _noise(x, noise, generator, cd)
     ntab = None if cn is None else (cn if isinstance(cn, torch.Tensor) else _as_table(cn, x))  # (1 or B, K)
@@ -475,5 +492,5 @@ def _linear(inputs, c, cn, K, noise, generator):
             cz = _per_sample(ntab[:, k], x)
             # a select, not 0 * z: a sample whose noise coefficient is 0 takes no noise at all
             acc = torch.where(cz != 0, acc + cz.to(cd) * z, acc)
-        outs.append(acc.to(out_dtype))
+        outs.append(_out(acc, x, out_dtype))
     return tuple(outs)

@@ -13,10 +13,15 @@ Conventions shared by every op here:
   Range checks (finite, > 0 where the step divides, orderings) run for host values only:
   a device tensor is never read back, so a GPU loop does not stall.
 - Dtypes: float16/bfloat16/float32/float64 storage, float32 math (float64 when any
-  operand is float64). The model outputs may differ in dtype from x; the result has the
-  promoted dtype (as ``x + d * dt`` in torch), so with matching dtypes it is x's dtype.
+  operand is float64). The model outputs and ``noise`` may differ in dtype from x; the
+  result has the promoted dtype of x, the model outputs and the noise where the step
+  uses it (as ``x + d * dt + sigma_up * z`` in torch, and as q_sample/ddim_step), so with
+  matching dtypes it is x's dtype. A deterministic step ignores ``noise`` and its dtype.
 - Shapes: any shape and strides; model outputs and ``noise`` broadcast to x's shape;
-  the result has x's shape.
+  every result has x's shape, x's layout (channels_last / channels_last_3d when x is,
+  contiguous otherwise, whatever the other operands' layouts) and storage of its own
+  (never an input; flow_q_sample's second value is the caller's noise when given).
+- A zero batch (with (0,) levels) gives empty results.
 - Noise: ``noise=`` is used exactly as given; otherwise, when the step is stochastic, one
   x-shaped draw of the in-kernel Philox stream keyed by ``generator`` (as the DDPM/DDIM
   ops draw it). An op that draws, draws on every call whatever the sigma values (so the
@@ -195,8 +200,9 @@ def flow_q_sample(x0, sigma, noise=None, *, generator=None, seeds=None, step=Non
     ``noise - x0``.
 
     Args: x0: (B, ...); sigma: per-sample in [0, 1]; noise: broadcastable to x0, drawn
-    (one x0-shaped draw) when None. Returns ``(x_sigma, noise)``, noise being the tensor
-    used (drawn noise in x0's dtype).
+    (one x0-shaped draw) when None. Returns ``(x_sigma, noise)``: x_sigma of the promoted
+    dtype of x0 and noise (as q_sample), noise the tensor used (drawn: x0's dtype and
+    layout).
     """
     noise = _rng.keyed_noise(V.check_x(x0, "x0"), seeds, step, generator, noise)
     s = R._flow_q_sample_args(x0, sigma, noise, generator)
@@ -261,7 +267,8 @@ def linear_step(inputs, coeffs, *, noise_coeffs=None, noise=None, generator=None
     Args:
         inputs: 1 to 6 tensors, x first (its shape, batch and device are the output's);
             the others broadcast to x's shape. Any float dtypes: the math is float32
-            (float64 if any input is float64), outputs have the promoted dtype.
+            (float64 if any input or the given noise is float64), outputs have the
+            promoted dtype of the inputs and, with noise_coeffs, the given noise.
         coeffs: K rows (1 <= K <= 3) of J = len(inputs) numbers, shared by the batch; or a
             float tensor (K, J) or (B, K, J) (per sample), on x's device (or the CPU).
         noise_coeffs: None (no noise; nothing is drawn), or K numbers / a (K,) or (B, K)

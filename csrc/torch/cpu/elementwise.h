@@ -24,7 +24,28 @@ std::array<at::Tensor, kMaxOut> run_outputs(const Op& op, c10::ArrayRef<const at
   const at::Tensor& x = *inputs[0];
   TORCH_CHECK(x.device().is_cpu(), "expected CPU tensors");
   std::array<at::Tensor, kMaxOut> outs;
-  outs[0] = empty_output(x.sizes(), x.options());
+  // A channels_last(_3d) x with no noise to draw runs in memory order: over the permuted
+  // (N, H, W, C) views the operands in x's layout are dense and the loop takes its
+  // contiguous path (through the strided one a 16x4x64x64 float32 Euler step took 18x the
+  // contiguous step's time), and the output needs no copy into x's layout. The batch stays
+  // the outer dimension, so per-sample coefficients index as before. Drawn noise keeps
+  // the logical order: its Philox counter is the logical index, so the numbers do not
+  // depend on the layout. There the operands are copied to contiguous first: a copy pass
+  // each costs far less than the strided loop (Euler ancestral: 10x the contiguous step).
+  const at::MemoryFormat format = validate::output_format(x);
+  const bool memory_order = format != at::MemoryFormat::Contiguous && !(draw && !noise.has_value());
+  const bool five = x.dim() == 5;
+  const std::array<int64_t, 5> perm = five ? std::array<int64_t, 5>{0, 2, 3, 4, 1}
+                                           : std::array<int64_t, 5>{0, 2, 3, 1, 0};
+  const std::array<int64_t, 5> inverse = five ? std::array<int64_t, 5>{0, 4, 1, 2, 3}
+                                              : std::array<int64_t, 5>{0, 3, 1, 2, 0};
+  const at::IntArrayRef perm_ref(perm.data(), five ? 5 : 4), inverse_ref(inverse.data(), five ? 5 : 4);
+  const bool copy_in = format != at::MemoryFormat::Contiguous && !memory_order;
+  auto ordered = [&](const at::Tensor& t) {
+    if (memory_order) return t.expand(x.sizes()).permute(perm_ref);
+    return copy_in && !t.is_contiguous() ? t.expand(x.sizes()).contiguous() : t;
+  };
+  outs[0] = empty_output(ordered(x).sizes(), x.options());
   const int64_t numel = outs[0].numel();
   const int64_t inner = numel == 0 ? 1 : numel / batch_of(outs[0]);
   StepIO io;
@@ -32,11 +53,11 @@ std::array<at::Tensor, kMaxOut> run_outputs(const Op& op, c10::ArrayRef<const at
     if (!t) break;  // an absent last input
     TORCH_CHECK(io.nin < Op::kInputs, "diffkern: too many inputs");
     if (io.nin > 0) check_same(x, *t, kNames[io.nin]);
-    io.in[io.nin++] = make_operand(*t, outs[0].sizes());
+    io.in[io.nin++] = make_operand(ordered(*t), outs[0].sizes());
   }
   if (noise.has_value()) {
     check_same(x, *noise, "noise");
-    io.noise = make_operand(*noise, outs[0].sizes());
+    io.noise = make_operand(ordered(*noise), outs[0].sizes());
     io.has_noise = true;
   }
   io.draw = draw && !io.has_noise;
@@ -49,11 +70,11 @@ std::array<at::Tensor, kMaxOut> run_outputs(const Op& op, c10::ArrayRef<const at
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "diffkern_cpu_step", [&] {
     run_elementwise<scalar_t>(op, io, numel, inner, per_sample);
   });
-  // The kernel writes in x's logical order; a channels_last x gets channels_last outputs,
-  // as from the front-door ops (validate::output_format).
-  const at::MemoryFormat format = validate::output_format(x);
+  // A channels_last x gets channels_last outputs, as from the front-door ops
+  // (validate::output_format): the memory-order outputs viewed back in x's dimension
+  // order, the logical-order ones copied.
   for (auto& t : outs)
-    if (t.defined()) t = validate::in_format(t, format);
+    if (t.defined()) t = memory_order ? t.permute(inverse_ref) : validate::in_format(t, format);
   return outs;
 }
 
