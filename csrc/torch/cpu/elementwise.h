@@ -49,15 +49,21 @@ std::array<at::Tensor, kMaxOut> run_outputs(const Op& op, c10::ArrayRef<const at
   const int64_t numel = outs[0].numel();
   const int64_t inner = numel == 0 ? 1 : numel / batch_of(outs[0]);
   StepIO io;
+  // The operands' tensors (a copy made for the loop among them) outlive the loop here:
+  // StepIO holds only their views.
+  Operand owners[kMaxIn + 1];
   for (const at::Tensor* t : inputs) {
     if (!t) break;  // an absent last input
     TORCH_CHECK(io.nin < Op::kInputs, "diffkern: too many inputs");
     if (io.nin > 0) check_same(x, *t, kNames[io.nin]);
-    io.in[io.nin++] = make_operand(ordered(*t), outs[0].sizes());
+    owners[io.nin] = make_operand(ordered(*t), outs[0].sizes());
+    io.in[io.nin] = owners[io.nin];
+    ++io.nin;
   }
   if (noise.has_value()) {
     check_same(x, *noise, "noise");
-    io.noise = make_operand(ordered(*noise), outs[0].sizes());
+    owners[kMaxIn] = make_operand(ordered(*noise), outs[0].sizes());
+    io.noise = owners[kMaxIn];
     io.has_noise = true;
   }
   io.draw = draw && !io.has_noise;
