@@ -420,7 +420,17 @@ def _raw_cases():
     }
 
 
-@pytest.mark.parametrize("name", list(_raw_cases()))
+RAW_CASES = ("euler_step", "euler_step_churn", "heun_step", "dpmpp_2m_step", "dpmpp_2m_step_first", "flow_step",
+             "flow_q_sample", "flow_q_sample_drawn", "lcm_step", "lcm_step_backward")
+
+
+def test_raw_case_names():
+    assert tuple(_raw_cases()) == RAW_CASES
+
+
+# Names listed, not read from _raw_cases() at collection: without the extension the ops
+# are not registered, and the module must still collect (and skip) on the fallback.
+@pytest.mark.parametrize("name", RAW_CASES)
 def test_opcheck(name):
     op, args = _raw_cases()[name]
     args = tuple(a.detach().requires_grad_(True) if isinstance(a, torch.Tensor) and a.dtype == F64 and a.dim() == 2
@@ -508,16 +518,33 @@ def test_backward_to_broadcast_model_output_and_float32():
 
 
 def test_compile_traces_the_native_ops():
+    """Under torch.compile the graph holds the native ops themselves (not the reference's
+    torch ops), and the compiled result is the eager one. Both run the same kernel, so that
+    equality cannot see a numeric bug they share: the eager result is also held to the
+    float64 reference."""
     a = _args((2, 3, 4), torch.float32, "ps32", 97)
 
-    def f(x, m, old):
-        x1 = dk.euler_step(x, m, a.s, a.sn0)
-        return dk.dpmpp_2m_step(x1, m, old, a.s, a.sn0, a.sp, return_denoised=True)
+    def f(x, m, old, ops=dk):
+        x1 = ops.euler_step(x, m, a.s, a.sn0)
+        return ops.dpmpp_2m_step(x1, m, old, a.s, a.sn0, a.sp, return_denoised=True)
 
+    traced = []
+
+    def recording_backend(gm, example_inputs):
+        traced.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(f, backend=recording_backend)(a.x, a.m, a.m2)
+    assert any("diffkern.euler_step" in t for t in traced), traced
+    assert any("diffkern.dpmpp_2m_step" in t for t in traced), traced
+    torch._dynamo.reset()
     got = torch.compile(f, fullgraph=False)(a.x, a.m, a.m2)
     want = f(a.x, a.m, a.m2)
-    for g, w in zip(got, want, strict=True):
+    ref = f(a.x.double(), a.m.double(), a.m2.double(), ops=R)
+    for g, w, r in zip(got, want, ref, strict=True):
         assert torch.equal(g, w)
+        assert max_rel_err(w, r) <= 1e-6
 
 
 def test_final_rows_take_no_noise_term():
