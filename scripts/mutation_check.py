@@ -6,8 +6,11 @@ tests that should catch each; reports caught / survived (issue 26).
     python scripts/mutation_check.py -k dpm     # the mutants whose name contains "dpm"
     python scripts/mutation_check.py --list
 
-The mutants are in the Python layer (validation, the reference, the RNG mirror, the
-samplers, the diffusers drop-ins): no rebuild. The copy imports its own diffkern
+Most mutants are in the Python layer (validation, the reference, the RNG mirror, the
+samplers, the diffusers drop-ins): no rebuild. The C++ ones (the CUDA kernels and the CPU
+driver's loops) are checked by the CUDA emulation test, which compiles both from the copy
+(`CTEST` selection: a CMake build in the copy, ~1 minute a mutant; needs CMake and the
+CUDA headers). The copy imports its own diffkern
 (`python -m pytest` from the copy's root) and finds the native build as the checkout
 does: the JIT cache is keyed by the sources' content, which the copy leaves unchanged,
 and ahead-of-time .so files are copied along. Each mutant is checked to apply exactly
@@ -47,6 +50,7 @@ class Mutant:
     count: int = 1  # occurrences of `old` that are replaced (all of them)
 
 
+CTEST = ["ctest"]  # the CUDA emulation test (with the CPU driver comparison), built in the copy
 T_BAD = "tests/test_bad_inputs.py"
 T_CPU = "tests/test_native_cpu.py"
 T_FUSED = "tests/test_fused_schedulers.py"
@@ -114,7 +118,45 @@ MUTANTS = [
     Mutant("cosine-offset", "schedules", "diffkern/schedules.py",
            "s: float = 0.008,", "s: float = 0.009,",
            ["tests/test_diffusers_equivalence.py", "-k", "schedules_bitwise"]),
+    Mutant("cuda-step-coeffs-in-float", "CUDA kernel", "csrc/kernels/elementwise.cuh",
+           "  return cast_coeffs<C>(op.template coeffs<double>(b));", "  return op.template coeffs<C>(b);", CTEST),
+    Mutant("cuda-fp16-halfword-order", "CUDA kernel", "csrc/kernels/elementwise.cuh",
+           "      v[2 * i] = Bits16<T>::to_float(w[i] & 0xFFFFu);", "      v[2 * i] = Bits16<T>::to_float(w[i] >> 16);",
+           CTEST),
+    Mutant("cuda-last-unit-short", "CUDA kernel", "csrc/kernels/elementwise.cuh",
+           "    const int64_t n = p.numel - e0 < kUnit ? p.numel - e0 : kUnit;",
+           "    const int64_t n = p.numel - e0 < kUnit ? p.numel - e0 - 1 : kUnit;", CTEST, count=2),
+    Mutant("cpu-driver-bf16-truncates", "CPU driver", "csrc/torch/cpu/driver.h",
+           "uint16_t((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16)", "uint16_t(b >> 16)", CTEST),
+    Mutant("cpu-driver-keeps-first-sample-coeffs", "CPU driver", "csrc/torch/cpu/driver.h",
+           "        if (per_sample && b != cached_b) {", "        if (per_sample && cached_b < 0) {", CTEST),
 ]
+
+
+def _ctest(copy: Path, timeout: int) -> tuple[int, float, str]:
+    """Builds the CUDA emulation test in the copy (incrementally) and runs it: rc 1 when it
+    fails, 0 when it passes, anything else (a build error) is not a catch."""
+    t0 = time.time()
+    build = copy / "build" / "emu"
+    try:
+        cfg = subprocess.run(["cmake", "-S", str(copy), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
+                              "-DDIFFKERN_CUDA_EMU_SANITIZE=OFF"], capture_output=True, text=True, timeout=timeout)
+        if cfg.returncode != 0:
+            return 2, time.time() - t0, "cmake configure failed"
+        targets = ["cuda_emu_tests", "diffkern_cuda_emu_host", "diffkern_cuda_emu_device"]
+        b = subprocess.run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2), "--target", *targets],
+                           capture_output=True, text=True, timeout=timeout)
+        if b.returncode != 0:
+            return 2, time.time() - t0, "build failed"
+        p = subprocess.run(["ctest", "--test-dir", str(build), "-R", "^cuda_emu_tests$"], capture_output=True,
+                           text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return -1, time.time() - t0, "timeout"
+    passed = "100% tests passed" in p.stdout
+    failed = "tests failed out of 1" in p.stdout and not passed
+    rc = 0 if passed else (1 if failed else 2)
+    tail = [ln for ln in p.stdout.splitlines() if "tests passed" in ln or "tests failed" in ln]
+    return rc, time.time() - t0, ("1 passed (ctest cuda_emu_tests)" if passed else (tail[0] if tail else "no result"))
 
 
 def _copy_tree(dst: Path) -> None:
@@ -132,6 +174,8 @@ def _copy_tree(dst: Path) -> None:
 
 
 def _pytest(copy: Path, args: list[str], timeout: int) -> tuple[int, float, str]:
+    if args == CTEST:
+        return _ctest(copy, timeout)
     env = dict(os.environ, DIFFKERN_REQUIRE_NATIVE="1", PYTHONDONTWRITEBYTECODE="1")
     t0 = time.time()
     try:
