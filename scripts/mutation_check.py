@@ -68,7 +68,7 @@ MUTANTS = [
     Mutant("broadcast-refused", "validation", "diffkern/_validate.py",
            "    return all(s == 1 or s == t for s, t in zip(", "    return all(s == t for s, t in zip(",
            ["tests/test_front_door.py", "-k", "broadcast"]),
-    Mutant("coefficients-in-float32", "reference", "diffkern/reference.py",
+    Mutant("coefficients-in-float32", "reference", "diffkern/_reference_common.py",
            "    ab = table.to(torch.float64)[t.clamp(0, T - 1)]", "    ab = table.to(torch.float32)[t.clamp(0, T - 1)]",
            [T_CPU, "-k", "bitwise and fp32"]),
     # (moving the c2 term first is an equivalent mutant: c2 = 0 for DDIM, c1 = 0 for DDPM)
@@ -95,7 +95,7 @@ MUTANTS = [
            ["tests/test_k_samplers.py", "-k", "k_diffusion_loop_in_float64"]),
     Mutant("dpm-lower-order-final-at-15", "drop-ins", "diffkern/integrations/diffusers/dpm.py",
            "(c.lower_order_final and n < 15)", "(c.lower_order_final and n <= 15)",
-           [T_FUSED, "-k", "lower_order_final_threshold"], count=2),
+           [T_FUSED, "-k", "lower_order_final_threshold"]),
     Mutant("euler-churn-window-exclusive", "drop-ins", "diffkern/integrations/diffusers/euler.py",
            "if s_tmin <= sigma <= s_tmax else 0.0", "if s_tmin < sigma <= s_tmax else 0.0",
            [T_FUSED, "-k", "churn_window"]),
@@ -112,8 +112,8 @@ MUTANTS = [
            [T_FUSED, "-k", "ddim_options"]),
     # (skipping the warm-up flag is equivalent: the first step's history is None, first order)
     Mutant("dpm-history-oldest", "drop-ins", "diffkern/integrations/diffusers/dpm.py",
-           "        old = self.model_outputs[-1] if second else None",
-           "        old = self.model_outputs[0] if second else None",
+           "        hist = [self.model_outputs[-k] for k in range(1, o)]",
+           "        hist = [self.model_outputs[k - 1] for k in range(1, o)]",
            [T_FUSED, "-k", "fewest_steps and DPM"]),
     Mutant("cosine-offset", "schedules", "diffkern/schedules.py",
            "s: float = 0.008,", "s: float = 0.009,",
