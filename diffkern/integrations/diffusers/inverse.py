@@ -1,4 +1,4 @@
-"""FusedDDIMInverseScheduler: DDIMInverseScheduler with dk.ddim_step."""
+"""FusedDDIMInverseScheduler: DDIMInverseScheduler with one dk.linear_step per step."""
 
 from __future__ import annotations
 
@@ -6,11 +6,9 @@ import torch
 from diffusers import DDIMInverseScheduler
 from diffusers.schedulers.scheduling_ddim_inverse import DDIMSchedulerOutput
 
-from ... import _validate as V
 from . import _base as B
 
 __all__ = ["FusedDDIMInverseScheduler"]
-
 
 _PREDICTIONS = ("epsilon", "sample", "v_prediction")
 
@@ -41,21 +39,13 @@ def _coeff_table(ac: torch.Tensor, initial: float, jump: int, prediction: str) -
 
 
 class FusedDDIMInverseScheduler(B.FusedSchedulerMixin, DDIMInverseScheduler):
-    """:class:`diffusers.DDIMInverseScheduler` with fused passes: the inverse step from
-    ``s = min(t - jump, N - 1)`` (``initial_alpha_cumprod`` below 0) to ``t`` is a DDIM
-    step with eta 0 (``dk.ddim_step``, ``clip_sample`` clamping the x0 inside it, eps
-    unclipped as stock's), and ``pred_original_sample`` a second one to alpha 1. Both read
-    one float32 table per ``set_timesteps``, stock's ``alphas_cumprod`` followed by each
-    step's starting alpha: ``table[t] = alphas_cumprod[t]``, ``table[N + t] = alpha(s)``,
-    so the step runs from index ``N + t`` to ``t`` (the kernel's t_prev < t). ``timestep``
-    may be an int, an element of ``timesteps`` or a (B,) tensor; no host read per step
-    (stock reads a tensor timestep on the host to compare it with 0).
-
-    The DDIM kernel forms NaN for an alpha of 1 (``set_alpha_to_one`` at the first step)
-    or 0 (``rescale_betas_zero_snr`` at the last), and an int or (B,) timestep would need
-    a tensor per call: those steps take ``linear_step`` with float64 coefficients instead
-    (prev and x0 as two rows; with ``clip_sample`` x0, the clamp, then prev over (x, m,
-    clamped x0)).
+    """:class:`diffusers.DDIMInverseScheduler` with one fused pass per step: prev and
+    ``pred_original_sample`` are the two rows of one ``linear_step`` call, with
+    coefficients formed in float64 from stock's float32 ``alphas_cumprod`` (one table per
+    ``set_timesteps``). ``clip_sample`` clamps the x0 between two calls (x0, then
+    ``sqrt(a_t) x0 + sqrt(1 - a_t) eps`` over (x, m, clamped x0)). ``timestep`` may be an
+    int, an element of ``timesteps`` or a (B,) tensor; no host read per step (stock reads
+    a tensor timestep on the host to compare it with 0).
     """
 
     def _dk_check_config(self):
@@ -67,25 +57,17 @@ class FusedDDIMInverseScheduler(B.FusedSchedulerMixin, DDIMInverseScheduler):
         c = self.config
         N = c.num_train_timesteps
         jump = N // self.num_inference_steps if self.num_inference_steps else 1
-        ac = self.alphas_cumprod.to("cpu", torch.float32)
-        t = torch.arange(N)
-        s = (t - jump).clamp(max=N - 1)
-        initial = torch.as_tensor(self.initial_alpha_cumprod, dtype=torch.float32)
-        start = torch.where(s >= 0, ac[s.clamp(min=0)], initial)
+        tab = _coeff_table(self.alphas_cumprod.to("cpu", torch.float32), float(self.initial_alpha_cumprod), jump,
+                           c.prediction_type)
         ts = self.timesteps.detach().to("cpu", torch.int64).tolist() if self.num_inference_steps else []
-        ok = [0 <= v < N for v in ts]
-        cur = B.per_step(B.const_tensor([v + N if k else 0 for v, k in zip(ts, ok, strict=True)], device, torch.int64))
-        tgt = B.per_step(B.const_tensor([v if k else 0 for v, k in zip(ts, ok, strict=True)], device, torch.int64))
-        tab = _coeff_table(ac, float(self.initial_alpha_cumprod), jump, c.prediction_type)
-        # the DDIM route where both alphas are inside (0, 1): the kernel's coefficients
-        # come out NaN at an alpha of 1 (set_alpha_to_one) or 0 (rescale_betas_zero_snr)
-        fused = [k and 0.0 < float(start[v]) < 1.0 and 0.0 < float(ac[v]) < 1.0 for v, k in zip(ts, ok, strict=True)]
-        return B._State(table=B.const_tensor(torch.cat([ac, start]), device, torch.float32),
-                        steps=[(a, b) if k else None for a, b, k in zip(cur, tgt, fused, strict=True)],
-                        tab_host=tab, tab_dev=B.const_tensor(tab, device, torch.float64),
-                        host=[tab[v].tolist() if k else None for v, k in zip(ts, ok, strict=True)],
-                        prediction=V.PREDICTION_TYPES[c.prediction_type],
-                        clip=float(c.clip_sample_range) if c.clip_sample else None)
+        host = [tab[t].tolist() if 0 <= t < N else None for t in ts]
+        clip = float(c.clip_sample_range) if c.clip_sample else None
+        # the rows of each step index converted once (B.prepare), not per call
+        pre = [None if r is None else (B.prepare(r[:2]) if clip is None else (B.prepare(r[1:2]),
+                                                                            B.prepare(_clip_rows(r, True))))
+               for r in host]
+        return B._State(tab_host=tab, tab_dev=B.const_tensor(tab, device, torch.float64), host=host, pre=pre,
+                        clip=clip)
 
     def _dk_rows(self, timestep, x, st):
         """(4, 2) host rows, or a (B|1, 4, 2) device table, for this timestep."""
@@ -108,20 +90,23 @@ class FusedDDIMInverseScheduler(B.FusedSchedulerMixin, DDIMInverseScheduler):
         x, m = B.promote(sample, model_output)
         st = self._dk_state(x.device)
         i = self._dk_index_of(timestep)
-        pair = st.steps[i] if i is not None else None
-        if pair is not None:
-            # (N + t, t): the fast entry of the DDIM op, no argument handling in Python
-            x0 = B.pred_x0(x, m, pair[0], st, st.prediction, st.clip)
-            prev = B.ddim(x, m, pair[0], pair[1], st.table, 0.0, st.prediction, st.clip)
-        else:
-            rows = self._dk_rows(timestep, x, st)
-            host = not isinstance(rows, torch.Tensor)
+        pre = st.pre[i] if i is not None else None
+        if pre is not None:  # an element of timesteps: the rows prepared at set_timesteps
             if st.clip is None:
-                prev, x0 = B.linear([x, m], rows[:2] if host else rows[:, :2].contiguous())
+                prev, x0 = B.linear_pre([x, m], pre)
             else:
-                (x0,) = B.linear([x, m], rows[1:2] if host else rows[:, 1:2].contiguous())
+                (x0,) = B.linear_pre([x, m], pre[0])
                 x0 = x0.clamp(-st.clip, st.clip)
-                (prev,) = B.linear([x, m, x0], _clip_rows(rows, host))
+                (prev,) = B.linear_pre([x, m, x0], pre[1])
+            return (prev, x0) if not return_dict else B.output(DDIMSchedulerOutput, prev, x0)
+        rows = self._dk_rows(timestep, x, st)
+        host = not isinstance(rows, torch.Tensor)
+        if st.clip is None:
+            prev, x0 = B.linear([x, m], rows[:2] if host else rows[:, :2].contiguous())
+        else:
+            (x0,) = B.linear([x, m], rows[1:2] if host else rows[:, 1:2].contiguous())
+            x0 = x0.clamp(-st.clip, st.clip)
+            (prev,) = B.linear([x, m, x0], _clip_rows(rows, host))
         if not return_dict:
             return (prev, x0)
         return B.output(DDIMSchedulerOutput, prev, x0)
