@@ -16,8 +16,12 @@ def _compute_dtype(x) -> torch.dtype:
 
 
 def _per_sample(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """(B,) or (1,) -> broadcastable against x (B, ...)."""
-    return v.reshape(v.shape[0], *([1] * max(x.dim() - 1, 0))) if x.dim() > 0 else v.reshape(())
+    """A validated level or timestep -> broadcastable against x: (B,) or (1,) -> (B or 1,
+    1, ..., 1), aligned with x's first dim; 0-d and ndim >= 2 (already in torch's
+    right-aligned layout, _validate.level_shape) as they are."""
+    if v.dim() != 1:
+        return v
+    return v.reshape(v.shape[0], *([1] * (x.dim() - 1))) if x.dim() > 0 else v.reshape(())
 
 
 def _lookup(table: torch.Tensor, t: torch.Tensor, allow_final: bool) -> torch.Tensor:

@@ -92,6 +92,34 @@ def _broadcasts_to(shape, target) -> bool:
     return all(s == 1 or s == t for s, t in zip(reversed(shape), reversed(target), strict=False))
 
 
+def level_shape(v: torch.Tensor, x: torch.Tensor, name: str) -> tuple:
+    """The one shape rule of noise levels and timesteps: the shape (x.ndim long) that the
+    tensor ``v`` takes against x, or a ValueError naming ``name``.
+
+    - 0-d: shared by the batch;
+    - 1-D of length 1 or B = x.shape[0]: per sample, aligned with x's FIRST dim. torch's
+      broadcasting would align it with x's last dim; a (B,) level is per sample here
+      because that is what every sampler loop passes;
+    - 2 <= ndim <= x.ndim: torch's broadcasting (right-aligned, each dim 1 or x's), e.g.
+      per frame (B, 1, F, 1, 1) of a video latent or per token (B, N, 1)."""
+    nd = x.dim()
+    if v.dim() <= 1:
+        n = v.numel()
+        if v.dim() == 1 and n != 1 and n != _batch(x):
+            raise ValueError(f"{name} has {n} entries but x has batch size {_batch(x)}")
+        return (n,) + (1,) * (nd - 1) if nd > 0 else ()
+    if not _broadcasts_to(v.shape, x.shape):
+        raise ValueError(f"{name} of shape {tuple(v.shape)} does not broadcast to x's shape {tuple(x.shape)}")
+    return (1,) * (nd - v.dim()) + tuple(v.shape)
+
+
+def aligned(v: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+    """``v`` viewed in its :func:`level_shape` against x: two levels in different layouts
+    (a (B,) sigma beside a per-frame sigma_next) then compare elementwise under torch's
+    broadcasting."""
+    return v.reshape(level_shape(v, x, name))
+
+
 _int_t_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 
@@ -149,8 +177,9 @@ def int_timestep(tv: int, T: int, name: str = "t", *, allow_negative: bool = Fal
 
 
 def check_timesteps(t, x: torch.Tensor, T: int, name: str = "t", *, allow_negative: bool = False) -> torch.Tensor:
-    """A Python int, a 0-d or 1-D integer tensor of length x.shape[0], on the CPU or on x's
-    device -> an int64 tensor of shape (1,) or (B,) on x's device.
+    """A Python int or an integer tensor in a layout of :func:`level_shape` (0-d, (B,),
+    or broadcasting to x's shape), on the CPU or on x's device -> a contiguous int64
+    tensor on x's device: (1,) for an int or a 0-d tensor, else t's shape.
 
     Range checks run on the host only when t is already there; a t on the GPU is not
     copied back (that would stall the stream), and the math turns an out-of-range entry
@@ -174,10 +203,7 @@ def check_timesteps_host(t, x: torch.Tensor, T: int, name: str = "t", *, allow_n
         raise TypeError(f"{name} must be an int or an integer tensor, got {type(t).__name__}")
     if t.is_floating_point() or t.is_complex():
         raise TypeError(f"{name} must be an integer tensor, got {t.dtype} (timesteps are indices)")
-    if t.dim() > 1:
-        raise ValueError(f"{name} must be 0-d or 1-D, got shape {tuple(t.shape)}")
-    if t.dim() == 1 and t.numel() != _batch(x) and t.numel() != 1:
-        raise ValueError(f"{name} has {t.numel()} entries but x has batch size {_batch(x)}")
+    level_shape(t, x, name)
     if t.device.type != "cpu" and t.device != x.device:
         raise MismatchError(f"{name} is on {t.device} but x is on {x.device}")
     if t.device.type == "cpu" and t.numel() and not _compiling():
@@ -185,8 +211,10 @@ def check_timesteps_host(t, x: torch.Tensor, T: int, name: str = "t", *, allow_n
         if hi >= T or (lo < 0 and not allow_negative):
             raise ValueError(
                 f"{name} has entries outside [0, {T}) (min {lo}, max {hi}) for a schedule of {T} timesteps")
-    if t.dim() != 1 or t.dtype != torch.int64 or not t.is_contiguous():  # e.g. t[None].expand(B): stride 0
-        t = t.reshape(-1).to(torch.int64).contiguous()
+    if t.dim() == 0:
+        t = t.reshape(1)
+    if t.dtype != torch.int64 or not t.is_contiguous():  # e.g. t[None].expand(B): stride 0
+        t = t.to(torch.int64).contiguous()
     if allow_negative and t.device.type == "cpu":
         t = t.clamp_min(-1)
     return t
@@ -194,8 +222,9 @@ def check_timesteps_host(t, x: torch.Tensor, T: int, name: str = "t", *, allow_n
 
 def check_t_prev(t_prev, t: torch.Tensor, x: torch.Tensor, T: int, t_raw=None) -> torch.Tensor:
     """``t_prev`` validated like ``t`` (negative means the final step) and checked to be
-    below ``t`` wherever both are on the host (``t`` as check_timesteps_host returned
-    it, before any move to x's device: the check holds for CUDA x too)."""
+    below ``t`` elementwise, in the two layouts aligned against x, wherever both are on
+    the host (``t`` as check_timesteps_host returned it, before any move to x's device:
+    the check holds for CUDA x too)."""
     if t_prev is None:
         return t - 1
     # The range first, then the order: the native check's order, so both paths name the
@@ -206,7 +235,7 @@ def check_t_prev(t_prev, t: torch.Tensor, x: torch.Tensor, T: int, t_raw=None) -
     if ints and tp_int >= t_int:
         raise ValueError(_T_PREV_ORDER)
     if not ints and tp.device.type == "cpu" and t.device.type == "cpu" and not _compiling():
-        if bool((tp >= t).any()):
+        if bool((aligned(tp, x, "t_prev") >= aligned(t, x, "t")).any()):
             raise ValueError(_T_PREV_ORDER)
     return tp
 
@@ -416,15 +445,19 @@ def check_operand(x: torch.Tensor, other, name: str) -> torch.Tensor:
 
 
 def check_noise_level(v, x: torch.Tensor, name: str, *, positive: bool = False, at_most_one: bool = False):
-    """A per-sample noise level (sigma, sigma_next, ...): a real number, or a floating tensor
-    of shape (), (1,) or (B,) (B = x.shape[0]) on the CPU or on x's device.
+    """A noise level (sigma, sigma_next, ...): a real number, or a floating tensor on the
+    CPU or on x's device in a layout of :func:`level_shape`: () or (1,) shared, (B,) per
+    sample (B = x.shape[0], aligned with x's first dim), or 2 <= ndim <= x.ndim
+    broadcasting to x's shape torch-style (per frame, per token, ...).
 
     Values must be finite and >= 0 (> 0 with ``positive``, where the op divides by them;
-    <= 1 with ``at_most_one``). Python numbers and CPU tensors are checked here; a tensor
-    on x's device is not read back (that would stall the stream).
+    <= 1 with ``at_most_one``), elementwise. Python numbers and CPU tensors are checked
+    here; a tensor on x's device is not read back (that would stall the stream).
 
-    Returns a Python float, or a contiguous 1-D tensor of length 1 or B on x's device
-    (a one-element CPU tensor that needs no gradient becomes a float: the cheap path)."""
+    Returns a Python float (also for a one-element CPU tensor that needs no gradient: the
+    cheap path, and any one-element layout broadcasts alike); else a contiguous tensor on
+    x's device: 1-D of length 1 or B for a 0-d/1-D level, the level's own shape for
+    ndim >= 2."""
     if isinstance(v, bool) or (isinstance(v, torch.Tensor) and v.dtype == torch.bool):
         raise TypeError(f"{name} must be a real number or a floating tensor, got a bool")
     if isinstance(v, numbers.Real):
@@ -435,10 +468,7 @@ def check_noise_level(v, x: torch.Tensor, name: str, *, positive: bool = False, 
         raise TypeError(f"{name} must be a real number or a floating tensor, got {type(v).__name__}")
     if not v.is_floating_point():
         raise TypeError(f"{name} must be a floating tensor, got {v.dtype}")
-    if v.dim() > 1:
-        raise ValueError(f"{name} must be 0-d or 1-D, got shape {tuple(v.shape)}")
-    if v.dim() == 1 and v.numel() != _batch(x) and v.numel() != 1:
-        raise ValueError(f"{name} has {v.numel()} entries but x has batch size {_batch(x)}")
+    level_shape(v, x, name)
     if v.device.type != "cpu" and v.device != x.device:
         raise MismatchError(f"{name} is on {v.device} but x is on {x.device}")
     if v.device.type == "cpu" and not _compiling():
@@ -451,7 +481,8 @@ def check_noise_level(v, x: torch.Tensor, name: str, *, positive: bool = False, 
         if v.numel() > 0:  # a zero batch has no levels to range-check (aminmax has no identity)
             lo, hi = (float(u) for u in torch.aminmax(v.detach()))
             _check_level_range(lo, hi, name, positive, at_most_one)
-    v = v.reshape(-1)
+    if v.dim() == 0:
+        v = v.reshape(1)
     if not v.is_contiguous():
         v = v.contiguous()
     return v.to(x.device, non_blocking=True) if v.device != x.device else v
@@ -468,22 +499,24 @@ def _check_level_range(lo: float, hi: float, name: str, positive: bool, at_most_
         raise ValueError(f"{name} must be <= 1, got {hi}")
 
 
-def host_levels(v):
-    """A noise level as passed by the caller, as a float64 CPU tensor when its values are
-    on the host (a Python number or a CPU tensor), else None (it lives on a device)."""
+def host_levels(v, x: torch.Tensor):
+    """A noise level as passed by the caller (already validated against x), as a float64
+    CPU tensor in its :func:`level_shape` when its values are on the host (a Python
+    number or a CPU tensor), else None (it lives on a device)."""
     if _compiling():
         return None
     if isinstance(v, numbers.Real):
-        return torch.tensor([float(v)], dtype=torch.float64)
+        return torch.tensor(float(v), dtype=torch.float64)
     if isinstance(v, torch.Tensor) and v.device.type == "cpu":
-        return v.detach().to(torch.float64).reshape(-1)
+        return aligned(v.detach().to(torch.float64), x, "level")
     return None
 
 
-def check_level_order(lower, upper, message: str, *, strict: bool = False) -> None:
+def check_level_order(lower, upper, x: torch.Tensor, message: str, *, strict: bool = False) -> None:
     """Raise ValueError(message) unless lower <= upper (lower < upper with ``strict``)
-    everywhere, for levels known on the host; device-resident levels are not read."""
-    a, b = host_levels(lower), host_levels(upper)
+    elementwise over the two levels' layouts aligned against x, for levels known on the
+    host; device-resident levels are not read."""
+    a, b = host_levels(lower, x), host_levels(upper, x)
     if a is None or b is None:
         return
     bad = (a >= b) if strict else (a > b)

@@ -174,7 +174,10 @@ def q_sample(x0, t, noise=None, *, schedule=None, generator=None, seeds=None, st
 
     Args:
         x0: (B, ...) float16/bfloat16/float32/float64 tensor, any strides.
-        t: int, or int64 tensor of shape () or (B,) (per-sample), on the CPU or x0's device.
+        t: int, or an integer tensor on the CPU or x0's device: shape () (shared), (B,)
+            (per sample, aligned with x0's FIRST dim, unlike torch's broadcasting), or
+            2 <= ndim <= x0.ndim broadcasting to x0's shape torch-style (per frame
+            ``(B, 1, F, 1, 1)``, per token ``(B, N, 1)``): each element noised to its t.
         noise: optional tensor broadcastable to x0; drawn in-kernel (Philox) when None.
         schedule: :class:`NoiseSchedule` (default: linear 1e-4..0.02, T = 1000).
         generator: torch.Generator for the drawn noise (CPU or CUDA).
@@ -217,7 +220,9 @@ def ddim_step(x, eps, t, eta=0.0, *, t_prev=None, schedule=None, prediction_type
     Args:
         x: (B, ...) current sample. eps: model output on x's device, broadcastable to x;
             its dtype may differ (the result promotes, as torch does).
-        t, t_prev: int or int64 (B,) tensors; ``t_prev`` defaults to ``t - 1``, and
+        t, t_prev: int or integer tensors in the layouts of :func:`q_sample` (shared,
+            per sample (B,), or broadcasting to x: per frame, per token), each on its
+            own; ``t_prev`` defaults to ``t - 1``, must be below ``t`` elementwise, and
             ``t_prev < 0`` is the final step (``ab' = 1``).
         eta: a Python number or a CPU scalar tensor (a device tensor would need a sync).
         noise / generator: the z to use, or the generator to draw it from (in-kernel).
@@ -449,8 +454,7 @@ if _NATIVE:
                 continue
             if v.dtype == torch.bool or v.is_floating_point() or v.is_complex():
                 raise TypeError(f"{name} must be an integer tensor, got {v.dtype}")
-            if v.dim() > 1 or (v.numel() != 1 and v.numel() != V._batch(x)):
-                raise ValueError(f"{name} has {v.numel()} entries but x has batch size {V._batch(x)}")
+            V.level_shape(v, x, name)
             if v.device.type != "cpu" and v.device != x.device:
                 raise ValueError(f"{name} is on {v.device} but x is on {x.device}")
 

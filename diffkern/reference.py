@@ -103,7 +103,7 @@ def step_coefficients(kind: str, ab: torch.Tensor, ab_prev: torch.Tensor, t: tor
 
 def _apply_step(x, m, coeffs, clip, noise, out_dtype):
     cd = _compute_dtype(out_dtype)
-    a0, b0, a1, b1, c0, c1, c2, std = (_per_sample(c, x).to(cd) for c in coeffs)
+    a0, b0, a1, b1, c0, c1, c2, std = (c.to(cd) for c in coeffs)
     xc, mc = x.to(cd), m.to(cd)
     x0 = a0 * xc + b0 * mc
     if clip is not None:
@@ -115,9 +115,10 @@ def _apply_step(x, m, coeffs, clip, noise, out_dtype):
 
 
 def _timesteps(t, x: torch.Tensor) -> torch.Tensor:
-    """int / 0-d / 1-D integer timesteps -> an int64 (n,) tensor on x's device."""
+    """int / 0-d / 1-D integer timesteps -> an int64 (n,) tensor on x's device; N-D ones
+    (broadcasting to x's shape) keep their shape."""
     if isinstance(t, torch.Tensor):
-        return t.reshape(-1).to(device=x.device, dtype=torch.int64)
+        return (t.reshape(-1) if t.dim() <= 1 else t).to(device=x.device, dtype=torch.int64)
     return torch.tensor([int(t)], dtype=torch.int64, device=x.device)
 
 
@@ -129,7 +130,8 @@ def _clip(c):
 
 # ---- public reference ops ----------------------------------------------------------
 def q_sample(x0, t, noise=None, *, schedule=None, generator=None, seeds=None, step=None):
-    """Forward noising ``x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) noise`` with per-sample ``t``;
+    """Forward noising ``x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) noise`` with ``t`` shared, per
+    sample or broadcasting to x0 (:func:`diffkern.ops.q_sample`);
     returns ``(x_t, noise)``. Noise is drawn (Philox, see :mod:`diffkern._rng`) when not given."""
     noise = _rng.keyed_noise(x0, seeds, step, generator, noise, native=False)
     sched = schedule if schedule is not None else default_schedule()
@@ -153,18 +155,22 @@ def ddim_step(x, eps, t, eta=0.0, *, t_prev=None, schedule=None, prediction_type
     return _ddim(x, eps, a, float(eta), noise, generator)
 
 
-def _prev_lookup(a) -> torch.Tensor:
-    """alphas_cumprod[t_prev]; NaN where t_prev >= t (only reachable with device-resident
-    timesteps, which are never read back to check), as the kernels do."""
-    abp = _lookup(a.table, a.t_prev, True)
-    if a.t_prev_arg is None:
-        return abp
-    return torch.where(a.t_prev < a.t, abp, torch.full_like(abp, float("nan")))
+def _lookups(a, x):
+    """(alphas_cumprod[t], alphas_cumprod[t_prev], t), each broadcastable against x: t
+    and t_prev are aligned with x first, so a (B,) t beside a per-frame t_prev pairs each
+    sample's t with its frames' t_prev (torch would align the (B,) with x's last dim).
+    ab' is NaN where t_prev >= t (only reachable with device-resident timesteps, which are
+    never read back to check), as the kernels do."""
+    t, tp = _per_sample(a.t, x), _per_sample(a.t_prev, x)
+    ab, abp = _lookup(a.table, t, False), _lookup(a.table, tp, True)
+    if a.t_prev_arg is not None:
+        abp = torch.where(tp < t, abp, torch.full_like(abp, float("nan")))
+    return ab, abp, t
 
 
 def _ddim(x, m, a, eta, noise, generator):
-    ab, abp = _lookup(a.table, a.t, False), _prev_lookup(a)
-    coeffs = step_coefficients("ddim", ab, abp, a.t, prediction=a.prediction, eta=eta)
+    ab, abp, t = _lookups(a, x)
+    coeffs = step_coefficients("ddim", ab, abp, t, prediction=a.prediction, eta=eta)
     out_dtype = _result_dtype(x, m, noise if eta > 0 else None)
     if eta > 0 and noise is None:
         noise = _draw(x, generator, out_dtype)
@@ -180,8 +186,8 @@ def ddpm_step(x, eps, t, *, t_prev=None, schedule=None, variance="fixed_small", 
 
 
 def _ddpm(x, m, a, variance, noise, generator):
-    ab, abp = _lookup(a.table, a.t, False), _prev_lookup(a)
-    coeffs = step_coefficients("ddpm", ab, abp, a.t, prediction=a.prediction, variance=variance)
+    ab, abp, t = _lookups(a, x)
+    coeffs = step_coefficients("ddpm", ab, abp, t, prediction=a.prediction, variance=variance)
     out_dtype = _result_dtype(x, m, noise)
     if noise is None:
         noise = _draw(x, generator, out_dtype)

@@ -15,9 +15,11 @@ k-diffusion's ``sampling.py`` and diffusers' schedulers (SAMPLER_SEMANTICS.md):
 - Flow matching Euler (Esser et al. 2024, diffusers' FlowMatchEulerDiscreteScheduler).
 - LCM (Luo et al. 2023, diffusers' LCMScheduler).
 
-Per-sample scalars arrive validated (a Python float or a 1-D tensor of length 1 or B on
-x's device); coefficients are formed in float64 and cast to the compute dtype (float64
-for float64 operands, else float32). Output dtype is the promotion of x's, the model
+Noise levels arrive validated (a Python float, a 1-D tensor of length 1 or B on x's
+device, per sample along x's first dim, or a tensor broadcasting to x's shape
+torch-style: per frame, per token; see :mod:`diffkern.sampler_ops`); coefficients are
+formed in float64 and cast to the compute dtype (float64 for float64 operands, else
+float32). Output dtype is the promotion of x's, the model
 outputs' and, where the step uses it, the given noise's dtypes (torch's rule, as
 q_sample/ddim_step); outputs have x's shape and layout (channels_last kept) and never
 alias an input. Noise, when drawn, comes from :mod:`diffkern._rng` (the native ops'
@@ -108,7 +110,7 @@ def _euler_args(x, denoised, sigma, sigma_next, eta, s_noise, gamma, prediction_
     if eta > 0 and gamma > 0:
         raise ValueError("eta (ancestral noise) and gamma (churn) are exclusive; pass one of them")
     if eta > 0:
-        V.check_level_order(sigma_next, sigma, "sigma_next must be <= sigma for the ancestral step (eta > 0)")
+        V.check_level_order(sigma_next, sigma, x, "sigma_next must be <= sigma for the ancestral step (eta > 0)")
     pred = V.check_prediction_type(prediction_type)
     if noise is not None:
         V.check_operand(x, noise, "noise")
@@ -194,8 +196,8 @@ def _dpmpp_2m_args(x, denoised, old_denoised, sigma, sigma_next, sigma_prev, pre
         if sigma_prev is None:
             raise ValueError("sigma_prev is required with old_denoised (the second-order step needs r = h_last/h)")
         sp = V.check_noise_level(sigma_prev, x, "sigma_prev", positive=True)
-        V.check_level_order(sigma, sigma_prev, "sigma_prev must be > sigma (sigmas descend)", strict=True)
-        V.check_level_order(sigma_next, sigma, "sigma_next must be < sigma for the second-order step", strict=True)
+        V.check_level_order(sigma, sigma_prev, x, "sigma_prev must be > sigma (sigmas descend)", strict=True)
+        V.check_level_order(sigma_next, sigma, x, "sigma_next must be < sigma for the second-order step", strict=True)
     if solver_type not in SOLVER_TYPES:
         raise ValueError(f"solver_type must be one of {list(SOLVER_TYPES)}, got {solver_type!r}")
     if not isinstance(variance_preserving, bool):

@@ -8,10 +8,24 @@ op and built for x's device, else the pure-PyTorch reference
 
 Conventions shared by every op here:
 
-- Per-sample scalars (``sigma``, ``sigma_next``, ``sigma_prev``): a Python number, a 0-d
-  tensor, or a (B,) floating tensor (B = ``x.shape[0]``) on the CPU or on x's device.
-  Range checks (finite, > 0 where the step divides, orderings) run for host values only:
-  a device tensor is never read back, so a GPU loop does not stall.
+- Noise levels (``sigma``, ``sigma_next``, ``sigma_prev``; ``t``, ``t_prev`` of lcm_step as
+  integer tensors) are broadcast operands, floating tensors on the CPU or on x's device,
+  in one of three layouts:
+
+  - a Python number or a 0-d tensor: shared by the batch;
+  - a 1-D tensor of length 1 or B = ``x.shape[0]``: per sample, aligned with x's FIRST
+    dim. This is not torch's broadcasting, which would align a 1-D tensor with x's last
+    dim; write ``(1, N)`` for a level that varies along x's last dim;
+  - a tensor with 2 <= ndim <= x.ndim that broadcasts to x's shape torch-style
+    (right-aligned, each dim 1 or x's), e.g. per frame ``(B, 1, F, 1, 1)`` of a video
+    latent ``(B, C, F, H, W)`` (diffusion forcing) or per token ``(B, N, 1)`` of ``(B, N,
+    C)``.
+
+  The levels of one call may mix layouts (a (B,) ``sigma`` beside a per-frame
+  ``sigma_next``); each element of the result is the op with that element's levels.
+  Range checks (finite, > 0 where the step divides, orderings) hold elementwise and run
+  for host values only: a device tensor is never read back, so a GPU loop does not
+  stall.
 - Dtypes: float16/bfloat16/float32/float64 storage, float32 math (float64 when any
   operand is float64). The model outputs and ``noise`` may differ in dtype from x; the
   result has the promoted dtype of x, the model outputs and the noise where the step
@@ -42,15 +56,17 @@ of the reference's private function of the op:
   rows of J floats or a (1|B, K, J) float64 tensor on x's device; noise_coeffs None, K floats
   or a (1|B, K) float64 tensor -> a tuple of K tensors
 - ``lcm_step``:      (x, model_output, args, noise, generator), ``args`` a
-  ``reference_samplers._LcmArgs``: t, t_prev (int64 (1,)/(B,) on x's device, t_prev < 0 =
-  final), table (float32 alphas_cumprod on x's device), prediction, timestep_scaling,
-  sigma_data, clip (float or None), return_denoised
+  ``reference_samplers._LcmArgs``: t, t_prev (contiguous int64 on x's device, (1,)/(B,)
+  or an N-D broadcast shape, t_prev < 0 = final), table (float32 alphas_cumprod on x's
+  device), prediction, timestep_scaling, sigma_data, clip (float or None), return_denoised
 
-Scalars are a Python float or a contiguous 1-D float tensor of length 1 or B on x's
-device (any float dtype); ``prediction`` is the int code of ``_validate.PREDICTION_TYPES``;
-``solver_type`` the string; eta/s_noise/gamma Python floats; tensors may broadcast, have
-any strides, and differ in dtype from x. The impl may return ``NotImplemented`` for a case
-it does not cover; the reference then runs.
+Levels are a Python float (also for any one-element CPU tensor without grad), or a
+contiguous float tensor on x's device (any float dtype): 1-D of length 1 or B (per
+sample, x's first dim) for a 0-d/1-D level, else its own shape of 2 <= ndim <= x.ndim
+dims, broadcasting to x's torch-style (_validate.level_shape); ``prediction`` is the int
+code of ``_validate.PREDICTION_TYPES``; ``solver_type`` the string; eta/s_noise/gamma
+Python floats; tensors may broadcast, have any strides, and differ in dtype from x. The
+impl may return ``NotImplemented`` for a case it does not cover; the reference then runs.
 """
 
 from __future__ import annotations
@@ -92,7 +108,9 @@ def euler_step(x, denoised, sigma, sigma_next, *, eta=0.0, s_noise=1.0, gamma=0.
 
     Args:
         x: (B, ...) state. denoised: model output, broadcastable to x.
-        sigma: > 0, finite. sigma_next: >= 0 (0 is the final step). Per-sample scalars.
+        sigma: > 0, finite. sigma_next: >= 0 (0 is the final step). Numbers or tensors
+            shared, per sample (B,) or broadcasting to x (per frame, per token; see the
+            module docstring).
         eta, s_noise, gamma: Python numbers >= 0.
         noise / generator: z as given, or drawn (one x-shaped draw when eta > 0 or gamma > 0).
 
@@ -120,7 +138,8 @@ def heun_step(x, denoised, x_proposal, denoised_proposal, sigma, sigma_next, *, 
     ``sigma`` is sigma_hat. The last step to sigma 0 is a plain :func:`euler_step`.
 
     Args: x, x_proposal: (B, ...) states; denoised, denoised_proposal: model outputs
-    (``prediction_type`` as in :func:`euler_step`); sigma, sigma_next: > 0, per-sample.
+    (``prediction_type`` as in :func:`euler_step`); sigma, sigma_next: > 0, in any layout
+    of the module docstring (shared, per sample, broadcasting to x).
     No noise. Returns the state at ``sigma_next``.
     """
     a = R._heun_args(x, denoised, x_proposal, denoised_proposal, sigma, sigma_next, prediction_type)
@@ -156,7 +175,8 @@ def dpmpp_2m_step(x, denoised, old_denoised, sigma, sigma_next, sigma_prev=None,
         x: (B, ...) state. denoised: model output. old_denoised: the previous step's
             *denoised sample* D (not its raw model output; see ``return_denoised``) or None.
         sigma > 0; sigma_next >= 0; sigma_prev (needed with old_denoised) > sigma; with
-            old_denoised also sigma_next < sigma. Per-sample scalars.
+            old_denoised also sigma_next < sigma, elementwise. Any layout of the module
+            docstring (shared, per sample, broadcasting to x).
         return_denoised: also return D (the next call's ``old_denoised``), promoted dtype.
     No noise. Returns x' or ``(x', D)``.
     """
@@ -181,7 +201,7 @@ def flow_step(x, velocity, sigma, sigma_next, *, stochastic=False, noise=None, g
       ``(1 - sigma_next) x0 + sigma_next z``, z drawn (one x-shaped draw) or ``noise``.
 
     Args: x: (B, ...); velocity: model output, broadcastable; sigma, sigma_next: finite,
-    >= 0, per-sample. Returns the state at ``sigma_next``.
+    >= 0, shared, per sample or broadcasting to x (module docstring). Returns the state at ``sigma_next``.
     """
     noise = _rng.keyed_noise(V.check_x(x), seeds, step, generator, noise, draws=bool(stochastic))
     a = R._flow_args(x, velocity, sigma, sigma_next, stochastic, noise, generator)
@@ -199,7 +219,8 @@ def flow_q_sample(x0, sigma, noise=None, *, generator=None, seeds=None, step=Non
     ``scale_noise``): ``x_sigma = (1 - sigma) x0 + sigma noise``; the velocity target is
     ``noise - x0``.
 
-    Args: x0: (B, ...); sigma: per-sample in [0, 1]; noise: broadcastable to x0, drawn
+    Args: x0: (B, ...); sigma: in [0, 1], shared, per sample or broadcasting to x0 (a
+    per-frame or per-token training level; module docstring); noise: broadcastable to x0, drawn
     (one x0-shaped draw) when None. Returns ``(x_sigma, noise)``: x_sigma of the promoted
     dtype of x0 and noise (as q_sample), noise the tensor used (drawn: x0's dtype and
     layout).
@@ -231,7 +252,9 @@ def lcm_step(x, model_output, t, t_prev, *, schedule=None, prediction_type="epsi
 
     Args:
         x: (B, ...). model_output: broadcastable to x.
-        t, t_prev: int or int64 0-d/(B,) tensors on the CPU or x's device, ``t_prev < t``.
+        t, t_prev: int or integer tensors on the CPU or x's device, shared (0-d), per
+            sample (B,) or broadcasting to x (per frame, per token; module docstring);
+            ``t_prev < t`` elementwise.
         schedule: :class:`NoiseSchedule` (default: linear 1e-4..0.02, T = 1000).
         noise / generator: z as given, or one x-shaped draw per call (also on the final
             step, whose result does not use it).

@@ -262,7 +262,7 @@ BOUNDS = {
     "t-small-schedule": r"outside \[0, 10\)",
     "t-wrong-length": _LENGTH, "t-wrong-length-q": _LENGTH, "t-per-sample-wrong-length-ps": _LENGTH,
     "t_prev-wrong-length": _LENGTH,
-    "t-2d": "0-d or 1-D",
+    "t-2d": _BROADCAST,
     "t_prev-too-big": r"outside \[-1, 1000\)",
     "t_prev-not-below-t": _ORDER, "t_prev-above-t-ps": _ORDER, "t_prev-ps-vs-int-t": _ORDER,
     "eta-negative": _NONNEG, "eta-nan": _NONNEG, "eta-inf": _NONNEG, "eta-tensor-vector": "scalar",
