@@ -4,9 +4,10 @@ csrc/kernels/sampler_ops.h), which diffkern.sampler_ops calls by name (``impl``)
 ops' fake kernels for torch.compile / opcheck. It imports nothing of sampler_ops: the
 dependency runs one way.
 
-Each impl takes the arguments of the reference's private ``_<op>`` function. Scalars go
-to the kernel as a number, or as a 1-D float32/float64 tensor on x's device that the
-kernel reads per sample (no host sync). Operands of different dtypes are cast to their
+Each impl takes the arguments of the reference's private ``_<op>`` function. Levels go
+to the kernel as a number, or as a float32/float64 tensor on x's device in one of the
+level layouts (per sample, or broadcasting to x: csrc/torch/levels.h) that the kernel
+reads per element (no host sync). Operands of different dtypes are cast to their
 promoted dtype first (exact; given noise too, where the step uses it), so the result is
 the reference's. An impl returns ``NotImplemented`` where the reference must run: a noise
 level that needs a gradient. Noise is keyed as the older ops key it
@@ -125,9 +126,6 @@ def lcm_step(x, m, a, noise, generator):
     # same way); the kernel skips the noise when every sample is at its final step.
     renoise = not (a.t_prev.device.type == "cpu" and a.t_prev.numel() == 1 and int(a.t_prev) < 0)
     t, tp = a.t, a.t_prev
-    if t.numel() != tp.numel():  # one of them per-sample: the kernel reads both at one length
-        n = max(t.numel(), tp.numel())
-        t, tp = t.expand(n).contiguous(), tp.expand(n).contiguous()
     gen, seed, offset = _noise_key(x, generator, noise is None)
     out, den = _ops.lcm_step(x, m, t, tp, a.table, a.timestep_scaling, a.sigma_data, a.prediction,
                              a.clip or 0.0, renoise, noise, gen, seed, offset, a.return_denoised)
@@ -213,9 +211,15 @@ if _ops is not None:
         return _empty_like_out(grad), _empty_like_out(grad)
 
     def _jacobian_rows(x, *levels):
-        per_sample = any(v is not None and v.numel() > 1 for v in levels)
-        return torch.empty((x.shape[0] if per_sample and x.dim() > 0 else 1, 10), dtype=torch.float64,
-                           device=x.device)
+        """(*L, 10): L the levels' common shape aligned to x's dims (csrc/torch/levels.h)."""
+        shape = [1] * x.dim()
+        for v in levels:
+            if v is None or v.numel() <= 1:
+                continue
+            aligned = (v.shape[0], *([1] * (x.dim() - 1))) if v.dim() == 1 else \
+                (1,) * (x.dim() - v.dim()) + tuple(v.shape)
+            shape = [a if a != 1 else s for s, a in zip(shape, aligned, strict=True)]
+        return torch.empty((*shape, 10), dtype=torch.float64, device=x.device)
 
     @torch.library.register_fake("diffkern::euler_step_jacobian")
     def _(x, st, snt, s, sn, eta, s_noise, gamma, prediction):
@@ -239,5 +243,5 @@ if _ops is not None:
 
     @torch.library.register_fake("diffkern::lcm_step_jacobian")
     def _(x, t, t_prev, table, ts, sd, prediction, renoise):
-        return _jacobian_rows(x, t)
+        return _jacobian_rows(x, t, t_prev)
 

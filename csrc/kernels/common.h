@@ -82,6 +82,52 @@ struct StridedIndexer {
   }
 };
 
+// Where each element's noise levels (sigma*, t*) sit. The levels of a call are arrays of
+// one common shape L (broadcastable to x's: per sample (B,1,..,1), per frame (B,1,F,1,1),
+// per token (B,N,1), ...), read at one index per element. Along the logical order that
+// index is constant over runs of `run` elements (L's trailing broadcast block), so the
+// drivers form coefficients once per run and only where the index changes.
+struct LevelMap {
+  int64_t run = 1;       // consecutive elements sharing a level index (>= 1)
+  bool varies = false;   // false: index 0 everywhere (scalar levels)
+  bool direct = true;    // run q reads index q; else ix.offset(q) (L broadcasts inside)
+  StridedIndexer ix{};   // over the leading (non-run) dims, L's strides (0: broadcast)
+
+  DK_HD int64_t of_run(int64_t q) const { return direct ? q : ix.offset(q); }
+  DK_HD int64_t index(int64_t e) const { return varies ? of_run(e / run) : 0; }
+};
+
+// The map for a loop over `sizes` (x's shape, or its memory-order permutation) of levels
+// with `strides` over it (contiguous in L's own shape, 0 where L broadcasts).
+inline LevelMap make_level_map(int ndim, const int64_t* sizes, const int64_t* strides) {
+  LevelMap m;
+  int k = ndim;
+  int64_t run = 1;
+  while (k > 0 && (strides[k - 1] == 0 || sizes[k - 1] == 1)) run *= sizes[--k];
+  m.run = run > 0 ? run : 1;
+  int64_t rs[kMaxDims], rst[kMaxDims];
+  int nr = 0;
+  for (int d = 0; d < k; ++d) {
+    if (sizes[d] == 1) continue;  // no index to add
+    rs[nr] = sizes[d];
+    rst[nr] = strides[d];
+    ++nr;
+  }
+  if (nr == 0) return m;
+  m.varies = true;
+  int64_t expect = 1;
+  for (int d = nr - 1; d >= 0; --d) {
+    m.direct = m.direct && rst[d] == expect;
+    expect *= rs[d];
+  }
+  m.ix.ndim = nr;
+  for (int d = 0; d < nr; ++d) {
+    m.ix.sizes[d] = rs[d];
+    m.ix.strides[d] = rst[d];
+  }
+  return m;
+}
+
 // An operand as both drivers read it (csrc/torch/cpu/driver.h, elementwise.cuh): its data
 // in logical order, or through its strides when not contiguous.
 struct OperandView {

@@ -156,11 +156,11 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const StepLaunch p, cons
       }
     }
     const int64_t n = p.numel - e0 < kUnit ? p.numel - e0 : kUnit;
-    const int64_t b0 = e0 / p.inner;
-    const bool one_sample = !p.per_sample || (e0 + n - 1) / p.inner == b0;
-    StepCoeffs<C> k = p.per_sample ? step_coeffs<C>(op, b0) : shared;
+    const int64_t q0 = e0 / p.levels.run;
+    const bool one_sample = !p.levels.varies || (e0 + n - 1) / p.levels.run == q0;
+    StepCoeffs<C> k = p.levels.varies ? step_coeffs<C>(op, p.levels.of_run(q0)) : shared;
     // The vector path needs one coefficient set for the unit; units that straddle two
-    // samples (tiny per-sample sizes) take the scalar path, which keeps the per-element
+    // level runs (tiny per-sample sizes, per-token levels) take the scalar path, which keeps the per-element
     // coefficient code out of the unrolled loop (and its registers).
     if (p.vectorized && n == kUnit && one_sample) {
       C xs[kUnit], ms[kUnit], ns[kUnit];
@@ -182,7 +182,7 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const StepLaunch p, cons
 #pragma unroll 1
       for (int i = 0; i < n; ++i) {
         const int64_t e = e0 + i;
-        const StepCoeffs<C> ki = one_sample ? k : step_coeffs<C>(op, e / p.inner);
+        const StepCoeffs<C> ki = one_sample ? k : step_coeffs<C>(op, p.levels.index(e));
         float zd = z[0];  // z[i] by selects: a runtime index would move z to local memory
 #pragma unroll
         for (int j = 1; j < kUnit; ++j) zd = i == j ? z[j] : zd;
@@ -242,9 +242,9 @@ __global__ void __launch_bounds__(kThreads) sampler_kernel(const SamplerLaunch p
       }
     }
     const int64_t n = p.numel - e0 < kUnit ? p.numel - e0 : kUnit;
-    const int64_t b0 = e0 / p.inner;
-    const bool one_sample = !p.per_sample || (e0 + n - 1) / p.inner == b0;
-    const K k = p.per_sample ? sampler_coeffs<K>(op, b0) : shared;
+    const int64_t q0 = e0 / p.levels.run;
+    const bool one_sample = !p.levels.varies || (e0 + n - 1) / p.levels.run == q0;
+    const K k = p.levels.varies ? sampler_coeffs<K>(op, p.levels.of_run(q0)) : shared;
     if (p.vectorized && n == kUnit && one_sample) {
       C a[kIn][kUnit], ns[kUnit], r[kOut][kUnit];
 #pragma unroll
@@ -282,7 +282,7 @@ __global__ void __launch_bounds__(kThreads) sampler_kernel(const SamplerLaunch p
 #pragma unroll 1
       for (int i = 0; i < n; ++i) {
         const int64_t e = e0 + i;
-        const K ki = one_sample ? k : sampler_coeffs<K>(op, e / p.inner);
+        const K ki = one_sample ? k : sampler_coeffs<K>(op, p.levels.index(e));
         float zd = z[0];  // z[i] by selects: a runtime index would move z to local memory
 #pragma unroll
         for (int j = 1; j < kUnit; ++j) zd = i == j ? z[j] : zd;

@@ -29,11 +29,11 @@ using Operand = OperandView;
 struct StepLaunch {
   DType dtype = DType::kFloat32;
   int64_t numel = 0;
-  int64_t inner = 1;  // elements per batch sample (per-sample t)
+  LevelMap levels;  // where each element's t / t_prev sit (common.h)
   void* out = nullptr;
   void* noise_out = nullptr;  // q_sample: the drawn noise
   Operand x, m, noise;
-  bool has_m = false, has_noise = false, draw = false, per_sample = false;
+  bool has_m = false, has_noise = false, draw = false;
   bool vectorized = false;  // every operand contiguous and 16-byte aligned
   RngArgs rng;
   int device = 0;
@@ -50,11 +50,11 @@ void launch_langevin_step(const StepLaunch& p, const LangevinOp& op, cudaStream_
 struct SamplerLaunch {
   DType dtype = DType::kFloat32;
   int64_t numel = 0;
-  int64_t inner = 1;
+  LevelMap levels;  // where each element's levels sit (common.h)
   Operand in[kMaxLinearInputs];
   int nin = 1;
   Operand noise;
-  bool has_noise = false, draw = false, per_sample = false;
+  bool has_noise = false, draw = false;
   bool vectorized = false;  // every operand contiguous and 16-byte aligned
   void* out[kMaxLinearOutputs] = {nullptr, nullptr, nullptr};
   RngArgs rng;
@@ -72,12 +72,12 @@ void launch_linear_step(const SamplerLaunch& p, const LinearOp& op, cudaStream_t
 
 struct BackwardLaunch {
   DType dtype = DType::kFloat32;
-  int64_t numel = 0, inner = 1;
+  int64_t numel = 0;
+  LevelMap levels;
   Operand grad, x, m;
   void* grad_x = nullptr;
   void* grad_m = nullptr;
   void* grad_noise = nullptr;  // null: not requested
-  bool per_sample = false;
   int device = 0;
 };
 

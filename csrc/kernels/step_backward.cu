@@ -8,13 +8,14 @@ template <class T, class Op>
 __global__ void __launch_bounds__(kThreads) step_backward_kernel(const BackwardLaunch p, const Op op) {
   using C = typename Compute<T>::type;
   // Coefficients in double, rounded to C, as the CPU backward forms them; looked up again
-  // only when the sample changes (a thread's elements are a grid apart).
-  int64_t cached_b = p.per_sample ? -1 : 0;
+  // only when the level index changes (a thread's elements are a grid apart).
+  int64_t cached = 0;
   StepCoeffs<C> k = step_coeffs<C>(op, 0);
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < p.numel; e += int64_t(gridDim.x) * blockDim.x) {
-    if (p.per_sample && e / p.inner != cached_b) {
-      cached_b = e / p.inner;
-      k = step_coeffs<C>(op, cached_b);
+    const int64_t li = p.levels.index(e);
+    if (li != cached) {
+      cached = li;
+      k = step_coeffs<C>(op, li);
     }
     const C g = to_c<C>(load_at<T>(p.grad, e));
     C gx, gm;

@@ -258,15 +258,19 @@ struct QSampleFn : public torch::autograd::Function<QSampleFn> {
     const at::Tensor& table = saved[1];
     const c10::SymInt T = table.sym_numel();  // symbolic under torch.compile's dynamic shapes
     // t was validated by the forward; NaN where it is out of range, as the kernels do.
+    // ab in t's layout aligned to x0's dims (levels.h: per sample, per frame, ...), from
+    // symbolic sizes (torch.compile's dynamic shapes)
+    const at::Tensor& t_in = saved[0];
+    c10::SymDimVector shape(size_t(g.dim()), c10::SymInt(1));
+    if (t_in.dim() == 1 && g.dim() > 0) shape[0] = c10::SymInt(-1);
+    if (t_in.dim() >= 2)
+      for (int64_t d = 0; d < t_in.dim(); ++d) shape[size_t(g.dim() - t_in.dim() + d)] = t_in.sym_size(d);
     const at::Tensor t = saved[0].reshape({-1}).to(table.device(), at::kLong);
     at::Tensor ab = table.index_select(0, t.clamp(0, c10::Scalar(T - 1))).to(at::kDouble);
-    ab = at::where((t >= 0) & (t < c10::Scalar(T)), ab, at::full_like(ab, std::nan("")));
-    std::vector<int64_t> view(std::max<int64_t>(g.dim(), 1), 1);
-    view[0] = -1;
-    if (g.dim() == 0) view = {};
-    out[0] = g * ab.sqrt().reshape(view).to(g.scalar_type());  // x_t has x0's shape
+    ab = at::where((t >= 0) & (t < c10::Scalar(T)), ab, at::full_like(ab, std::nan(""))).reshape_symint(shape);
+    out[0] = g * ab.sqrt().to(g.scalar_type());  // x_t has x0's shape
     if (saved[2].defined()) {
-      const at::Tensor gn = g * (1 - ab).sqrt().reshape(view).to(g.scalar_type());
+      const at::Tensor gn = g * (1 - ab).sqrt().to(g.scalar_type());
       out[3] = gn.sym_sizes().equals(saved[2].sym_sizes()) ? gn : at::sum_to(gn, saved[2].sym_sizes());
     }
     return out;

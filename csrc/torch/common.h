@@ -47,13 +47,12 @@ inline int64_t batch_of(const at::Tensor& out) { return out.dim() > 0 ? out.size
 inline TimestepArgs timestep_args(const at::Tensor& table, const at::Tensor& t,
                                   const std::optional<at::Tensor>& t_prev) {
   TORCH_CHECK(table.scalar_type() == at::kFloat && table.is_contiguous(), "alphas_cumprod must be contiguous float32");
-  TORCH_CHECK(t.scalar_type() == at::kLong && t.is_contiguous() && t.dim() == 1 && t.numel() >= 1,
-              "t must be a contiguous 1-D int64 tensor");
+  TORCH_CHECK(t.scalar_type() == at::kLong && t.is_contiguous(), "t must be a contiguous int64 tensor");
   TORCH_CHECK(t.device() == table.device(), "t and alphas_cumprod must share a device");
   const int64_t* tp = nullptr;
   if (t_prev.has_value()) {
     TORCH_CHECK(t_prev->scalar_type() == at::kLong && t_prev->is_contiguous() && t_prev->numel() == t.numel(),
-                "t_prev must be a contiguous int64 tensor of t's length");
+                "t_prev must be a contiguous int64 tensor of t's size");
     TORCH_CHECK(t_prev->device() == table.device(), "t_prev and alphas_cumprod must share a device");
     tp = t_prev->data_ptr<int64_t>();
   }

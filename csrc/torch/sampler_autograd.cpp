@@ -1,13 +1,13 @@
 // Autograd kernels of the sampler-family ops, in C++ (a Python register_autograd would put
 // ~10 us of Python on every step). Each step is linear in its tensor inputs with
-// per-sample coefficients, so the backward is `grad * coefficient` per input: the
+// coefficients that depend on the levels only, so the backward is `grad * coefficient` per input: the
 // coefficients are the <op>_jacobian ops (the functors' jacobian(), csrc/kernels/
-// sampler_ops.h, evaluated on the host once per sample) and the products are torch ops,
+// sampler_ops.h, evaluated on the host once per level index) and the products are torch ops,
 // so torch.compile / AOT autograd trace the backward like any other. lcm_step with
 // clip_sample is not linear in (x, m); its backward is the fused lcm_step_backward op.
 //
-// Per-sample levels that live on a device are copied to the host for the coefficients:
-// one small synchronous copy per backward call (never in the forward).
+// Levels that live on a device are copied to the host for the coefficients: one small
+// synchronous copy per backward call (never in the forward).
 #include <ATen/ExpandUtils.h>
 #include <torch/autograd.h>
 
@@ -25,44 +25,27 @@ c10::OperatorHandle op_handle(const char* name) { return c10::Dispatcher::single
 at::Tensor defined_or_empty(const OptTensor& t) { return t.has_value() ? *t : at::Tensor(); }
 OptTensor optional_of(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
-// A saved level on the host, kept alive beside the SampleScalar that points into it.
-struct HostLevel {
-  at::Tensor host;
-  SampleScalar s;
-  HostLevel(const OptTensor& t, double value) {
-    s.value = value;
-    if (!t.has_value()) return;
-    host = t->to(at::kCPU).contiguous();
-    s.data = host.data_ptr();
-    s.n = host.numel();
-    s.is_double = host.scalar_type() == at::kDouble;
-  }
-};
-
-// (nb, 2 * kJacobianWidth) float64: row b holds d out / d (in0..in3, z), then the same
-// for the second output (zeros for single-output ops).
+// (*L, 2 * kJacobianWidth) float64, L the common shape of the levels (levels.h; all ones
+// when no level varies): entry l holds d out / d (in0..in3, z) at level index l, then the
+// same for the second output (zeros for single-output ops).
 template <class Op>
-at::Tensor jacobian_table(const Op& op, int64_t batch) {
-  const int64_t nb = op.per_sample() ? batch : 1;
-  at::Tensor j = at::zeros({nb, 2 * kJacobianWidth}, at::kDouble);
+at::Tensor jacobian_table(const Op& op, const LevelSet& lv) {
+  at::DimVector shape = lv.shape();
+  if (!op.per_sample()) std::fill(shape.begin(), shape.end(), 1);
+  shape.push_back(2 * kJacobianWidth);
+  at::Tensor j = at::zeros(shape, at::kDouble);
+  const int64_t nl = j.numel() / (2 * kJacobianWidth);
   double* p = j.data_ptr<double>();
-  for (int64_t b = 0; b < nb; ++b) op.template jacobian<double>(b, p + b * 2 * kJacobianWidth);
+  for (int64_t l = 0; l < nl; ++l) op.template jacobian<double>(l, p + l * 2 * kJacobianWidth);
   return j;
 }
 
 at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-// Column c of the table as a factor broadcastable against g (B, ...), in g's compute dtype.
+// Column c of the table: a factor of the levels' shape, broadcasting against g (x's
+// dims), in g's compute dtype.
 at::Tensor factor(const at::Tensor& table, int64_t c, const at::Tensor& g) {
-  at::Tensor col = table.select(1, c);
-  std::vector<int64_t> shape;
-  if (g.dim() > 0) {
-    shape.assign(size_t(g.dim()), 1);
-    shape[0] = col.numel();
-  } else {
-    TORCH_CHECK(col.numel() == 1, "diffkern: per-sample levels need a batch dimension");
-  }
-  return col.reshape(shape).to(compute_type(g.scalar_type()));
+  return table.select(-1, c).to(compute_type(g.scalar_type()));
 }
 
 // dL/d input for the input of column c: g0 * J0[c] (+ g1 * J1[c]), summed to the input's
@@ -106,39 +89,48 @@ at::Tensor on_device_of(const at::Tensor& x, const at::Tensor& table) { return t
 
 at::Tensor euler_step_jacobian(const at::Tensor& x, const OptTensor& st, const OptTensor& snt, double s, double sn,
                                double eta, double s_noise, double gamma, int64_t prediction) {
-  const HostLevel a(st, s), b(snt, sn);
-  return on_device_of(x, jacobian_table(EulerOp{a.s, b.s, eta, s_noise, gamma, int(prediction)}, batch_of(x)));
+  LevelSet lv(x, {{&st, "sigma"}, {&snt, "sigma_next"}}, /*on_host=*/true);
+  const EulerOp op{lv.scalar(st, s, "sigma"), lv.scalar(snt, sn, "sigma_next"), eta, s_noise, gamma, int(prediction)};
+  return on_device_of(x, jacobian_table(op, lv));
 }
 
 at::Tensor heun_step_jacobian(const at::Tensor& x, const OptTensor& st, const OptTensor& snt, double s, double sn,
                               int64_t prediction) {
-  const HostLevel a(st, s), b(snt, sn);
-  return on_device_of(x, jacobian_table(HeunOp{a.s, b.s, int(prediction)}, batch_of(x)));
+  LevelSet lv(x, {{&st, "sigma"}, {&snt, "sigma_next"}}, /*on_host=*/true);
+  const HeunOp op{lv.scalar(st, s, "sigma"), lv.scalar(snt, sn, "sigma_next"), int(prediction)};
+  return on_device_of(x, jacobian_table(op, lv));
 }
 
 at::Tensor dpmpp_2m_step_jacobian(const at::Tensor& x, const OptTensor& st, const OptTensor& snt,
                                   const OptTensor& spt, double s, double sn, double sp, int64_t prediction,
                                   int64_t solver, bool vp, bool has_old) {
-  const HostLevel a(st, s), b(snt, sn), c(spt, sp);
-  return on_device_of(x, jacobian_table(DpmppOp{a.s, b.s, c.s, int(prediction), int(solver), vp, has_old}, batch_of(x)));
+  const OptTensor prev_t = has_old ? spt : std::nullopt;
+  LevelSet lv(x, {{&st, "sigma"}, {&snt, "sigma_next"}, {&prev_t, "sigma_prev"}}, /*on_host=*/true);
+  const DpmppOp op{lv.scalar(st, s, "sigma"), lv.scalar(snt, sn, "sigma_next"), lv.scalar(prev_t, sp, "sigma_prev"),
+                   int(prediction), int(solver), vp, has_old};
+  return on_device_of(x, jacobian_table(op, lv));
 }
 
 at::Tensor flow_step_jacobian(const at::Tensor& x, const OptTensor& st, const OptTensor& snt, double s, double sn,
                               bool stochastic) {
-  const HostLevel a(st, s), b(snt, sn);
-  return on_device_of(x, jacobian_table(FlowOp{a.s, b.s, stochastic}, batch_of(x)));
+  LevelSet lv(x, {{&st, "sigma"}, {&snt, "sigma_next"}}, /*on_host=*/true);
+  const FlowOp op{lv.scalar(st, s, "sigma"), lv.scalar(snt, sn, "sigma_next"), stochastic};
+  return on_device_of(x, jacobian_table(op, lv));
 }
 
 at::Tensor flow_q_sample_jacobian(const at::Tensor& x0, const OptTensor& st, double s) {
-  const HostLevel a(st, s);
-  return on_device_of(x0, jacobian_table(FlowQSampleOp{a.s}, batch_of(x0)));
+  LevelSet lv(x0, {{&st, "sigma"}}, /*on_host=*/true);
+  const FlowQSampleOp op{lv.scalar(st, s, "sigma")};
+  return on_device_of(x0, jacobian_table(op, lv));
 }
 
 at::Tensor lcm_step_jacobian(const at::Tensor& x, const at::Tensor& t, const at::Tensor& tp, const at::Tensor& table,
                              double ts, double sd, int64_t prediction, bool renoise) {
-  const at::Tensor host_t = t.to(at::kCPU), host_tp = tp.to(at::kCPU), host_table = table.to(at::kCPU);
-  const LcmOp op{timestep_args(host_table, host_t, host_tp), ts, sd, int(prediction), false, 0.0, renoise};
-  return on_device_of(x, jacobian_table(op, batch_of(x)));
+  LevelSet lv(x, {{&t, "t"}, {&tp, "t_prev"}}, /*on_host=*/true);
+  const at::Tensor host_table = table.to(at::kCPU);
+  const LcmOp op{timestep_args(host_table, lv.timesteps(t, "t"), lv.timesteps(tp, "t_prev")), ts, sd, int(prediction),
+                 false, 0.0, renoise};
+  return on_device_of(x, jacobian_table(op, lv));
 }
 
 using EulerJacSig = at::Tensor(const at::Tensor&, const OptTensor&, const OptTensor&, double, double, double, double,

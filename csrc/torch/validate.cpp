@@ -2,6 +2,8 @@
 // t / t_prev only when they sit on the CPU (a few values).
 #include "validate.h"
 
+#include "levels.h"
+
 #include <cmath>
 
 namespace diffkern {
@@ -21,28 +23,23 @@ bool broadcasts_to(at::IntArrayRef shape, at::IntArrayRef target) {
   return true;
 }
 
-// One integer tensor of timesteps: dtype, rank, length and device (no values).
-void timestep_meta(const at::Tensor& t, const at::Tensor& x, const char* name) {
+// One integer tensor of timesteps: dtype, layout (levels.h) and device (no values).
+void timestep_meta(const at::Tensor& t, const at::Tensor& x, const char* name, at::DimVector& common) {
   const at::ScalarType s = t.scalar_type();
   TORCH_CHECK_TYPE(s != at::kBool, name, " must be an int or an integer tensor, got a bool tensor");
   TORCH_CHECK_TYPE(at::isIntegralType(s, /*includeBool=*/false), name, " must be an integer tensor, got ", s,
                    " (timesteps are indices)");
-  TORCH_CHECK_VALUE(t.dim() <= 1, name, " must be 0-d or 1-D, got shape ", t.sizes());
-  const int64_t n = t.numel(), b = batch(x);
-  TORCH_CHECK_VALUE(n == 1 || (t.dim() == 1 && n == b), name, " has ", n, " entries but x has batch size ", b,
-                    " (give one timestep, or one per sample)");
+  widen_shape(common, level_shape(t, x, name));
   TORCH_CHECK_VALUE(t.device().is_cpu() || t.device() == x.device(), name, " is on ", t.device(), " but x is on ",
                     x.device());
 }
 
-// int64, contiguous, 1-D, `len` entries, on x's device.
-at::Tensor normalized(const at::Tensor& t, const at::Tensor& x, int64_t len) {
-  at::Tensor v = t;
-  if (v.dim() != 1) v = v.reshape({1});
-  if (v.scalar_type() != at::kLong) v = v.to(at::kLong);
-  if (v.numel() != len) v = v.expand({len});
-  if (!v.is_contiguous()) v = v.contiguous();
-  if (v.device() != x.device()) v = v.to(x.device(), /*non_blocking=*/true);
+// int64, contiguous, of the common level shape (every entry present), on `device`.
+at::Tensor normalized(const at::Tensor& t, const at::Tensor& x, at::IntArrayRef shape, c10::Device device,
+                      const char* name) {
+  at::Tensor v = t.scalar_type() == at::kLong ? t : t.to(at::kLong);
+  v = level_array(v, x, shape, name, /*full=*/true);
+  if (v.device() != device) v = v.to(device, /*non_blocking=*/true);
   return v;
 }
 
@@ -120,14 +117,15 @@ Timesteps timesteps(const at::Tensor& x, const at::Tensor& tab, const at::Tensor
                     const std::optional<at::Tensor>& t_prev, int64_t prediction) {
   table(tab, x);
   const int64_t T = tab.numel();
-  timestep_meta(t, x, "t");
-  if (t_prev.has_value()) timestep_meta(*t_prev, x, "t_prev");
-  const int64_t len = std::max(t.numel(), t_prev.has_value() ? t_prev->numel() : int64_t(1));
+  at::DimVector common(size_t(x.dim()), 1);
+  timestep_meta(t, x, "t", common);
+  if (t_prev.has_value()) timestep_meta(*t_prev, x, "t_prev", common);
   const bool t_host = t.device().is_cpu(), tp_host = t_prev.has_value() && t_prev->device().is_cpu();
-  // Values read on the host, in int64 (whatever integer type came in).
+  // Values read on the host, in int64, as arrays of the common shape (whatever integer
+  // type and layout came in), so that t and t_prev compare entry by entry.
   at::Tensor th, tph;
   if (t_host) {
-    th = t.scalar_type() == at::kLong && t.is_contiguous() ? t : t.to(at::kLong).contiguous();
+    th = normalized(t, x, common, t.device(), "t");
     const int64_t* p = th.data_ptr<int64_t>();
     for (int64_t i = 0; i < th.numel(); ++i)
       TORCH_CHECK_VALUE(p[i] >= 0 && p[i] < T, "t has an entry outside [0, ", T, "): t=", p[i], " for a schedule of ",
@@ -141,25 +139,22 @@ Timesteps timesteps(const at::Tensor& x, const at::Tensor& tab, const at::Tensor
     }
   }
   if (tp_host) {
-    tph = t_prev->scalar_type() == at::kLong && t_prev->is_contiguous() ? *t_prev
-                                                                         : t_prev->to(at::kLong).contiguous();
+    tph = normalized(*t_prev, x, common, t_prev->device(), "t_prev");
     const int64_t* q = tph.data_ptr<int64_t>();
     for (int64_t i = 0; i < tph.numel(); ++i)
       TORCH_CHECK_VALUE(q[i] < T, "t_prev has an entry outside [-1, ", T, "): t_prev=", q[i],
                         " (negative means the final step)");
     if (t_host) {
       const int64_t* p = th.data_ptr<int64_t>();
-      const int64_t nt = th.numel(), np = tph.numel();
-      for (int64_t i = 0; i < len; ++i) {
-        const int64_t a = p[nt == 1 ? 0 : i], b = q[np == 1 ? 0 : i];
-        TORCH_CHECK_VALUE(b < a, "t_prev must be smaller than t (sampling goes from noise towards data): t=", a,
-                          ", t_prev=", b);
-      }
+      for (int64_t i = 0; i < th.numel(); ++i)
+        TORCH_CHECK_VALUE(q[i] < p[i], "t_prev must be smaller than t (sampling goes from noise towards data): t=",
+                          p[i], ", t_prev=", q[i]);
     }
   }
   Timesteps out;
-  out.t = normalized(t_host ? th : t, x, t_prev.has_value() ? len : t.numel());
-  if (t_prev.has_value()) out.t_prev = normalized(tp_host ? tph : *t_prev, x, len);
+  out.t = t_host ? th.to(x.device(), /*non_blocking=*/true) : normalized(t, x, common, x.device(), "t");
+  if (t_prev.has_value())
+    out.t_prev = tp_host ? tph.to(x.device(), /*non_blocking=*/true) : normalized(*t_prev, x, common, x.device(), "t_prev");
   return out;
 }
 

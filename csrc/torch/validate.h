@@ -48,8 +48,9 @@ at::MemoryFormat output_format(const at::Tensor& x);
 // x's batch size (1 for a 0-d x): the length a per-sample t may have.
 inline int64_t batch(const at::Tensor& x) { return x.dim() > 0 ? x.size(0) : 1; }
 
-// The timesteps of a step, checked and made what the kernels take: contiguous 1-D int64
-// on x's device, t_prev of t's length (a length-1 one expanded against a per-sample other).
+// The timesteps of a step, checked and made what the kernels take: contiguous int64 arrays
+// of the common level shape of t and t_prev (levels.h: per sample, per frame, per token,
+// ...), on x's device.
 struct Timesteps {
   at::Tensor t;
   std::optional<at::Tensor> t_prev;

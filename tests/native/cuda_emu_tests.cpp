@@ -260,6 +260,13 @@ struct Geometry {
 // Lengths 1, 7, 1023, 36004; per-sample sizes 1, 33, 341, 9001 (not multiples of 8, so
 // units straddle samples).
 const Geometry kGeoms[] = {{1, 1}, {7, 1}, {31, 33}, {3, 341}, {4, 9001}};
+
+// The level map of per-sample (or shared) levels over a (B, inner) loop, as the bindings
+// build it (csrc/torch/levels.h).
+LevelMap sample_levels(Geometry g, bool per_sample) {
+  const int64_t sizes[2] = {g.B, g.inner}, strides[2] = {per_sample ? 1 : 0, 0};
+  return make_level_map(2, sizes, strides);
+}
 const DType kDtypes[] = {DType::kFloat32, DType::kFloat64, DType::kFloat16, DType::kBFloat16};
 const Layout kLayouts[] = {kAligned, kMisaligned, kStrided, kBroadcast};
 enum Noise { kNone, kGiven, kDrawn, kCaptured };
@@ -309,7 +316,7 @@ long long driver_checks = 0;
 // (for a kWritesNoise op, the noise only when drawn) with the emulated kernel's.
 template <class Op>
 void compare_cpu_driver(const Op& op, DType dt, const Operand* in, int nin, const Arr* noise, bool draw, PhiloxKey key,
-                        int64_t numel, int64_t inner, bool per_sample, const Arr* emu_outs, int nout) {
+                        int64_t numel, const LevelMap& levels, const Arr* emu_outs, int nout) {
   cpu::StepIO io;
   for (int j = 0; j < nin; ++j) io.in[j] = in[j];
   io.nin = nin;
@@ -326,10 +333,10 @@ void compare_cpu_driver(const Op& op, DType dt, const Operand* in, int nin, cons
     io.out[j] = outs[j].base;
   }
   switch (dt) {
-    case DType::kFloat32: cpu::run_elementwise<float>(op, io, numel, inner, per_sample); break;
-    case DType::kFloat64: cpu::run_elementwise<double>(op, io, numel, inner, per_sample); break;
-    case DType::kFloat16: cpu::run_elementwise<c10::Half>(op, io, numel, inner, per_sample); break;
-    case DType::kBFloat16: cpu::run_elementwise<c10::BFloat16>(op, io, numel, inner, per_sample); break;
+    case DType::kFloat32: cpu::run_elementwise<float>(op, io, numel, levels); break;
+    case DType::kFloat64: cpu::run_elementwise<double>(op, io, numel, levels); break;
+    case DType::kFloat16: cpu::run_elementwise<c10::Half>(op, io, numel, levels); break;
+    case DType::kBFloat16: cpu::run_elementwise<c10::BFloat16>(op, io, numel, levels); break;
   }
   static const char* const kNames[kMaxLinearOutputs] = {"cpu driver out0", "cpu driver out1", "cpu driver out2"};
   const size_t es = esize(dt);
@@ -352,8 +359,7 @@ void run_step_case(const Op& op, Launcher launch, DType dt, Geometry g, Layout L
   cuda::StepLaunch p;
   p.dtype = dt;
   p.numel = numel;
-  p.inner = g.inner;
-  p.per_sample = per_sample;
+  p.levels = sample_levels(g, per_sample);
   Arr x = make_input(dt, g.B, g.inner, L, 0, r, -3, 3);
   Arr m = make_input(dt, g.B, g.inner, L, 1, r, -3, 3);
   Arr nn = make_input(dt, g.B, g.inner, L, 2, r, -3, 3);
@@ -390,7 +396,7 @@ void run_step_case(const Op& op, Launcher launch, DType dt, Geometry g, Layout L
   const Operand ins[2] = {x.op, m.op};
   const Arr emu_outs[2] = {out, nout};
   compare_cpu_driver(cpu::SampleStep<Op>{op}, dt, ins, Op::kHasModel ? 2 : 1, p.has_noise ? &nn : nullptr, p.draw,
-                     rs.key, numel, g.inner, per_sample, emu_outs, 1);
+                     rs.key, numel, p.levels, emu_outs, 1);
 #endif
 }
 
@@ -402,8 +408,7 @@ void run_sampler_case(const Op& op, Launcher launch, int nin, int nout, DType dt
   cuda::SamplerLaunch p;
   p.dtype = dt;
   p.numel = numel;
-  p.inner = g.inner;
-  p.per_sample = op.per_sample();
+  p.levels = sample_levels(g, op.per_sample());
   p.nin = nin;
   Arr in[kMaxLinearInputs];
   for (int i = 0; i < nin; ++i) {
@@ -425,10 +430,10 @@ void run_sampler_case(const Op& op, Launcher launch, int nin, int nout, DType dt
   using Kc = typename Op::template Coeffs<C>;
   const bool has_z = p.draw || p.has_noise;
   std::vector<Kc> ks;  // per sample, formed once (in double, rounded: the driver's convention)
-  for (int64_t b = 0; b < (p.per_sample ? g.B : 1); ++b) ks.push_back(Kc::from(op.template coeffs<double>(b)));
+  for (int64_t b = 0; b < (p.levels.varies ? g.B : 1); ++b) ks.push_back(Kc::from(op.template coeffs<double>(b)));
   const std::vector<float> zs = p.draw ? drawn_normals(rs.key, numel) : std::vector<float>{};
   for (int64_t e = 0; e < numel; ++e) {
-    const Kc& k = ks[p.per_sample ? e / g.inner : 0];
+    const Kc& k = ks[p.levels.varies ? e / g.inner : 0];
     const C z = p.draw ? C(zs[e]) : p.has_noise ? read_as<C>(dt, nn.base, nn.off(e)) : C(0);
     constexpr int kIn = Op::kInputs, kOut = Op::kOutputs > 2 ? Op::kOutputs : 2;
     C v[kIn] = {}, o[kOut] = {};
@@ -444,7 +449,7 @@ void run_sampler_case(const Op& op, Launcher launch, int nin, int nout, DType dt
 #if DIFFKERN_EMU_CPU_DRIVER
   Operand ins[kMaxLinearInputs];
   for (int i = 0; i < nin; ++i) ins[i] = in[i].op;
-  compare_cpu_driver(op, dt, ins, nin, p.has_noise ? &nn : nullptr, p.draw, rs.key, numel, g.inner, p.per_sample, outs,
+  compare_cpu_driver(op, dt, ins, nin, p.has_noise ? &nn : nullptr, p.draw, rs.key, numel, p.levels, outs,
                      nout);
 #endif
 }
@@ -607,8 +612,7 @@ void run_backward_case(int kind, const DdimOp& ddim, const DdpmOp& ddpm, const O
   cuda::BackwardLaunch p;
   p.dtype = dt;
   p.numel = numel;
-  p.inner = g.inner;
-  p.per_sample = per_sample;
+  p.levels = sample_levels(g, per_sample);
   Arr gr = make_input(dt, g.B, g.inner, L, 0, r, -2, 2);
   Arr x = make_input(dt, g.B, g.inner, L, 1, r, -3, 3);
   Arr m = make_input(dt, g.B, g.inner, L, 2, r, -3, 3);

@@ -9,15 +9,18 @@ std::tuple<at::Tensor, at::Tensor> dpmpp_2m_step_cpu(
     const std::optional<at::Tensor>& sigma_prev_t, double sigma, double sigma_next, double sigma_prev,
     int64_t prediction_type, int64_t solver_type, bool variance_preserving, bool return_denoised) {
   const bool has_old = old_denoised.has_value();
-  const DpmppOp op{sample_scalar(sigma_t, sigma, x, "sigma"),
-                   sample_scalar(sigma_next_t, sigma_next, x, "sigma_next"),
-                   sample_scalar(sigma_prev_t, sigma_prev, x, "sigma_prev"),
+  // sigma_prev matters only with old_denoised (the first step ignores it)
+  const std::optional<at::Tensor> prev_t = has_old ? sigma_prev_t : std::nullopt;
+  LevelSet lv(x, {{&sigma_t, "sigma"}, {&sigma_next_t, "sigma_next"}, {&prev_t, "sigma_prev"}});
+  const DpmppOp op{lv.scalar(sigma_t, sigma, "sigma"),
+                   lv.scalar(sigma_next_t, sigma_next, "sigma_next"),
+                   lv.scalar(prev_t, sigma_prev, "sigma_prev"),
                    int(prediction_type),
                    int(solver_type),
                    variance_preserving,
                    has_old};
   auto [out, den] = cpu::run_sampler(op, {&x, &model_output, has_old ? &*old_denoised : nullptr}, std::nullopt, false,
-                                     PhiloxKey{0, 0}, op.per_sample(), return_denoised);
+                                     PhiloxKey{0, 0}, lv.shape(), return_denoised);
   return {out, return_denoised ? den : at::empty({0}, x.options())};
 }
 

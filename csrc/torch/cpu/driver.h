@@ -211,16 +211,17 @@ inline void with_zmode(bool draw, bool given, F&& f) {
 }
 
 // Runs `op` over all elements. Math type C: double for double storage, float otherwise;
-// coefficients are formed in double once per sample (or once per call when they do not
-// depend on the sample) and rounded to C.
+// coefficients are formed in double where the level index changes (once per call for
+// scalar levels) and rounded to C.
 template <class T, class Op>
-void run_elementwise(const Op& op, const StepIO& io, int64_t numel, int64_t inner, bool per_sample) {
+void run_elementwise(const Op& op, const StepIO& io, int64_t numel, const LevelMap& levels) {
   using C = typename std::conditional<std::is_same<T, double>::value, double, float>::type;
   using K = typename Op::template Coeffs<C>;
   if (numel == 0) return;
   constexpr bool kFloat = std::is_same<T, float>::value;
   constexpr int kOut = Op::kOutputs > 2 ? Op::kOutputs : 2;  // output slots (kWritesNoise ops: 2)
   const K shared = K::from(op.template coeffs<double>(0));
+  const int64_t run = levels.varies ? levels.run : numel;  // scalar levels: one run
   bool fast = !io.has_noise || io.noise.contiguous;
   for (int j = 0; j < io.nin; ++j) fast = fast && io.in[j].contiguous;
   int nalloc = 0;  // outputs allocated: out[0..nalloc)
@@ -243,7 +244,7 @@ void run_elementwise(const Op& op, const StepIO& io, int64_t numel, int64_t inne
     alignas(64) float zbuf[kChunk];
     alignas(64) T obuf[kOut][kStreamBuf];
     alignas(64) float fin[Op::kInputs][kStage], fn[kStage], fo[kOut][kStage];
-    int64_t cached_b = -1;
+    int64_t cached = 0;
     K k = shared;
     // Chunks exist for the L1 buffers; without them a thread's whole range is one span.
     const int64_t eend = std::min(numel, cend * kChunk);
@@ -275,11 +276,14 @@ void run_elementwise(const Op& op, const StepIO& io, int64_t numel, int64_t inne
         if (staged && io.has_noise) widen(np, fn, n);
       }
       for (int64_t e = e0; e < e1;) {
-        const int64_t b = e / inner;
-        const int64_t r1 = std::min(e1, (b + 1) * inner);
-        if (per_sample && b != cached_b) {
-          k = K::from(op.template coeffs<double>(b));
-          cached_b = b;
+        const int64_t q = e / run;
+        const int64_t r1 = std::min(e1, (q + 1) * run);
+        if (levels.varies) {
+          const int64_t li = levels.of_run(q);
+          if (li != cached) {
+            k = K::from(op.template coeffs<double>(li));
+            cached = li;
+          }
         }
         const int64_t i0 = e - e0, i1 = r1 - e0;
         if (staged || fast) {

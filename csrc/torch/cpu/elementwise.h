@@ -4,6 +4,7 @@
 #include <optional>
 
 #include "../common.h"
+#include "../levels.h"
 #include "../validate.h"
 #include "driver.h"
 #include "output_cache.h"
@@ -13,12 +14,13 @@ namespace cpu {
 
 // Tensors -> StepIO, dtype dispatch, run: inputs[0] is x (every input x's dtype, viewed
 // with x's shape; a null ends the list), `noise` used when given, else drawn when `draw`.
-// Returns the op's first `nout` outputs (for kWritesNoise ops the second is the drawn
-// noise, allocated only when drawn); the others undefined.
+// `levels`: the common shape of the op's level arrays (levels.h; all ones or empty when
+// every level is a number). Returns the op's first `nout` outputs (for kWritesNoise ops
+// the second is the drawn noise, allocated only when drawn); the others undefined.
 template <class Op>
 std::array<at::Tensor, kMaxOut> run_outputs(const Op& op, c10::ArrayRef<const at::Tensor*> inputs,
                                             const std::optional<at::Tensor>& noise, bool draw, PhiloxKey key,
-                                            bool per_sample, int nout) {
+                                            at::IntArrayRef levels, int nout) {
   static const char* const kNames[kMaxIn] = {"x", "model output", "third input", "fourth input", "fifth input",
                                              "sixth input"};
   const at::Tensor& x = *inputs[0];
@@ -47,7 +49,7 @@ std::array<at::Tensor, kMaxOut> run_outputs(const Op& op, c10::ArrayRef<const at
   };
   outs[0] = empty_output(ordered(x).sizes(), x.options());
   const int64_t numel = outs[0].numel();
-  const int64_t inner = numel == 0 ? 1 : numel / batch_of(outs[0]);
+  const LevelMap lmap = level_map(levels, x.sizes(), memory_order ? perm_ref : at::IntArrayRef());
   StepIO io;
   // The operands' tensors (a copy made for the loop among them) outlive the loop here:
   // StepIO holds only their views.
@@ -74,7 +76,7 @@ std::array<at::Tensor, kMaxOut> run_outputs(const Op& op, c10::ArrayRef<const at
     io.out[j] = outs[j].data_ptr();
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "diffkern_cpu_step", [&] {
-    run_elementwise<scalar_t>(op, io, numel, inner, per_sample);
+    run_elementwise<scalar_t>(op, io, numel, lmap);
   });
   // A channels_last x gets channels_last outputs, as from the front-door ops
   // (validate::output_format): the memory-order outputs viewed back in x's dimension
@@ -89,17 +91,17 @@ std::array<at::Tensor, kMaxOut> run_outputs(const Op& op, c10::ArrayRef<const at
 template <class Op>
 std::pair<at::Tensor, at::Tensor> run_sampler(const Op& op, std::initializer_list<const at::Tensor*> inputs,
                                               const std::optional<at::Tensor>& noise, bool draw, PhiloxKey key,
-                                              bool per_sample, bool second) {
+                                              at::IntArrayRef levels, bool second) {
   auto outs = run_outputs(op, c10::ArrayRef<const at::Tensor*>(inputs.begin(), inputs.size()), noise, draw, key,
-                          per_sample, second ? 2 : 1);
+                          levels, second ? 2 : 1);
   return {outs[0], outs[1]};
 }
 
 // The older ops: `noise_out` is written when the op draws and reports its noise (q_sample).
 template <class Op>
 at::Tensor run_step(const Op& op, const at::Tensor& x, const at::Tensor* m, const std::optional<at::Tensor>& noise,
-                    bool draw, PhiloxKey key, bool per_sample, at::Tensor* noise_out = nullptr) {
-  auto [out, out1] = run_sampler(SampleStep<Op>{op}, {&x, m}, noise, draw, key, per_sample, false);
+                    bool draw, PhiloxKey key, at::IntArrayRef levels, at::Tensor* noise_out = nullptr) {
+  auto [out, out1] = run_sampler(SampleStep<Op>{op}, {&x, m}, noise, draw, key, levels, false);
   if (noise_out && out1.defined()) *noise_out = out1;
   return out;
 }

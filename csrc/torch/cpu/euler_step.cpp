@@ -8,11 +8,12 @@ at::Tensor euler_step_cpu(const at::Tensor& x, const at::Tensor& model_output, c
                           double s_noise, double gamma, int64_t prediction_type, const std::optional<at::Tensor>& noise,
                           const std::optional<at::Generator>& /*generator: keyed in Python on the CPU*/, int64_t seed,
                           int64_t offset) {
-  const EulerOp op{sample_scalar(sigma_t, sigma, x, "sigma"), sample_scalar(sigma_next_t, sigma_next, x, "sigma_next"),
+  LevelSet lv(x, {{&sigma_t, "sigma"}, {&sigma_next_t, "sigma_next"}});
+  const EulerOp op{lv.scalar(sigma_t, sigma, "sigma"), lv.scalar(sigma_next_t, sigma_next, "sigma_next"),
                    eta, s_noise, gamma, int(prediction_type)};
   const bool noisy = op.uses_noise();
   return cpu::run_sampler(op, {&x, &model_output}, noisy ? noise : std::nullopt, noisy,
-                          PhiloxKey{as_u64(seed), as_u64(offset)}, op.per_sample(), false)
+                          PhiloxKey{as_u64(seed), as_u64(offset)}, lv.shape(), false)
       .first;
 }
 

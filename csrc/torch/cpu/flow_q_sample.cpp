@@ -7,9 +7,10 @@ std::tuple<at::Tensor, at::Tensor> flow_q_sample_cpu(const at::Tensor& x0, const
                                                      double sigma, const std::optional<at::Tensor>& noise,
                                                      const std::optional<at::Generator>& /*generator*/, int64_t seed,
                                                      int64_t offset) {
-  const FlowQSampleOp op{sample_scalar(sigma_t, sigma, x0, "sigma")};
+  LevelSet lv(x0, {{&sigma_t, "sigma"}});
+  const FlowQSampleOp op{lv.scalar(sigma_t, sigma, "sigma")};
   auto [xt, drawn] = cpu::run_sampler(op, {&x0}, noise, true, PhiloxKey{as_u64(seed), as_u64(offset)},
-                                      op.per_sample(), false);
+                                      lv.shape(), false);
   // With noise given, the caller already holds it (a custom op may not return an alias).
   return {xt, noise.has_value() ? at::empty({0}, x0.options()) : drawn};
 }

@@ -7,10 +7,11 @@ at::Tensor flow_step_cpu(const at::Tensor& x, const at::Tensor& velocity, const 
                          const std::optional<at::Tensor>& sigma_next_t, double sigma, double sigma_next,
                          bool stochastic, const std::optional<at::Tensor>& noise,
                          const std::optional<at::Generator>& /*generator*/, int64_t seed, int64_t offset) {
-  const FlowOp op{sample_scalar(sigma_t, sigma, x, "sigma"), sample_scalar(sigma_next_t, sigma_next, x, "sigma_next"),
+  LevelSet lv(x, {{&sigma_t, "sigma"}, {&sigma_next_t, "sigma_next"}});
+  const FlowOp op{lv.scalar(sigma_t, sigma, "sigma"), lv.scalar(sigma_next_t, sigma_next, "sigma_next"),
                   stochastic};
   return cpu::run_sampler(op, {&x, &velocity}, stochastic ? noise : std::nullopt, stochastic,
-                          PhiloxKey{as_u64(seed), as_u64(offset)}, op.per_sample(), false)
+                          PhiloxKey{as_u64(seed), as_u64(offset)}, lv.shape(), false)
       .first;
 }
 

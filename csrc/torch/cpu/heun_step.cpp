@@ -7,10 +7,11 @@ at::Tensor heun_step_cpu(const at::Tensor& x, const at::Tensor& denoised, const 
                          const at::Tensor& denoised_proposal, const std::optional<at::Tensor>& sigma_t,
                          const std::optional<at::Tensor>& sigma_next_t, double sigma, double sigma_next,
                          int64_t prediction_type) {
-  const HeunOp op{sample_scalar(sigma_t, sigma, x, "sigma"), sample_scalar(sigma_next_t, sigma_next, x, "sigma_next"),
+  LevelSet lv(x, {{&sigma_t, "sigma"}, {&sigma_next_t, "sigma_next"}});
+  const HeunOp op{lv.scalar(sigma_t, sigma, "sigma"), lv.scalar(sigma_next_t, sigma_next, "sigma_next"),
                   int(prediction_type)};
   return cpu::run_sampler(op, {&x, &denoised, &x_proposal, &denoised_proposal}, std::nullopt, false, PhiloxKey{0, 0},
-                          op.per_sample(), false)
+                          lv.shape(), false)
       .first;
 }
 

@@ -13,7 +13,7 @@ at::Tensor langevin_step_cpu(const at::Tensor& x, const at::Tensor& score, doubl
   // keyed before anything returns: the generator advances as on the reference path
   const PhiloxKey key = draw_key(generator, seed, offset, !s.noise.has_value());
   if (s.empty) return validate::empty_result(s, x);
-  return validate::in_format(cpu::run_step(LangevinOp{step_size}, s.x, &s.m, s.noise, true, key, false), s.format);
+  return validate::in_format(cpu::run_step(LangevinOp{step_size}, s.x, &s.m, s.noise, true, key, {}), s.format);
 }
 
 TORCH_LIBRARY_IMPL(diffkern, CPU, m) { m.impl("langevin_step", &langevin_step_cpu); }

@@ -10,10 +10,12 @@ std::tuple<at::Tensor, at::Tensor> lcm_step_cpu(const at::Tensor& x, const at::T
                                                 bool renoise, const std::optional<at::Tensor>& noise,
                                                 const std::optional<at::Generator>& /*generator*/, int64_t seed,
                                                 int64_t offset, bool return_denoised) {
-  const LcmOp op{timestep_args(alphas_cumprod, t, t_prev), timestep_scaling, sigma_data, int(prediction_type),
+  LevelSet lv(x, {{&t, "t"}, {&t_prev, "t_prev"}});
+  const LcmOp op{timestep_args(alphas_cumprod, lv.timesteps(t, "t"), lv.timesteps(t_prev, "t_prev")), timestep_scaling,
+                 sigma_data, int(prediction_type),
                  clip_sample > 0, clip_sample, renoise};
   auto [out, den] = cpu::run_sampler(op, {&x, &model_output}, renoise ? noise : std::nullopt, renoise,
-                                     PhiloxKey{as_u64(seed), as_u64(offset)}, op.per_sample(), return_denoised);
+                                     PhiloxKey{as_u64(seed), as_u64(offset)}, lv.shape(), return_denoised);
   return {out, return_denoised ? den : at::empty({0}, x.options())};
 }
 
@@ -23,13 +25,15 @@ std::tuple<at::Tensor, at::Tensor> lcm_step_backward_cpu(const at::Tensor& grad,
                                                          const at::Tensor& alphas_cumprod, double timestep_scaling,
                                                          double sigma_data, int64_t prediction_type,
                                                          double clip_sample) {
-  const LcmBackwardOp op{LcmOp{timestep_args(alphas_cumprod, t, t_prev), timestep_scaling, sigma_data,
+  LevelSet lv(x, {{&t, "t"}, {&t_prev, "t_prev"}});
+  const LcmBackwardOp op{LcmOp{timestep_args(alphas_cumprod, lv.timesteps(t, "t"), lv.timesteps(t_prev, "t_prev")),
+                               timestep_scaling, sigma_data,
                                int(prediction_type), clip_sample > 0, clip_sample, false}};
   const at::Tensor g = grad.to(x.scalar_type());
   const std::optional<at::Tensor> gd =
       grad_denoised.has_value() ? std::optional<at::Tensor>(grad_denoised->to(x.scalar_type())) : std::nullopt;
   auto [gx, gm] = cpu::run_sampler(op, {&g, &x, &model_output, gd.has_value() ? &*gd : nullptr}, std::nullopt, false,
-                                   PhiloxKey{0, 0}, op.per_sample(), true);
+                                   PhiloxKey{0, 0}, lv.shape(), true);
   return {gx, gm};
 }
 

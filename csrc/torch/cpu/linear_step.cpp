@@ -14,7 +14,7 @@ std::vector<at::Tensor> linear_step_cpu(at::TensorList inputs, c10::ArrayRef<dou
   for (size_t j = 0; j < inputs.size(); ++j) ptrs[j] = &inputs[j];
   auto outs = cpu::run_outputs(op, c10::ArrayRef<const at::Tensor*>(ptrs.data(), inputs.size()),
                                noisy ? noise : std::nullopt, noisy, PhiloxKey{as_u64(seed), as_u64(offset)},
-                               op.per_sample(), int(outputs));
+                               per_sample_shape(inputs[0], op.per_sample()), int(outputs));
   return std::vector<at::Tensor>(outs.begin(), outs.begin() + outputs);
 }
 

@@ -8,21 +8,22 @@ namespace diffkern {
 namespace {
 template <class T, class Op>
 void backward_loop(const Op& op, const Operand& g, const Operand& x, const Operand& m, T* gx, T* gm, T* gz,
-                   int64_t numel, int64_t inner, bool per_sample, bool has_clip, double clip) {
+                   int64_t numel, const LevelMap& levels, bool has_clip, double clip) {
   using C = typename std::conditional<std::is_same<T, double>::value, double, float>::type;
   const StepCoeffs<C> shared = cast_coeffs<C>(op.template coeffs<double>(0));
   const int64_t nchunks = (numel + cpu::kChunk - 1) / cpu::kChunk;
   at::parallel_for(0, nchunks, 16, [&](int64_t cbeg, int64_t cend) {
     StepCoeffs<C> k = shared;
-    int64_t cached_b = -1;
+    int64_t cached = 0;
+    const int64_t run = levels.varies ? levels.run : numel;
     for (int64_t c = cbeg; c < cend; ++c) {
       const int64_t e1 = std::min(numel, (c + 1) * cpu::kChunk);
       for (int64_t e = c * cpu::kChunk; e < e1;) {
-        const int64_t b = e / inner;
-        const int64_t r1 = std::min(e1, (b + 1) * inner);
-        if (per_sample && b != cached_b) {
-          k = cast_coeffs<C>(op.template coeffs<double>(b));
-          cached_b = b;
+        const int64_t q = e / run;
+        const int64_t r1 = std::min(e1, (q + 1) * run);
+        if (levels.varies && levels.of_run(q) != cached) {
+          cached = levels.of_run(q);
+          k = cast_coeffs<C>(op.template coeffs<double>(cached));
         }
         if (g.contiguous && x.contiguous && m.contiguous) {  // the common case, vectorized
           const T *gp = static_cast<const T*>(g.data), *xp = static_cast<const T*>(x.data),
@@ -68,21 +69,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> step_backward_cpu(
   at::Tensor gz = noise_grad ? cpu::empty_output(shape, x.options()) : at::empty({0}, x.options());
   const int64_t numel = gx.numel();
   if (numel == 0) return {gx, gm, gz};
-  const int64_t inner = numel / batch_of(gx);
   const Operand og = make_operand(validate::cast(grad, s.dtype), shape), ox = make_operand(x, shape),
                 om = make_operand(s.m, shape);
   const TimestepArgs ts = timestep_args(alphas_cumprod, s.ts.t, s.ts.t_prev);
-  const bool has_clip = clip_sample > 0, per_sample = s.ts.t.numel() > 1;
+  const bool has_clip = clip_sample > 0;
+  const LevelMap levels = level_map(s.ts.t.sizes(), shape);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "diffkern_step_backward", [&] {
     scalar_t* pz = noise_grad ? gz.data_ptr<scalar_t>() : nullptr;
     if (kind == 0) {
       const DdimOp op{ts, eta, int(prediction_type), has_clip, clip_sample};
-      backward_loop<scalar_t>(op, og, ox, om, gx.data_ptr<scalar_t>(), gm.data_ptr<scalar_t>(), pz, numel, inner,
-                              per_sample, has_clip, clip_sample);
+      backward_loop<scalar_t>(op, og, ox, om, gx.data_ptr<scalar_t>(), gm.data_ptr<scalar_t>(), pz, numel, levels,
+                              has_clip, clip_sample);
     } else {
       const DdpmOp op{ts, int(variance), int(prediction_type), has_clip, clip_sample};
-      backward_loop<scalar_t>(op, og, ox, om, gx.data_ptr<scalar_t>(), gm.data_ptr<scalar_t>(), pz, numel, inner,
-                              per_sample, has_clip, clip_sample);
+      backward_loop<scalar_t>(op, og, ox, om, gx.data_ptr<scalar_t>(), gm.data_ptr<scalar_t>(), pz, numel, levels,
+                              has_clip, clip_sample);
     }
   });
   return {gx, gm, gz};

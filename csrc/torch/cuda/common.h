@@ -1,6 +1,7 @@
 // CUDA binding helpers: device guard, current stream, dtype, operands and the Philox
 // state taken from a torch CUDA generator. Translation only; no math.
 #pragma once
+#include "../levels.h"
 #include <c10/cuda/CUDAStream.h>
 #include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <c10/cuda/CUDAException.h>
@@ -74,15 +75,14 @@ struct StepTensors {
 };
 
 inline StepTensors prepare_step(const at::Tensor& x, const at::Tensor* m, const std::optional<at::Tensor>& noise,
-                                bool draw, bool per_sample, bool writes_noise) {
+                                bool draw, at::IntArrayRef levels, bool writes_noise) {
   TORCH_CHECK(x.is_cuda(), "expected CUDA tensors");
   StepTensors s;
   s.out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   auto& p = s.launch;
   p.dtype = dtype_of(x);
   p.numel = s.out.numel();
-  p.inner = p.numel == 0 ? 1 : p.numel / batch_of(s.out);
-  p.per_sample = per_sample;
+  p.levels = level_map(levels, x.sizes());
   p.device = x.get_device();
   s.x = make_operand(x, s.out.sizes());
   p.x = operand(s.x);

@@ -16,7 +16,7 @@ at::Tensor ddim_step_cuda(const at::Tensor& x, const at::Tensor& model_output, c
   const bool draws = uses_noise && !v.noise.has_value();
   const cuda::RngArgs rng = draws ? cuda_binding::rng_from(generator, seed, offset) : cuda::RngArgs{};
   if (v.empty) return validate::empty_result(v, x);
-  auto s = cuda_binding::prepare_step(v.x, &v.m, v.noise, uses_noise, v.ts.t.numel() > 1, false);
+  auto s = cuda_binding::prepare_step(v.x, &v.m, v.noise, uses_noise, v.ts.t.sizes(), false);
   if (draws) s.launch.rng = rng;
   const DdimOp op{timestep_args(alphas_cumprod, v.ts.t, v.ts.t_prev), eta, int(prediction_type), clip_sample > 0,
                   clip_sample};

@@ -15,7 +15,7 @@ at::Tensor ddpm_step_cuda(const at::Tensor& x, const at::Tensor& model_output, c
   const bool draws = !v.noise.has_value();
   const cuda::RngArgs rng = draws ? cuda_binding::rng_from(generator, seed, offset) : cuda::RngArgs{};
   if (v.empty) return validate::empty_result(v, x);
-  auto s = cuda_binding::prepare_step(v.x, &v.m, v.noise, true, v.ts.t.numel() > 1, false);
+  auto s = cuda_binding::prepare_step(v.x, &v.m, v.noise, true, v.ts.t.sizes(), false);
   if (s.launch.draw) s.launch.rng = rng;
   const DdpmOp op{timestep_args(alphas_cumprod, v.ts.t, v.ts.t_prev), int(variance), int(prediction_type),
                   clip_sample > 0, clip_sample};

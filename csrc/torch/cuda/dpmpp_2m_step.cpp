@@ -9,15 +9,18 @@ std::tuple<at::Tensor, at::Tensor> dpmpp_2m_step_cuda(
     int64_t prediction_type, int64_t solver_type, bool variance_preserving, bool return_denoised) {
   const c10::cuda::CUDAGuard guard(x.device());
   const bool has_old = old_denoised.has_value();
-  const DpmppOp op{sample_scalar(sigma_t, sigma, x, "sigma"),
-                   sample_scalar(sigma_next_t, sigma_next, x, "sigma_next"),
-                   sample_scalar(sigma_prev_t, sigma_prev, x, "sigma_prev"),
+  // sigma_prev matters only with old_denoised (the first step ignores it)
+  const std::optional<at::Tensor> prev_t = has_old ? sigma_prev_t : std::nullopt;
+  LevelSet lv(x, {{&sigma_t, "sigma"}, {&sigma_next_t, "sigma_next"}, {&prev_t, "sigma_prev"}});
+  const DpmppOp op{lv.scalar(sigma_t, sigma, "sigma"),
+                   lv.scalar(sigma_next_t, sigma_next, "sigma_next"),
+                   lv.scalar(prev_t, sigma_prev, "sigma_prev"),
                    int(prediction_type),
                    int(solver_type),
                    variance_preserving,
                    has_old};
   auto s = cuda_binding::prepare_sampler({&x, &model_output, has_old ? &*old_denoised : nullptr}, std::nullopt, false,
-                                         op.per_sample(), return_denoised);
+                                         lv.shape(), return_denoised);
   if (s.launch.numel > 0) {  // a check only right after a launch of ours
     cuda::launch_dpmpp_2m_step(s.launch, op, c10::cuda::getCurrentCUDAStream());
     DIFFKERN_LAUNCH_CHECK();

@@ -8,10 +8,11 @@ at::Tensor euler_step_cuda(const at::Tensor& x, const at::Tensor& model_output,
                            int64_t prediction_type, const std::optional<at::Tensor>& noise,
                            const std::optional<at::Generator>& generator, int64_t seed, int64_t offset) {
   const c10::cuda::CUDAGuard guard(x.device());
-  const EulerOp op{sample_scalar(sigma_t, sigma, x, "sigma"), sample_scalar(sigma_next_t, sigma_next, x, "sigma_next"),
+  LevelSet lv(x, {{&sigma_t, "sigma"}, {&sigma_next_t, "sigma_next"}});
+  const EulerOp op{lv.scalar(sigma_t, sigma, "sigma"), lv.scalar(sigma_next_t, sigma_next, "sigma_next"),
                    eta, s_noise, gamma, int(prediction_type)};
   const bool noisy = op.uses_noise();
-  auto s = cuda_binding::prepare_sampler({&x, &model_output}, noisy ? noise : std::nullopt, noisy, op.per_sample(),
+  auto s = cuda_binding::prepare_sampler({&x, &model_output}, noisy ? noise : std::nullopt, noisy, lv.shape(),
                                          false);
   if (s.launch.draw) s.launch.rng = cuda_binding::rng_from(generator, seed, offset);
   if (s.launch.numel > 0) {  // a check only right after a launch of ours

@@ -7,8 +7,9 @@ std::tuple<at::Tensor, at::Tensor> flow_q_sample_cuda(const at::Tensor& x0, cons
                                                       const std::optional<at::Generator>& generator, int64_t seed,
                                                       int64_t offset) {
   const c10::cuda::CUDAGuard guard(x0.device());
-  const FlowQSampleOp op{sample_scalar(sigma_t, sigma, x0, "sigma")};
-  auto s = cuda_binding::prepare_sampler({&x0}, noise, true, op.per_sample(), !noise.has_value());
+  LevelSet lv(x0, {{&sigma_t, "sigma"}});
+  const FlowQSampleOp op{lv.scalar(sigma_t, sigma, "sigma")};
+  auto s = cuda_binding::prepare_sampler({&x0}, noise, true, lv.shape(), !noise.has_value());
   if (s.launch.draw) s.launch.rng = cuda_binding::rng_from(generator, seed, offset);
   if (s.launch.numel > 0) {  // a check only right after a launch of ours
     cuda::launch_flow_q_sample(s.launch, op, c10::cuda::getCurrentCUDAStream());

@@ -7,10 +7,11 @@ at::Tensor flow_step_cuda(const at::Tensor& x, const at::Tensor& velocity, const
                           bool stochastic, const std::optional<at::Tensor>& noise,
                           const std::optional<at::Generator>& generator, int64_t seed, int64_t offset) {
   const c10::cuda::CUDAGuard guard(x.device());
-  const FlowOp op{sample_scalar(sigma_t, sigma, x, "sigma"), sample_scalar(sigma_next_t, sigma_next, x, "sigma_next"),
+  LevelSet lv(x, {{&sigma_t, "sigma"}, {&sigma_next_t, "sigma_next"}});
+  const FlowOp op{lv.scalar(sigma_t, sigma, "sigma"), lv.scalar(sigma_next_t, sigma_next, "sigma_next"),
                   stochastic};
   auto s = cuda_binding::prepare_sampler({&x, &velocity}, stochastic ? noise : std::nullopt, stochastic,
-                                         op.per_sample(), false);
+                                         lv.shape(), false);
   if (s.launch.draw) s.launch.rng = cuda_binding::rng_from(generator, seed, offset);
   if (s.launch.numel > 0) {  // a check only right after a launch of ours
     cuda::launch_flow_step(s.launch, op, c10::cuda::getCurrentCUDAStream());

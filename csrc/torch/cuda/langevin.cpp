@@ -12,7 +12,7 @@ at::Tensor langevin_step_cuda(const at::Tensor& x, const at::Tensor& score, doub
   const bool draws = !v.noise.has_value();
   const cuda::RngArgs rng = draws ? cuda_binding::rng_from(generator, seed, offset) : cuda::RngArgs{};
   if (v.empty) return validate::empty_result(v, x);
-  auto s = cuda_binding::prepare_step(v.x, &v.m, v.noise, true, false, false);
+  auto s = cuda_binding::prepare_step(v.x, &v.m, v.noise, true, {}, false);
   if (s.launch.draw) s.launch.rng = rng;
   cuda::launch_langevin_step(s.launch, LangevinOp{step_size}, c10::cuda::getCurrentCUDAStream());
   DIFFKERN_LAUNCH_CHECK();

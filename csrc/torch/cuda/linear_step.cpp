@@ -12,7 +12,7 @@ std::vector<at::Tensor> linear_step_cuda(at::TensorList inputs, c10::ArrayRef<do
   std::array<const at::Tensor*, kMaxLinearInputs> ptrs{};
   for (size_t j = 0; j < inputs.size(); ++j) ptrs[j] = &inputs[j];
   auto s = cuda_binding::prepare_outputs(c10::ArrayRef<const at::Tensor*>(ptrs.data(), inputs.size()),
-                                         noisy ? noise : std::nullopt, noisy, op.per_sample(), int(outputs));
+                                         noisy ? noise : std::nullopt, noisy, per_sample_shape(inputs[0], op.per_sample()), int(outputs));
   if (s.launch.draw) s.launch.rng = cuda_binding::rng_from(generator, seed, offset);
   if (s.launch.numel > 0) {  // a check only right after a launch of ours
     cuda::launch_linear_step(s.launch, op, c10::cuda::getCurrentCUDAStream());

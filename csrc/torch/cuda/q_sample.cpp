@@ -14,7 +14,7 @@ std::tuple<at::Tensor, at::Tensor> q_sample_cuda(const at::Tensor& x0, const at:
   const cuda::RngArgs rng = draws ? cuda_binding::rng_from(generator, seed, offset) : cuda::RngArgs{};
   const auto none = [&] { return at::empty({0}, x0.options().dtype(v.dtype)); };
   if (v.empty) return {validate::empty_result(v, x0), noise.has_value() ? none() : validate::empty_result(v, x0)};
-  auto s = cuda_binding::prepare_step(v.x, nullptr, v.noise, true, v.ts.t.numel() > 1, true);
+  auto s = cuda_binding::prepare_step(v.x, nullptr, v.noise, true, v.ts.t.sizes(), true);
   if (s.launch.draw) s.launch.rng = rng;
   const QSampleOp op{timestep_args(alphas_cumprod, v.ts.t, std::nullopt)};
   cuda::launch_q_sample(s.launch, op, c10::cuda::getCurrentCUDAStream());

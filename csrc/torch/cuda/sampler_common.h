@@ -13,10 +13,10 @@ struct SamplerTensors {
   cuda::SamplerLaunch launch;
 };
 
-// inputs[0] is x; a null ends the list. `nout`: the op's outputs to allocate (1 to 3; for
+// inputs[0] is x; a null ends the list. `levels`: the common shape of the level arrays. `nout`: the op's outputs to allocate (1 to 3; for
 // noise-writing ops 2 when the noise is drawn).
 inline SamplerTensors prepare_outputs(c10::ArrayRef<const at::Tensor*> inputs, const std::optional<at::Tensor>& noise,
-                                      bool draw, bool per_sample, int nout) {
+                                      bool draw, at::IntArrayRef levels, int nout) {
   static const char* const kNames[kMaxLinearInputs] = {"x", "model output", "third input", "fourth input",
                                                        "fifth input", "sixth input"};
   const at::Tensor& x = *inputs[0];
@@ -26,8 +26,7 @@ inline SamplerTensors prepare_outputs(c10::ArrayRef<const at::Tensor*> inputs, c
   auto& p = s.launch;
   p.dtype = dtype_of(x);
   p.numel = s.out.numel();
-  p.inner = p.numel == 0 ? 1 : p.numel / batch_of(s.out);
-  p.per_sample = per_sample;
+  p.levels = level_map(levels, x.sizes());
   p.device = x.get_device();
   bool vec = aligned16(s.out.data_ptr());
   int nin = 0;
@@ -63,9 +62,9 @@ inline SamplerTensors prepare_outputs(c10::ArrayRef<const at::Tensor*> inputs, c
 // The fixed-arity ops. `second`: allocate the second output (the op's second value; for
 // noise-writing ops pass whether the noise is drawn).
 inline SamplerTensors prepare_sampler(std::initializer_list<const at::Tensor*> inputs,
-                                      const std::optional<at::Tensor>& noise, bool draw, bool per_sample,
+                                      const std::optional<at::Tensor>& noise, bool draw, at::IntArrayRef levels,
                                       bool second) {
-  return prepare_outputs(c10::ArrayRef<const at::Tensor*>(inputs.begin(), inputs.size()), noise, draw, per_sample,
+  return prepare_outputs(c10::ArrayRef<const at::Tensor*>(inputs.begin(), inputs.size()), noise, draw, levels,
                          second ? 2 : 1);
 }
 

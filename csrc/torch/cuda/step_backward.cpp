@@ -20,14 +20,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> step_backward_cuda(
   cuda::BackwardLaunch p;
   p.dtype = cuda_binding::dtype_of(x);
   p.numel = gx.numel();
-  p.inner = p.numel == 0 ? 1 : p.numel / batch_of(gx);
   p.grad = cuda_binding::operand(og);
   p.x = cuda_binding::operand(ox);
   p.m = cuda_binding::operand(om);
   p.grad_x = gx.data_ptr();
   p.grad_m = gm.data_ptr();
   p.grad_noise = noise_grad ? gz.data_ptr() : nullptr;
-  p.per_sample = v.ts.t.numel() > 1;
+  p.levels = level_map(v.ts.t.sizes(), shape);
   p.device = x.get_device();
   const TimestepArgs ts = timestep_args(alphas_cumprod, v.ts.t, v.ts.t_prev);
   const bool has_clip = clip_sample > 0;
