@@ -341,6 +341,37 @@ def keyed_noise(x: torch.Tensor, seeds, step, generator=None, noise=None, draws:
     return z if x.dtype == torch.float32 else z.to(x.dtype)
 
 
+class Keyed:
+    """Per-sample keys (``seeds=``, ``step=``) once checked: what an op draws with in place of
+    a generator. The kernels draw element ``j`` of sample ``b`` from ``(seeds[b], step)`` in
+    their own pass; the reference draws the same numbers (:func:`normal_like`)."""
+
+    __slots__ = ("seeds", "step")
+
+    def __init__(self, seeds: torch.Tensor, step):
+        self.seeds, self.step = seeds, step  # int64 (1,)/(B,) on x's device; int or 0-d int64 tensor
+
+    def op_args(self) -> tuple:
+        """(seeds, step_t, step) as the raw ops take them."""
+        if isinstance(self.step, torch.Tensor):
+            return self.seeds, self.step, 0
+        return self.seeds, None, self.step
+
+
+def keyed(x: torch.Tensor, seeds, step, generator=None, noise=None):
+    """The ops' ``seeds=``/``step=`` front door: ``generator`` unchanged without seeds, else
+    the checked keys (:class:`Keyed`), which exclude a generator and given noise."""
+    if seeds is None:
+        if step is not None:
+            raise ValueError("step= needs seeds=")
+        return generator
+    if generator is not None:
+        raise ValueError("pass either seeds or generator, not both")
+    if noise is not None:
+        raise ValueError("pass either seeds or noise, not both")
+    return Keyed(check_seeds(seeds, x.shape[0] if x.dim() > 0 else 1, x.device), check_step(step, x.device))
+
+
 # ---- generator -> (seed, offset) -------------------------------------------------
 def _to_int64(v: int) -> int:
     v &= (1 << 64) - 1
@@ -398,9 +429,18 @@ def generator_key(gen: torch.Generator | None, device: torch.device) -> tuple[in
     return cpu_generator_key(gen)
 
 
-def normal_like(shape, gen: torch.Generator | None, device, dtype) -> torch.Tensor:
-    """Noise of ``shape`` keyed by the generator's next position, as the native ops draw it."""
+def normal_like(shape, gen, device, dtype) -> torch.Tensor:
+    """Noise of ``shape`` keyed by the generator's next position, or by per-sample keys
+    (:class:`Keyed`, element ``j`` of sample ``b`` from ``(seeds[b], step)``), as the native
+    ops draw it."""
     device = torch.device(device)
+    if isinstance(gen, Keyed):
+        B = int(shape[0]) if len(shape) else 1
+        n = 1
+        for s in shape:
+            n *= int(s)
+        z = _keyed_draw(gen.seeds, gen.step, B, n // B if B else 0, device, native=False)
+        return z.reshape(shape).to(dtype)
     seed, offset = generator_key(gen, device)
     n = 1
     for s in shape:

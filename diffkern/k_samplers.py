@@ -185,9 +185,11 @@ def _add_noise(x, scale, generator, seeds=None, i=0):
     scalar scale that is langevin_step with a zero score and step_size = scale^2/2: one
     fused pass with the draw. A per-sample scale draws the same stream and adds it.
     With ``seeds``: z keyed by (seeds[b], step=i)."""
-    if seeds is not None:
-        scale = append_dims(scale.to(x.device), x.ndim) if isinstance(scale, torch.Tensor) else scale
+    if seeds is not None and isinstance(scale, torch.Tensor):
+        scale = append_dims(scale.to(x.device), x.ndim)
         return (x + scale * _rng.keyed_noise(x, seeds, i, generator)).to(x.dtype)
+    if seeds is not None:  # the keyed draw in the step's own pass
+        return langevin_step(x, x.new_zeros(()).expand(x.shape), scale * scale / 2, seeds=seeds, step=i)
     if isinstance(scale, torch.Tensor):
         z = _rng.normal_like(x.shape, generator, x.device, torch.float64 if x.dtype == torch.float64 else torch.float32)
         return (x + append_dims(scale.to(x.device), x.ndim) * z).to(x.dtype)

@@ -160,6 +160,13 @@ def _key(generator, x, draws: bool):
     return None, _rng._to_int64(seed), _rng._to_int64(offset)
 
 
+def _keys(x, name: str, seeds, step, generator, noise) -> tuple:
+    """seeds=/step=, checked, as the raw ops' trailing (seeds, step_t, step); () without them."""
+    if seeds is None and step is None:
+        return ()
+    return _rng.keyed(_tensor_x(x, name), seeds, step, generator, noise).op_args()
+
+
 def _tensor_x(x, name: str = "x"):
     if not isinstance(x, _Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -188,21 +195,20 @@ def q_sample(x0, t, noise=None, *, schedule=None, generator=None, seeds=None, st
         ``(x_t, noise)``: x_t of the promoted dtype of x0 and noise, channels_last if x0 is;
         ``noise`` is the tensor used (drawn: of x_t's dtype).
     """
-    if seeds is not None or step is not None:  # per-sample keys: the noise, drawn here
-        noise = _rng.keyed_noise(_tensor_x(x0, "x0"), seeds, step, generator, noise)
+    keys = _keys(x0, "x0", seeds, step, generator, noise)
     if _fast(x0, x0):
-        return _F._q_sample(x0, _t_cpu(t), _cpu_table(schedule), noise, generator)
+        return _F._q_sample(x0, _t_cpu(t), _cpu_table(schedule), noise, generator, *keys)
     x0 = _tensor_x(x0, "x0")
     if not _use_native(x0):
-        return fallback.q_sample(x0, t, noise, schedule=schedule, generator=generator)
+        return fallback.q_sample(x0, t, noise, schedule=schedule, generator=generator, seeds=seeds, step=step)
     sched = V.check_schedule(schedule)
     tt, _ = _timesteps(t, None, x0, sched, -1)
     if noise is not None and generator is not None:
         V.check_generator(generator, x0, noise)
     if _eager(x0, x0):
-        return _F._q_sample(x0, tt, sched.table(x0.device), noise, generator)
-    gen, seed, offset = _key(generator, x0, noise is None)
-    xt, drawn = _ops.q_sample(x0, tt, sched.table(x0.device), noise, gen, seed, offset)
+        return _F._q_sample(x0, tt, sched.table(x0.device), noise, generator, *keys)
+    gen, seed, offset = _key(generator, x0, noise is None and not keys)
+    xt, drawn = _ops.q_sample(x0, tt, sched.table(x0.device), noise, gen, seed, offset, *keys)
     return xt, (noise if noise is not None else drawn)
 
 
@@ -231,16 +237,15 @@ def ddim_step(x, eps, t, eta=0.0, *, t_prev=None, schedule=None, prediction_type
     Returns: ``x_{t_prev}``, x's shape, the promoted dtype; channels_last if x is, else
     contiguous.
     """
-    if seeds is not None or step is not None:  # per-sample keys: the noise, drawn here
-        noise = _rng.keyed_noise(_tensor_x(x, "x"), seeds, step, generator, noise, draws=_rng.nonzero(eta))
+    keys = _keys(x, "x", seeds, step, generator, noise)
     if _fast(x, eps):
         return _F._ddim_step(x, eps, _t_cpu(t), None if t_prev is None else _t_cpu(t_prev, "t_prev"),
                              _cpu_table(schedule), eta if type(eta) is float else _float(eta, "eta"),
-                             _prediction(prediction_type), _clip(clip_sample), noise, generator)
+                             _prediction(prediction_type), _clip(clip_sample), noise, generator, *keys)
     x = _tensor_x(x)
     if not _use_native(x):
         return fallback.ddim_step(x, eps, t, eta, t_prev=t_prev, schedule=schedule, prediction_type=prediction_type,
-                                  clip_sample=clip_sample, noise=noise, generator=generator)
+                                  clip_sample=clip_sample, noise=noise, generator=generator, seeds=seeds, step=step)
     _tensor_x(eps, "eps")
     sched = V.check_schedule(schedule)
     pred = _prediction(prediction_type)
@@ -249,10 +254,11 @@ def ddim_step(x, eps, t, eta=0.0, *, t_prev=None, schedule=None, prediction_type
     if noise is not None and generator is not None:
         V.check_generator(generator, x, noise)
     if _eager(x, eps):
-        return _F._ddim_step(x, eps, tt, tp, sched.table(x.device), eta, pred, _clip(clip_sample), noise, generator)
-    gen, seed, offset = _key(generator, x, eta > 0 and noise is None)
+        return _F._ddim_step(x, eps, tt, tp, sched.table(x.device), eta, pred, _clip(clip_sample), noise, generator,
+                             *keys)
+    gen, seed, offset = _key(generator, x, eta > 0 and noise is None and not keys)
     return _ops.ddim_step(x, eps, tt, tp, sched.table(x.device), eta, pred, _clip(clip_sample), noise, gen, seed,
-                          offset)
+                          offset, *keys)
 
 
 # ---- ddpm_step ---------------------------------------------------------------------
@@ -265,17 +271,16 @@ def ddpm_step(x, eps, t, *, t_prev=None, schedule=None, variance="fixed_small", 
     ``std z`` with ``std^2 = max((1-ab')/(1-ab) b, 1e-20)`` (``"fixed_small"``) or ``b``
     (``"fixed_large"``); no noise where ``t == 0``. Arguments as in :func:`ddim_step`.
     """
-    if seeds is not None or step is not None:  # per-sample keys: the noise, drawn here
-        noise = _rng.keyed_noise(_tensor_x(x, "x"), seeds, step, generator, noise)
+    keys = _keys(x, "x", seeds, step, generator, noise)
     if _fast(x, eps):
         return _F._ddpm_step(x, eps, _t_cpu(t), None if t_prev is None else _t_cpu(t_prev, "t_prev"),
                              _cpu_table(schedule), _variance(variance), _prediction(prediction_type),
-                             _clip(clip_sample), noise, generator)
+                             _clip(clip_sample), noise, generator, *keys)
     x = _tensor_x(x)
     if not _use_native(x):
         return fallback.ddpm_step(x, eps, t, t_prev=t_prev, schedule=schedule, variance=variance,
                                   prediction_type=prediction_type, clip_sample=clip_sample, noise=noise,
-                                  generator=generator)
+                                  generator=generator, seeds=seeds, step=step)
     _tensor_x(eps, "eps")
     sched = V.check_schedule(schedule)
     pred = _prediction(prediction_type)
@@ -284,10 +289,11 @@ def ddpm_step(x, eps, t, *, t_prev=None, schedule=None, variance="fixed_small", 
     if noise is not None and generator is not None:
         V.check_generator(generator, x, noise)
     if _eager(x, eps):
-        return _F._ddpm_step(x, eps, tt, tp, sched.table(x.device), var, pred, _clip(clip_sample), noise, generator)
-    gen, seed, offset = _key(generator, x, noise is None)
+        return _F._ddpm_step(x, eps, tt, tp, sched.table(x.device), var, pred, _clip(clip_sample), noise, generator,
+                             *keys)
+    gen, seed, offset = _key(generator, x, noise is None and not keys)
     return _ops.ddpm_step(x, eps, tt, tp, sched.table(x.device), var, pred, _clip(clip_sample), noise, gen, seed,
-                          offset)
+                          offset, *keys)
 
 
 # ---- langevin_step -----------------------------------------------------------------
@@ -297,22 +303,21 @@ def langevin_step(x, score, step_size, *, noise=None, generator=None, seeds=None
     This is the NCSN *code* convention; the NCSN paper writes ``x + (e/2) s + sqrt(e) z``,
     i.e. its ``e`` is ``2 * step_size`` here. Dtypes promote, layouts as in :func:`ddim_step`.
     ``seeds``/``step``: per-sample keys (:func:`q_sample`)."""
-    if seeds is not None or step is not None:  # per-sample keys: the noise, drawn here
-        noise = _rng.keyed_noise(_tensor_x(x, "x"), seeds, step, generator, noise)
+    keys = _keys(x, "x", seeds, step, generator, noise)
     if _fast(x, score):
         return _F._langevin_step(x, score, step_size if type(step_size) is float else _float(step_size, "step_size"),
-                                 noise, generator)
+                                 noise, generator, *keys)
     x = _tensor_x(x)
     if not _use_native(x):
-        return fallback.langevin_step(x, score, step_size, noise=noise, generator=generator)
+        return fallback.langevin_step(x, score, step_size, noise=noise, generator=generator, seeds=seeds, step=step)
     _tensor_x(score, "score")
     alpha = _float(step_size, "step_size")
     if noise is not None and generator is not None:
         V.check_generator(generator, x, noise)
     if _eager(x, score):
-        return _F._langevin_step(x, score, alpha, noise, generator)
-    gen, seed, offset = _key(generator, x, noise is None)
-    return _ops.langevin_step(x, score, alpha, noise, gen, seed, offset)
+        return _F._langevin_step(x, score, alpha, noise, generator, *keys)
+    gen, seed, offset = _key(generator, x, noise is None and not keys)
+    return _ops.langevin_step(x, score, alpha, noise, gen, seed, offset, *keys)
 
 
 def annealed_langevin(score_fn, x, sigmas, *, n_steps_each=100, step_lr=2e-5, denoise=False, generator=None,
@@ -384,38 +389,42 @@ class fallback:  # noqa: N801  (a namespace: diffkern.ops.fallback.ddim_step(...
     kernels). Same signatures, same errors as the native path."""
 
     @staticmethod
-    def q_sample(x0, t, noise=None, *, schedule=None, generator=None):
+    def q_sample(x0, t, noise=None, *, schedule=None, generator=None, seeds=None, step=None):
         x0 = V.check_x(x0, "x0")
+        gen = _rng.keyed(x0, seeds, step, generator, noise)
         sched = V.check_schedule(schedule)
         tt = V.check_timesteps(t, x0, sched.num_timesteps)
         if noise is not None:
             V.check_like(x0, noise, "noise")
         V.check_generator(generator, x0, noise)
-        return R._q_sample(x0, tt, sched.table(x0.device), noise, generator)
+        return R._q_sample(x0, tt, sched.table(x0.device), noise, gen)
 
     @staticmethod
     def ddim_step(x, eps, t, eta=0.0, *, t_prev=None, schedule=None, prediction_type="epsilon", clip_sample=None,
-                  noise=None, generator=None):
+                  noise=None, generator=None, seeds=None, step=None):
+        gen = _rng.keyed(V.check_x(x), seeds, step, generator, noise)
         a = V.step_args(x, eps, t, t_prev, schedule, prediction_type, clip_sample, noise, generator)
         eta = V.check_nonneg(eta, "eta")
-        return R._ddim(x, eps, a, eta, noise, generator)
+        return R._ddim(x, eps, a, eta, noise, gen)
 
     @staticmethod
     def ddpm_step(x, eps, t, *, t_prev=None, schedule=None, variance="fixed_small", prediction_type="epsilon",
-                  clip_sample=None, noise=None, generator=None):
+                  clip_sample=None, noise=None, generator=None, seeds=None, step=None):
+        gen = _rng.keyed(V.check_x(x), seeds, step, generator, noise)
         a = V.step_args(x, eps, t, t_prev, schedule, prediction_type, clip_sample, noise, generator)
         var = V.check_variance(variance)
-        return R._ddpm(x, eps, a, var, noise, generator)
+        return R._ddpm(x, eps, a, var, noise, gen)
 
     @staticmethod
-    def langevin_step(x, score, step_size, *, noise=None, generator=None):
+    def langevin_step(x, score, step_size, *, noise=None, generator=None, seeds=None, step=None):
         V.check_x(x)
+        gen = _rng.keyed(x, seeds, step, generator, noise)
         V.check_like(x, score, "score")
         step = V.check_nonneg(step_size, "step_size")
         if noise is not None:
             V.check_like(x, noise, "noise")
         V.check_generator(generator, x, noise)
-        return R._langevin(x, score, step, noise, generator)
+        return R._langevin(x, score, step, noise, gen)
 
     @staticmethod
     def gmm_annealed_langevin(x, weights, means, stds, sigmas, *, n_steps_each=100, step_lr=2e-5, denoise=False,
@@ -459,23 +468,25 @@ if _NATIVE:
                 raise ValueError(f"{name} is on {v.device} but x is on {x.device}")
 
     @torch.library.register_fake("diffkern::q_sample")
-    def _(x0, t, table, noise, generator, seed, offset):
+    def _(x0, t, table, noise, generator, seed, offset, seeds=None, step_t=None, step=0):
         _check_meta(x0, None, noise, t, x_name="x0")
         dt = V.result_dtype(x0, noise)
         return _out(x0, dt), (torch.empty(0, dtype=dt, device=x0.device) if noise is not None else _out(x0, dt))
 
     @torch.library.register_fake("diffkern::ddim_step")
-    def _(x, m, t, t_prev, table, eta, prediction_type, clip, noise, generator, seed, offset):
+    def _(x, m, t, t_prev, table, eta, prediction_type, clip, noise, generator, seed, offset, seeds=None, step_t=None,
+          step=0):
         _check_meta(x, m, noise, t, t_prev)
         return _out(x, V.result_dtype(x, m, noise if eta > 0 else None))
 
     @torch.library.register_fake("diffkern::ddpm_step")
-    def _(x, m, t, t_prev, table, variance, prediction_type, clip, noise, generator, seed, offset):
+    def _(x, m, t, t_prev, table, variance, prediction_type, clip, noise, generator, seed, offset, seeds=None,
+          step_t=None, step=0):
         _check_meta(x, m, noise, t, t_prev)
         return _out(x, V.result_dtype(x, m, noise))
 
     @torch.library.register_fake("diffkern::langevin_step")
-    def _(x, score, step_size, noise, generator, seed, offset):
+    def _(x, score, step_size, noise, generator, seed, offset, seeds=None, step_t=None, step=0):
         _check_meta(x, score, noise, m_name="score")
         return _out(x, V.result_dtype(x, score, noise))
 

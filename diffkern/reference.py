@@ -133,7 +133,7 @@ def q_sample(x0, t, noise=None, *, schedule=None, generator=None, seeds=None, st
     """Forward noising ``x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) noise`` with ``t`` shared, per
     sample or broadcasting to x0 (:func:`diffkern.ops.q_sample`);
     returns ``(x_t, noise)``. Noise is drawn (Philox, see :mod:`diffkern._rng`) when not given."""
-    noise = _rng.keyed_noise(x0, seeds, step, generator, noise, native=False)
+    generator = _rng.keyed(x0, seeds, step, generator, noise)
     sched = schedule if schedule is not None else default_schedule()
     return _q_sample(x0, _timesteps(t, x0), sched.table(x0.device), noise, generator)
 
@@ -150,7 +150,7 @@ def _q_sample(x0, t, table, noise, generator):
 def ddim_step(x, eps, t, eta=0.0, *, t_prev=None, schedule=None, prediction_type="epsilon", clip_sample=None,
               noise=None, generator=None, seeds=None, step=None):
     """One DDIM step (Song et al. 2021, eq. 12) from ``t`` to ``t_prev`` (default ``t-1``)."""
-    noise = _rng.keyed_noise(x, seeds, step, generator, noise, draws=_rng.nonzero(eta), native=False)
+    generator = _rng.keyed(x, seeds, step, generator, noise)
     a = _step_args(x, t, t_prev, schedule, prediction_type, clip_sample)
     return _ddim(x, eps, a, float(eta), noise, generator)
 
@@ -180,7 +180,7 @@ def _ddim(x, m, a, eta, noise, generator):
 def ddpm_step(x, eps, t, *, t_prev=None, schedule=None, variance="fixed_small", prediction_type="epsilon",
               clip_sample=None, noise=None, generator=None, seeds=None, step=None):
     """One ancestral DDPM step (Ho et al. 2020, Algorithm 2) from ``t`` to ``t_prev``."""
-    noise = _rng.keyed_noise(x, seeds, step, generator, noise, native=False)
+    generator = _rng.keyed(x, seeds, step, generator, noise)
     a = _step_args(x, t, t_prev, schedule, prediction_type, clip_sample)
     return _ddpm(x, eps, a, _VARIANCE[variance], noise, generator)
 
@@ -208,7 +208,7 @@ def _step_args(x, t, t_prev, schedule, prediction_type, clip_sample) -> StepArgs
 def langevin_step(x, score, step_size, *, noise=None, generator=None, seeds=None, step=None):
     """``x + step_size * score + sqrt(2 * step_size) * z`` (the NCSN code's convention; the
     NCSN paper's ``epsilon`` is ``2 * step_size``)."""
-    noise = _rng.keyed_noise(x, seeds, step, generator, noise, native=False)
+    generator = _rng.keyed(x, seeds, step, generator, noise)
     return _langevin(x, score, float(step_size), noise, generator)
 
 

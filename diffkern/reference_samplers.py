@@ -123,10 +123,9 @@ def euler_step(x, denoised, sigma, sigma_next, *, eta=0.0, s_noise=1.0, gamma=0.
     """One Euler step of the probability-flow ODE ``dx/dsigma = (x - D)/sigma`` from
     ``sigma`` to ``sigma_next`` (k-diffusion's sample_euler); ``eta > 0``: Euler ancestral
     (sample_euler_ancestral); ``gamma > 0``: diffusers' EulerDiscrete churn."""
-    noise = _rng.keyed_noise(V.check_x(x), seeds, step, generator, noise,
-                             draws=_rng.nonzero(eta) or _rng.nonzero(gamma), native=False)
+    gen = _rng.keyed(V.check_x(x), seeds, step, generator, noise)
     a = _euler_args(x, denoised, sigma, sigma_next, eta, s_noise, gamma, prediction_type, noise, generator)
-    return _euler(x, denoised, *a, noise, generator)
+    return _euler(x, denoised, *a, noise, gen)
 
 
 def _euler(x, m, sigma, sigma_next, eta, s_noise, gamma, prediction, noise, generator):
@@ -280,9 +279,9 @@ def flow_step(x, velocity, sigma, sigma_next, *, stochastic=False, noise=None, g
     ``x + (sigma_next - sigma) v``; ``stochastic=True``: ``(1 - sigma_next) x0 +
     sigma_next z'`` with ``x0 = x - sigma v`` and fresh noise z' (diffusers'
     FlowMatchEulerDiscreteScheduler with stochastic_sampling)."""
-    noise = _rng.keyed_noise(V.check_x(x), seeds, step, generator, noise, draws=bool(stochastic), native=False)
+    gen = _rng.keyed(V.check_x(x), seeds, step, generator, noise)
     a = _flow_args(x, velocity, sigma, sigma_next, stochastic, noise, generator)
-    return _flow(x, velocity, *a, noise, generator)
+    return _flow(x, velocity, *a, noise, gen)
 
 
 def _flow(x, v, sigma, sigma_next, stochastic, noise, generator):
@@ -308,9 +307,9 @@ def _flow_q_sample_args(x0, sigma, noise, generator):
 def flow_q_sample(x0, sigma, noise=None, *, generator=None, seeds=None, step=None):
     """Rectified-flow noising ``x_sigma = (1 - sigma) x0 + sigma noise`` (training target
     ``noise - x0``); returns ``(x_sigma, noise)``."""
-    noise = _rng.keyed_noise(V.check_x(x0, "x0"), seeds, step, generator, noise, native=False)
+    gen = _rng.keyed(V.check_x(x0, "x0"), seeds, step, generator, noise)
     s = _flow_q_sample_args(x0, sigma, noise, generator)
-    return _flow_q_sample(x0, s, noise, generator)
+    return _flow_q_sample(x0, s, noise, gen)
 
 
 def _flow_q_sample(x0, sigma, noise, generator):
@@ -362,10 +361,10 @@ def lcm_step(x, model_output, t, t_prev, *, schedule=None, prediction_type="epsi
              step=None):
     """One latent-consistency step (diffusers' LCMScheduler.step) from timestep ``t`` to
     ``t_prev`` (``t_prev < 0``: the final step, no noise)."""
-    noise = _rng.keyed_noise(V.check_x(x), seeds, step, generator, noise, native=False)
+    gen = _rng.keyed(V.check_x(x), seeds, step, generator, noise)
     a = _lcm_args(x, model_output, t, t_prev, schedule, prediction_type, timestep_scaling, sigma_data, clip_sample,
                   noise, generator, return_denoised)
-    return _lcm(x, model_output, a, noise, generator)
+    return _lcm(x, model_output, a, noise, gen)
 
 
 def _lcm(x, m, a: _LcmArgs, noise, generator):
@@ -471,11 +470,10 @@ def _as_table(c, x: torch.Tensor) -> torch.Tensor:
 def linear_step(inputs, coeffs, *, noise_coeffs=None, noise=None, generator=None, seeds=None, step=None):
     """``out_k = sum_j coeffs[k][j] inputs[j] + noise_coeffs[k] z`` (see
     :func:`diffkern.sampler_ops.linear_step`)."""
-    noise = _rng.keyed_noise(V.check_x(inputs[0], "inputs[0]") if isinstance(inputs, (list, tuple)) and inputs
-                             else inputs, seeds, step, generator, noise, draws=noise_coeffs is not None,
-                             native=False)
+    gen = _rng.keyed(V.check_x(inputs[0], "inputs[0]") if isinstance(inputs, (list, tuple)) and inputs
+                     else inputs, seeds, step, generator, noise)
     a = _linear_args(inputs, coeffs, noise_coeffs, noise, generator)
-    return _linear(list(inputs), *a, noise, generator)
+    return _linear(list(inputs), *a, noise, gen)
 
 
 def _linear(inputs, c, cn, K, noise, generator):

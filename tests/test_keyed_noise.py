@@ -319,3 +319,39 @@ def test_cuda_graph_replay_reads_seeds_and_step_buffers():
         g.replay()
         want = dk.langevin_step(x.cpu(), m.cpu(), 0.01, seeds=torch.tensor(new_seeds), step=new_step)
         assert (out.cpu() - want).abs().max().item() <= 1e-5
+
+
+# ---- keyed noise with broadcast levels: the same invariances ---------------------------
+def _ops_keyed_layout(x, m, seeds, step, s, t):
+    """Every noisy op with seeds= and levels s (sigma, in (0, 1)) / t in one layout."""
+    return {
+        "q_sample": dk.q_sample(x, t, seeds=seeds, step=step)[0],
+        "ddim": dk.ddim_step(x, m, t, 1.0, t_prev=t - 7, seeds=seeds, step=step),
+        "ddpm": dk.ddpm_step(x, m, t, seeds=seeds, step=step),
+        "euler_a": dk.euler_step(x, m, s * 3, s * 2, eta=1.0, seeds=seeds, step=step),
+        "flow": dk.flow_step(x, m, s, s * 0.5, stochastic=True, seeds=seeds, step=step),
+        "flow_q": dk.flow_q_sample(x, s, seeds=seeds, step=step)[0],
+        "lcm": dk.lcm_step(x, m, t, t - 9, seeds=seeds, step=step),
+    }
+
+
+@pytest.mark.parametrize("layout", ["per frame", "per token"])
+def test_keyed_ops_with_broadcast_levels_invariant_to_batch_split(layout):
+    """Per-frame (B,1,F,1,1) and per-token (B,N,1) levels with per-sample keys: halves, a
+    permutation and each sample alone are bitwise the rows of the full batch."""
+    B = 5
+    g = torch.Generator().manual_seed(21)
+    if layout == "per frame":
+        shape, lshape = (B, 3, 4, 5, 7), (B, 1, 4, 1, 1)
+    else:
+        shape, lshape = (B, 13, 6), (B, 13, 1)
+    x, m = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    s = 0.2 + 0.6 * torch.rand(lshape, generator=g, dtype=torch.float64)
+    t = torch.randint(100, 999, lshape, generator=g)
+    seeds = torch.arange(500, 500 + B)
+    full = _ops_keyed_layout(x, m, seeds, 9, s, t)
+    for rows in (torch.tensor([4, 1, 3, 0, 2]), torch.arange(0, 2), torch.arange(2, 5),
+                 *(torch.tensor([b]) for b in range(B))):
+        part = _ops_keyed_layout(x[rows], m[rows], seeds[rows], 9, s[rows], t[rows])
+        for k in full:
+            assert torch.equal(part[k], full[k][rows]), (k, rows.tolist())

@@ -44,6 +44,48 @@ __device__ __forceinline__ PhiloxKey resolve_key(const RngArgs& r) {
   return PhiloxKey{r.seed, r.offset};
 }
 
+// The step of per-sample keys: from device memory when the binding left it there (a
+// captured graph replays whatever its buffer holds).
+__device__ __forceinline__ uint64_t keyed_step(const KeyedArgs& k) {
+  return k.seeds && k.step_ptr ? uint64_t(*k.step_ptr) : k.step;
+}
+
+// Unit u's kUnit normals (elements e0 = u * kUnit ...): groups 2u and 2u + 1 of the call's
+// Philox stream, or under per-sample keys element j of sample b's stream (a whole group
+// where four elements share a sample on a group boundary, else one element at a time).
+__device__ __forceinline__ void draw_unit(const KeyedArgs& k, uint64_t kstep, PhiloxKey key, int64_t u, int64_t e0,
+                                          int64_t numel, float* z) {
+  if (!k.seeds) {
+    const Float4 lo = philox_normal4(key, uint64_t(u) * 2), hi = philox_normal4(key, uint64_t(u) * 2 + 1);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      z[i] = lo.v[i];
+      z[i + 4] = hi.v[i];
+    }
+    return;
+  }
+#pragma unroll
+  for (int h = 0; h < kUnit / 4; ++h) {
+    const int64_t e = e0 + 4 * h;
+    if (e >= numel) break;  // past the last sample: no seed to read
+    const int64_t b = e / k.inner, j = e - b * k.inner;
+    if ((j & 3) == 0 && j + 4 <= k.inner) {
+      const Float4 q = philox_normal4(keyed_key(k.seed_of(b), kstep), kKeyedGroup + uint64_t(j >> 2));
+#pragma unroll
+      for (int i = 0; i < 4; ++i) z[4 * h + i] = q.v[i];
+    } else {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int64_t ei = e + i;
+        if (ei < numel) {
+          const int64_t bi = ei / k.inner;
+          z[4 * h + i] = keyed_normal_at(k.seed_of(bi), kstep, uint64_t(ei - bi * k.inner));
+        }
+      }
+    }
+  }
+}
+
 template <class T>
 __device__ __forceinline__ T load_at(const Operand& o, int64_t i) {
   const T* p = static_cast<const T*>(o.data);
@@ -141,20 +183,14 @@ template <class T, class Op>
 __global__ void __launch_bounds__(kThreads) step_kernel(const StepLaunch p, const Op op) {
   using C = typename Compute<T>::type;
   const PhiloxKey key = resolve_key(p.rng);
+  const uint64_t kstep = keyed_step(p.keyed);
   const int64_t nunits = (p.numel + kUnit - 1) / kUnit;
   const StepCoeffs<C> shared = step_coeffs<C>(op, 0);
   const bool has_z = p.draw || p.has_noise;
   for (int64_t u = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; u < nunits; u += int64_t(gridDim.x) * blockDim.x) {
     const int64_t e0 = u * kUnit;
     float z[kUnit] = {};
-    if (p.draw) {
-      const Float4 lo = philox_normal4(key, uint64_t(u) * 2), hi = philox_normal4(key, uint64_t(u) * 2 + 1);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        z[i] = lo.v[i];
-        z[i + 4] = hi.v[i];
-      }
-    }
+    if (p.draw) draw_unit(p.keyed, kstep, key, u, e0, p.numel, z);
     const int64_t n = p.numel - e0 < kUnit ? p.numel - e0 : kUnit;
     const int64_t q0 = e0 / p.levels.run;
     const bool one_sample = !p.levels.varies || (e0 + n - 1) / p.levels.run == q0;
@@ -226,6 +262,7 @@ __global__ void __launch_bounds__(kThreads) sampler_kernel(const SamplerLaunch p
   using C = typename Compute<T>::type;
   using K = typename Op::template Coeffs<C>;
   const PhiloxKey key = resolve_key(p.rng);
+  const uint64_t kstep = keyed_step(p.keyed);
   const int64_t nunits = (p.numel + kUnit - 1) / kUnit;
   constexpr int kIn = Op::kInputs, kOut = Op::kOutputs > 2 ? Op::kOutputs : 2;
   const K shared = sampler_coeffs<K>(op, 0);
@@ -233,14 +270,7 @@ __global__ void __launch_bounds__(kThreads) sampler_kernel(const SamplerLaunch p
   for (int64_t u = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; u < nunits; u += int64_t(gridDim.x) * blockDim.x) {
     const int64_t e0 = u * kUnit;
     float z[kUnit] = {};
-    if (p.draw) {
-      const Float4 lo = philox_normal4(key, uint64_t(u) * 2), hi = philox_normal4(key, uint64_t(u) * 2 + 1);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        z[i] = lo.v[i];
-        z[i + 4] = hi.v[i];
-      }
-    }
+    if (p.draw) draw_unit(p.keyed, kstep, key, u, e0, p.numel, z);
     const int64_t n = p.numel - e0 < kUnit ? p.numel - e0 : kUnit;
     const int64_t q0 = e0 / p.levels.run;
     const bool one_sample = !p.levels.varies || (e0 + n - 1) / p.levels.run == q0;

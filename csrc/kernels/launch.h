@@ -4,6 +4,7 @@
 #include <cuda_runtime_api.h>
 
 #include "common.h"
+#include "philox.h"
 #include "sampler_ops.h"
 #include "step_ops.h"
 
@@ -36,6 +37,7 @@ struct StepLaunch {
   bool has_m = false, has_noise = false, draw = false;
   bool vectorized = false;  // every operand contiguous and 16-byte aligned
   RngArgs rng;
+  KeyedArgs keyed;  // seeds set: draws keyed per sample instead of from `rng`
   int device = 0;
 };
 
@@ -58,6 +60,7 @@ struct SamplerLaunch {
   bool vectorized = false;  // every operand contiguous and 16-byte aligned
   void* out[kMaxLinearOutputs] = {nullptr, nullptr, nullptr};
   RngArgs rng;
+  KeyedArgs keyed;  // seeds set: draws keyed per sample instead of from `rng`
   int device = 0;
 };
 

@@ -164,4 +164,16 @@ DK_HD float keyed_normal_at(uint64_t seed, uint64_t step, uint64_t j) {
   return philox_normal4(keyed_key(seed, step), kKeyedGroup + (j >> 2)).v[j & 3];
 }
 
+// A step's noise under per-sample keys (seeds=, step=), drawn by the step kernel itself:
+// element j of sample b is keyed_normal_at(seeds[b], step, j), the numbers of the
+// keyed_normal op, so the noise is the same whatever the batch split or the device.
+struct KeyedArgs {
+  const int64_t* seeds = nullptr;     // null: not keyed; else 1 (every sample) or one per sample
+  int64_t nseeds = 1;
+  const int64_t* step_ptr = nullptr;  // read in the kernel (CUDA graph replay), else `step`
+  uint64_t step = 0;
+  int64_t inner = 1;                  // elements per sample, in logical order
+  DK_HD uint64_t seed_of(int64_t b) const { return uint64_t(seeds[nseeds == 1 ? 0 : b]); }
+};
+
 }  // namespace diffkern

@@ -32,6 +32,9 @@ struct SampleScalar {
     return is_double ? static_cast<const double*>(data)[i] : double(static_cast<const float*>(data)[i]);
   }
   DK_HD bool per_sample() const { return data != nullptr && n > 1; }
+  // Entries a and b hold the same value (a NaN never does): coefficients formed for one
+  // serve the other (per-token levels repeat a frame's value over its tokens).
+  DK_HD bool same(int64_t a, int64_t b) const { return !per_sample() || at(a) == at(b); }
 };
 
 template <class C>
@@ -94,6 +97,7 @@ struct EulerOp {
   };
   DK_HD bool uses_noise() const { return eta > 0 || gamma > 0; }
   DK_HD bool per_sample() const { return sigma.per_sample() || sigma_next.per_sample(); }
+  DK_HD bool same_levels(int64_t a, int64_t b) const { return sigma.same(a, b) && sigma_next.same(a, b); }
 
   template <class S>
   DK_HD Coeffs<S> coeffs(int64_t b) const {
@@ -159,6 +163,7 @@ struct HeunOp {
   };
   DK_HD bool uses_noise() const { return false; }
   DK_HD bool per_sample() const { return sigma.per_sample() || sigma_next.per_sample(); }
+  DK_HD bool same_levels(int64_t a, int64_t b) const { return sigma.same(a, b) && sigma_next.same(a, b); }
 
   template <class S>
   DK_HD Coeffs<S> coeffs(int64_t b) const {
@@ -213,6 +218,9 @@ struct DpmppOp {
   DK_HD bool uses_noise() const { return false; }
   DK_HD bool per_sample() const {
     return sigma.per_sample() || sigma_next.per_sample() || (has_old && sigma_prev.per_sample());
+  }
+  DK_HD bool same_levels(int64_t a, int64_t b) const {
+    return sigma.same(a, b) && sigma_next.same(a, b) && (!has_old || sigma_prev.same(a, b));
   }
 
   template <class S>
@@ -308,6 +316,7 @@ struct FlowOp {
   };
   DK_HD bool uses_noise() const { return stochastic; }
   DK_HD bool per_sample() const { return sigma.per_sample() || sigma_next.per_sample(); }
+  DK_HD bool same_levels(int64_t a, int64_t b) const { return sigma.same(a, b) && sigma_next.same(a, b); }
 
   template <class S>
   DK_HD Coeffs<S> coeffs(int64_t b) const {
@@ -352,6 +361,7 @@ struct FlowQSampleOp {
   };
   DK_HD bool uses_noise() const { return true; }
   DK_HD bool per_sample() const { return sigma.per_sample(); }
+  DK_HD bool same_levels(int64_t a, int64_t b) const { return sigma.same(a, b); }
 
   template <class S>
   DK_HD Coeffs<S> coeffs(int64_t b) const {
@@ -400,6 +410,7 @@ struct LcmOp {
   };
   DK_HD bool uses_noise() const { return noise; }
   DK_HD bool per_sample() const { return ts.nt > 1; }
+  DK_HD bool same_levels(int64_t a, int64_t b) const { return ts.same(a, b); }
 
   template <class S>
   DK_HD Coeffs<S> coeffs(int64_t b) const {
@@ -454,6 +465,7 @@ struct LcmBackwardOp {
   using Coeffs = LcmOp::Coeffs<C>;
   DK_HD bool uses_noise() const { return false; }
   DK_HD bool per_sample() const { return fwd.per_sample(); }
+  DK_HD bool same_levels(int64_t a, int64_t b) const { return fwd.same_levels(a, b); }
   template <class S>
   DK_HD Coeffs<S> coeffs(int64_t b) const { return fwd.coeffs<S>(b); }
   template <bool kHasZ, class C>
@@ -508,6 +520,7 @@ struct LinearOp {
     }
   };
   DK_HD bool per_sample() const { return table != nullptr && rows > 1; }
+  DK_HD bool same_levels(int64_t a, int64_t b) const { return !per_sample(); }  // rows are not compared
 
   template <class S>
   DK_HD Coeffs<S> coeffs(int64_t b) const {

@@ -14,6 +14,10 @@ struct TimestepArgs {
   int64_t nt;
 
   DK_HD int64_t t_at(int64_t b) const { return timestep_of(t, nt, b); }
+  // Entries a and b hold the same timesteps: coefficients formed for one serve the other.
+  DK_HD bool same(int64_t a, int64_t b) const {
+    return nt == 1 || (t[a] == t[b] && (!t_prev || t_prev[a] == t_prev[b]));
+  }
   // A t_prev not below t (only reachable with device-resident timesteps: the host checks
   // the others) reads as an index outside the table, so the sample comes out NaN instead
   // of silently returning x.
@@ -33,6 +37,7 @@ struct DdimOp {
   bool has_clip;
   double clip;
 
+  DK_HD bool same_levels(int64_t a, int64_t b) const { return ts.same(a, b); }
   template <class S>
   DK_HD StepCoeffs<S> coeffs(int64_t b) const {
     const int64_t t = ts.t_at(b);
@@ -55,6 +60,7 @@ struct DdpmOp {
   bool has_clip;
   double clip;
 
+  DK_HD bool same_levels(int64_t a, int64_t b) const { return ts.same(a, b); }
   template <class S>
   DK_HD StepCoeffs<S> coeffs(int64_t b) const {
     const int64_t t = ts.t_at(b);
@@ -75,6 +81,7 @@ struct QSampleOp {
   static constexpr bool kWritesNoise = true;
   TimestepArgs ts;
 
+  DK_HD bool same_levels(int64_t a, int64_t b) const { return ts.same(a, b); }
   template <class S>
   DK_HD StepCoeffs<S> coeffs(int64_t b) const {
     const S ab = table_lookup<S>(ts.table, ts.num_timesteps, ts.t_at(b), false);
@@ -95,6 +102,7 @@ struct LangevinOp {
   static constexpr bool kWritesNoise = false;
   double step_size;
 
+  DK_HD bool same_levels(int64_t, int64_t) const { return true; }
   template <class S>
   DK_HD StepCoeffs<S> coeffs(int64_t) const {
     StepCoeffs<S> k{};

@@ -35,12 +35,12 @@ c10::OperatorHandle op_handle(const char* name) {
 
 using StepSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                            const at::Tensor&, double, int64_t, double, const std::optional<at::Tensor>&,
-                           const std::optional<at::Generator>&, int64_t, int64_t);
+                           const std::optional<at::Generator>&, int64_t, int64_t, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t);
 using DdpmSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                            const at::Tensor&, int64_t, int64_t, double, const std::optional<at::Tensor>&,
-                           const std::optional<at::Generator>&, int64_t, int64_t);
+                           const std::optional<at::Generator>&, int64_t, int64_t, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t);
 using LangevinSig = at::Tensor(const at::Tensor&, const at::Tensor&, double, const std::optional<at::Tensor>&,
-                               const std::optional<at::Generator>&, int64_t, int64_t);
+                               const std::optional<at::Generator>&, int64_t, int64_t, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t);
 using BackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
     const at::Tensor&, int64_t, double, int64_t, int64_t, double, bool);
@@ -66,7 +66,7 @@ void save_step(AutogradContext* ctx, int64_t kind, const at::Tensor& x, const at
   ctx->saved_data["noise_shape"] = shape_of(noise);
 }
 
-// Gradients for (x, m, t, t_prev, table, a, prediction, clip, noise, generator, seed, offset).
+// Gradients for (x, m, t, t_prev, table, a, prediction, clip, noise, generator, seed, offset, seeds, step_t, step).
 variable_list step_grads(AutogradContext* ctx, const variable_list& grads) {
   static auto backward = op_handle("diffkern::step_backward").typed<BackwardSig>();
   const variable_list saved = ctx->get_saved_variables();
@@ -77,7 +77,7 @@ variable_list step_grads(AutogradContext* ctx, const variable_list& grads) {
                                     ctx->saved_data["eta"].toDouble(), ctx->saved_data["variance"].toInt(),
                                     ctx->saved_data["prediction"].toInt(), ctx->saved_data["clip"].toDouble(),
                                     noise_grad);
-  variable_list out(12);
+  variable_list out(15);
   out[0] = reduce_to(gx, x.sizes());
   out[1] = reduce_to(gm, m.sizes());
   if (noise_grad) out[8] = reduce_to(gz, ctx->saved_data["noise_shape"].toIntVector());
@@ -88,11 +88,11 @@ struct DdimFn : public torch::autograd::Function<DdimFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& m, const at::Tensor& t,
                             const std::optional<at::Tensor>& t_prev, const at::Tensor& table, double eta,
                             int64_t prediction, double clip, const std::optional<at::Tensor>& noise,
-                            const std::optional<at::Generator>& generator, int64_t seed, int64_t offset) {
+                            const std::optional<at::Generator>& generator, int64_t seed, int64_t offset, const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& step_t, int64_t step) {
     static auto op = op_handle("diffkern::ddim_step").typed<StepSig>();
     save_step(ctx, 0, x, m, t, t_prev, table, eta, 0, prediction, clip, noise);
     at::AutoDispatchBelowADInplaceOrView below;
-    return op.call(x, m, t, t_prev, table, eta, prediction, clip, noise, generator, seed, offset);
+    return op.call(x, m, t, t_prev, table, eta, prediction, clip, noise, generator, seed, offset, seeds, step_t, step);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) { return step_grads(ctx, grads); }
 };
@@ -101,11 +101,11 @@ struct DdpmFn : public torch::autograd::Function<DdpmFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& m, const at::Tensor& t,
                             const std::optional<at::Tensor>& t_prev, const at::Tensor& table, int64_t variance,
                             int64_t prediction, double clip, const std::optional<at::Tensor>& noise,
-                            const std::optional<at::Generator>& generator, int64_t seed, int64_t offset) {
+                            const std::optional<at::Generator>& generator, int64_t seed, int64_t offset, const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& step_t, int64_t step) {
     static auto op = op_handle("diffkern::ddpm_step").typed<DdpmSig>();
     save_step(ctx, 1, x, m, t, t_prev, table, 0.0, variance, prediction, clip, noise);
     at::AutoDispatchBelowADInplaceOrView below;
-    return op.call(x, m, t, t_prev, table, variance, prediction, clip, noise, generator, seed, offset);
+    return op.call(x, m, t, t_prev, table, variance, prediction, clip, noise, generator, seed, offset, seeds, step_t, step);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) { return step_grads(ctx, grads); }
 };
@@ -114,7 +114,7 @@ struct DdpmFn : public torch::autograd::Function<DdpmFn> {
 struct LangevinFn : public torch::autograd::Function<LangevinFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& score, double step_size,
                             const std::optional<at::Tensor>& noise, const std::optional<at::Generator>& generator,
-                            int64_t seed, int64_t offset) {
+                            int64_t seed, int64_t offset, const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& step_t, int64_t step) {
     static auto op = op_handle("diffkern::langevin_step").typed<LangevinSig>();
     ctx->saved_data["step_size"] = step_size;
     ctx->saved_data["x_shape"] = x.sizes().vec();
@@ -122,12 +122,12 @@ struct LangevinFn : public torch::autograd::Function<LangevinFn> {
     ctx->saved_data["noise_shape"] = shape_of(noise);
     ctx->saved_data["has_noise"] = noise.has_value();
     at::AutoDispatchBelowADInplaceOrView below;
-    return op.call(x, score, step_size, noise, generator, seed, offset);
+    return op.call(x, score, step_size, noise, generator, seed, offset, seeds, step_t, step);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const StepCoeffs<double> k = LangevinOp{ctx->saved_data["step_size"].toDouble()}.coeffs<double>(0);
     const at::Tensor& g = grads[0];
-    variable_list out(7);
+    variable_list out(10);
     out[0] = reduce_to(g, ctx->saved_data["x_shape"].toIntVector());
     out[1] = reduce_to(g * k.c1, ctx->saved_data["score_shape"].toIntVector());
     if (ctx->saved_data["has_noise"].toBool()) out[3] = reduce_to(g * k.std, ctx->saved_data["noise_shape"].toIntVector());
@@ -138,36 +138,36 @@ struct LangevinFn : public torch::autograd::Function<LangevinFn> {
 at::Tensor ddim_step_autograd(const at::Tensor& x, const at::Tensor& m, const at::Tensor& t,
                               const std::optional<at::Tensor>& t_prev, const at::Tensor& table, double eta,
                               int64_t prediction, double clip, const std::optional<at::Tensor>& noise,
-                              const std::optional<at::Generator>& generator, int64_t seed, int64_t offset) {
+                              const std::optional<at::Generator>& generator, int64_t seed, int64_t offset, const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& step_t, int64_t step) {
   if (!needs_grad(x, &m, noise)) {
     static auto op = op_handle("diffkern::ddim_step").typed<StepSig>();
     at::AutoDispatchBelowADInplaceOrView below;
-    return op.call(x, m, t, t_prev, table, eta, prediction, clip, noise, generator, seed, offset);
+    return op.call(x, m, t, t_prev, table, eta, prediction, clip, noise, generator, seed, offset, seeds, step_t, step);
   }
-  return DdimFn::apply(x, m, t, t_prev, table, eta, prediction, clip, noise, generator, seed, offset);
+  return DdimFn::apply(x, m, t, t_prev, table, eta, prediction, clip, noise, generator, seed, offset, seeds, step_t, step);
 }
 
 at::Tensor ddpm_step_autograd(const at::Tensor& x, const at::Tensor& m, const at::Tensor& t,
                               const std::optional<at::Tensor>& t_prev, const at::Tensor& table, int64_t variance,
                               int64_t prediction, double clip, const std::optional<at::Tensor>& noise,
-                              const std::optional<at::Generator>& generator, int64_t seed, int64_t offset) {
+                              const std::optional<at::Generator>& generator, int64_t seed, int64_t offset, const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& step_t, int64_t step) {
   if (!needs_grad(x, &m, noise)) {
     static auto op = op_handle("diffkern::ddpm_step").typed<DdpmSig>();
     at::AutoDispatchBelowADInplaceOrView below;
-    return op.call(x, m, t, t_prev, table, variance, prediction, clip, noise, generator, seed, offset);
+    return op.call(x, m, t, t_prev, table, variance, prediction, clip, noise, generator, seed, offset, seeds, step_t, step);
   }
-  return DdpmFn::apply(x, m, t, t_prev, table, variance, prediction, clip, noise, generator, seed, offset);
+  return DdpmFn::apply(x, m, t, t_prev, table, variance, prediction, clip, noise, generator, seed, offset, seeds, step_t, step);
 }
 
 at::Tensor langevin_step_autograd(const at::Tensor& x, const at::Tensor& score, double step_size,
                                   const std::optional<at::Tensor>& noise,
-                                  const std::optional<at::Generator>& generator, int64_t seed, int64_t offset) {
+                                  const std::optional<at::Generator>& generator, int64_t seed, int64_t offset, const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& step_t, int64_t step) {
   if (!needs_grad(x, &score, noise)) {
     static auto op = op_handle("diffkern::langevin_step").typed<LangevinSig>();
     at::AutoDispatchBelowADInplaceOrView below;
-    return op.call(x, score, step_size, noise, generator, seed, offset);
+    return op.call(x, score, step_size, noise, generator, seed, offset, seeds, step_t, step);
   }
-  return LangevinFn::apply(x, score, step_size, noise, generator, seed, offset);
+  return LangevinFn::apply(x, score, step_size, noise, generator, seed, offset, seeds, step_t, step);
 }
 
 
@@ -233,27 +233,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> step_backward_autograd(
 
 using QSampleSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                       const std::optional<at::Tensor>&,
-                                                      const std::optional<at::Generator>&, int64_t, int64_t);
+                                                      const std::optional<at::Generator>&, int64_t, int64_t, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t);
 
 // x_t = sqrt(ab) x0 + sqrt(1 - ab) noise: per-sample coefficients gathered from the
 // table (a small eager expression: it runs once per training step, next to a model).
 struct QSampleFn : public torch::autograd::Function<QSampleFn> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x0, const at::Tensor& t, const at::Tensor& table,
                                const std::optional<at::Tensor>& noise, const std::optional<at::Generator>& generator,
-                               int64_t seed, int64_t offset) {
+                               int64_t seed, int64_t offset, const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& step_t, int64_t step) {
     static auto op = op_handle("diffkern::q_sample").typed<QSampleSig>();
     // noise is saved for its (possibly symbolic) shape; shapes as int lists would not
     // survive torch.compile's dynamic shapes
     ctx->save_for_backward({t, table, noise.value_or(at::Tensor())});
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [xt, z] = op.call(x0, t, table, noise, generator, seed, offset);
+    auto [xt, z] = op.call(x0, t, table, noise, generator, seed, offset, seeds, step_t, step);
     ctx->mark_non_differentiable({z});
     return {xt, z};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor& g = grads[0];
-    variable_list out(7);
+    variable_list out(10);
     if (!g.defined()) return out;
     const at::Tensor& table = saved[1];
     const c10::SymInt T = table.sym_numel();  // symbolic under torch.compile's dynamic shapes
@@ -280,13 +280,13 @@ struct QSampleFn : public torch::autograd::Function<QSampleFn> {
 std::tuple<at::Tensor, at::Tensor> q_sample_autograd(const at::Tensor& x0, const at::Tensor& t,
                                                      const at::Tensor& table, const std::optional<at::Tensor>& noise,
                                                      const std::optional<at::Generator>& generator, int64_t seed,
-                                                     int64_t offset) {
+                                                     int64_t offset, const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& step_t, int64_t step) {
   if (!needs_grad(x0, nullptr, noise)) {
     static auto op = op_handle("diffkern::q_sample").typed<QSampleSig>();
     at::AutoDispatchBelowADInplaceOrView below;
-    return op.call(x0, t, table, noise, generator, seed, offset);
+    return op.call(x0, t, table, noise, generator, seed, offset, seeds, step_t, step);
   }
-  auto r = QSampleFn::apply(x0, t, table, noise, generator, seed, offset);
+  auto r = QSampleFn::apply(x0, t, table, noise, generator, seed, offset, seeds, step_t, step);
   return {r[0], r[1]};
 }
 

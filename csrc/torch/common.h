@@ -66,4 +66,53 @@ inline void check_same(const at::Tensor& x, const at::Tensor& other, const char*
 
 inline uint64_t as_u64(int64_t v) { return static_cast<uint64_t>(v); }
 
+// seeds= / step= of a drawing op: per-sample keys the kernel draws with (KeyedArgs).
+// `seeds` int64 (1,) or (B,) on x's device; `step_t` a one-element int64 tensor on x's
+// device (on CUDA read in the kernel, so a captured graph replays its buffer), or absent
+// and then `step`. Keys exclude a generator and given noise.
+struct Keyed {
+  KeyedArgs args;
+  at::Tensor seeds, step;  // what args points into
+  bool on() const { return args.seeds != nullptr; }
+};
+
+inline Keyed keyed_args(const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& step_t, int64_t step,
+                        const at::Tensor& x, const std::optional<at::Tensor>& noise,
+                        const std::optional<at::Generator>& generator) {
+  Keyed k;
+  if (!seeds.has_value()) {
+    TORCH_CHECK_VALUE(!step_t.has_value() && step == 0, "step= needs seeds=");
+    return k;
+  }
+  TORCH_CHECK_VALUE(!generator.has_value(), "pass either seeds or generator, not both");
+  TORCH_CHECK_VALUE(!noise.has_value(), "pass either seeds or noise, not both");
+  const int64_t B = x.dim() > 0 ? x.size(0) : 1;
+  const at::Tensor& s = *seeds;
+  TORCH_CHECK_TYPE(s.scalar_type() == at::kLong, "seeds must be an int64 tensor, got ", s.scalar_type());
+  TORCH_CHECK_VALUE(s.dim() <= 1 && (s.numel() == 1 || s.numel() == B), "seeds must be an int or a tensor of shape (",
+                    B, ",) (one per sample), got shape ", s.sizes());
+  TORCH_CHECK_VALUE(s.device() == x.device(), "seeds must be on x's device (", x.device(), "), got ", s.device());
+  k.seeds = s.is_contiguous() ? s : s.contiguous();
+  k.args.seeds = k.seeds.data_ptr<int64_t>();
+  k.args.nseeds = k.seeds.numel();
+  k.args.inner = B > 0 && x.numel() > 0 ? x.numel() / B : 1;
+  if (step_t.has_value()) {
+    TORCH_CHECK_TYPE(step_t->scalar_type() == at::kLong && step_t->numel() == 1,
+                     "step must be an int or a 0-d int64 tensor, got ", step_t->scalar_type(), " of shape ",
+                     step_t->sizes());
+    if (step_t->device().is_cpu()) {
+      step = step_t->item<int64_t>();
+    } else {
+      TORCH_CHECK_VALUE(step_t->device() == x.device(), "step must be on the CPU or on x's device (", x.device(),
+                        "), got ", step_t->device());
+      k.step = step_t->contiguous();
+      k.args.step_ptr = k.step.data_ptr<int64_t>();
+      return k;
+    }
+  }
+  TORCH_CHECK_VALUE(step >= 0 && step < (int64_t(1) << 62), "step must be in [0, 2**62), got ", step);
+  k.args.step = uint64_t(step);
+  return k;
+}
+
 }  // namespace diffkern

@@ -5,8 +5,9 @@
 // torch.ops' Python layer and its argument parsing by schema, ~3-5 us of a small step.
 //
 // Arguments are what the schema takes, already converted by ops.py (timesteps as tensors,
-// enums as ints); a generator of None means the default generator of x's device when the
-// op draws noise (keyed in the kernel, see cpu_generator.h).
+// enums as ints), with the per-sample keys (seeds, step_t, step) optional at the end; a
+// generator of None means the default generator of x's device when the op draws noise
+// from a generator (keyed in the kernel, see cpu_generator.h).
 #include <Python.h>
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -75,25 +76,30 @@ PyObject* ddim_step(PyObject*, PyObject* args) {
   PyObject *ox, *om, *ot, *otp, *otab, *onoise, *ogen;
   double eta, clip;
   long pred;
-  if (!PyArg_ParseTuple(args, "OOOOOdldOO", &ox, &om, &ot, &otp, &otab, &eta, &pred, &clip, &onoise, &ogen))
+  PyObject *oseeds = Py_None, *ostep = Py_None;
+  long long step = 0;
+  if (!PyArg_ParseTuple(args, "OOOOOdldOO|OOL", &ox, &om, &ot, &otp, &otab, &eta, &pred, &clip, &onoise, &ogen, &oseeds, &ostep, &step))
     return nullptr;
   at::Tensor x, m, t, tab;
   OptTensor tp, noise;
+  OptTensor seeds, step_t;
   OptGen gen;
   if (!tensor_arg(ox, "x", &x) || !tensor_arg(om, "eps", &m) || !tensor_arg(ot, "t", &t) ||
       !opt_tensor_arg(otp, "t_prev", &tp) || !tensor_arg(otab, "alphas_cumprod", &tab) ||
-      !opt_tensor_arg(onoise, "noise", &noise) || !generator_arg(ogen, &gen))
+      !opt_tensor_arg(onoise, "noise", &noise) || !generator_arg(ogen, &gen) ||
+      !opt_tensor_arg(oseeds, "seeds", &seeds) || !opt_tensor_arg(ostep, "step", &step_t))
     return nullptr;
   return guarded([&] {
     static auto op = op_handle("diffkern::ddim_step")
                          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
                                            const at::Tensor&, double, int64_t, double, const OptTensor&,
-                                           const OptGen&, int64_t, int64_t)>();
-    const OptGen g = drawing_generator(gen, x, eta > 0 && !noise.has_value());
+                                           const OptGen&, int64_t, int64_t, const OptTensor&,
+                                           const OptTensor&, int64_t)>();
+    const OptGen g = drawing_generator(gen, x, eta > 0 && !noise.has_value() && !seeds.has_value());
     at::Tensor out;
     {
       pybind11::gil_scoped_release no_gil;
-      out = op.call(x, m, t, tp, tab, eta, pred, clip, noise, g, 0, 0);
+      out = op.call(x, m, t, tp, tab, eta, pred, clip, noise, g, 0, 0, seeds, step_t, step);
     }
     return wrap(std::move(out));
   });
@@ -104,25 +110,30 @@ PyObject* ddpm_step(PyObject*, PyObject* args) {
   PyObject *ox, *om, *ot, *otp, *otab, *onoise, *ogen;
   double clip;
   long var, pred;
-  if (!PyArg_ParseTuple(args, "OOOOOlldOO", &ox, &om, &ot, &otp, &otab, &var, &pred, &clip, &onoise, &ogen))
+  PyObject *oseeds = Py_None, *ostep = Py_None;
+  long long step = 0;
+  if (!PyArg_ParseTuple(args, "OOOOOlldOO|OOL", &ox, &om, &ot, &otp, &otab, &var, &pred, &clip, &onoise, &ogen, &oseeds, &ostep, &step))
     return nullptr;
   at::Tensor x, m, t, tab;
   OptTensor tp, noise;
+  OptTensor seeds, step_t;
   OptGen gen;
   if (!tensor_arg(ox, "x", &x) || !tensor_arg(om, "eps", &m) || !tensor_arg(ot, "t", &t) ||
       !opt_tensor_arg(otp, "t_prev", &tp) || !tensor_arg(otab, "alphas_cumprod", &tab) ||
-      !opt_tensor_arg(onoise, "noise", &noise) || !generator_arg(ogen, &gen))
+      !opt_tensor_arg(onoise, "noise", &noise) || !generator_arg(ogen, &gen) ||
+      !opt_tensor_arg(oseeds, "seeds", &seeds) || !opt_tensor_arg(ostep, "step", &step_t))
     return nullptr;
   return guarded([&] {
     static auto op = op_handle("diffkern::ddpm_step")
                          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
                                            const at::Tensor&, int64_t, int64_t, double, const OptTensor&,
-                                           const OptGen&, int64_t, int64_t)>();
-    const OptGen g = drawing_generator(gen, x, !noise.has_value());
+                                           const OptGen&, int64_t, int64_t, const OptTensor&,
+                                           const OptTensor&, int64_t)>();
+    const OptGen g = drawing_generator(gen, x, !noise.has_value() && !seeds.has_value());
     at::Tensor out;
     {
       pybind11::gil_scoped_release no_gil;
-      out = op.call(x, m, t, tp, tab, var, pred, clip, noise, g, 0, 0);
+      out = op.call(x, m, t, tp, tab, var, pred, clip, noise, g, 0, 0, seeds, step_t, step);
     }
     return wrap(std::move(out));
   });
@@ -131,23 +142,28 @@ PyObject* ddpm_step(PyObject*, PyObject* args) {
 // _langevin_step(x, score, step_size, noise, generator)
 PyObject* langevin_step(PyObject*, PyObject* args) {
   PyObject *ox, *os, *onoise, *ogen;
-  double step;
-  if (!PyArg_ParseTuple(args, "OOdOO", &ox, &os, &step, &onoise, &ogen)) return nullptr;
+  double step_size;
+  PyObject *oseeds = Py_None, *ostep = Py_None;
+  long long step = 0;
+  if (!PyArg_ParseTuple(args, "OOdOO|OOL", &ox, &os, &step_size, &onoise, &ogen, &oseeds, &ostep, &step)) return nullptr;
   at::Tensor x, s;
   OptTensor noise;
+  OptTensor seeds, step_t;
   OptGen gen;
   if (!tensor_arg(ox, "x", &x) || !tensor_arg(os, "score", &s) || !opt_tensor_arg(onoise, "noise", &noise) ||
-      !generator_arg(ogen, &gen))
+      !generator_arg(ogen, &gen) ||
+      !opt_tensor_arg(oseeds, "seeds", &seeds) || !opt_tensor_arg(ostep, "step", &step_t))
     return nullptr;
   return guarded([&] {
     static auto op = op_handle("diffkern::langevin_step")
                          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double, const OptTensor&,
-                                           const OptGen&, int64_t, int64_t)>();
-    const OptGen g = drawing_generator(gen, x, !noise.has_value());
+                                           const OptGen&, int64_t, int64_t, const OptTensor&,
+                                           const OptTensor&, int64_t)>();
+    const OptGen g = drawing_generator(gen, x, !noise.has_value() && !seeds.has_value());
     at::Tensor out;
     {
       pybind11::gil_scoped_release no_gil;
-      out = op.call(x, s, step, noise, g, 0, 0);
+      out = op.call(x, s, step_size, noise, g, 0, 0, seeds, step_t, step);
     }
     return wrap(std::move(out));
   });
@@ -156,23 +172,28 @@ PyObject* langevin_step(PyObject*, PyObject* args) {
 // _q_sample(x0, t, table, noise, generator) -> (x_t, drawn noise or an empty tensor)
 PyObject* q_sample(PyObject*, PyObject* args) {
   PyObject *ox, *ot, *otab, *onoise, *ogen;
-  if (!PyArg_ParseTuple(args, "OOOOO", &ox, &ot, &otab, &onoise, &ogen)) return nullptr;
+  PyObject *oseeds = Py_None, *ostep = Py_None;
+  long long step = 0;
+  if (!PyArg_ParseTuple(args, "OOOOO|OOL", &ox, &ot, &otab, &onoise, &ogen, &oseeds, &ostep, &step)) return nullptr;
   at::Tensor x, t, tab;
   OptTensor noise;
+  OptTensor seeds, step_t;
   OptGen gen;
   if (!tensor_arg(ox, "x0", &x) || !tensor_arg(ot, "t", &t) || !tensor_arg(otab, "alphas_cumprod", &tab) ||
-      !opt_tensor_arg(onoise, "noise", &noise) || !generator_arg(ogen, &gen))
+      !opt_tensor_arg(onoise, "noise", &noise) || !generator_arg(ogen, &gen) ||
+      !opt_tensor_arg(oseeds, "seeds", &seeds) || !opt_tensor_arg(ostep, "step", &step_t))
     return nullptr;
   return guarded([&]() -> PyObject* {
     static auto op = op_handle("diffkern::q_sample")
                          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                                    const at::Tensor&, const OptTensor&, const OptGen&,
-                                                                   int64_t, int64_t)>();
-    const OptGen g = drawing_generator(gen, x, !noise.has_value());
+                                                                   int64_t, int64_t, const OptTensor&, const OptTensor&,
+                                                                   int64_t)>();
+    const OptGen g = drawing_generator(gen, x, !noise.has_value() && !seeds.has_value());
     std::tuple<at::Tensor, at::Tensor> r;
     {
       pybind11::gil_scoped_release no_gil;
-      r = op.call(x, t, tab, noise, g, 0, 0);
+      r = op.call(x, t, tab, noise, g, 0, 0, seeds, step_t, step);
     }
     PyObject* a = wrap(std::move(std::get<0>(r)));
     if (!a) return nullptr;

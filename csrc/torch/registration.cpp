@@ -9,8 +9,13 @@
 // `noise` when given, else drawn in-kernel: from `generator`'s Philox state on CUDA
 // (graph-safe), else keyed by (seed, offset) (see csrc/kernels/philox.h).
 // A CPU generator given to an op is keyed by the op itself (csrc/torch/cpu_generator.h),
-// and then (seed, offset) are ignored. Every argument is checked by the backend kernels
-// (csrc/torch/validate.h): raw calls get the same errors as the public functions.
+// and then (seed, offset) are ignored. The DDPM-family ops check every argument in the
+// backend kernels (csrc/torch/validate.h): raw calls get the same errors as the public
+// functions. The sampler-family ops check there their tensors' dtypes, devices and shapes
+// and their levels' layouts (levels.h); their values (ranges, orderings) are checked by
+// the public functions in Python (diffkern/_validate.py), not yet by the raw ops.
+// seeds / step_t / step: per-sample keys instead of a generator (csrc/torch/common.h
+// keyed_args): the kernel draws element j of sample b from (seeds[b], step).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -41,20 +46,20 @@ TORCH_LIBRARY(diffkern, m) {
   m.def("built_with_cuda() -> bool", &diffkern::built_with_cuda);
   m.def(
       "q_sample(Tensor x0, Tensor t, Tensor alphas_cumprod, Tensor? noise, Generator? generator, int seed, "
-      "int offset) -> (Tensor, Tensor)");
+      "int offset, Tensor? seeds=None, Tensor? step_t=None, int step=0) -> (Tensor, Tensor)");
   m.def(
       "ddim_step(Tensor x, Tensor model_output, Tensor t, Tensor? t_prev, Tensor alphas_cumprod, float eta, "
-      "int prediction_type, float clip_sample, Tensor? noise, Generator? generator, int seed, int offset) -> Tensor");
+      "int prediction_type, float clip_sample, Tensor? noise, Generator? generator, int seed, int offset, Tensor? seeds=None, Tensor? step_t=None, int step=0) -> Tensor");
   m.def(
       "ddpm_step(Tensor x, Tensor model_output, Tensor t, Tensor? t_prev, Tensor alphas_cumprod, int variance, "
-      "int prediction_type, float clip_sample, Tensor? noise, Generator? generator, int seed, int offset) -> Tensor");
+      "int prediction_type, float clip_sample, Tensor? noise, Generator? generator, int seed, int offset, Tensor? seeds=None, Tensor? step_t=None, int step=0) -> Tensor");
   m.def(
       "step_backward(Tensor grad, Tensor x, Tensor model_output, Tensor t, Tensor? t_prev, Tensor alphas_cumprod, "
       "int kind, float eta, int variance, int prediction_type, float clip_sample, bool noise_grad) "
       "-> (Tensor, Tensor, Tensor)");
   m.def(
       "langevin_step(Tensor x, Tensor score, float step_size, Tensor? noise, Generator? generator, int seed, "
-      "int offset) -> Tensor");
+      "int offset, Tensor? seeds=None, Tensor? step_t=None, int step=0) -> Tensor");
   // Per-sample keyed normals (seeds=, step=), float32 (batch, inner) on seeds' device:
   // step_t (one int64, read on the device) when given, else step.
   m.def("keyed_normal(Tensor seeds, Tensor? step_t, int step, int batch, int inner) -> Tensor");
@@ -69,7 +74,7 @@ TORCH_LIBRARY(diffkern, m) {
   m.def(
       "euler_step(Tensor x, Tensor model_output, Tensor? sigma_t, Tensor? sigma_next_t, float sigma, "
       "float sigma_next, float eta, float s_noise, float gamma, int prediction_type, Tensor? noise, "
-      "Generator? generator, int seed, int offset) -> Tensor");
+      "Generator? generator, int seed, int offset, Tensor? seeds=None, Tensor? step_t=None, int step=0) -> Tensor");
   m.def(
       "heun_step(Tensor x, Tensor denoised, Tensor x_proposal, Tensor denoised_proposal, Tensor? sigma_t, "
       "Tensor? sigma_next_t, float sigma, float sigma_next, int prediction_type) -> Tensor");
@@ -79,14 +84,14 @@ TORCH_LIBRARY(diffkern, m) {
       "bool variance_preserving, bool return_denoised) -> (Tensor, Tensor)");
   m.def(
       "flow_step(Tensor x, Tensor velocity, Tensor? sigma_t, Tensor? sigma_next_t, float sigma, float sigma_next, "
-      "bool stochastic, Tensor? noise, Generator? generator, int seed, int offset) -> Tensor");
+      "bool stochastic, Tensor? noise, Generator? generator, int seed, int offset, Tensor? seeds=None, Tensor? step_t=None, int step=0) -> Tensor");
   m.def(
       "flow_q_sample(Tensor x0, Tensor? sigma_t, float sigma, Tensor? noise, Generator? generator, int seed, "
-      "int offset) -> (Tensor, Tensor)");
+      "int offset, Tensor? seeds=None, Tensor? step_t=None, int step=0) -> (Tensor, Tensor)");
   m.def(
       "lcm_step(Tensor x, Tensor model_output, Tensor t, Tensor t_prev, Tensor alphas_cumprod, "
       "float timestep_scaling, float sigma_data, int prediction_type, float clip_sample, bool renoise, "
-      "Tensor? noise, Generator? generator, int seed, int offset, bool return_denoised) -> (Tensor, Tensor)");
+      "Tensor? noise, Generator? generator, int seed, int offset, bool return_denoised, Tensor? seeds=None, Tensor? step_t=None, int step=0) -> (Tensor, Tensor)");
   m.def(
       "lcm_step_backward(Tensor grad, Tensor? grad_denoised, Tensor x, Tensor model_output, Tensor t, "
       "Tensor t_prev, Tensor alphas_cumprod, float timestep_scaling, float sigma_data, int prediction_type, "
@@ -96,7 +101,7 @@ TORCH_LIBRARY(diffkern, m) {
   // reads them. Noise as the other ops, used only when `noisy`.
   m.def(
       "linear_step(Tensor[] inputs, float[] coeffs, Tensor? coeffs_t, int outputs, bool noisy, Tensor? noise, "
-      "Generator? generator, int seed, int offset) -> Tensor[]");
+      "Generator? generator, int seed, int offset, Tensor? seeds=None, Tensor? step_t=None, int step=0) -> Tensor[]");
   // Their backward coefficients (sampler_autograd.cpp): (nb, 10) float64 on x's device,
   // nb = B when a level is per-sample else 1; row b = d out / d (in0..in3, z), then the
   // same for the second output.

@@ -146,13 +146,13 @@ using LcmJacSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Ten
 // ---- euler_step ------------------------------------------------------------------------
 using EulerSig = at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, double, double,
                             double, double, double, int64_t, const OptTensor&, const std::optional<at::Generator>&,
-                            int64_t, int64_t);
+                            int64_t, int64_t, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t);
 
 struct EulerFn : public torch::autograd::Function<EulerFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& m, const OptTensor& st,
                             const OptTensor& snt, double s, double sn, double eta, double s_noise, double gamma,
                             int64_t prediction, const OptTensor& noise, const std::optional<at::Generator>& generator,
-                            int64_t seed, int64_t offset) {
+                            int64_t seed, int64_t offset, const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& step_t, int64_t step) {
     static auto op = op_handle("diffkern::euler_step").typed<EulerSig>();
     ctx->save_for_backward({defined_or_empty(st), defined_or_empty(snt)});
     ctx->saved_data["s"] = s;
@@ -165,7 +165,7 @@ struct EulerFn : public torch::autograd::Function<EulerFn> {
     const at::Tensor used_noise = noisy ? defined_or_empty(noise) : at::Tensor();
     save_shapes(ctx, {{"x", &x}, {"m", &m}, {"noise", &used_noise}});
     at::AutoDispatchBelowADInplaceOrView below;
-    return op.call(x, m, st, snt, s, sn, eta, s_noise, gamma, prediction, noise, generator, seed, offset);
+    return op.call(x, m, st, snt, s, sn, eta, s_noise, gamma, prediction, noise, generator, seed, offset, seeds, step_t, step);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static auto jac = op_handle("diffkern::euler_step_jacobian").typed<EulerJacSig>();
@@ -174,7 +174,7 @@ struct EulerFn : public torch::autograd::Function<EulerFn> {
                                   ctx->saved_data["s"].toDouble(), ctx->saved_data["sn"].toDouble(),
                                   ctx->saved_data["eta"].toDouble(), ctx->saved_data["s_noise"].toDouble(),
                                   ctx->saved_data["gamma"].toDouble(), ctx->saved_data["prediction"].toInt());
-    variable_list out(14);
+    variable_list out(17);
     out[0] = grad_for(ctx, j, 0, "x", grads[0], {});
     out[1] = grad_for(ctx, j, 1, "m", grads[0], {});
     out[10] = grad_for(ctx, j, 4, "noise", grads[0], {});
@@ -185,8 +185,8 @@ struct EulerFn : public torch::autograd::Function<EulerFn> {
 at::Tensor euler_step_autograd(const at::Tensor& x, const at::Tensor& m, const OptTensor& st, const OptTensor& snt,
                                double s, double sn, double eta, double s_noise, double gamma, int64_t prediction,
                                const OptTensor& noise, const std::optional<at::Generator>& generator, int64_t seed,
-                               int64_t offset) {
-  return EulerFn::apply(x, m, st, snt, s, sn, eta, s_noise, gamma, prediction, noise, generator, seed, offset);
+                               int64_t offset, const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& step_t, int64_t step) {
+  return EulerFn::apply(x, m, st, snt, s, sn, eta, s_noise, gamma, prediction, noise, generator, seed, offset, seeds, step_t, step);
 }
 
 // ---- heun_step -------------------------------------------------------------------------
@@ -277,12 +277,12 @@ std::tuple<at::Tensor, at::Tensor> dpmpp_2m_step_autograd(const at::Tensor& x, c
 
 // ---- flow_step / flow_q_sample -----------------------------------------------------------
 using FlowSig = at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, double, double,
-                           bool, const OptTensor&, const std::optional<at::Generator>&, int64_t, int64_t);
+                           bool, const OptTensor&, const std::optional<at::Generator>&, int64_t, int64_t, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t);
 
 struct FlowFn : public torch::autograd::Function<FlowFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& v, const OptTensor& st,
                             const OptTensor& snt, double s, double sn, bool stochastic, const OptTensor& noise,
-                            const std::optional<at::Generator>& generator, int64_t seed, int64_t offset) {
+                            const std::optional<at::Generator>& generator, int64_t seed, int64_t offset, const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& step_t, int64_t step) {
     static auto op = op_handle("diffkern::flow_step").typed<FlowSig>();
     ctx->save_for_backward({defined_or_empty(st), defined_or_empty(snt)});
     ctx->saved_data["s"] = s;
@@ -291,7 +291,7 @@ struct FlowFn : public torch::autograd::Function<FlowFn> {
     const at::Tensor used_noise = stochastic ? defined_or_empty(noise) : at::Tensor();
     save_shapes(ctx, {{"x", &x}, {"m", &v}, {"noise", &used_noise}});
     at::AutoDispatchBelowADInplaceOrView below;
-    return op.call(x, v, st, snt, s, sn, stochastic, noise, generator, seed, offset);
+    return op.call(x, v, st, snt, s, sn, stochastic, noise, generator, seed, offset, seeds, step_t, step);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static auto jac = op_handle("diffkern::flow_step_jacobian").typed<FlowJacSig>();
@@ -299,7 +299,7 @@ struct FlowFn : public torch::autograd::Function<FlowFn> {
     const at::Tensor j = jac.call(any_grad(grads), optional_of(saved[0]), optional_of(saved[1]),
                                   ctx->saved_data["s"].toDouble(), ctx->saved_data["sn"].toDouble(),
                                   ctx->saved_data["stochastic"].toBool());
-    variable_list out(11);
+    variable_list out(14);
     out[0] = grad_for(ctx, j, 0, "x", grads[0], {});
     out[1] = grad_for(ctx, j, 1, "m", grads[0], {});
     out[7] = grad_for(ctx, j, 4, "noise", grads[0], {});
@@ -309,24 +309,24 @@ struct FlowFn : public torch::autograd::Function<FlowFn> {
 
 at::Tensor flow_step_autograd(const at::Tensor& x, const at::Tensor& v, const OptTensor& st, const OptTensor& snt,
                               double s, double sn, bool stochastic, const OptTensor& noise,
-                              const std::optional<at::Generator>& generator, int64_t seed, int64_t offset) {
-  return FlowFn::apply(x, v, st, snt, s, sn, stochastic, noise, generator, seed, offset);
+                              const std::optional<at::Generator>& generator, int64_t seed, int64_t offset, const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& step_t, int64_t step) {
+  return FlowFn::apply(x, v, st, snt, s, sn, stochastic, noise, generator, seed, offset, seeds, step_t, step);
 }
 
 using FlowQSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const OptTensor&, double, const OptTensor&,
-                                                    const std::optional<at::Generator>&, int64_t, int64_t);
+                                                    const std::optional<at::Generator>&, int64_t, int64_t, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t);
 
 struct FlowQFn : public torch::autograd::Function<FlowQFn> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x0, const OptTensor& st, double s,
                                const OptTensor& noise, const std::optional<at::Generator>& generator, int64_t seed,
-                               int64_t offset) {
+                               int64_t offset, const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& step_t, int64_t step) {
     static auto op = op_handle("diffkern::flow_q_sample").typed<FlowQSig>();
     ctx->save_for_backward({defined_or_empty(st)});
     ctx->saved_data["s"] = s;
     const at::Tensor n = defined_or_empty(noise);
     save_shapes(ctx, {{"x", &x0}, {"noise", &n}});
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [xt, drawn] = op.call(x0, st, s, noise, generator, seed, offset);
+    auto [xt, drawn] = op.call(x0, st, s, noise, generator, seed, offset, seeds, step_t, step);
     ctx->mark_non_differentiable({drawn});  // drawn noise depends on no input
     return {xt, drawn};
   }
@@ -334,7 +334,7 @@ struct FlowQFn : public torch::autograd::Function<FlowQFn> {
     static auto jac = op_handle("diffkern::flow_q_sample_jacobian").typed<FlowQJacSig>();
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor j = jac.call(any_grad(grads), optional_of(saved[0]), ctx->saved_data["s"].toDouble());
-    variable_list out(7);
+    variable_list out(10);
     out[0] = grad_for(ctx, j, 0, "x", grads[0], {});
     out[3] = grad_for(ctx, j, 4, "noise", grads[0], {});
     return out;
@@ -344,8 +344,8 @@ struct FlowQFn : public torch::autograd::Function<FlowQFn> {
 std::tuple<at::Tensor, at::Tensor> flow_q_sample_autograd(const at::Tensor& x0, const OptTensor& st, double s,
                                                           const OptTensor& noise,
                                                           const std::optional<at::Generator>& generator, int64_t seed,
-                                                          int64_t offset) {
-  auto r = FlowQFn::apply(x0, st, s, noise, generator, seed, offset);
+                                                          int64_t offset, const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& step_t, int64_t step) {
+  auto r = FlowQFn::apply(x0, st, s, noise, generator, seed, offset, seeds, step_t, step);
   return {r[0], r[1]};
 }
 
@@ -353,7 +353,7 @@ std::tuple<at::Tensor, at::Tensor> flow_q_sample_autograd(const at::Tensor& x0, 
 using LcmSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                   const at::Tensor&, const at::Tensor&, double, double, int64_t,
                                                   double, bool, const OptTensor&, const std::optional<at::Generator>&,
-                                                  int64_t, int64_t, bool);
+                                                  int64_t, int64_t, bool, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t);
 using LcmBackwardSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const OptTensor&, const at::Tensor&,
                                                           const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                           const at::Tensor&, double, double, int64_t, double);
@@ -363,7 +363,7 @@ struct LcmFn : public torch::autograd::Function<LcmFn> {
                                const at::Tensor& tp, const at::Tensor& table, double ts, double sd, int64_t prediction,
                                double clip, bool renoise, const OptTensor& noise,
                                const std::optional<at::Generator>& generator, int64_t seed, int64_t offset,
-                               bool return_denoised) {
+                               bool return_denoised, const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& step_t, int64_t step) {
     static auto op = op_handle("diffkern::lcm_step").typed<LcmSig>();
     ctx->save_for_backward({x, m, t, tp, table});
     ctx->saved_data["ts"] = ts;
@@ -375,7 +375,7 @@ struct LcmFn : public torch::autograd::Function<LcmFn> {
     save_shapes(ctx, {{"x", &x}, {"m", &m}, {"noise", &used_noise}});
     at::AutoDispatchBelowADInplaceOrView below;
     auto [out, den] =
-        op.call(x, m, t, tp, table, ts, sd, prediction, clip, renoise, noise, generator, seed, offset, return_denoised);
+        op.call(x, m, t, tp, table, ts, sd, prediction, clip, renoise, noise, generator, seed, offset, return_denoised, seeds, step_t, step);
     if (!return_denoised) ctx->mark_non_differentiable({den});
     return {out, den};
   }
@@ -388,7 +388,7 @@ struct LcmFn : public torch::autograd::Function<LcmFn> {
     static auto jac = op_handle("diffkern::lcm_step_jacobian").typed<LcmJacSig>();
     const at::Tensor j = jac.call(x, t, tp, table, ts, sd, prediction, ctx->saved_data["renoise"].toBool());
     const at::Tensor g_den = grads[1].defined() && grads[1].numel() > 0 ? grads[1] : at::Tensor();
-    variable_list out(15);
+    variable_list out(18);
     if (clip > 0) {
       static auto backward_op = op_handle("diffkern::lcm_step_backward").typed<LcmBackwardSig>();
       const at::Tensor g = grads[0].defined() ? grads[0] : at::zeros_like(g_den.defined() ? g_den : x);
@@ -409,9 +409,10 @@ std::tuple<at::Tensor, at::Tensor> lcm_step_autograd(const at::Tensor& x, const 
                                                      double sd, int64_t prediction, double clip, bool renoise,
                                                      const OptTensor& noise,
                                                      const std::optional<at::Generator>& generator, int64_t seed,
-                                                     int64_t offset, bool return_denoised) {
+                                                     int64_t offset, bool return_denoised, const OptTensor& seeds,
+                                                     const OptTensor& step_t, int64_t step) {
   auto r = LcmFn::apply(x, m, t, tp, table, ts, sd, prediction, clip, renoise, noise, generator, seed, offset,
-                        return_denoised);
+                        return_denoised, seeds, step_t, step);
   return {r[0], r[1]};
 }
 
@@ -419,7 +420,7 @@ std::tuple<at::Tensor, at::Tensor> lcm_step_autograd(const at::Tensor& x, const 
 // out_o = sum_j c[o][j] in_j + c[o][J] z: the coefficients are the op's own arguments, so
 // the backward needs no jacobian op: d in_j = sum_o c[o][j] d out_o, per sample.
 using LinearSig = std::vector<at::Tensor>(at::TensorList, c10::ArrayRef<double>, const OptTensor&, int64_t, bool,
-                                          const OptTensor&, const std::optional<at::Generator>&, int64_t, int64_t);
+                                          const OptTensor&, const std::optional<at::Generator>&, int64_t, int64_t, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t);
 
 // Column c of a (1|B, n) coefficient table as a factor of g (B, ...) in g's dtype, without
 // reading sizes (they may be symbolic under torch.compile).
@@ -434,7 +435,7 @@ struct LinearFn : public torch::autograd::Function<LinearFn> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x0, const OptTensor& x1, const OptTensor& x2,
                                const OptTensor& x3, const OptTensor& x4, const OptTensor& x5, const OptTensor& noise,
                                c10::ArrayRef<double> coeffs, const OptTensor& table, int64_t outputs, bool noisy,
-                               const std::optional<at::Generator>& generator, int64_t seed, int64_t offset) {
+                               const std::optional<at::Generator>& generator, int64_t seed, int64_t offset, const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& step_t, int64_t step) {
     static auto op = op_handle("diffkern::linear_step").typed<LinearSig>();
     std::vector<at::Tensor> ins{x0};
     for (const OptTensor* t : {&x1, &x2, &x3, &x4, &x5})
@@ -451,7 +452,7 @@ struct LinearFn : public torch::autograd::Function<LinearFn> {
     const at::Tensor used_noise = noisy ? defined_or_empty(noise) : at::Tensor();
     save_shapes(ctx, {{"noise", &used_noise}});
     at::AutoDispatchBelowADInplaceOrView below;
-    return op.call(ins, coeffs, table, outputs, noisy, noise, generator, seed, offset);
+    return op.call(ins, coeffs, table, outputs, noisy, noise, generator, seed, offset, seeds, step_t, step);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const int64_t nin = ctx->saved_data["nin"].toInt(), nout = ctx->saved_data["outputs"].toInt();
@@ -464,7 +465,7 @@ struct LinearFn : public torch::autograd::Function<LinearFn> {
     } else {
       shared = ctx->saved_data["coeffs"].toDoubleVector();
     }
-    variable_list out(14);
+    variable_list out(17);
     static const char* const kNames[kMaxLinearInputs + 1] = {"in0", "in1", "in2", "in3", "in4", "in5", "noise"};
     for (int64_t j = 0; j <= nin; ++j) {
       const char* name = j < nin ? kNames[j] : kNames[kMaxLinearInputs];
@@ -490,12 +491,12 @@ struct LinearFn : public torch::autograd::Function<LinearFn> {
 std::vector<at::Tensor> linear_step_autograd(at::TensorList inputs, c10::ArrayRef<double> coeffs,
                                              const OptTensor& table, int64_t outputs, bool noisy,
                                              const OptTensor& noise, const std::optional<at::Generator>& generator,
-                                             int64_t seed, int64_t offset) {
+                                             int64_t seed, int64_t offset, const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& step_t, int64_t step) {
   TORCH_CHECK(!inputs.empty() && int64_t(inputs.size()) <= kMaxLinearInputs, "linear_step takes 1 to ",
               kMaxLinearInputs, " inputs, got ", inputs.size());
   auto in = [&](size_t j) { return j < inputs.size() ? OptTensor(inputs[j]) : std::nullopt; };
   return LinearFn::apply(inputs[0], in(1), in(2), in(3), in(4), in(5), noise, coeffs, table, outputs, noisy,
-                         generator, seed, offset);
+                         generator, seed, offset, seeds, step_t, step);
 }
 
 }  // namespace

@@ -11,8 +11,9 @@
 // keyed_normal and the GMM chain; fp32/fp64/fp16/bf16; operands aligned (the 16-byte
 // vector path), misaligned, strided (transposed and padded rows) and broadcast (stride 0);
 // lengths 1, 7, 1023 and 36004 with per-sample sizes that make 8-element units straddle
-// samples; shared and per-sample levels; drawn (eager and graph-captured keys), given and
-// absent noise; 132 SMs and 1 SM (grid-stride loops that wrap). Guard bytes after every
+// samples; shared and per-sample levels; drawn (eager and graph-captured keys), drawn under
+// per-sample keys (seeds=, step=; the step by value or read from memory), given and absent
+// noise; 132 SMs and 1 SM (grid-stride loops that wrap). Guard bytes after every
 // output catch writes past its end.
 //
 // Mutation evidence (issue 24, deliverable 4): each bug below was planted by hand in
@@ -269,8 +270,11 @@ LevelMap sample_levels(Geometry g, bool per_sample) {
 }
 const DType kDtypes[] = {DType::kFloat32, DType::kFloat64, DType::kFloat16, DType::kBFloat16};
 const Layout kLayouts[] = {kAligned, kMisaligned, kStrided, kBroadcast};
-enum Noise { kNone, kGiven, kDrawn, kCaptured };
-const char* nname(Noise n) { return n == kNone ? "none" : n == kGiven ? "given" : n == kDrawn ? "drawn" : "captured"; }
+// kKeyed: per-sample keys (seeds=, step=), the step read from "device" memory on odd cases
+enum Noise { kNone, kGiven, kDrawn, kCaptured, kKeyed };
+const char* nname(Noise n) {
+  return n == kNone ? "none" : n == kGiven ? "given" : n == kDrawn ? "drawn" : n == kCaptured ? "captured" : "keyed";
+}
 
 int case_index = 0;
 int next_device() { return (case_index++) & 1; }  // device 1 has 1 SM
@@ -279,9 +283,33 @@ struct RngSetup {
   cuda::RngArgs args;
   PhiloxKey key;
   int64_t seed_store, offset_store;
+  std::vector<int64_t> seeds;
+  int64_t step_store = 0;
+  KeyedArgs keyed;  // the kernel's (step maybe behind a pointer)
+  KeyedArgs keyed_cpu() const {  // the CPU driver's: the binding reads the step on the host
+    KeyedArgs k = keyed;
+    k.step_ptr = nullptr;
+    k.step = uint64_t(step_store);
+    return k;
+  }
 };
-void setup_rng(RngSetup& s, Noise n, Rng& r) {
+void setup_rng(RngSetup& s, Noise n, Rng& r, int64_t B = 1, int64_t inner = 1) {
   s.args = cuda::RngArgs{};
+  s.keyed = KeyedArgs{};
+  if (n == kKeyed) {
+    const bool one = (r.bits() & 3) == 0;  // sometimes one seed for every sample
+    s.seeds.clear();
+    for (int64_t b = 0; b < (one ? 1 : B); ++b) s.seeds.push_back(int64_t(r.bits()));
+    s.step_store = int64_t(r.bits() >> 3);  // < 2^61
+    s.keyed.seeds = s.seeds.data();
+    s.keyed.nseeds = int64_t(s.seeds.size());
+    s.keyed.inner = inner;
+    if (case_index & 1)
+      s.keyed.step_ptr = &s.step_store;
+    else
+      s.keyed.step = uint64_t(s.step_store);
+    return;
+  }
   const uint64_t seed = r.bits(), offset = (r.bits() & 0xFFFFFFFull) * 4;
   if (n == kCaptured) {
     s.seed_store = int64_t(seed >> 1);
@@ -296,6 +324,16 @@ void setup_rng(RngSetup& s, Noise n, Rng& r) {
     s.args.offset = offset;
     s.key = PhiloxKey{seed, offset};
   }
+}
+
+// The keyed normals of elements 0..numel-1: element j of sample b from (seeds[b], step).
+std::vector<float> keyed_normals(const RngSetup& s, int64_t numel) {
+  std::vector<float> z(size_t(numel));
+  const int64_t inner = s.keyed.inner;
+  for (int64_t e = 0; e < numel; ++e)
+    z[e] = keyed_normal_at(uint64_t(s.seeds[s.seeds.size() == 1 ? 0 : e / inner]), uint64_t(s.step_store),
+                           uint64_t(e % inner));
+  return z;
 }
 
 // The drawn normals of elements 0..numel-1 (philox_normal4 per group of four).
@@ -316,7 +354,8 @@ long long driver_checks = 0;
 // (for a kWritesNoise op, the noise only when drawn) with the emulated kernel's.
 template <class Op>
 void compare_cpu_driver(const Op& op, DType dt, const Operand* in, int nin, const Arr* noise, bool draw, PhiloxKey key,
-                        int64_t numel, const LevelMap& levels, const Arr* emu_outs, int nout) {
+                        int64_t numel, const LevelMap& levels, const Arr* emu_outs, int nout,
+                        const KeyedArgs& keyed) {
   cpu::StepIO io;
   for (int j = 0; j < nin; ++j) io.in[j] = in[j];
   io.nin = nin;
@@ -326,6 +365,7 @@ void compare_cpu_driver(const Op& op, DType dt, const Operand* in, int nin, cons
   }
   io.draw = draw;
   io.key = key;
+  io.keyed = keyed;
   const int n = Op::kWritesNoise ? (draw ? 2 : 1) : nout;
   Arr outs[kMaxLinearOutputs];
   for (int j = 0; j < n; ++j) {
@@ -369,10 +409,11 @@ void run_step_case(const Op& op, Launcher launch, DType dt, Geometry g, Layout L
   if (Op::kHasModel) p.m = m.op;
   p.has_noise = nz == kGiven;
   if (p.has_noise) p.noise = nn.op;
-  p.draw = nz == kDrawn || nz == kCaptured;
+  p.draw = nz == kDrawn || nz == kCaptured || nz == kKeyed;
   RngSetup rs;
-  setup_rng(rs, nz, r);
+  setup_rng(rs, nz, r, g.B, g.inner);
   p.rng = rs.args;
+  p.keyed = rs.keyed;
   p.vectorized = L == kAligned;
   p.out = out.base;
   p.noise_out = Op::kWritesNoise && p.draw ? nout.base : nullptr;
@@ -381,7 +422,9 @@ void run_step_case(const Op& op, Launcher launch, DType dt, Geometry g, Layout L
   const bool has_z = p.draw || p.has_noise;
   std::vector<StepCoeffs<C>> ks;  // per sample, formed once: in double, rounded (the CPU driver's convention)
   for (int64_t b = 0; b < (per_sample ? g.B : 1); ++b) ks.push_back(cast_coeffs<C>(op.template coeffs<double>(b)));
-  const std::vector<float> zs = p.draw ? drawn_normals(rs.key, numel) : std::vector<float>{};
+  const std::vector<float> zs = !p.draw        ? std::vector<float>{}
+                                : nz == kKeyed ? keyed_normals(rs, numel)
+                                               : drawn_normals(rs.key, numel);
   for (int64_t e = 0; e < numel; ++e) {
     const StepCoeffs<C>& k = ks[per_sample ? e / g.inner : 0];
     const C z = p.draw ? C(zs[e]) : p.has_noise ? read_as<C>(dt, nn.base, nn.off(e)) : C(0);
@@ -396,7 +439,7 @@ void run_step_case(const Op& op, Launcher launch, DType dt, Geometry g, Layout L
   const Operand ins[2] = {x.op, m.op};
   const Arr emu_outs[2] = {out, nout};
   compare_cpu_driver(cpu::SampleStep<Op>{op}, dt, ins, Op::kHasModel ? 2 : 1, p.has_noise ? &nn : nullptr, p.draw,
-                     rs.key, numel, p.levels, emu_outs, 1);
+                     rs.key, numel, p.levels, emu_outs, 1, rs.keyed_cpu());
 #endif
 }
 
@@ -419,10 +462,11 @@ void run_sampler_case(const Op& op, Launcher launch, int nin, int nout, DType dt
   Arr outs[kMaxLinearOutputs] = {make_output(dt, numel, L), make_output(dt, numel, L), make_output(dt, numel, L)};
   p.has_noise = nz == kGiven;
   if (p.has_noise) p.noise = nn.op;
-  p.draw = nz == kDrawn || nz == kCaptured;
+  p.draw = nz == kDrawn || nz == kCaptured || nz == kKeyed;
   RngSetup rs;
-  setup_rng(rs, nz, r);
+  setup_rng(rs, nz, r, g.B, g.inner);
   p.rng = rs.args;
+  p.keyed = rs.keyed;
   p.vectorized = L == kAligned;
   for (int o = 0; o < kMaxLinearOutputs; ++o) p.out[o] = o < nout ? outs[o].base : nullptr;
   p.device = next_device();
@@ -431,7 +475,9 @@ void run_sampler_case(const Op& op, Launcher launch, int nin, int nout, DType dt
   const bool has_z = p.draw || p.has_noise;
   std::vector<Kc> ks;  // per sample, formed once (in double, rounded: the driver's convention)
   for (int64_t b = 0; b < (p.levels.varies ? g.B : 1); ++b) ks.push_back(Kc::from(op.template coeffs<double>(b)));
-  const std::vector<float> zs = p.draw ? drawn_normals(rs.key, numel) : std::vector<float>{};
+  const std::vector<float> zs = !p.draw        ? std::vector<float>{}
+                                : nz == kKeyed ? keyed_normals(rs, numel)
+                                               : drawn_normals(rs.key, numel);
   for (int64_t e = 0; e < numel; ++e) {
     const Kc& k = ks[p.levels.varies ? e / g.inner : 0];
     const C z = p.draw ? C(zs[e]) : p.has_noise ? read_as<C>(dt, nn.base, nn.off(e)) : C(0);
@@ -450,7 +496,7 @@ void run_sampler_case(const Op& op, Launcher launch, int nin, int nout, DType dt
   Operand ins[kMaxLinearInputs];
   for (int i = 0; i < nin; ++i) ins[i] = in[i].op;
   compare_cpu_driver(op, dt, ins, nin, p.has_noise ? &nn : nullptr, p.draw, rs.key, numel, p.levels, outs,
-                     nout);
+                     nout, rs.keyed_cpu());
 #endif
 }
 
@@ -491,25 +537,25 @@ SampleScalar scalar_of(std::vector<double>& store, int64_t n, bool per_sample, d
 
 void test_step_ops() {
   for (int variant = 0; variant < 3; ++variant) {
-    for_all("ddim", {kNone, kGiven, kDrawn}, true, [&]<class C>(DType dt, Geometry g, Layout L, Noise nz, bool ps, Rng& r) {
+    for_all("ddim", {kNone, kGiven, kDrawn, kKeyed}, true, [&]<class C>(DType dt, Geometry g, Layout L, Noise nz, bool ps, Rng& r) {
       const Timesteps ts = make_timesteps(ps ? g.B : 1, r);
       DdimOp op{ts.args(variant != 1), variant == 2 ? 0.0 : 1.0, variant, variant != 0, 1.0};
       run_step_case<C>(op, K->ddim_step, dt, g, L, nz, ps, r);
     });
   }
   for (int variant = 0; variant < 2; ++variant) {
-    for_all("ddpm", {kNone, kGiven, kCaptured}, true, [&]<class C>(DType dt, Geometry g, Layout L, Noise nz, bool ps, Rng& r) {
+    for_all("ddpm", {kNone, kGiven, kCaptured, kKeyed}, true, [&]<class C>(DType dt, Geometry g, Layout L, Noise nz, bool ps, Rng& r) {
       const Timesteps ts = make_timesteps(ps ? g.B : 1, r);
       DdpmOp op{ts.args(variant == 1), variant, 2 - variant, variant == 0, 1.5};
       run_step_case<C>(op, K->ddpm_step, dt, g, L, nz, ps, r);
     });
   }
-  for_all("q_sample", {kGiven, kDrawn}, true, [&]<class C>(DType dt, Geometry g, Layout L, Noise nz, bool ps, Rng& r) {
+  for_all("q_sample", {kGiven, kDrawn, kKeyed}, true, [&]<class C>(DType dt, Geometry g, Layout L, Noise nz, bool ps, Rng& r) {
     const Timesteps ts = make_timesteps(ps ? g.B : 1, r);
     QSampleOp op{ts.args(false)};
     run_step_case<C>(op, K->q_sample, dt, g, L, nz, ps, r);
   });
-  for_all("langevin", {kNone, kGiven, kDrawn}, false, [&]<class C>(DType dt, Geometry g, Layout L, Noise nz, bool ps, Rng& r) {
+  for_all("langevin", {kNone, kGiven, kDrawn, kKeyed}, false, [&]<class C>(DType dt, Geometry g, Layout L, Noise nz, bool ps, Rng& r) {
     LangevinOp op{r.uniform(1e-4, 0.1)};
     run_step_case<C>(op, K->langevin_step, dt, g, L, nz, ps, r);
   });
@@ -519,7 +565,7 @@ void test_sampler_ops() {
   std::vector<double> s1, s2, s3;
   // Euler: plain, ancestral (eta), churn (gamma); predictions epsilon / v / sample.
   for (int variant = 0; variant < 3; ++variant) {
-    const std::vector<Noise> noises = variant == 0 ? std::vector<Noise>{kNone} : std::vector<Noise>{kNone, kGiven, kDrawn};
+    const std::vector<Noise> noises = variant == 0 ? std::vector<Noise>{kNone} : std::vector<Noise>{kNone, kGiven, kDrawn, kKeyed};
     for_all("euler", noises, true, [&]<class C>(DType dt, Geometry g, Layout L, Noise nz, bool ps, Rng& r) {
       EulerOp op{};
       op.sigma = scalar_of(s1, g.B, ps, 2.0, 14.0, r);
@@ -553,21 +599,21 @@ void test_sampler_ops() {
       run_sampler_case<C>(op, K->dpmpp_2m_step, op.has_old ? 3 : 2, 2, dt, g, L, nz, r);
     });
   }
-  for_all("flow", {kNone, kGiven, kDrawn}, true, [&]<class C>(DType dt, Geometry g, Layout L, Noise nz, bool ps, Rng& r) {
+  for_all("flow", {kNone, kGiven, kDrawn, kKeyed}, true, [&]<class C>(DType dt, Geometry g, Layout L, Noise nz, bool ps, Rng& r) {
     FlowOp op{};
     op.sigma = scalar_of(s1, g.B, ps, 0.5, 1.0, r);
     op.sigma_next = scalar_of(s2, g.B, ps, 0.0, 0.5, r);
     op.stochastic = nz != kNone;
     run_sampler_case<C>(op, K->flow_step, 2, 1, dt, g, L, nz, r);
   });
-  for_all("flow_q_sample", {kGiven, kDrawn, kCaptured}, true,
+  for_all("flow_q_sample", {kGiven, kDrawn, kCaptured, kKeyed}, true,
           [&]<class C>(DType dt, Geometry g, Layout L, Noise nz, bool ps, Rng& r) {
             FlowQSampleOp op{};
             op.sigma = scalar_of(s1, g.B, ps, 0.0, 1.0, r);
             run_sampler_case<C>(op, K->flow_q_sample, 1, nz != kGiven ? 2 : 1, dt, g, L, nz, r);
           });
   for (int variant = 0; variant < 2; ++variant) {
-    for_all("lcm", {kNone, kGiven, kDrawn}, true, [&]<class C>(DType dt, Geometry g, Layout L, Noise nz, bool ps, Rng& r) {
+    for_all("lcm", {kNone, kGiven, kDrawn, kKeyed}, true, [&]<class C>(DType dt, Geometry g, Layout L, Noise nz, bool ps, Rng& r) {
       const Timesteps ts = make_timesteps(ps ? g.B : 1, r);
       LcmOp op{ts.args(true), 10.0, 0.5, variant == 0 ? kEpsilon : kVPrediction, variant == 0, 1.0, true};
       run_sampler_case<C>(op, K->lcm_step, 2, 2, dt, g, L, nz, r);
@@ -578,7 +624,7 @@ void test_sampler_ops() {
   std::vector<double> lt;
   for (int nin = 1; nin <= kMaxLinearInputs; ++nin) {
     const int nout = 1 + nin % kMaxLinearOutputs;
-    for_all("linear", {kNone, kGiven, kDrawn}, true, [&]<class C>(DType dt, Geometry g, Layout L, Noise nz, bool ps,
+    for_all("linear", {kNone, kGiven, kDrawn, kKeyed}, true, [&]<class C>(DType dt, Geometry g, Layout L, Noise nz, bool ps,
                                                                   Rng& r) {
       LinearOp op{};
       op.nin = nin;

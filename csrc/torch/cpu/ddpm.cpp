@@ -7,18 +7,19 @@ namespace diffkern {
 at::Tensor ddpm_step_cpu(const at::Tensor& x, const at::Tensor& model_output, const at::Tensor& t,
                          const std::optional<at::Tensor>& t_prev, const at::Tensor& alphas_cumprod, int64_t variance,
                          int64_t prediction_type, double clip_sample, const std::optional<at::Tensor>& noise,
-                         const std::optional<at::Generator>& generator, int64_t seed, int64_t offset) {
+                         const std::optional<at::Generator>& generator, int64_t seed, int64_t offset, const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& step_t, int64_t step) {
   validate::variance(variance);
   validate::prediction_type(prediction_type);
   TORCH_CHECK_VALUE(!std::isnan(clip_sample), "clip_sample must be a number (<= 0: no clipping), got nan");
   const validate::Step s = validate::step(x, "x", &model_output, validate::kModelOutput, noise, true, generator,
                                           &alphas_cumprod, &t, &t_prev, prediction_type);
   // keyed before anything returns: the generator advances as on the reference path
-  const PhiloxKey key = draw_key(generator, seed, offset, !s.noise.has_value());
+  const Keyed kd = keyed_args(seeds, step_t, step, x, noise, generator);
+  const PhiloxKey key = draw_key(generator, seed, offset, !kd.on() && !s.noise.has_value());
   if (s.empty) return validate::empty_result(s, x);
   const DdpmOp op{timestep_args(alphas_cumprod, s.ts.t, s.ts.t_prev), int(variance), int(prediction_type),
                   clip_sample > 0, clip_sample};
-  return validate::in_format(cpu::run_step(op, s.x, &s.m, s.noise, true, key, s.ts.t.sizes()), s.format);
+  return validate::in_format(cpu::run_step(op, s.x, &s.m, s.noise, true, key, s.ts.t.sizes(), nullptr, kd.args), s.format);
 }
 
 TORCH_LIBRARY_IMPL(diffkern, CPU, m) { m.impl("ddpm_step", &ddpm_step_cpu); }

@@ -110,6 +110,7 @@ struct SampleStep {
   };
   template <class S>
   Coeffs<S> coeffs(int64_t b) const { return {op.template coeffs<S>(b)}; }
+  bool same_levels(int64_t a, int64_t b) const { return op.same_levels(a, b); }
   template <bool kHasZ, class C>
   void apply(const Coeffs<C>& k, C x, C m, C, C, C z, C& out, C&) const {
     out = op.apply(k.k, x, m, z, kHasZ);
@@ -165,6 +166,7 @@ struct StepIO {
   // out[1]: the op's second value or the noise used; out[2]: a third value; null: not written
   void* out[kMaxOut] = {nullptr, nullptr, nullptr};
   PhiloxKey key{0, 0};
+  KeyedArgs keyed;  // seeds set: the drawn noise is keyed per sample, not by `key`
 };
 
 // f(integral_constant<N>) for the number of inputs present: any of 1..kInputs for
@@ -259,7 +261,12 @@ void run_elementwise(const Op& op, const StepIO& io, int64_t numel, const LevelM
         out[j] = stream ? obuf[j] : dst[j];
         fout[j] = fo[j];
       }
-      if (io.draw) simd::fill_normals(io.key, uint64_t(e0 / 4), (n + 3) / 4, zbuf);
+      if (io.draw) {
+        if (io.keyed.seeds)
+          simd::fill_keyed_normals(io.keyed.seeds, io.keyed.nseeds, io.keyed.step, io.keyed.inner, e0, n, zbuf);
+        else
+          simd::fill_normals(io.key, uint64_t(e0 / 4), (n + 3) / 4, zbuf);
+      }
       const T* in[kMaxIn] = {};
       const float* fin_p[kMaxIn] = {};
       for (int j = 0; j < io.nin; ++j) {
@@ -277,13 +284,18 @@ void run_elementwise(const Op& op, const StepIO& io, int64_t numel, const LevelM
       }
       for (int64_t e = e0; e < e1;) {
         const int64_t q = e / run;
-        const int64_t r1 = std::min(e1, (q + 1) * run);
+        int64_t r1 = std::min(e1, (q + 1) * run);
         if (levels.varies) {
           const int64_t li = levels.of_run(q);
           if (li != cached) {
-            k = K::from(op.template coeffs<double>(li));
+            // a new index with the same values (a frame's value over its tokens) keeps them
+            if (!op.same_levels(li, cached)) k = K::from(op.template coeffs<double>(li));
             cached = li;
           }
+          // The runs after it with the same values join its span: per-token levels that
+          // repeat a frame's value then loop over the frame, not over C channels at a time.
+          for (int64_t qn = q + 1; r1 < e1 && op.same_levels(levels.of_run(qn), li); ++qn)
+            r1 = std::min(e1, (qn + 1) * run);
         }
         const int64_t i0 = e - e0, i1 = r1 - e0;
         if (staged || fast) {

@@ -20,7 +20,7 @@ namespace cpu {
 template <class Op>
 std::array<at::Tensor, kMaxOut> run_outputs(const Op& op, c10::ArrayRef<const at::Tensor*> inputs,
                                             const std::optional<at::Tensor>& noise, bool draw, PhiloxKey key,
-                                            at::IntArrayRef levels, int nout) {
+                                            at::IntArrayRef levels, int nout, const KeyedArgs& keyed = {}) {
   static const char* const kNames[kMaxIn] = {"x", "model output", "third input", "fourth input", "fifth input",
                                              "sixth input"};
   const at::Tensor& x = *inputs[0];
@@ -70,6 +70,7 @@ std::array<at::Tensor, kMaxOut> run_outputs(const Op& op, c10::ArrayRef<const at
   }
   io.draw = draw && !io.has_noise;
   io.key = key;
+  io.keyed = keyed;
   const int n = Op::kWritesNoise ? (io.draw ? 2 : 1) : std::min(std::max(nout, 1), Op::kOutputs);
   for (int j = 0; j < n; ++j) {
     if (j > 0) outs[j] = empty_output(outs[0].sizes(), outs[0].options());
@@ -91,17 +92,18 @@ std::array<at::Tensor, kMaxOut> run_outputs(const Op& op, c10::ArrayRef<const at
 template <class Op>
 std::pair<at::Tensor, at::Tensor> run_sampler(const Op& op, std::initializer_list<const at::Tensor*> inputs,
                                               const std::optional<at::Tensor>& noise, bool draw, PhiloxKey key,
-                                              at::IntArrayRef levels, bool second) {
+                                              at::IntArrayRef levels, bool second, const KeyedArgs& keyed = {}) {
   auto outs = run_outputs(op, c10::ArrayRef<const at::Tensor*>(inputs.begin(), inputs.size()), noise, draw, key,
-                          levels, second ? 2 : 1);
+                          levels, second ? 2 : 1, keyed);
   return {outs[0], outs[1]};
 }
 
 // The older ops: `noise_out` is written when the op draws and reports its noise (q_sample).
 template <class Op>
 at::Tensor run_step(const Op& op, const at::Tensor& x, const at::Tensor* m, const std::optional<at::Tensor>& noise,
-                    bool draw, PhiloxKey key, at::IntArrayRef levels, at::Tensor* noise_out = nullptr) {
-  auto [out, out1] = run_sampler(SampleStep<Op>{op}, {&x, m}, noise, draw, key, levels, false);
+                    bool draw, PhiloxKey key, at::IntArrayRef levels, at::Tensor* noise_out = nullptr,
+                    const KeyedArgs& keyed = {}) {
+  auto [out, out1] = run_sampler(SampleStep<Op>{op}, {&x, m}, noise, draw, key, levels, false, keyed);
   if (noise_out && out1.defined()) *noise_out = out1;
   return out;
 }

@@ -6,14 +6,15 @@ namespace diffkern {
 at::Tensor euler_step_cpu(const at::Tensor& x, const at::Tensor& model_output, const std::optional<at::Tensor>& sigma_t,
                           const std::optional<at::Tensor>& sigma_next_t, double sigma, double sigma_next, double eta,
                           double s_noise, double gamma, int64_t prediction_type, const std::optional<at::Tensor>& noise,
-                          const std::optional<at::Generator>& /*generator: keyed in Python on the CPU*/, int64_t seed,
-                          int64_t offset) {
+                          const std::optional<at::Generator>& generator, int64_t seed,
+                          int64_t offset, const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& step_t, int64_t step) {
   LevelSet lv(x, {{&sigma_t, "sigma"}, {&sigma_next_t, "sigma_next"}});
   const EulerOp op{lv.scalar(sigma_t, sigma, "sigma"), lv.scalar(sigma_next_t, sigma_next, "sigma_next"),
                    eta, s_noise, gamma, int(prediction_type)};
   const bool noisy = op.uses_noise();
+  const Keyed kd = keyed_args(seeds, step_t, step, x, noise, generator);
   return cpu::run_sampler(op, {&x, &model_output}, noisy ? noise : std::nullopt, noisy,
-                          PhiloxKey{as_u64(seed), as_u64(offset)}, lv.shape(), false)
+                          PhiloxKey{as_u64(seed), as_u64(offset)}, lv.shape(), false, kd.args)
       .first;
 }
 

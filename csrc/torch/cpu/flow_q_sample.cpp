@@ -5,12 +5,13 @@ namespace diffkern {
 
 std::tuple<at::Tensor, at::Tensor> flow_q_sample_cpu(const at::Tensor& x0, const std::optional<at::Tensor>& sigma_t,
                                                      double sigma, const std::optional<at::Tensor>& noise,
-                                                     const std::optional<at::Generator>& /*generator*/, int64_t seed,
-                                                     int64_t offset) {
+                                                     const std::optional<at::Generator>& generator, int64_t seed,
+                                                     int64_t offset, const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& step_t, int64_t step) {
   LevelSet lv(x0, {{&sigma_t, "sigma"}});
   const FlowQSampleOp op{lv.scalar(sigma_t, sigma, "sigma")};
+  const Keyed kd = keyed_args(seeds, step_t, step, x0, noise, generator);
   auto [xt, drawn] = cpu::run_sampler(op, {&x0}, noise, true, PhiloxKey{as_u64(seed), as_u64(offset)},
-                                      lv.shape(), false);
+                                      lv.shape(), false, kd.args);
   // With noise given, the caller already holds it (a custom op may not return an alias).
   return {xt, noise.has_value() ? at::empty({0}, x0.options()) : drawn};
 }

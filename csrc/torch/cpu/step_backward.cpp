@@ -22,8 +22,9 @@ void backward_loop(const Op& op, const Operand& g, const Operand& x, const Opera
         const int64_t q = e / run;
         const int64_t r1 = std::min(e1, (q + 1) * run);
         if (levels.varies && levels.of_run(q) != cached) {
-          cached = levels.of_run(q);
-          k = cast_coeffs<C>(op.template coeffs<double>(cached));
+          const int64_t li = levels.of_run(q);
+          if (!op.same_levels(li, cached)) k = cast_coeffs<C>(op.template coeffs<double>(li));
+          cached = li;
         }
         if (g.contiguous && x.contiguous && m.contiguous) {  // the common case, vectorized
           const T *gp = static_cast<const T*>(g.data), *xp = static_cast<const T*>(x.data),

@@ -5,18 +5,20 @@ namespace diffkern {
 at::Tensor ddpm_step_cuda(const at::Tensor& x, const at::Tensor& model_output, const at::Tensor& t,
                           const std::optional<at::Tensor>& t_prev, const at::Tensor& alphas_cumprod, int64_t variance,
                           int64_t prediction_type, double clip_sample, const std::optional<at::Tensor>& noise,
-                          const std::optional<at::Generator>& generator, int64_t seed, int64_t offset) {
+                          const std::optional<at::Generator>& generator, int64_t seed, int64_t offset, const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& step_t, int64_t step) {
   const c10::cuda::CUDAGuard guard(x.device());
   validate::variance(variance);
   validate::prediction_type(prediction_type);
   TORCH_CHECK_VALUE(!std::isnan(clip_sample), "clip_sample must be a number (<= 0: no clipping), got nan");
   const validate::Step v = validate::step(x, "x", &model_output, validate::kModelOutput, noise, true, generator,
                                           &alphas_cumprod, &t, &t_prev, prediction_type);
-  const bool draws = !v.noise.has_value();
+  const Keyed kd = keyed_args(seeds, step_t, step, x, noise, generator);
+  const bool draws = !kd.on() && !v.noise.has_value();
   const cuda::RngArgs rng = draws ? cuda_binding::rng_from(generator, seed, offset) : cuda::RngArgs{};
   if (v.empty) return validate::empty_result(v, x);
   auto s = cuda_binding::prepare_step(v.x, &v.m, v.noise, true, v.ts.t.sizes(), false);
   if (s.launch.draw) s.launch.rng = rng;
+  s.launch.keyed = kd.args;
   const DdpmOp op{timestep_args(alphas_cumprod, v.ts.t, v.ts.t_prev), int(variance), int(prediction_type),
                   clip_sample > 0, clip_sample};
   cuda::launch_ddpm_step(s.launch, op, c10::cuda::getCurrentCUDAStream());

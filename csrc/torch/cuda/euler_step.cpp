@@ -6,7 +6,7 @@ at::Tensor euler_step_cuda(const at::Tensor& x, const at::Tensor& model_output,
                            const std::optional<at::Tensor>& sigma_t, const std::optional<at::Tensor>& sigma_next_t,
                            double sigma, double sigma_next, double eta, double s_noise, double gamma,
                            int64_t prediction_type, const std::optional<at::Tensor>& noise,
-                           const std::optional<at::Generator>& generator, int64_t seed, int64_t offset) {
+                           const std::optional<at::Generator>& generator, int64_t seed, int64_t offset, const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& step_t, int64_t step) {
   const c10::cuda::CUDAGuard guard(x.device());
   LevelSet lv(x, {{&sigma_t, "sigma"}, {&sigma_next_t, "sigma_next"}});
   const EulerOp op{lv.scalar(sigma_t, sigma, "sigma"), lv.scalar(sigma_next_t, sigma_next, "sigma_next"),
@@ -14,7 +14,9 @@ at::Tensor euler_step_cuda(const at::Tensor& x, const at::Tensor& model_output,
   const bool noisy = op.uses_noise();
   auto s = cuda_binding::prepare_sampler({&x, &model_output}, noisy ? noise : std::nullopt, noisy, lv.shape(),
                                          false);
-  if (s.launch.draw) s.launch.rng = cuda_binding::rng_from(generator, seed, offset);
+  const Keyed kd = keyed_args(seeds, step_t, step, x, noise, generator);
+  if (s.launch.draw && !kd.on()) s.launch.rng = cuda_binding::rng_from(generator, seed, offset);
+  s.launch.keyed = kd.args;
   if (s.launch.numel > 0) {  // a check only right after a launch of ours
     cuda::launch_euler_step(s.launch, op, c10::cuda::getCurrentCUDAStream());
     DIFFKERN_LAUNCH_CHECK();

@@ -5,12 +5,14 @@ namespace diffkern {
 std::tuple<at::Tensor, at::Tensor> flow_q_sample_cuda(const at::Tensor& x0, const std::optional<at::Tensor>& sigma_t,
                                                       double sigma, const std::optional<at::Tensor>& noise,
                                                       const std::optional<at::Generator>& generator, int64_t seed,
-                                                      int64_t offset) {
+                                                      int64_t offset, const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& step_t, int64_t step) {
   const c10::cuda::CUDAGuard guard(x0.device());
   LevelSet lv(x0, {{&sigma_t, "sigma"}});
   const FlowQSampleOp op{lv.scalar(sigma_t, sigma, "sigma")};
   auto s = cuda_binding::prepare_sampler({&x0}, noise, true, lv.shape(), !noise.has_value());
-  if (s.launch.draw) s.launch.rng = cuda_binding::rng_from(generator, seed, offset);
+  const Keyed kd = keyed_args(seeds, step_t, step, x0, noise, generator);
+  if (s.launch.draw && !kd.on()) s.launch.rng = cuda_binding::rng_from(generator, seed, offset);
+  s.launch.keyed = kd.args;
   if (s.launch.numel > 0) {  // a check only right after a launch of ours
     cuda::launch_flow_q_sample(s.launch, op, c10::cuda::getCurrentCUDAStream());
     DIFFKERN_LAUNCH_CHECK();

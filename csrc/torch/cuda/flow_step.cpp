@@ -5,14 +5,16 @@ namespace diffkern {
 at::Tensor flow_step_cuda(const at::Tensor& x, const at::Tensor& velocity, const std::optional<at::Tensor>& sigma_t,
                           const std::optional<at::Tensor>& sigma_next_t, double sigma, double sigma_next,
                           bool stochastic, const std::optional<at::Tensor>& noise,
-                          const std::optional<at::Generator>& generator, int64_t seed, int64_t offset) {
+                          const std::optional<at::Generator>& generator, int64_t seed, int64_t offset, const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& step_t, int64_t step) {
   const c10::cuda::CUDAGuard guard(x.device());
   LevelSet lv(x, {{&sigma_t, "sigma"}, {&sigma_next_t, "sigma_next"}});
   const FlowOp op{lv.scalar(sigma_t, sigma, "sigma"), lv.scalar(sigma_next_t, sigma_next, "sigma_next"),
                   stochastic};
   auto s = cuda_binding::prepare_sampler({&x, &velocity}, stochastic ? noise : std::nullopt, stochastic,
                                          lv.shape(), false);
-  if (s.launch.draw) s.launch.rng = cuda_binding::rng_from(generator, seed, offset);
+  const Keyed kd = keyed_args(seeds, step_t, step, x, noise, generator);
+  if (s.launch.draw && !kd.on()) s.launch.rng = cuda_binding::rng_from(generator, seed, offset);
+  s.launch.keyed = kd.args;
   if (s.launch.numel > 0) {  // a check only right after a launch of ours
     cuda::launch_flow_step(s.launch, op, c10::cuda::getCurrentCUDAStream());
     DIFFKERN_LAUNCH_CHECK();

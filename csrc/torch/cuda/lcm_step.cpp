@@ -8,7 +8,7 @@ std::tuple<at::Tensor, at::Tensor> lcm_step_cuda(const at::Tensor& x, const at::
                                                  double sigma_data, int64_t prediction_type, double clip_sample,
                                                  bool renoise, const std::optional<at::Tensor>& noise,
                                                  const std::optional<at::Generator>& generator, int64_t seed,
-                                                 int64_t offset, bool return_denoised) {
+                                                 int64_t offset, bool return_denoised, const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& step_t, int64_t step) {
   const c10::cuda::CUDAGuard guard(x.device());
   LevelSet lv(x, {{&t, "t"}, {&t_prev, "t_prev"}});
   const LcmOp op{timestep_args(alphas_cumprod, lv.timesteps(t, "t"), lv.timesteps(t_prev, "t_prev")), timestep_scaling,
@@ -18,7 +18,9 @@ std::tuple<at::Tensor, at::Tensor> lcm_step_cuda(const at::Tensor& x, const at::
                                          lv.shape(), return_denoised);
   // One draw's worth of the generator per call, also when no sample re-noises (as the
   // reference and the CPU path advance it).
-  if (!noise.has_value()) s.launch.rng = cuda_binding::rng_from(generator, seed, offset);
+  const Keyed kd = keyed_args(seeds, step_t, step, x, noise, generator);
+  if (!noise.has_value() && !kd.on()) s.launch.rng = cuda_binding::rng_from(generator, seed, offset);
+  s.launch.keyed = kd.args;
   if (s.launch.numel > 0) {  // a check only right after a launch of ours
     cuda::launch_lcm_step(s.launch, op, c10::cuda::getCurrentCUDAStream());
     DIFFKERN_LAUNCH_CHECK();

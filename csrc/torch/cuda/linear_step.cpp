@@ -5,7 +5,7 @@ namespace diffkern {
 std::vector<at::Tensor> linear_step_cuda(at::TensorList inputs, c10::ArrayRef<double> coeffs,
                                          const std::optional<at::Tensor>& coeffs_t, int64_t outputs, bool noisy,
                                          const std::optional<at::Tensor>& noise,
-                                         const std::optional<at::Generator>& generator, int64_t seed, int64_t offset) {
+                                         const std::optional<at::Generator>& generator, int64_t seed, int64_t offset, const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& step_t, int64_t step) {
   TORCH_CHECK(!inputs.empty(), "linear_step needs at least one input");
   const c10::cuda::CUDAGuard guard(inputs[0].device());
   const LinearOp op = linear_op(int64_t(inputs.size()), outputs, coeffs, coeffs_t, inputs[0]);
@@ -13,7 +13,9 @@ std::vector<at::Tensor> linear_step_cuda(at::TensorList inputs, c10::ArrayRef<do
   for (size_t j = 0; j < inputs.size(); ++j) ptrs[j] = &inputs[j];
   auto s = cuda_binding::prepare_outputs(c10::ArrayRef<const at::Tensor*>(ptrs.data(), inputs.size()),
                                          noisy ? noise : std::nullopt, noisy, per_sample_shape(inputs[0], op.per_sample()), int(outputs));
-  if (s.launch.draw) s.launch.rng = cuda_binding::rng_from(generator, seed, offset);
+  const Keyed kd = keyed_args(seeds, step_t, step, inputs[0], noise, generator);
+  if (s.launch.draw && !kd.on()) s.launch.rng = cuda_binding::rng_from(generator, seed, offset);
+  s.launch.keyed = kd.args;
   if (s.launch.numel > 0) {  // a check only right after a launch of ours
     cuda::launch_linear_step(s.launch, op, c10::cuda::getCurrentCUDAStream());
     DIFFKERN_LAUNCH_CHECK();
