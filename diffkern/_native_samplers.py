@@ -1,8 +1,8 @@
 """The native side of the sampler-family ops (diffkern.sampler_ops): validated arguments
 -> the raw ``torch.ops.diffkern`` ops (csrc/torch/{cpu,cuda}/<op>.cpp over the functors of
-csrc/kernels/sampler_ops.h), which diffkern.sampler_ops calls by name (``impl``), and the
-ops' fake kernels for torch.compile / opcheck. It imports nothing of sampler_ops: the
-dependency runs one way.
+csrc/kernels/sampler_ops.h), and the ops' fake kernels for torch.compile / opcheck.
+diffkern.unchecked calls these functions (the public ops through it); nothing here
+imports either.
 
 Each impl takes the arguments of the reference's private ``_<op>`` function. Levels go
 to the kernel as a number, or as a float32/float64 tensor on x's device in one of the
@@ -12,7 +12,8 @@ promoted dtype first (exact; given noise too, where the step uses it), so the re
 the reference's. An impl returns ``NotImplemented`` where the reference must run: a noise
 level that needs a gradient. Noise is keyed as the older ops key it
 (``_noise_key``): a CPU generator here (diffkern._rng's rule), a CUDA generator's Philox
-state in the kernel (graph-safe).
+state in the kernel (graph-safe), per-sample keys (seeds=, step=) in the kernel's own
+pass.
 """
 
 from __future__ import annotations
@@ -51,14 +52,18 @@ def _common(x, *others):
 
 
 def _noise_key(x, generator, draws: bool):
-    """(generator, seed, offset) for a raw op: CUDA generators go to the op (it reads
-    torch's Philox state, graph-safe); CPU ones are keyed here, as the older ops key them."""
+    """(generator, seed, offset, seeds, step_t, step) for a raw op: per-sample keys
+    (_rng.Keyed) go to the op, drawn in its own pass; CUDA generators go to the op (it
+    reads torch's Philox state, graph-safe); CPU ones are keyed here, as the older ops key
+    them."""
+    if isinstance(generator, _rng.Keyed):
+        return (None, 0, 0, *generator.op_args())
     if not draws:
-        return None, 0, 0
+        return None, 0, 0, None, None, 0
     if x.device.type == "cuda" and (generator is None or generator.device.type == "cuda"):
-        return (generator if generator is not None else _rng.default_cuda_generator(x.device)), 0, 0
+        return (generator if generator is not None else _rng.default_cuda_generator(x.device)), 0, 0, None, None, 0
     seed, offset = _rng.cpu_generator_key(generator)
-    return None, _rng._to_int64(seed), _rng._to_int64(offset)
+    return None, _rng._to_int64(seed), _rng._to_int64(offset), None, None, 0
 
 
 def _native(fn):
@@ -77,8 +82,8 @@ def euler_step(x, m, sigma, sigma_next, eta, s_noise, gamma, prediction, noise, 
     noisy = eta > 0 or gamma > 0
     x, m, noise = _common(x, m, noise if noisy else None)
     (st, s), (snt, sn) = _level(sigma), _level(sigma_next)
-    gen, seed, offset = _noise_key(x, generator, noisy and noise is None)
-    return _ops.euler_step(x, m, st, snt, s, sn, eta, s_noise, gamma, prediction, noise, gen, seed, offset)
+    key = _noise_key(x, generator, noisy and noise is None)
+    return _ops.euler_step(x, m, st, snt, s, sn, eta, s_noise, gamma, prediction, noise, *key)
 
 
 @_native
@@ -103,8 +108,8 @@ def dpmpp_2m_step(x, m, old_denoised, sigma, sigma_next, sigma_prev, prediction,
 def flow_step(x, v, sigma, sigma_next, stochastic, noise, generator):
     x, v, noise = _common(x, v, noise if stochastic else None)
     (st, s), (snt, sn) = _level(sigma), _level(sigma_next)
-    gen, seed, offset = _noise_key(x, generator, stochastic and noise is None)
-    return _ops.flow_step(x, v, st, snt, s, sn, stochastic, noise, gen, seed, offset)
+    key = _noise_key(x, generator, stochastic and noise is None)
+    return _ops.flow_step(x, v, st, snt, s, sn, stochastic, noise, *key)
 
 
 @_native
@@ -112,8 +117,8 @@ def flow_q_sample(x0, sigma, noise, generator):
     given = noise
     x0, noise = _common(x0, noise)
     st, s = _level(sigma)
-    gen, seed, offset = _noise_key(x0, generator, noise is None)
-    xt, drawn = _ops.flow_q_sample(x0, st, s, noise, gen, seed, offset)
+    key = _noise_key(x0, generator, noise is None)
+    xt, drawn = _ops.flow_q_sample(x0, st, s, noise, *key)
     return xt, (given if given is not None else drawn)
 
 
@@ -126,9 +131,9 @@ def lcm_step(x, m, a, noise, generator):
     # same way); the kernel skips the noise when every sample is at its final step.
     renoise = not (a.t_prev.device.type == "cpu" and a.t_prev.numel() == 1 and int(a.t_prev) < 0)
     t, tp = a.t, a.t_prev
-    gen, seed, offset = _noise_key(x, generator, noise is None)
+    gen, seed, offset, *keys = _noise_key(x, generator, noise is None)
     out, den = _ops.lcm_step(x, m, t, tp, a.table, a.timestep_scaling, a.sigma_data, a.prediction,
-                             a.clip or 0.0, renoise, noise, gen, seed, offset, a.return_denoised)
+                             a.clip or 0.0, renoise, noise, gen, seed, offset, a.return_denoised, *keys)
     return (out, den) if a.return_denoised else out
 
 
@@ -155,18 +160,8 @@ def linear_step(inputs, c, cn, K, noise, generator):
     else:
         ncs = cn if cn is not None else (0.0,) * K
         flat, table = [v for k in range(K) for v in (*c[k], ncs[k])], None
-    gen, seed, offset = _noise_key(x, generator, noisy and noise is None)
-    return tuple(_ops.linear_step([x, *rest], flat, table, K, noisy, noise, gen, seed, offset))
-
-
-_IMPLS = {f.__name__: f for f in (euler_step, heun_step, dpmpp_2m_step, flow_step, flow_q_sample, lcm_step,
-                                  linear_step)}
-
-
-def impl(name: str, device: torch.device):
-    """The native impl of op ``name`` for tensors on ``device``, or None (not built, or
-    not built for that device)."""
-    return _IMPLS[name] if _ops is not None and native_available(device) else None
+    key = _noise_key(x, generator, noisy and noise is None)
+    return tuple(_ops.linear_step([x, *rest], flat, table, K, noisy, noise, *key))
 
 
 if _ops is not None:
@@ -176,34 +171,50 @@ if _ops is not None:
     def _empty(x):
         return torch.empty(0, dtype=x.dtype, device=x.device)
 
+    def _levels_on_x(x, **levels):
+        """The device half of the C++ level checks (csrc/torch/levels.h) for fake tensors: a
+        call with a meta level beside real operands is dispatched here, and must fail as it
+        would natively instead of returning an uninitialised output."""
+        for name, v in levels.items():
+            if v is not None and v.device != x.device:
+                raise ValueError(f"{name} is on {v.device} but x is on {x.device}")
+
     @torch.library.register_fake("diffkern::euler_step")
-    def _(x, m, st, snt, s, sn, eta, s_noise, gamma, prediction, noise, generator, seed, offset):
+    def _(x, m, st, snt, s, sn, eta, s_noise, gamma, prediction, noise, generator, seed, offset, seeds=None,
+          step_t=None, step=0):
+        _levels_on_x(x, sigma=st, sigma_next=snt)
         return _empty_like_out(x)
 
     @torch.library.register_fake("diffkern::heun_step")
     def _(x, m, xp, mp, st, snt, s, sn, prediction):
+        _levels_on_x(x, sigma=st, sigma_next=snt)
         return _empty_like_out(x)
 
     @torch.library.register_fake("diffkern::dpmpp_2m_step")
     def _(x, m, old, st, snt, spt, s, sn, sp, prediction, solver, vp, return_denoised):
+        _levels_on_x(x, sigma=st, sigma_next=snt, sigma_prev=spt if old is not None else None)
         return _empty_like_out(x), (_empty_like_out(x) if return_denoised else _empty(x))
 
     @torch.library.register_fake("diffkern::flow_step")
-    def _(x, v, st, snt, s, sn, stochastic, noise, generator, seed, offset):
+    def _(x, v, st, snt, s, sn, stochastic, noise, generator, seed, offset, seeds=None, step_t=None, step=0):
+        _levels_on_x(x, sigma=st, sigma_next=snt)
         return _empty_like_out(x)
 
     @torch.library.register_fake("diffkern::flow_q_sample")
-    def _(x0, st, s, noise, generator, seed, offset):
+    def _(x0, st, s, noise, generator, seed, offset, seeds=None, step_t=None, step=0):
+        _levels_on_x(x0, sigma=st)
         return _empty_like_out(x0), (_empty(x0) if noise is not None else _empty_like_out(x0))
 
     @torch.library.register_fake("diffkern::lcm_step")
     def _(x, m, t, t_prev, table, ts, sd, prediction, clip, renoise, noise, generator, seed, offset,
-          return_denoised):
+          return_denoised, seeds=None, step_t=None, step=0):
+        _levels_on_x(x, t=t, t_prev=t_prev)
         return _empty_like_out(x), (_empty_like_out(x) if return_denoised else _empty(x))
 
     if hasattr(_ops, "linear_step"):
         @torch.library.register_fake("diffkern::linear_step")
-        def _(inputs, coeffs, coeffs_t, outputs, noisy, noise, generator, seed, offset):
+        def _(inputs, coeffs, coeffs_t, outputs, noisy, noise, generator, seed, offset, seeds=None, step_t=None,
+              step=0):
             return [_empty_like_out(inputs[0]) for _ in range(outputs)]
 
     @torch.library.register_fake("diffkern::lcm_step_backward")

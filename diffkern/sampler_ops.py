@@ -42,23 +42,10 @@ Conventions shared by every op here:
   generator advances the same way with host or device scalars).
 - Differentiable w.r.t. the tensor inputs.
 
-Native hook: ``diffkern._native_samplers.impl(op_name, x.device)`` (None without a build
-for x's device) is called with the validated arguments, positionally, in the order
-of the reference's private function of the op:
-
-- ``euler_step``:    (x, denoised, sigma, sigma_next, eta, s_noise, gamma, prediction, noise, generator)
-- ``heun_step``:     (x, denoised, x_proposal, denoised_proposal, sigma, sigma_next, prediction)
-- ``dpmpp_2m_step``: (x, denoised, old_denoised, sigma, sigma_next, sigma_prev, prediction, solver_type,
-  variance_preserving, return_denoised)
-- ``flow_step``:     (x, velocity, sigma, sigma_next, stochastic, noise, generator)
-- ``flow_q_sample``: (x0, sigma, noise, generator) -> (x_t, noise)
-- ``linear_step``:   (inputs, coeffs, noise_coeffs, K, noise, generator): coeffs a host tuple of K
-  rows of J floats or a (1|B, K, J) float64 tensor on x's device; noise_coeffs None, K floats
-  or a (1|B, K) float64 tensor -> a tuple of K tensors
-- ``lcm_step``:      (x, model_output, args, noise, generator), ``args`` a
-  ``reference_samplers._LcmArgs``: t, t_prev (contiguous int64 on x's device, (1,)/(B,)
-  or an N-D broadcast shape, t_prev < 0 = final), table (float32 alphas_cumprod on x's
-  device), prediction, timestep_scaling, sigma_data, clip (float or None), return_denoised
+Below the checks: each op is its checks (diffkern/_validate.py, the reference's
+``_<op>_args``) followed by the same function of :mod:`diffkern.unchecked`, which runs
+the native kernel (diffkern/_native_samplers.py) when it is built for x's device, else the
+reference's private ``_<op>`` (same numbers, same drawn noise).
 
 Levels are a Python float (also for any one-element CPU tensor without grad), or a
 contiguous float tensor on x's device (any float dtype): 1-D of length 1 or B (per
@@ -66,23 +53,17 @@ sample, x's first dim) for a 0-d/1-D level, else its own shape of 2 <= ndim <= x
 dims, broadcasting to x's torch-style (_validate.level_shape); ``prediction`` is the int
 code of ``_validate.PREDICTION_TYPES``; ``solver_type`` the string; eta/s_noise/gamma
 Python floats; tensors may broadcast, have any strides, and differ in dtype from x. The
-impl may return ``NotImplemented`` for a case it does not cover; the reference then runs.
+native side may decline a case (a level that needs a gradient); the reference then runs.
 """
 
 from __future__ import annotations
 
-import torch
-
-from . import _native_samplers as N
 from . import _rng
 from . import _validate as V
 from . import reference_samplers as R
+from . import unchecked as U
 
 __all__ = ["euler_step", "heun_step", "dpmpp_2m_step", "flow_step", "flow_q_sample", "lcm_step", "linear_step"]
-
-def _native_impl(name: str, x: torch.Tensor):
-    return N.impl(name, x.device)
-
 
 # ---- euler_step ----------------------------------------------------------------------
 def euler_step(x, denoised, sigma, sigma_next, *, eta=0.0, s_noise=1.0, gamma=0.0, prediction_type="sample",
@@ -116,15 +97,9 @@ def euler_step(x, denoised, sigma, sigma_next, *, eta=0.0, s_noise=1.0, gamma=0.
 
     Returns: the state at ``sigma_next``.
     """
-    noise = _rng.keyed_noise(V.check_x(x), seeds, step, generator, noise,
-                             draws=_rng.nonzero(eta) or _rng.nonzero(gamma))
+    gen = _rng.keyed(V.check_x(x), seeds, step, generator, noise)
     a = R._euler_args(x, denoised, sigma, sigma_next, eta, s_noise, gamma, prediction_type, noise, generator)
-    impl = _native_impl("euler_step", x)
-    if impl is not None:
-        out = impl(x, denoised, *a, noise, generator)
-        if out is not NotImplemented:
-            return out
-    return R._euler(x, denoised, *a, noise, generator)
+    return U.euler_step(x, denoised, *a, noise, gen)
 
 
 # ---- heun_step -----------------------------------------------------------------------
@@ -143,12 +118,7 @@ def heun_step(x, denoised, x_proposal, denoised_proposal, sigma, sigma_next, *, 
     No noise. Returns the state at ``sigma_next``.
     """
     a = R._heun_args(x, denoised, x_proposal, denoised_proposal, sigma, sigma_next, prediction_type)
-    impl = _native_impl("heun_step", x)
-    if impl is not None:
-        out = impl(x, denoised, x_proposal, denoised_proposal, *a)
-        if out is not NotImplemented:
-            return out
-    return R._heun(x, denoised, x_proposal, denoised_proposal, *a)
+    return U.heun_step(x, denoised, x_proposal, denoised_proposal, *a)
 
 
 # ---- dpmpp_2m_step -------------------------------------------------------------------
@@ -182,12 +152,7 @@ def dpmpp_2m_step(x, denoised, old_denoised, sigma, sigma_next, sigma_prev=None,
     """
     a = R._dpmpp_2m_args(x, denoised, old_denoised, sigma, sigma_next, sigma_prev, prediction_type, solver_type,
                          variance_preserving, return_denoised)
-    impl = _native_impl("dpmpp_2m_step", x)
-    if impl is not None:
-        out = impl(x, denoised, old_denoised, *a)
-        if out is not NotImplemented:
-            return out
-    return R._dpmpp_2m(x, denoised, old_denoised, *a)
+    return U.dpmpp_2m_step(x, denoised, old_denoised, *a)
 
 
 # ---- flow_step -----------------------------------------------------------------------
@@ -203,14 +168,9 @@ def flow_step(x, velocity, sigma, sigma_next, *, stochastic=False, noise=None, g
     Args: x: (B, ...); velocity: model output, broadcastable; sigma, sigma_next: finite,
     >= 0, shared, per sample or broadcasting to x (module docstring). Returns the state at ``sigma_next``.
     """
-    noise = _rng.keyed_noise(V.check_x(x), seeds, step, generator, noise, draws=bool(stochastic))
+    gen = _rng.keyed(V.check_x(x), seeds, step, generator, noise)
     a = R._flow_args(x, velocity, sigma, sigma_next, stochastic, noise, generator)
-    impl = _native_impl("flow_step", x)
-    if impl is not None:
-        out = impl(x, velocity, *a, noise, generator)
-        if out is not NotImplemented:
-            return out
-    return R._flow(x, velocity, *a, noise, generator)
+    return U.flow_step(x, velocity, *a, noise, gen)
 
 
 # ---- flow_q_sample -------------------------------------------------------------------
@@ -225,14 +185,9 @@ def flow_q_sample(x0, sigma, noise=None, *, generator=None, seeds=None, step=Non
     dtype of x0 and noise (as q_sample), noise the tensor used (drawn: x0's dtype and
     layout).
     """
-    noise = _rng.keyed_noise(V.check_x(x0, "x0"), seeds, step, generator, noise)
+    gen = _rng.keyed(V.check_x(x0, "x0"), seeds, step, generator, noise)
     s = R._flow_q_sample_args(x0, sigma, noise, generator)
-    impl = _native_impl("flow_q_sample", x0)
-    if impl is not None:
-        out = impl(x0, s, noise, generator)
-        if out is not NotImplemented:
-            return out
-    return R._flow_q_sample(x0, s, noise, generator)
+    return U.flow_q_sample(x0, s, noise, gen)
 
 
 # ---- lcm_step ------------------------------------------------------------------------
@@ -261,15 +216,11 @@ def lcm_step(x, model_output, t, t_prev, *, schedule=None, prediction_type="epsi
         return_denoised: also return ``denoised`` (diffusers' ``denoised`` output).
     Returns ``x_prev`` or ``(x_prev, denoised)``.
     """
-    noise = _rng.keyed_noise(V.check_x(x), seeds, step, generator, noise)
+    gen = _rng.keyed(V.check_x(x), seeds, step, generator, noise)
     a = R._lcm_args(x, model_output, t, t_prev, schedule, prediction_type, timestep_scaling, sigma_data,
                     clip_sample, noise, generator, return_denoised)
-    impl = _native_impl("lcm_step", x)
-    if impl is not None:
-        out = impl(x, model_output, a, noise, generator)
-        if out is not NotImplemented:
-            return out
-    return R._lcm(x, model_output, a, noise, generator)
+    return U.lcm_step(x, model_output, a.t, a.t_prev, a.table, a.prediction, a.timestep_scaling, a.sigma_data, a.clip,
+                      a.return_denoised, noise, gen)
 
 
 # ---- linear_step ---------------------------------------------------------------------
@@ -305,13 +256,7 @@ def linear_step(inputs, coeffs, *, noise_coeffs=None, noise=None, generator=None
     (and, on the reference path, tensor coefficients).
     """
     x0 = inputs[0] if isinstance(inputs, (list, tuple)) and inputs else inputs
-    noise = _rng.keyed_noise(V.check_x(x0, "inputs[0]"), seeds, step, generator, noise,
-                             draws=noise_coeffs is not None)
+    gen = _rng.keyed(V.check_x(x0, "inputs[0]"), seeds, step, generator, noise)
     c, cn, K = R._linear_args(inputs, coeffs, noise_coeffs, noise, generator)
     inputs = list(inputs)
-    impl = _native_impl("linear_step", x0)
-    if impl is not None:
-        out = impl(inputs, c, cn, K, noise, generator)
-        if out is not NotImplemented:
-            return out
-    return R._linear(inputs, c, cn, K, noise, generator)
+    return U.linear_step(inputs, c, cn, noise, gen)

@@ -128,8 +128,15 @@ MUTANTS = [
            "    const int64_t n = p.numel - e0 < kUnit ? p.numel - e0 - 1 : kUnit;", CTEST, count=2),
     Mutant("cpu-driver-bf16-truncates", "CPU driver", "csrc/torch/cpu/driver.h",
            "uint16_t((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16)", "uint16_t(b >> 16)", CTEST),
-    Mutant("cpu-driver-keeps-first-sample-coeffs", "CPU driver", "csrc/torch/cpu/driver.h",
-           "        if (per_sample && b != cached_b) {", "        if (per_sample && cached_b < 0) {", CTEST),
+    Mutant("cpu-driver-keeps-first-level-coeffs", "CPU driver", "csrc/torch/cpu/driver.h",
+           "          if (li != cached) {", "          if (li < cached) {", CTEST),
+    Mutant("levels-always-the-same", "CPU driver", "csrc/kernels/sampler_ops.h",
+           "  DK_HD bool same(int64_t a, int64_t b) const { return !per_sample() || at(a) == at(b); }",
+           "  DK_HD bool same(int64_t a, int64_t b) const { return true; }", CTEST),
+    Mutant("cuda-keyed-group-crosses-samples", "CUDA kernel", "csrc/kernels/elementwise.cuh",
+           "if ((j & 3) == 0 && j + 4 <= k.inner) {", "if ((j & 3) == 0 && j + 4 <= k.inner + 4) {", CTEST),
+    Mutant("cpu-driver-keyed-counter-off-by-one", "CPU driver", "csrc/torch/cpu/driver.h",
+           "io.keyed.inner, e0, n, zbuf);", "io.keyed.inner, e0 + 1, n, zbuf);", CTEST),
 ]
 
 

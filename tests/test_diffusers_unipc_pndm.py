@@ -199,24 +199,24 @@ def test_unipc_reused_scheduler_equals_fresh():
 
 
 def test_unipc_no_host_sync_and_one_pass():
-    from diffkern.integrations.diffusers import _base as B
+    from diffkern import unchecked as U
     s = FusedUniPCMultistepScheduler(solver_order=3, final_sigmas_type="zero")
     s.set_timesteps(8)
     x = torch.randn(SHAPE)
     calls = []
-    real = B.linear
+    real = U.linear_step
 
     def counted(*a, **k):
         calls.append(1)
         return real(*a, **k)
 
-    B.linear = counted
+    U.linear_step = counted
     try:
         with CountSyncs() as c:
             for t in s.timesteps:
                 x = s.step(torch.randn(SHAPE), t, x).prev_sample
     finally:
-        B.linear = real
+        U.linear_step = real
     assert c.n == 0
     assert len(calls) == len(s.timesteps)
 
@@ -294,24 +294,24 @@ def test_pndm_direct_prk_and_plms_calls_match_stock():
 
 
 def test_pndm_no_host_sync_and_one_pass():
-    from diffkern.integrations.diffusers import _base as B
+    from diffkern import unchecked as U
     s = FusedPNDMScheduler()
     s.set_timesteps(8)
     x = torch.randn(SHAPE)
     calls = []
-    real = B.linear
+    real = U.linear_step
 
     def counted(*a, **k):
         calls.append(1)
         return real(*a, **k)
 
-    B.linear = counted
+    U.linear_step = counted
     try:
         with CountSyncs() as c:
             for t in s.timesteps:
                 x = s.step(torch.randn(SHAPE), t, x).prev_sample
     finally:
-        B.linear = real
+        U.linear_step = real
     assert c.n == 0
     assert len(calls) == len(s.timesteps)
 
@@ -401,24 +401,24 @@ def test_cogvideox_pred_original_sample_and_batch_timesteps(prediction_type):
 
 
 def test_cogvideox_no_host_sync_and_one_pass():
-    from diffkern.integrations.diffusers import _base as B
+    from diffkern import unchecked as U
     s = FusedCogVideoXDDIMScheduler()
     s.set_timesteps(8)
     x = torch.randn(SHAPE)
     calls = []
-    real = B.linear
+    real = U.linear_step
 
     def counted(*a, **k):
         calls.append(1)
         return real(*a, **k)
 
-    B.linear = counted
+    U.linear_step = counted
     try:
         with CountSyncs() as c:
             for t in s.timesteps:
                 x = s.step(torch.randn(SHAPE), t, x).prev_sample
     finally:
-        B.linear = real
+        U.linear_step = real
     assert c.n == 0
     assert len(calls) == len(s.timesteps)
 

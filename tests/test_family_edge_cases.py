@@ -17,7 +17,7 @@ import torch
 from conftest import gen, needs_native, randn
 
 import diffkern as dk
-from diffkern import _native_samplers
+from diffkern import unchecked
 from diffkern._validate import output_format
 
 R = dk.reference
@@ -27,11 +27,12 @@ CL = torch.channels_last
 @pytest.fixture(params=[pytest.param("native", marks=needs_native), "fallback", "reference"])
 def ops(request, monkeypatch):
     """The module whose functions a test calls: ``fallback`` is the public face with no
-    native impl (what DIFFKERN_DISABLE_NATIVE=1 or a device without kernels gives)."""
+    native kernels below it (what DIFFKERN_DISABLE_NATIVE=1 or a device without kernels
+    gives)."""
     if request.param == "reference":
         return R
     if request.param == "fallback":
-        monkeypatch.setattr(_native_samplers, "impl", lambda name, device: None)
+        monkeypatch.setattr(unchecked, "_native_for", lambda x: False)
     return dk
 
 

@@ -22,9 +22,8 @@ import torch
 from conftest import gen, max_rel_err, needs_native, randn, ulp
 
 import diffkern as dk
-from diffkern import sampler_ops
 
-pytestmark = [needs_native, pytest.mark.skipif(sampler_ops.N.impl("euler_step", torch.device("cpu")) is None,
+pytestmark = [needs_native, pytest.mark.skipif(not hasattr(torch.ops.diffkern, "euler_step"),
                                                   reason="no native sampler ops")]
 R = dk.reference
 F64 = torch.float64
@@ -170,19 +169,29 @@ def test_half_native_vs_reference(name, dtype, case):
         _assert_half_close(g, r, f"{name} {dtype} {case}")
 
 
-def test_the_native_path_runs():
-    """A test that cannot fail is a defect: make sure dk.* above is not the reference."""
+@pytest.mark.parametrize("name", ["euler_step", "heun_step", "dpmpp_2m_step", "flow_step", "flow_q_sample",
+                                  "lcm_step", "linear_step"])
+def test_the_native_path_runs(name, monkeypatch):
+    """A test that cannot fail is a defect: make sure dk.* above is not the reference. Every
+    public family op reaches the native function of diffkern._native_samplers (through
+    diffkern.unchecked), not the reference's."""
+    from diffkern import _native_samplers as N
+    from diffkern import reference_samplers as RS
     a = _args((3, 5), torch.float32, "float", 1)
-    calls = []
-    impls = sampler_ops.N._IMPLS
-    impl = impls["euler_step"]
-    impls["euler_step"] = lambda *args: calls.append(1) or impl(*args)
-    try:
-        dk.euler_step(a.x, a.m, 2.0, 1.0)
-    finally:
-        impls["euler_step"] = impl
+    calls, native = [], getattr(N, name)
+    monkeypatch.setattr(N, name, lambda *args: calls.append(1) or native(*args))
+    ref = {"euler_step": "_euler", "heun_step": "_heun", "dpmpp_2m_step": "_dpmpp_2m", "flow_step": "_flow",
+           "flow_q_sample": "_flow_q_sample", "lcm_step": "_lcm", "linear_step": "_linear"}[name]
+    monkeypatch.setattr(RS, ref, lambda *args: pytest.fail(f"{name} ran the reference"))
+    x, m = a.x, a.m
+    {"euler_step": lambda: dk.euler_step(x, m, 2.0, 1.0),
+     "heun_step": lambda: dk.heun_step(x, m, x, m, 2.0, 1.0),
+     "dpmpp_2m_step": lambda: dk.dpmpp_2m_step(x, m, m, 2.0, 1.0, 3.0),
+     "flow_step": lambda: dk.flow_step(x, m, 0.5, 0.25, stochastic=True),
+     "flow_q_sample": lambda: dk.flow_q_sample(x, 0.5),
+     "lcm_step": lambda: dk.lcm_step(x, m, 500, 300),
+     "linear_step": lambda: dk.linear_step([x, m], [[1.0, 2.0]])}[name]()
     assert calls == [1]
-    assert set(impls) == set(dk.sampler_ops.__all__)
 
 
 # ---- strides and broadcasting --------------------------------------------------------

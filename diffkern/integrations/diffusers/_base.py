@@ -21,13 +21,11 @@ import sys
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from ... import _native, _rng
+from ... import _rng
 from ... import _validate as V
-from ... import reference as R
-from ... import reference_samplers as RS
-from ... import sampler_ops as SO
+from ... import unchecked as U
 
-__all__ = ["FusedSchedulerMixin", "promote", "ddim", "ddpm", "q_sample", "unsupported", "output", "NOISE_MODES"]
+__all__ = ["FusedSchedulerMixin", "promote", "unsupported", "output", "NOISE_MODES"]
 
 # Where a step's noise comes from (README "Noise"):
 # - "stock": the numbers stock draws, from stock's own randn_tensor call (same seed, same
@@ -38,32 +36,6 @@ __all__ = ["FusedSchedulerMixin", "promote", "ddim", "ddpm", "q_sample", "unsupp
 #   image does not depend on the batch it was made in.
 NOISE_MODES = ("stock", "kernel", "keyed")
 _NOISE_KWARGS = ("dk_noise", "dk_seeds")
-
-
-def _ops():
-    return torch.ops.diffkern
-
-
-def native(device: torch.device) -> bool:
-    return _native.native_available(device)
-
-
-def _native_for(x: torch.Tensor) -> bool:
-    """native_available(x.device) without building a device object (host time per step)."""
-    return _native._loaded and (x.is_cpu or (x.is_cuda and _native._cuda))
-
-
-_tf_mode = torch._C._is_torch_function_mode_enabled
-
-
-def _fast_entry(x: torch.Tensor, m: torch.Tensor):
-    """The extension's eager entry points (no torch.ops Python layer; CPU generators keyed
-    in C++ as diffkern._rng keys them) when they apply: CPU plain tensors, nothing traced."""
-    F = getattr(_native, "_fast", None)
-    if F is None or type(x) is not torch.Tensor or type(m) is not torch.Tensor or not x.is_cpu or _tf_mode() \
-            or compiling():
-        return None
-    return F
 
 
 def compiling() -> bool:
@@ -366,63 +338,11 @@ def step_noise(sched, x: torch.Tensor, generator, variance_noise, draws: bool, *
     return noise_args(x, generator, None, True)
 
 
-# ---- the fused ops, below their public wrappers -------------------------------------
-def _noise_source(x, generator, draws: bool):
-    """(generator, seed, offset) for a raw op, keyed as the public ops key them: CUDA
-    generators go to the op (it reads torch's Philox state, graph-safe), CPU ones are
-    keyed here (diffkern._rng)."""
-    if not draws:
-        return None, 0, 0
-    if x.device.type == "cuda" and (generator is None or generator.device.type == "cuda"):
-        return (generator if generator is not None else _rng.default_cuda_generator(x.device)), 0, 0
-    seed, offset = _rng.cpu_generator_key(generator)
-    return None, _rng._to_int64(seed), _rng._to_int64(offset)
-
-
-def _args(t, tp, table, prediction, clip):
-    a = R.StepArgs()
-    a.t, a.t_prev_arg, a.table, a.prediction, a.clip = t, tp, table, prediction, clip
-    return a
-
-
-def ddim(x, m, t, tp, table, eta, prediction, clip, noise=None, generator=None):
-    """dk.ddim_step on validated arguments (t, tp: (1,)/(B,) int64 on x's device)."""
-    F = _fast_entry(x, m)
-    if F is not None:
-        return F._ddim_step(x, m, t, tp, table, eta, prediction, clip or 0.0, noise if eta > 0 else None,
-                            generator if eta > 0 else None)
-    if _native_for(x):
-        gen, seed, off = _noise_source(x, generator, True) if eta > 0 and noise is None else (None, 0, 0)
-        return _ops().ddim_step(x, m, t, tp, table, eta, prediction, clip or 0.0, noise if eta > 0 else None,
-                                gen, seed, off)
-    return R._ddim(x, m, _args(t, tp, table, prediction, clip), eta, noise, generator)
-
-
-def ddpm(x, m, t, tp, table, variance, prediction, clip, noise=None, generator=None):
-    """dk.ddpm_step on validated arguments."""
-    F = _fast_entry(x, m)
-    if F is not None:
-        return F._ddpm_step(x, m, t, tp, table, variance, prediction, clip or 0.0, noise, generator)
-    if _native_for(x):
-        gen, seed, off = _noise_source(x, generator, True) if noise is None else (None, 0, 0)
-        return _ops().ddpm_step(x, m, t, tp, table, variance, prediction, clip or 0.0, noise, gen, seed, off)
-    return R._ddpm(x, m, _args(t, tp, table, prediction, clip), variance, noise, generator)
-
-
-def q_sample(x0, t, table, noise):
-    """dk.q_sample on validated arguments, with the noise given."""
-    F = _fast_entry(x0, noise)
-    if F is not None:
-        return F._q_sample(x0, t, table, noise, None)[0]
-    if _native_for(x0):
-        return _ops().q_sample(x0, t, table, noise, None, 0, 0)[0]
-    return R._q_sample(x0, t, table, noise, None)[0]
-
-
+# ---- compositions of the ops below their checks (diffkern.unchecked) ------------------
 def pred_x0(x, m, t, st, prediction, clip, table=None):
     """The predicted x0 (clipped) in one fused pass: a DDIM step with eta = 0 to
     alphas_cumprod' = 1 (t_prev = -1) is exactly ``1 * x0 + 0 * eps``."""
-    return ddim(x, m, t, final_like(st, t), st.table if table is None else table, 0.0, prediction, clip)
+    return U.ddim_step(x, m, t, final_like(st, t), st.table if table is None else table, 0.0, prediction, clip)
 
 
 def final_like(st, t: torch.Tensor) -> torch.Tensor:
@@ -435,114 +355,9 @@ def final_like(st, t: torch.Tensor) -> torch.Tensor:
     return f
 
 
-# ---- the sampler-family ops, below their public wrappers ------------------------------
-# Scalars are Python floats or contiguous 1-D tensors (length 1 or B) on x's device, as
-# sampler_ops' native hook takes them.
-def _family(name, ref, x, *args):
-    impl = SO._native_impl(name, x)
-    if impl is not None:
-        out = impl(x, *args)
-        if out is not NotImplemented:
-            return out
-    return ref(x, *args)
-
-
-def euler(x, m, sigma, sigma_next, eta, s_noise, gamma, prediction, noise=None, generator=None):
-    return _family("euler_step", RS._euler, x, m, sigma, sigma_next, eta, s_noise, gamma, prediction, noise,
-                   generator)
-
-
-def heun(x, m, x_proposal, m_proposal, sigma, sigma_next, prediction):
-    return _family("heun_step", RS._heun, x, m, x_proposal, m_proposal, sigma, sigma_next, prediction)
-
-
-def dpmpp_2m(x, m, old, sigma, sigma_next, sigma_prev, prediction, solver_type, vp, return_denoised):
-    return _family("dpmpp_2m_step", RS._dpmpp_2m, x, m, old, sigma, sigma_next, sigma_prev, prediction, solver_type,
-                   vp, return_denoised)
-
-
 def denoised(x, m, sigma, prediction, vp=False):
     """The denoised sample D(x, m; sigma) in one fused pass: a DPM++ step to sigma 0 is D exactly."""
-    return dpmpp_2m(x, m, None, sigma, 0.0, None, prediction, "midpoint", vp, False)
-
-
-def linear(inputs, coeffs, noise_coeffs=None, noise=None, generator=None):
-    """dk.linear_step below its wrapper: ``inputs`` a list (x first, every operand already
-    checked by the scheduler), ``coeffs`` K host rows of floats or a (1|B, K, J) float64
-    tensor on x's device, ``noise_coeffs`` None / K floats / a (1|B, K) tensor. Returns the
-    tuple of K outputs. Multistep schedulers form the coefficients in float64 from host
-    sigmas (once per step, or per ``set_timesteps`` as device tables for (B,) timesteps)."""
-    x = inputs[0]
-    K = coeffs.shape[-2] if isinstance(coeffs, torch.Tensor) else len(coeffs)
-    if not isinstance(coeffs, torch.Tensor):
-        coeffs = tuple(tuple(float(v) for v in row) for row in coeffs)
-    if noise_coeffs is not None and not isinstance(noise_coeffs, torch.Tensor):
-        noise_coeffs = tuple(float(v) for v in noise_coeffs)
-    impl = SO._native_impl("linear_step", x)
-    if impl is not None:
-        out = impl(list(inputs), coeffs, noise_coeffs, K, noise, generator)
-        if out is not NotImplemented:
-            return out
-    return RS._linear(list(inputs), coeffs, noise_coeffs, K, noise, generator)
-
-
-def _raw_linear():
-    try:
-        return _ops().linear_step.default if native(torch.device("cpu")) else None
-    except (AttributeError, RuntimeError):  # an extension built before the op existed
-        return None
-
-
-_LINEAR = _raw_linear()
-
-
-def prepare(rows, noise_coeffs=None):
-    """Host rows (and noise coefficients) for :func:`linear_pre`, converted once: a
-    scheduler whose rows depend only on the step index prepares them once per index (per
-    ``set_timesteps``) instead of once per call."""
-    rows = tuple(tuple(float(v) for v in row) for row in rows)
-    nc = None if noise_coeffs is None else tuple(float(v) for v in noise_coeffs)
-    K = len(rows)
-    ncs = nc if nc is not None else (0.0,) * K
-    return rows, nc, [v for k in range(K) for v in (*rows[k], ncs[k])], K
-
-
-def linear_pre(inputs, pre, noise=None, generator=None):
-    """``linear(inputs, rows, noise_coeffs, noise, generator)`` for ``pre = prepare(rows,
-    noise_coeffs)``. Where the native op runs the call as the native hook makes it
-    (operands already in one dtype, noise given or none, not traced), the raw overload is
-    called directly: at 1x4x64x64 the hook's argument handling cost as much as the op."""
-    rows, nc, flat, K = pre
-    x = inputs[0]
-    if (_LINEAR is not None and generator is None and (nc is None) == (noise is None) and _native_for(x)
-            and not compiling()):
-        dt = x.dtype
-        if all(t.dtype == dt for t in inputs) and (noise is None or noise.dtype == dt):
-            return _LINEAR(list(inputs), flat, None, K, nc is not None, noise, None, 0, 0)
-    return linear(inputs, rows, nc, noise, generator)
-
-
-def flow(x, v, sigma, sigma_next, stochastic, noise=None, generator=None):
-    return _family("flow_step", RS._flow, x, v, sigma, sigma_next, stochastic, noise, generator)
-
-
-def flow_q_sample(x0, sigma, noise):
-    return _family("flow_q_sample", RS._flow_q_sample, x0, sigma, noise, None)[0]
-
-
-def lcm(x, m, t, t_prev, table, prediction, timestep_scaling, sigma_data, clip, noise=None, generator=None,
-        final=None):
-    """(x_prev, denoised). ``final``: whether every sample is at its last step, when the
-    caller knows it on the host (the native hook would read a CPU t_prev to find out)."""
-    if final is not None and _native_for(x) and x.dtype == m.dtype and (noise is None or noise.dtype == x.dtype):
-        gen, seed, off = _noise_source(x, generator, noise is None and not final)
-        out, den = _ops().lcm_step(x, m, t, t_prev, table, float(timestep_scaling), float(sigma_data), prediction,
-                                   clip or 0.0, not final, noise, gen, seed, off, True)
-        return out, den
-    a = RS._LcmArgs()
-    a.t, a.t_prev, a.table, a.prediction = t, t_prev, table, prediction
-    a.timestep_scaling, a.sigma_data, a.clip, a.return_denoised = float(timestep_scaling), float(sigma_data), clip, True
-    return _family("lcm_step", RS._lcm, x, m, a, noise, generator)
+    return U.dpmpp_2m_step(x, m, None, sigma, 0.0, None, prediction, "midpoint", vp, False)
 
 
 # ---- schedulers indexed by a step counter (Euler, Heun, DPM-Solver, flow, LCM) -----------

@@ -8,6 +8,7 @@ import torch
 from diffusers import CogVideoXDDIMScheduler
 from diffusers.schedulers.scheduling_ddim_cogvideox import DDIMSchedulerOutput
 
+from ... import unchecked as U
 from . import _base as B
 
 __all__ = ["FusedCogVideoXDDIMScheduler"]
@@ -88,7 +89,7 @@ class FusedCogVideoXDDIMScheduler(B.FusedSchedulerMixin, CogVideoXDDIMScheduler)
             coeffs = st.dev.index_select(0, tt)
             if sample_pred:
                 coeffs = coeffs[:, :1].contiguous()
-        outs = B.linear([x, m], coeffs)
+        outs = U.linear_step([x, m], coeffs)
         prev = outs[0]
         x0 = model_output if sample_pred else outs[1]
         if not return_dict:

@@ -7,6 +7,7 @@ from diffusers import DDIMScheduler
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 
 from ... import _validate as V
+from ... import unchecked as U
 from . import _base as B
 
 __all__ = ["FusedDDIMScheduler"]
@@ -93,9 +94,9 @@ class FusedDDIMScheduler(B.FusedSchedulerMixin, DDIMScheduler):
             return self._dk_thresholded(x, m, x0, t, tp, st, eta, use_clipped_model_output, noise, gen, return_dict)
         if use_clipped_model_output and st.clip is not None:
             # eps re-derived from the clipped x0 (Glide): a DDIM step on x0 as a "sample" prediction
-            prev = B.ddim(x, x0, t, tp, st.table_ext, eta, V.PREDICTION_TYPES["sample"], None, noise, gen)
+            prev = U.ddim_step(x, x0, t, tp, st.table_ext, eta, V.PREDICTION_TYPES["sample"], None, noise, gen)
         else:
-            prev = B.ddim(x, m, t, tp, st.table_ext, eta, st.prediction, st.clip, noise, gen)
+            prev = U.ddim_step(x, m, t, tp, st.table_ext, eta, st.prediction, st.clip, noise, gen)
         if not return_dict:
             return (prev, x0)
         return B.output(DDIMSchedulerOutput, prev, x0)
@@ -109,9 +110,9 @@ class FusedDDIMScheduler(B.FusedSchedulerMixin, DDIMScheduler):
         (no division by sqrt(1 - a), which re-deriving eps from x would bring)."""
         x0t = self._threshold_sample(x0)
         if use_clipped:  # eps re-derived from the thresholded x0, as stock
-            prev = B.ddim(x, x0t, t, tp, st.table_ext, eta, V.PREDICTION_TYPES["sample"], None, noise, gen)
+            prev = U.ddim_step(x, x0t, t, tp, st.table_ext, eta, V.PREDICTION_TYPES["sample"], None, noise, gen)
         else:
-            prev = B.ddim(x, m, t, tp, st.table_ext, eta, st.prediction, None, noise, gen)
+            prev = U.ddim_step(x, m, t, tp, st.table_ext, eta, st.prediction, None, noise, gen)
             shape = (-1,) + (1,) * (x.dim() - 1)
             prev = prev + st.table_ext.index_select(0, tp).sqrt().reshape(shape).to(prev.dtype) * (x0t - x0)
         if not return_dict:
@@ -122,4 +123,4 @@ class FusedDDIMScheduler(B.FusedSchedulerMixin, DDIMScheduler):
         """DDIMScheduler.add_noise (dk.q_sample, coefficients in float32)."""
         x0, z = B.promote(original_samples, noise)
         st = self._dk_state(x0.device)
-        return B.q_sample(x0, B.timestep_tensor(timesteps, x0), st.table, z)
+        return U.q_sample(x0, B.timestep_tensor(timesteps, x0), st.table, z)[0]

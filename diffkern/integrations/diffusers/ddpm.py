@@ -7,6 +7,7 @@ from diffusers import DDPMScheduler
 from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
 
 from ... import _validate as V
+from ... import unchecked as U
 from . import _base as B
 
 __all__ = ["FusedDDPMScheduler"]
@@ -124,10 +125,10 @@ class FusedDDPMScheduler(B.FusedSchedulerMixin, DDPMScheduler):
                 return B.output(DDPMSchedulerOutput, prev, x0) if return_dict else (prev, x0)
         if st.threshold:
             x0 = self._threshold_sample(B.pred_x0(x, m, t, st, st.prediction, None))
-            prev = B.ddpm(x, x0, t, tp, st.table, st.variance, V.PREDICTION_TYPES["sample"], None, noise, gen)
+            prev = U.ddpm_step(x, x0, t, tp, st.table, st.variance, V.PREDICTION_TYPES["sample"], None, noise, gen)
         else:
             x0 = B.pred_x0(x, m, t, st, st.prediction, st.clip)
-            prev = B.ddpm(x, m, t, tp, st.table, st.variance, st.prediction, st.clip, noise, gen)
+            prev = U.ddpm_step(x, m, t, tp, st.table, st.variance, st.prediction, st.clip, noise, gen)
         if not return_dict:
             return (prev, x0)
         return B.output(DDPMSchedulerOutput, prev, x0)
@@ -156,4 +157,4 @@ class FusedDDPMScheduler(B.FusedSchedulerMixin, DDPMScheduler):
         """DDPMScheduler.add_noise (dk.q_sample, coefficients in float32)."""
         x0, z = B.promote(original_samples, noise)
         st = self._dk_state(x0.device)
-        return B.q_sample(x0, B.timestep_tensor(timesteps, x0), st.table, z)
+        return U.q_sample(x0, B.timestep_tensor(timesteps, x0), st.table, z)[0]

@@ -9,6 +9,7 @@ import torch
 from diffusers import DEISMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
+from ... import unchecked as U
 from . import _base as B
 
 __all__ = ["FusedDEISMultistepScheduler"]
@@ -117,7 +118,7 @@ class FusedDEISMultistepScheduler(B.IndexedSchedulerMixin, DEISMultistepSchedule
         x, u = sample, model_output
         ax, au = self._dk_x0(st, i)
         if c.thresholding:
-            u = self._threshold_sample(B.linear([x, u], [[ax, au]])[0])
+            u = self._threshold_sample(U.linear_step([x, u], [[ax, au]])[0])
             ax, au = 0.0, 1.0
         alpha, sigma = st.alpha_host[i], st.sigt_host[i]
         if c.prediction_type == "epsilon" and not c.thresholding:
@@ -131,7 +132,7 @@ class FusedDEISMultistepScheduler(B.IndexedSchedulerMixin, DEISMultistepSchedule
         keep_eps = ex != 0.0 or eu != 1.0
         if keep_eps:
             rows.append([ex, eu] + [0.0] * len(hist))
-        outs = B.linear(inputs, rows)
+        outs = U.linear_step(inputs, rows)
         prev = outs[0]
         eps = outs[1] if keep_eps else u
         for k in range(c.solver_order - 1):

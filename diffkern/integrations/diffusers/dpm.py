@@ -18,6 +18,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
+from ... import unchecked as U
 from . import _base as B
 
 __all__ = ["FusedDPMSolverMultistepScheduler", "DPMSolverMultistepMixin", "DPMSolverVPMixin", "update_weights"]
@@ -219,12 +220,12 @@ class DPMSolverMultistepMixin(B.IndexedSchedulerMixin):
             x0row = None if st.x0rows_dev is None else self._dk_rows(st.x0rows_dev, idx, valid)
         y = m
         if x0row is not None:  # thresholding: stock's quantile clamp sits between two linear passes
-            y = self._threshold_sample(B.linear([sample, m], x0row)[0])
+            y = self._threshold_sample(U.linear_step([sample, m], x0row)[0])
         hist = [self.model_outputs[-k] for k in range(1, o)]
         noise = gen = None
         if nz is not None:
             noise, gen = self._dk_draw(sample, generator, variance_noise, torch.promote_types(sample.dtype, m.dtype))
-        out = B.linear([sample, y] + hist, rows, nz, noise, gen)
+        out = U.linear_step([sample, y] + hist, rows, nz, noise, gen)
         prev = out[0]
         d0 = out[1] if st.hist_row else (y if x0row is not None else None)
         for k in range(c.solver_order - 1):

@@ -11,6 +11,7 @@ from diffusers import CogVideoXDPMScheduler, DPMSolverMultistepInverseScheduler,
 from diffusers.schedulers.scheduling_dpm_cogvideox import DDIMSchedulerOutput
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
+from ... import unchecked as U
 from . import _base as B
 from .dpm import DPMSolverMultistepMixin, DPMSolverVPMixin
 
@@ -183,7 +184,7 @@ class FusedCogVideoXDPMScheduler(B.FusedSchedulerMixin, CogVideoXDPMScheduler):
                 B.step_noise(self, sample, generator, None, True)  # stock's first draw, whose result it discards
             noise, gen = B.step_noise(self, sample, generator, None, True)
         inputs = [sample, model_output] + ([old_pred_original_sample] if second else [])
-        prev, x0 = B.linear(inputs, rows, nz, noise, gen)
+        prev, x0 = U.linear_step(inputs, rows, nz, noise, gen)
         if not second or not return_dict:
             return prev, x0
         return B.output(DDIMSchedulerOutput, prev, x0)

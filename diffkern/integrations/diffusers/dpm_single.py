@@ -9,6 +9,7 @@ import torch
 from diffusers import DPMSolverSinglestepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
+from ... import unchecked as U
 from . import _base as B
 
 __all__ = ["FusedDPMSolverSinglestepScheduler"]
@@ -199,10 +200,10 @@ class FusedDPMSolverSinglestepScheduler(B.IndexedSchedulerMixin, DPMSolverSingle
         terms = [(xs, a), (shifted[0], w1 if order > 1 else 0.0), (shifted[1], w2 if order > 2 else 0.0)]
         terms = [(tsr, w) for tsr, w in terms if w != 0.0 or tsr is xs]
         if c.thresholding:
-            (m0,) = B.linear([x, m], ((cx, cm),))
+            (m0,) = U.linear_step([x, m], ((cx, cm),))
             m0 = self._threshold_sample(m0)
             inputs = [xs, m0] + [tsr for tsr, _ in terms[1:]]
-            (prev,) = B.linear(inputs, ((a, w0, *[w for _, w in terms[1:]]),), (nz,) if sde else None, z, gen)
+            (prev,) = U.linear_step(inputs, ((a, w0, *[w for _, w in terms[1:]]),), (nz,) if sde else None, z, gen)
         else:
             inputs, row, conv = [x, m], [w0 * cx, w0 * cm], [cx, cm]
             for tsr, w in terms:
@@ -212,7 +213,7 @@ class FusedDPMSolverSinglestepScheduler(B.IndexedSchedulerMixin, DPMSolverSingle
                     inputs.append(tsr)
                     row.append(w)
                     conv.append(0.0)
-            prev, m0 = B.linear(inputs, (tuple(row), tuple(conv)), (nz, 0.0) if sde else None, z, gen)
+            prev, m0 = U.linear_step(inputs, (tuple(row), tuple(conv)), (nz, 0.0) if sde else None, z, gen)
         return prev, m0
 
     def _dk_step_per_sample(self, x, m, timestep, st, shifted, avail, generator, variance_noise):
@@ -245,7 +246,7 @@ class FusedDPMSolverSinglestepScheduler(B.IndexedSchedulerMixin, DPMSolverSingle
             inputs += [x if self.sample is None else self.sample, shifted[0]] + ([shifted[1]] if avail > 2 else [])
         sde = c.algorithm_type == "sde-dpmsolver++"
         z, gen = B.step_noise(self, x, generator, variance_noise, sde)
-        prev, m0 = B.linear(inputs, coeffs, noise.index_select(0, idx) if sde else None, z, gen)
+        prev, m0 = U.linear_step(inputs, coeffs, noise.index_select(0, idx) if sde else None, z, gen)
         starts = first.index_select(0, idx).reshape(-1, *([1] * (x.dim() - 1)))
         self.sample = x if self.sample is None else torch.where(starts, x, self.sample)
         return prev, m0

@@ -9,6 +9,7 @@ import torch
 from diffusers import EDMEulerScheduler
 from diffusers.schedulers.scheduling_edm_euler import EDMEulerSchedulerOutput
 
+from ... import unchecked as U
 from . import _base as B
 
 __all__ = ["FusedEDMEulerScheduler"]
@@ -112,9 +113,9 @@ class FusedEDMEulerScheduler(B.IndexedSchedulerMixin, EDMEulerScheduler):
             ncoef, x0_ncoef = None, None
         if pred_original_sample is not None:
             x0 = pred_original_sample
-            (prev,) = B.linear([x, x0], x0_row, x0_ncoef, noise, gen)
+            (prev,) = U.linear_step([x, x0], x0_row, x0_ncoef, noise, gen)
         else:
-            prev, x0 = B.linear([x, m], step_rows, ncoef, noise, gen)
+            prev, x0 = U.linear_step([x, m], step_rows, ncoef, noise, gen)
         if prev.dtype != m.dtype:
             prev = prev.to(m.dtype)
         if i is not None:
@@ -133,4 +134,4 @@ class FusedEDMEulerScheduler(B.IndexedSchedulerMixin, EDMEulerScheduler):
         else:
             i = self.step_index if self.step_index is not None else self.begin_index
             sigma = st.sig_host[i]
-        return B.flow(x0, z, 0.0, sigma, False)
+        return U.flow_step(x0, z, 0.0, sigma, False)

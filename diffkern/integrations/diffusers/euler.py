@@ -13,6 +13,7 @@ from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncest
 from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
 
 from ... import _validate as V
+from ... import unchecked as U
 from . import _base as B
 
 __all__ = ["FusedEulerDiscreteScheduler", "FusedEulerAncestralDiscreteScheduler"]
@@ -71,7 +72,7 @@ class _KarrasVEMixin(B.IndexedSchedulerMixin):
             i = self.step_index if self.step_index is not None else self.begin_index
             sigma = st.sig_host[i]
         # x0 + sigma z is a flow step from 0 to sigma with velocity z
-        return B.flow(x0, z, 0.0, sigma, False)
+        return U.flow_step(x0, z, 0.0, sigma, False)
 
 
 def _per_sample(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -128,13 +129,13 @@ class FusedEulerDiscreteScheduler(_KarrasVEMixin, EulerDiscreteScheduler):
                 randn = sys.modules[EulerDiscreteScheduler.__module__].randn_tensor
                 z = randn(m.shape, dtype=m.dtype, device=m.device, generator=generator)
             z, _ = B.noise_args(x, None, z, True)
-            prev = B.euler(x, m, sigma, sigma_next, 0.0, float(s_noise), gamma, pred, z)
+            prev = U.euler_step(x, m, sigma, sigma_next, 0.0, float(s_noise), gamma, pred, z)
             sigma_hat = sigma * (gamma + 1)
-            x_hat = B.flow(x, z, 0.0, s_noise * sigma * math.sqrt(gamma * (gamma + 2)), False)
+            x_hat = U.flow_step(x, z, 0.0, s_noise * sigma * math.sqrt(gamma * (gamma + 2)), False)
             x0_sigma = sigma if pred == V.PREDICTION_TYPES["v_prediction"] else sigma_hat
             x0 = B.denoised(x_hat, m, x0_sigma, pred)
         else:
-            prev = B.euler(x, m, sigma, sigma_next, 0.0, 1.0, 0.0, pred)
+            prev = U.euler_step(x, m, sigma, sigma_next, 0.0, 1.0, 0.0, pred)
             x0 = model_output if pred == V.PREDICTION_TYPES["sample"] else B.denoised(x, m, sigma, pred)
         prev = _cast(prev, prev_dtype)
         if pred != V.PREDICTION_TYPES["sample"]:
@@ -178,7 +179,7 @@ class FusedEulerAncestralDiscreteScheduler(_KarrasVEMixin, EulerAncestralDiscret
             sigma, sigma_next = self._dk_take(st.sig_dev, idx, valid), self._dk_take(st.sig_dev, idx + 1, valid)
         x, m = sample, model_output
         noise, gen = B.step_noise(self, x, generator, variance_noise, True, dtype=m.dtype)
-        prev = _cast(B.euler(x, m, sigma, sigma_next, 1.0, 1.0, 0.0, pred, noise, gen), prev_dtype)
+        prev = _cast(U.euler_step(x, m, sigma, sigma_next, 1.0, 1.0, 0.0, pred, noise, gen), prev_dtype)
         x0 = _cast(B.denoised(x, m, sigma, pred), x0_dtype)
         if i is not None:
             self._step_index += 1

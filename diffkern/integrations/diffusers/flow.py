@@ -6,12 +6,10 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
 
+from ... import unchecked as U
 from . import _base as B
 
 __all__ = ["FusedFlowMatchEulerDiscreteScheduler"]
-
-# the raw op's overload (the packet's Python layer resolves it on every call)
-_FLOW = B._ops().flow_step.default if B.native(torch.device("cpu")) else None
 
 
 class FusedFlowMatchEulerDiscreteScheduler(B.IndexedSchedulerMixin, FlowMatchEulerDiscreteScheduler):
@@ -46,14 +44,13 @@ class FusedFlowMatchEulerDiscreteScheduler(B.IndexedSchedulerMixin, FlowMatchEul
                 " one of the `scheduler.timesteps` as a timestep.")
         i = self._step_index
         if (i is not None and per_token_timesteps is None and variance_noise is None
-                and model_output.dtype == sample.dtype and _FLOW is not None and B._native_for(sample)
-                and not self.config.stochastic_sampling and not B.compiling()
+                and model_output.dtype == sample.dtype and not self.config.stochastic_sampling
                 and (not isinstance(timestep, torch.Tensor) or timestep.dim() == 0)):
             # The common loop (a deterministic step past the first, one timestep): the same
-            # kernel call as below, without the argument handling that only the other
-            # cases need. At 1x4x64x64 that handling cost more than the step's arithmetic.
+            # op as below, without the argument handling that only the other cases need.
+            # At 1x4x64x64 that handling cost more than the step's arithmetic.
             sigma, sigma_next = self._dk_state(sample.device).pairs[i]
-            prev = _FLOW(sample, model_output, None, None, sigma, sigma_next, False, None, None, 0, 0)
+            prev = U.flow_step(sample, model_output, sigma, sigma_next, False)
             self._step_index = i + 1
             return B.output(FlowMatchEulerDiscreteSchedulerOutput, prev) if return_dict else (prev,)
         if per_token_timesteps is not None:
@@ -73,7 +70,7 @@ class FusedFlowMatchEulerDiscreteScheduler(B.IndexedSchedulerMixin, FlowMatchEul
         stochastic = bool(self.config.stochastic_sampling)
         # stock draws in float32 (it upcasts the sample first)
         noise, gen = B.step_noise(self, sample, generator, variance_noise, stochastic, dtype=torch.float32)
-        prev = B.flow(sample, model_output, sigma, sigma_next, stochastic, noise, gen)
+        prev = U.flow_step(sample, model_output, sigma, sigma_next, stochastic, noise, gen)
         if prev.dtype != model_output.dtype:
             prev = prev.to(model_output.dtype)
         if i is not None:
@@ -92,4 +89,4 @@ class FusedFlowMatchEulerDiscreteScheduler(B.IndexedSchedulerMixin, FlowMatchEul
             sigma = self._dk_take(st.sig_dev, idx, valid)
         else:
             sigma = st.sig_host[self.step_index if self.step_index is not None else self.begin_index]
-        return B.flow_q_sample(x0, sigma, z)
+        return U.flow_q_sample(x0, sigma, z)[0]

@@ -9,6 +9,7 @@ import torch
 from diffusers import FlowMatchHeunDiscreteScheduler
 from diffusers.schedulers.scheduling_flow_match_heun_discrete import FlowMatchHeunDiscreteSchedulerOutput
 
+from ... import unchecked as U
 from . import _base as B
 
 __all__ = ["FusedFlowMatchHeunDiscreteScheduler"]
@@ -60,9 +61,9 @@ class FusedFlowMatchHeunDiscreteScheduler(B.IndexedSchedulerMixin, FlowMatchHeun
                 f = sigma / sigma_hat
                 if gamma > 0:
                     a = s_noise * math.sqrt(sigma_hat * sigma_hat - sigma * sigma)
-                    prev, x_hat = B.linear([x, m], ((1.0, f * dt), (1.0, 0.0)), (a, a), z, gen)
+                    prev, x_hat = U.linear_step([x, m], ((1.0, f * dt), (1.0, 0.0)), (a, a), z, gen)
                 else:
-                    (prev,), x_hat = B.linear([x, m], ((1.0, f * dt),)), x
+                    (prev,), x_hat = U.linear_step([x, m], ((1.0, f * dt),)), x
                 self.prev_derivative, self.dt, self.sample, self._dk_factor = m, dt, x_hat, f
             else:
                 prev = self._dk_second_stage(m)
@@ -83,7 +84,7 @@ class FusedFlowMatchHeunDiscreteScheduler(B.IndexedSchedulerMixin, FlowMatchHeun
             idx, valid = self._dk_positions(timestep, x, st, last=True)
             dt = self._dk_take(st.sig_dev, idx + 1, valid).double() - self._dk_take(st.sig_dev, idx, valid).double()
             one = torch.ones_like(dt)
-            (prev,) = B.linear([x, m], torch.stack([one, dt], -1).unsqueeze(1))
+            (prev,) = U.linear_step([x, m], torch.stack([one, dt], -1).unsqueeze(1))
             self.prev_derivative, self.dt, self.sample, self._dk_factor = m, dt, x, 1.0
             return prev
         return self._dk_second_stage(m)
@@ -97,6 +98,6 @@ class FusedFlowMatchHeunDiscreteScheduler(B.IndexedSchedulerMixin, FlowMatchHeun
             coeffs = torch.stack([torch.ones_like(h), h * f, h], -1).unsqueeze(1)
         else:
             coeffs = ((1.0, 0.5 * dt * f, 0.5 * dt),)
-        (prev,) = B.linear([self.sample, self.prev_derivative, m], coeffs)
+        (prev,) = U.linear_step([self.sample, self.prev_derivative, m], coeffs)
         self.prev_derivative = self.dt = self.sample = None
         return prev

@@ -6,6 +6,7 @@ from diffusers import HeunDiscreteScheduler
 from diffusers.schedulers.scheduling_heun_discrete import HeunDiscreteSchedulerOutput
 
 from ... import _validate as V
+from ... import unchecked as U
 from . import _base as B
 from .euler import _KarrasVEMixin
 
@@ -52,13 +53,13 @@ class FusedHeunDiscreteScheduler(_KarrasVEMixin, HeunDiscreteScheduler):
             x0 = x0.clamp(-r, r)
             m, pred = x0, _SAMPLE
         if first:
-            prev = B.euler(x, m, sigma, sigma_next, 0.0, 1.0, 0.0, pred)
+            prev = U.euler_step(x, m, sigma, sigma_next, 0.0, 1.0, 0.0, pred)
             self.dt = sigma_next - sigma  # stock's state flag (and value)
             self.sample = x
             self._dk_first = (m, pred, sigma)
         else:
             m1, pred1, sigma1 = self._dk_first
-            prev = B.heun(self.sample, m1, x, m, sigma1, sigma_next, pred)
+            prev = U.heun_step(self.sample, m1, x, m, sigma1, sigma_next, pred)
             self.prev_derivative = None
             self.dt = None
             self.sample = None

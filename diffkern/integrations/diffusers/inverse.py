@@ -6,6 +6,7 @@ import torch
 from diffusers import DDIMInverseScheduler
 from diffusers.schedulers.scheduling_ddim_inverse import DDIMSchedulerOutput
 
+from ... import unchecked as U
 from . import _base as B
 
 __all__ = ["FusedDDIMInverseScheduler"]
@@ -62,9 +63,9 @@ class FusedDDIMInverseScheduler(B.FusedSchedulerMixin, DDIMInverseScheduler):
         ts = self.timesteps.detach().to("cpu", torch.int64).tolist() if self.num_inference_steps else []
         host = [tab[t].tolist() if 0 <= t < N else None for t in ts]
         clip = float(c.clip_sample_range) if c.clip_sample else None
-        # the rows of each step index converted once (B.prepare), not per call
-        pre = [None if r is None else (B.prepare(r[:2]) if clip is None else (B.prepare(r[1:2]),
-                                                                            B.prepare(_clip_rows(r, True))))
+        # the rows of each step index converted once (U.LinearCoeffs), not per call
+        pre = [None if r is None else (U.LinearCoeffs(r[:2]) if clip is None else (U.LinearCoeffs(r[1:2]),
+                                                                            U.LinearCoeffs(_clip_rows(r, True))))
                for r in host]
         return B._State(tab_host=tab, tab_dev=B.const_tensor(tab, device, torch.float64), host=host, pre=pre,
                         clip=clip)
@@ -93,20 +94,20 @@ class FusedDDIMInverseScheduler(B.FusedSchedulerMixin, DDIMInverseScheduler):
         pre = st.pre[i] if i is not None else None
         if pre is not None:  # an element of timesteps: the rows prepared at set_timesteps
             if st.clip is None:
-                prev, x0 = B.linear_pre([x, m], pre)
+                prev, x0 = U.linear_step([x, m], pre)
             else:
-                (x0,) = B.linear_pre([x, m], pre[0])
+                (x0,) = U.linear_step([x, m], pre[0])
                 x0 = x0.clamp(-st.clip, st.clip)
-                (prev,) = B.linear_pre([x, m, x0], pre[1])
+                (prev,) = U.linear_step([x, m, x0], pre[1])
             return (prev, x0) if not return_dict else B.output(DDIMSchedulerOutput, prev, x0)
         rows = self._dk_rows(timestep, x, st)
         host = not isinstance(rows, torch.Tensor)
         if st.clip is None:
-            prev, x0 = B.linear([x, m], rows[:2] if host else rows[:, :2].contiguous())
+            prev, x0 = U.linear_step([x, m], rows[:2] if host else rows[:, :2].contiguous())
         else:
-            (x0,) = B.linear([x, m], rows[1:2] if host else rows[:, 1:2].contiguous())
+            (x0,) = U.linear_step([x, m], rows[1:2] if host else rows[:, 1:2].contiguous())
             x0 = x0.clamp(-st.clip, st.clip)
-            (prev,) = B.linear([x, m, x0], _clip_rows(rows, host))
+            (prev,) = U.linear_step([x, m, x0], _clip_rows(rows, host))
         if not return_dict:
             return (prev, x0)
         return B.output(DDIMSchedulerOutput, prev, x0)

@@ -6,6 +6,7 @@ import torch
 from diffusers import IPNDMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
+from ... import unchecked as U
 from . import _base as B
 
 __all__ = ["FusedIPNDMScheduler"]
@@ -71,7 +72,7 @@ class FusedIPNDMScheduler(B.IndexedSchedulerMixin, IPNDMScheduler):
             idx, valid = self._dk_positions(timestep, x, st)
             v = st.dev[order].index_select(0, idx)
             coeffs = torch.where(valid.reshape(-1, 1, 1), v, torch.full_like(v, float("nan")))
-        prev, e = B.linear([x, m, *hist], coeffs)
+        prev, e = U.linear_step([x, m, *hist], coeffs)
         self.ets.append(e)
         if len(self.ets) > 4:
             del self.ets[0]

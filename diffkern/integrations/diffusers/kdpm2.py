@@ -9,6 +9,7 @@ from diffusers import KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler
 from diffusers.schedulers.scheduling_k_dpm_2_ancestral_discrete import KDPM2AncestralDiscreteSchedulerOutput
 from diffusers.schedulers.scheduling_k_dpm_2_discrete import KDPM2DiscreteSchedulerOutput
 
+from ... import unchecked as U
 from . import _base as B
 from .euler import _KarrasVEMixin
 
@@ -68,8 +69,8 @@ class _KDPM2Mixin(_KarrasVEMixin):
         else:
             inputs, rows = [x, m, base], [[dt * dx, dt * dm, 1.0], [ax, am, 0.0]]
         if noise_coeff or noise is not None or generator is not None:
-            return B.linear_pre(inputs, B.prepare(rows, [noise_coeff, 0.0]), noise, generator)
-        return B.linear_pre(inputs, B.prepare(rows))
+            return U.linear_step(inputs, U.LinearCoeffs(rows, [noise_coeff, 0.0]), None, noise, generator)
+        return U.linear_step(inputs, U.LinearCoeffs(rows))
 
 
 class FusedKDPM2DiscreteScheduler(_KDPM2Mixin, KDPM2DiscreteScheduler):

@@ -7,6 +7,7 @@ from diffusers import LCMScheduler
 from diffusers.schedulers.scheduling_lcm import LCMSchedulerOutput
 
 from ... import _validate as V
+from ... import unchecked as U
 from . import _base as B
 
 __all__ = ["FusedLCMScheduler"]
@@ -104,7 +105,8 @@ class FusedLCMScheduler(B.IndexedSchedulerMixin, LCMScheduler):
             m = self._threshold_sample(B.pred_x0(x, m, t, st, pred, None, table=st.step_table))
             pred = V.PREDICTION_TYPES["sample"]
         final = None if i is None else i == self.num_inference_steps - 1
-        prev, den = B.lcm(x, m, t, tp, st.step_table, pred, c.timestep_scaling, 0.5, clip, noise, gen, final=final)
+        prev, den = U.lcm_step(x, m, t, tp, st.step_table, pred, c.timestep_scaling, 0.5, clip, True, noise, gen,
+                                final=final)
         if i is not None:
             self._step_index += 1
         if not return_dict:
@@ -115,4 +117,4 @@ class FusedLCMScheduler(B.IndexedSchedulerMixin, LCMScheduler):
         """LCMScheduler.add_noise (dk.q_sample, coefficients in float32)."""
         x0, z = B.promote(original_samples, noise)
         st = self._dk_state(x0.device)
-        return B.q_sample(x0, B.timestep_tensor(timesteps, x0), st.table, z)
+        return U.q_sample(x0, B.timestep_tensor(timesteps, x0), st.table, z)[0]

@@ -9,6 +9,7 @@ import numpy as np
 from diffusers import LMSDiscreteScheduler
 from diffusers.schedulers.scheduling_lms_discrete import LMSDiscreteSchedulerOutput
 
+from ... import unchecked as U
 from . import _base as B
 from .euler import _KarrasVEMixin
 
@@ -127,7 +128,7 @@ class FusedLMSDiscreteScheduler(_KarrasVEMixin, LMSDiscreteScheduler):
             rows.append([ax, am] + pad)
         if p != "epsilon":
             rows.append([dx, dm] + pad)
-        outs = B.linear(inputs, rows)
+        outs = U.linear_step(inputs, rows)
         prev = outs[0]
         x0 = m if p == "sample" else outs[1]
         d = m if p == "epsilon" else outs[-1]

@@ -9,6 +9,7 @@ import torch
 from diffusers import PNDMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
+from ... import unchecked as U
 from . import _base as B
 
 __all__ = ["FusedPNDMScheduler"]
@@ -85,7 +86,7 @@ class FusedPNDMScheduler(B.FusedSchedulerMixin, PNDMScheduler):
         for t in inputs[1:]:
             dt = torch.promote_types(dt, t.dtype)
         inputs = [t if t.dtype == dt else t.to(dt) for t in inputs]
-        return B.linear(inputs, [coeffs])[0]
+        return U.linear_step(inputs, [coeffs])[0]
 
     def step_prk(self, model_output, timestep, sample, return_dict: bool = True):
         """PNDMScheduler.step_prk, fused."""

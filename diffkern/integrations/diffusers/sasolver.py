@@ -9,6 +9,7 @@ import torch
 from diffusers import SASolverScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
+from ... import unchecked as U
 from . import _base as B
 
 __all__ = ["FusedSASolverScheduler"]
@@ -189,7 +190,7 @@ class FusedSASolverScheduler(B.IndexedSchedulerMixin, SASolverScheduler):
         use_corrector = i > 0 and self.last_sample is not None
         ex, em = self._dk_convert(st, i)
         if c.thresholding:
-            m = self._threshold_sample(B.linear([x, m], [[ex, em]])[0])
+            m = self._threshold_sample(U.linear_step([x, m], [[ex, em]])[0])
             ex, em = 0.0, 1.0
         # operands: x, m, last sample, last noise, then the previous converted outputs newest first
         if c.lower_order_final:
@@ -239,7 +240,7 @@ class FusedSASolverScheduler(B.IndexedSchedulerMixin, SASolverScheduler):
             rows.append(conv)
         # drop the operands every row ignores (last sample / noise without a corrector)
         used = [j for j in range(J) if j == 0 or any(r[j] != 0.0 for r in rows)]
-        outs = B.linear([inputs[j] for j in used], [[r[j] for j in used] for r in rows],
+        outs = U.linear_step([inputs[j] for j in used], [[r[j] for j in used] for r in rows],
                         [pn] + [0.0] * (len(rows) - 1), noise, None)
         prev = outs[0]
         corrected = outs[1] if keep_xc else x

@@ -8,6 +8,7 @@ import torch
 from diffusers import TCDScheduler
 from diffusers.schedulers.scheduling_tcd import TCDSchedulerOutput
 
+from ... import unchecked as U
 from . import _base as B
 
 __all__ = ["FusedTCDScheduler"]
@@ -118,7 +119,7 @@ class FusedTCDScheduler(B.IndexedSchedulerMixin, TCDScheduler):
             nc = noise_dev.index_select(0, idx)
             draws = eta > 0
         z, gen = B.step_noise(self, x, generator, variance_noise, draws, shape=tuple(m.shape))
-        prev, noised = B.linear([x, m], coeffs, nc if draws else None, z, gen)
+        prev, noised = U.linear_step([x, m], coeffs, nc if draws else None, z, gen)
         if i is not None:
             self._step_index += 1
         if not return_dict:
@@ -129,4 +130,4 @@ class FusedTCDScheduler(B.IndexedSchedulerMixin, TCDScheduler):
         """TCDScheduler.add_noise (dk.q_sample, coefficients in float32)."""
         x0, z = B.promote(original_samples, noise)
         st = self._dk_state(x0.device)
-        return B.q_sample(x0, B.timestep_tensor(timesteps, x0), st.table, z)
+        return U.q_sample(x0, B.timestep_tensor(timesteps, x0), st.table, z)[0]

@@ -8,6 +8,7 @@ import torch
 from diffusers import UniPCMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
+from ... import unchecked as U
 from . import _base as B
 
 __all__ = ["FusedUniPCMultistepScheduler"]
@@ -218,7 +219,7 @@ class FusedUniPCMultistepScheduler(B.IndexedSchedulerMixin, UniPCMultistepSchedu
             if conv == {"m": 1.0}:
                 mc = m
             else:
-                mc = B.linear([x, m], [[float(conv.get("x", 0.0)), float(conv.get("m", 0.0))]])[0]
+                mc = U.linear_step([x, m], [[float(conv.get("x", 0.0)), float(conv.get("m", 0.0))]])[0]
             mc = self._threshold_sample(mc)
         names, rows, has_c, has_mc = self._dk_rows(st, i, corr_order, order, x0_input)
         ops = {"x": x, "m": m, "last": self.last_sample, "mc": mc}
@@ -229,7 +230,7 @@ class FusedUniPCMultistepScheduler(B.IndexedSchedulerMixin, UniPCMultistepSchedu
         dt = x.dtype  # the history and last sample may hold another dtype (stock keeps each as made)
         for t_ in inputs:
             dt = torch.promote_types(dt, t_.dtype)
-        outs = B.linear([t_ if t_.dtype == dt else t_.to(dt) for t_ in inputs], rows)
+        outs = U.linear_step([t_ if t_.dtype == dt else t_.to(dt) for t_ in inputs], rows)
         j = 0
         if has_c:
             sample = outs[0]
