@@ -210,7 +210,8 @@ def check_timesteps_host(t, x: torch.Tensor, T: int, name: str = "t", *, allow_n
         lo, hi = (int(v) for v in torch.aminmax(t))  # one pass; this check runs on every call
         if hi >= T or (lo < 0 and not allow_negative):
             raise ValueError(
-                f"{name} has entries outside [0, {T}) (min {lo}, max {hi}) for a schedule of {T} timesteps")
+                f"{name} has entries outside [{-1 if allow_negative else 0}, {T}) (min {lo}, max {hi}) for a schedule "
+                f"of {T} timesteps")
     if t.dim() == 0:
         t = t.reshape(1)
     if t.dtype != torch.int64 or not t.is_contiguous():  # e.g. t[None].expand(B): stride 0
@@ -516,6 +517,10 @@ def check_level_order(lower, upper, x: torch.Tensor, message: str, *, strict: bo
     """Raise ValueError(message) unless lower <= upper (lower < upper with ``strict``)
     elementwise over the two levels' layouts aligned against x, for levels known on the
     host; device-resident levels are not read."""
+    if type(lower) is float and type(upper) is float:  # the common case, without tensors
+        if (lower >= upper) if strict else (lower > upper):
+            raise ValueError(message)
+        return
     a, b = host_levels(lower, x), host_levels(upper, x)
     if a is None or b is None:
         return

@@ -98,6 +98,69 @@ class Raw:
         return torch.ops.diffkern.gmm_annealed_langevin(x, weights, means, stds, sigmas, n_steps_each,
                                                         cls._float(step_lr), denoise, generator, 0, 0)
 
+    # ---- the sampler families: levels as the schemas take them (a number, or a tensor
+    # beside a 0.0), names to codes; no checks of their own
+    @staticmethod
+    def _lvl(v):
+        if isinstance(v, torch.Tensor):
+            return v, 0.0
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return None, float(v)
+        raise NotApplicable(v)
+
+    @classmethod
+    def euler_step(cls, x, denoised, sigma, sigma_next, *, eta=0.0, s_noise=1.0, gamma=0.0, prediction_type="sample",
+                   noise=None, generator=None):
+        cls._common(None, prediction_type, None, generator)
+        cls._tensors(x, denoised, noise)
+        (st, s), (snt, sn) = cls._lvl(sigma), cls._lvl(sigma_next)
+        return torch.ops.diffkern.euler_step(x, denoised, st, snt, s, sn, cls._float(eta), cls._float(s_noise),
+                                             cls._float(gamma), cls.PRED.get(prediction_type, 99), noise, generator,
+                                             0, 0)
+
+    @classmethod
+    def heun_step(cls, x, denoised, x_proposal, denoised_proposal, sigma, sigma_next, *, prediction_type="sample"):
+        cls._tensors(x, denoised, x_proposal, denoised_proposal)
+        (st, s), (snt, sn) = cls._lvl(sigma), cls._lvl(sigma_next)
+        return torch.ops.diffkern.heun_step(x, denoised, x_proposal, denoised_proposal, st, snt, s, sn,
+                                            cls.PRED.get(prediction_type, 99))
+
+    @classmethod
+    def dpmpp_2m_step(cls, x, denoised, old_denoised, sigma, sigma_next, sigma_prev=None, *, prediction_type="sample",
+                      solver_type="midpoint", variance_preserving=False, return_denoised=False):
+        cls._tensors(x, denoised, old_denoised)
+        (st, s), (snt, sn) = cls._lvl(sigma), cls._lvl(sigma_next)
+        spt, sp = cls._lvl(sigma_prev) if sigma_prev is not None else (None, 0.0)
+        out, den = torch.ops.diffkern.dpmpp_2m_step(x, denoised, old_denoised, st, snt, spt, s, sn, sp,
+                                                    cls.PRED.get(prediction_type, 99),
+                                                    {"midpoint": 0, "heun": 1}.get(solver_type, 99),
+                                                    variance_preserving, return_denoised)
+        return (out, den) if return_denoised else out
+
+    @classmethod
+    def flow_step(cls, x, velocity, sigma, sigma_next, *, stochastic=False, noise=None, generator=None):
+        cls._common(None, "epsilon", None, generator)
+        cls._tensors(x, velocity, noise)
+        (st, s), (snt, sn) = cls._lvl(sigma), cls._lvl(sigma_next)
+        return torch.ops.diffkern.flow_step(x, velocity, st, snt, s, sn, stochastic, noise, generator, 0, 0)
+
+    @classmethod
+    def flow_q_sample(cls, x0, sigma, noise=None, *, generator=None):
+        cls._common(None, "epsilon", None, generator)
+        cls._tensors(x0, noise)
+        st, s = cls._lvl(sigma)
+        return torch.ops.diffkern.flow_q_sample(x0, st, s, noise, generator, 0, 0)
+
+    @classmethod
+    def lcm_step(cls, x, model_output, t, t_prev, *, schedule=None, prediction_type="epsilon", timestep_scaling=10.0,
+                 sigma_data=0.5, clip_sample=None, noise=None, generator=None, return_denoised=False):
+        table, pred, clip = cls._common(schedule, prediction_type, clip_sample, generator)
+        cls._tensors(x, model_output, noise)
+        out, den = torch.ops.diffkern.lcm_step(x, model_output, cls._t(t), cls._t(t_prev), table,
+                                               cls._float(timestep_scaling), cls._float(sigma_data), pred, clip,
+                                               True, noise, generator, 0, 0, return_denoised)
+        return (out, den) if return_denoised else out
+
     @staticmethod
     def annealed_langevin(*args, **kwargs):
         raise NotApplicable("no op")
@@ -107,8 +170,17 @@ class Raw:
         raise NotApplicable("no op")
 
 
+class Fallback:
+    """What runs without the extension: diffkern.ops.fallback for the DDPM/DDIM ops, the
+    families' reference (diffkern.reference.<op>, which checks with the same Python
+    checks, _validate.py) for the sampler families."""
+
+    def __getattr__(self, name):
+        return getattr(dk.ops.fallback, name, None) or getattr(dk.reference, name)
+
+
 IMPLS = [
-    pytest.param(dk.ops.fallback, id="fallback"),
+    pytest.param(Fallback(), id="fallback"),
     pytest.param(dk, id="public", marks=pytest.mark.skipif(not NATIVE, reason="native ops not built")),
     pytest.param(Raw, id="raw", marks=pytest.mark.skipif(not NATIVE, reason="native ops not built")),
 ]
@@ -245,6 +317,122 @@ CASES = [
 ]
 
 
+# ---- the sampler families and levels in broadcast layouts (issue 20) ---------------------
+XV = randn(B, 3, 5, 2, 2, seed=20)          # a video latent (B, C, F, H, W)
+PF = randn(B, 1, 5, 1, 1, seed=21).abs() + 1.0  # per-frame sigma in [1, ~4): > 0
+TF = torch.randint(300, 900, (B, 1, 5, 1, 1), generator=gen(22))  # per-frame t
+XT = randn(B, 7, 3, seed=23)                # tokens (B, N, C)
+PT = randn(B, 7, 1, seed=24).abs() * 0.5 + 0.3  # per-token sigma in (0.3, ~1.5)
+
+
+def _poke(v: torch.Tensor, value) -> torch.Tensor:
+    """v with one entry (not the first) set to `value`: the check must hold elementwise."""
+    v = v.clone()
+    v.view(-1)[v.numel() // 2 + 1] = value
+    return v
+
+
+FAMILY_CASES = [
+    # the families' own arguments
+    ("fam-x-int", lambda o: o.euler_step(torch.randint(1, 5, (4, 3)), EPS[:, :, 0], 1.0, 0.5), TypeError, "x"),
+    ("fam-denoised-shape", lambda o: o.euler_step(X, randn(B, 4, 5, seed=5), 1.0, 0.5), ValueError, "denoised"),
+    ("fam-x_proposal-shape", lambda o: o.heun_step(X, EPS, randn(B, 3, 4, seed=5), EPS, 1.0, 0.5), ValueError,
+     "x_proposal"),
+    ("fam-velocity-int", lambda o: o.flow_step(X, EPS.long(), 0.5, 0.2), TypeError, "velocity"),
+    ("fam-old_denoised-shape", lambda o: o.dpmpp_2m_step(X, EPS, randn(2, B, 3, 5, seed=5), 1.0, 0.5, 2.0),
+     ValueError, "old_denoised"),
+    ("fam-model_output-shape-lcm", lambda o: o.lcm_step(X, randn(B + 1, 3, 5, seed=5), 500, 300), ValueError,
+     "model_output"),
+    ("fam-noise-shape-flow_q", lambda o: o.flow_q_sample(X, 0.5, randn(B, 3, 2, seed=6)), ValueError, "noise"),
+    ("fam-noise-and-generator-euler", lambda o: o.euler_step(X, EPS, 1.0, 0.5, eta=1.0, noise=Z, generator=gen(0)),
+     ValueError, "noise"),
+    ("fam-sigma-zero", lambda o: o.euler_step(X, EPS, 0.0, 0.0), ValueError, "sigma"),
+    ("fam-sigma_next-zero-heun", lambda o: o.heun_step(X, EPS, Z, EPS, 1.0, 0.0), ValueError, "sigma_next"),
+    ("fam-sigma-nan-dpm", lambda o: o.dpmpp_2m_step(X, EPS, None, float("nan"), 0.5), ValueError, "sigma"),
+    ("fam-eta-negative", lambda o: o.euler_step(X, EPS, 1.0, 0.5, eta=-0.5), ValueError, "eta"),
+    ("fam-sigma-above-one-flow_q", lambda o: o.flow_q_sample(X, 1.5, Z), ValueError, "sigma"),
+    ("fam-t-too-big-lcm", lambda o: o.lcm_step(X, EPS, 1000, 500), ValueError, "t"),
+    ("fam-t_prev-not-below-t-lcm", lambda o: o.lcm_step(X, EPS, 500, 500), ValueError, "t_prev"),
+    ("fam-sigma_prev-missing", lambda o: o.dpmpp_2m_step(X, EPS, EPS, 1.0, 0.5), ValueError, "sigma_prev"),
+    # wrong layouts: a dim neither 1 nor x's, more dims than x, 1-D of a length neither 1 nor B
+    ("lvl-sigma-dim", lambda o: o.euler_step(XV, XV, randn(B, 2, 5, 1, 1, seed=7).abs() + 1, 0.5), ValueError,
+     "sigma"),
+    ("lvl-sigma-ndim", lambda o: o.euler_step(XV, XV, PF[None], 0.5), ValueError, "sigma"),
+    ("lvl-sigma-1d-length", lambda o: o.euler_step(XV, XV, PF.reshape(-1)[:5], 0.5), ValueError, "sigma"),
+    ("lvl-sigma_next-dim-flow", lambda o: o.flow_step(XT, XT, 0.5, torch.full((B, 2, 1), 0.2)), ValueError,
+     "sigma_next"),
+    ("lvl-sigma_next-ndim-heun", lambda o: o.heun_step(XT, XT, XT, XT, PT, PT[None] * 0.5), ValueError,
+     "sigma_next"),
+    ("lvl-sigma_prev-dim-dpm", lambda o: o.dpmpp_2m_step(XV, XV, XV, PF, PF * 0.5, torch.full((B, 1, 2, 1, 1), 9.0)),
+     ValueError, "sigma_prev"),
+    ("lvl-sigma-1d-length-flow_q", lambda o: o.flow_q_sample(XT, torch.full((3,), 0.5), XT), ValueError, "sigma"),
+    ("lvl-t-dim-lcm", lambda o: o.lcm_step(XV, XV, torch.randint(500, 900, (B, 2, 5, 1, 1)), 100), ValueError, "t"),
+    ("lvl-t_prev-ndim-lcm", lambda o: o.lcm_step(XV, XV, TF, (TF - 200)[None]), ValueError, "t_prev"),
+    ("lvl-t-ndim-q", lambda o: o.q_sample(XT, torch.randint(1, 999, (1, B, 7, 1)), XT), ValueError, "t"),
+    ("lvl-t_prev-dim-ddim", lambda o: o.ddim_step(XV, XV, TF, t_prev=torch.zeros(2, 5, 1, 1, dtype=torch.int64)),
+     ValueError, "t_prev"),
+    ("lvl-t-1d-length-ddpm", lambda o: o.ddpm_step(XT, XT, torch.tensor([5, 6, 7]), noise=XT), ValueError, "t"),
+    # integer or bool levels, float timesteps
+    ("lvl-sigma-int", lambda o: o.euler_step(XV, XV, torch.ones(B, 1, 5, 1, 1, dtype=torch.int64), 0.5), TypeError,
+     "sigma"),
+    ("lvl-sigma-bool-heun", lambda o: o.heun_step(XT, XT, XT, XT, PT > 0, PT), TypeError, "sigma"),
+    ("lvl-sigma_next-int-flow", lambda o: o.flow_step(XT, XT, PT * 0.5, torch.zeros(B, 7, 1, dtype=torch.int32)),
+     TypeError, "sigma_next"),
+    ("lvl-sigma_prev-int-dpm", lambda o: o.dpmpp_2m_step(XV, XV, XV, PF, PF * 0.5, (PF * 2).long()), TypeError,
+     "sigma_prev"),
+    ("lvl-sigma-int-flow_q", lambda o: o.flow_q_sample(XV, torch.zeros(B, 1, 5, 1, 1, dtype=torch.int64), XV),
+     TypeError, "sigma"),
+    ("lvl-t-float-lcm", lambda o: o.lcm_step(XV, XV, TF.double(), -1), TypeError, "t"),
+    ("lvl-t_prev-float-ddpm", lambda o: o.ddpm_step(XV, XV, TF, t_prev=(TF - 5).float(), noise=XV), TypeError,
+     "t_prev"),
+    ("lvl-t-bool-q", lambda o: o.q_sample(XV, TF > 500, XV), TypeError, "t"),
+    ("lvl-t_prev-bool-lcm", lambda o: o.lcm_step(XV, XV, TF, TF < 0), TypeError, "t_prev"),
+    # levels on another device
+    ("lvl-sigma-meta", lambda o: o.euler_step(XV, XV, PF.to("meta"), 0.5), ValueError, "sigma"),
+    ("lvl-sigma_next-meta-flow", lambda o: o.flow_step(XT, XT, 0.5, (PT * 0.1).to("meta")), ValueError,
+     "sigma_next"),
+    ("lvl-t-meta-lcm", lambda o: o.lcm_step(XV, XV, TF.to("meta"), -1), ValueError, "t"),
+    ("lvl-t-meta-ddim", lambda o: o.ddim_step(XV, XV, TF.to("meta")), ValueError, "t"),
+    ("lvl-t_prev-meta-ddpm", lambda o: o.ddpm_step(XT, XT, 500, t_prev=torch.zeros(B, 7, 1, dtype=torch.int64,
+                                                                                   device="meta"), noise=XT),
+     ValueError, "t_prev"),
+    # NaN / negative / inf / out-of-range entries of host levels
+    ("lvl-sigma-nan", lambda o: o.euler_step(XV, XV, _poke(PF, float("nan")), 0.5), ValueError, "sigma"),
+    ("lvl-sigma-inf-heun", lambda o: o.heun_step(XT, XT, XT, XT, _poke(PT, float("inf")), PT), ValueError, "sigma"),
+    ("lvl-sigma-zero-dpm", lambda o: o.dpmpp_2m_step(XV, XV, None, _poke(PF, 0.0), 0.5), ValueError, "sigma"),
+    ("lvl-sigma_next-negative", lambda o: o.euler_step(XV, XV, 5.0, _poke(PF, -0.5)), ValueError, "sigma_next"),
+    ("lvl-sigma_next-nan-flow", lambda o: o.flow_step(XT, XT, PT * 0.5, _poke(PT * 0.1, float("nan"))), ValueError,
+     "sigma_next"),
+    ("lvl-sigma-negative-flow_q", lambda o: o.flow_q_sample(XV, _poke(PF * 0.2, -0.1), XV), ValueError, "sigma"),
+    ("lvl-sigma-above-one-flow_q", lambda o: o.flow_q_sample(XT, _poke(PT * 0.5, 1.5), XT), ValueError, "sigma"),
+    ("lvl-sigma_prev-inf-dpm", lambda o: o.dpmpp_2m_step(XV, XV, XV, PF, PF * 0.5, _poke(PF * 2, float("inf"))),
+     ValueError, "sigma_prev"),
+    ("lvl-t-negative-lcm", lambda o: o.lcm_step(XV, XV, _poke(TF, -3), -1), ValueError, "t"),
+    ("lvl-t-too-big-ddim", lambda o: o.ddim_step(XV, XV, _poke(TF, 1000)), ValueError, "t"),
+    ("lvl-t_prev-too-big-ddpm", lambda o: o.ddpm_step(XT, XT, 999, t_prev=_poke(torch.zeros(B, 7, 1,
+                                                                                           dtype=torch.int64), 1000),
+                                                      noise=XT), ValueError, "t_prev"),
+    # orderings violated at one element, in mixed layouts
+    ("lvl-ancestral-order", lambda o: o.euler_step(XV, XV, PF, _poke(PF * 0.5, 9.0), eta=1.0), ValueError,
+     "sigma_next"),
+    ("lvl-ancestral-order-mixed", lambda o: o.euler_step(XV, XV, torch.tensor([1.0, 2.0, 3.0, 4.0]),
+                                                         torch.full((B, 1, 5, 1, 1), 1.5), eta=1.0), ValueError,
+     "sigma_next"),
+    ("lvl-dpm-sigma_prev-order", lambda o: o.dpmpp_2m_step(XV, XV, XV, PF, PF * 0.5, _poke(PF * 2, 1.0)),
+     ValueError, "sigma_prev"),
+    ("lvl-dpm-sigma_next-order", lambda o: o.dpmpp_2m_step(XT, XT, XT, PT, _poke(PT * 0.5, 2.0), PT * 2),
+     ValueError, "sigma_next"),
+    ("lvl-t_prev-order-lcm", lambda o: o.lcm_step(XV, XV, TF, _poke(TF - 5, 950)), ValueError, "t_prev"),
+    ("lvl-t_prev-order-ddim-mixed", lambda o: o.ddim_step(XV, XV, torch.tensor([100, 900, 500, 700]),
+                                                          t_prev=torch.full((B, 1, 5, 1, 1), 150)), ValueError,
+     "t_prev"),
+    ("lvl-t_prev-order-ddpm-token", lambda o: o.ddpm_step(XT, XT, torch.full((7, 1), 400),
+                                                          t_prev=_poke(torch.full((B, 7, 1), 300), 400), noise=XT),
+     ValueError, "t_prev"),
+]
+CASES += FAMILY_CASES
+
+
 _RANGE_T = r"outside \[0, 1000\)"
 _ORDER = r"t_prev must be smaller than t\b"
 _LENGTH = r"has \d+ entries but x has batch size 4"
@@ -281,16 +469,57 @@ BOUNDS = {
     "gmm-stds-nonpositive": "positive", "gmm-sigma-negative": _NONNEG,
 }
 
+_FINITE = "finite"
+_META = "is on meta"
+BOUNDS.update({
+    "fam-denoised-shape": _BROADCAST, "fam-x_proposal-shape": _BROADCAST, "fam-old_denoised-shape": _BROADCAST,
+    "fam-model_output-shape-lcm": _BROADCAST, "fam-noise-shape-flow_q": _BROADCAST,
+    "fam-noise-and-generator-euler": "not both", "fam-sigma-zero": "> 0", "fam-sigma_next-zero-heun": "> 0",
+    "fam-sigma-nan-dpm": _FINITE, "fam-eta-negative": _NONNEG, "fam-sigma-above-one-flow_q": "<= 1",
+    "fam-t-too-big-lcm": _RANGE_T, "fam-t_prev-not-below-t-lcm": _ORDER, "fam-sigma_prev-missing": "required",
+    "lvl-sigma-dim": _BROADCAST, "lvl-sigma-ndim": _BROADCAST, "lvl-sigma-1d-length": _LENGTH,
+    "lvl-sigma_next-dim-flow": _BROADCAST, "lvl-sigma_next-ndim-heun": _BROADCAST,
+    "lvl-sigma_prev-dim-dpm": _BROADCAST, "lvl-sigma-1d-length-flow_q": _LENGTH, "lvl-t-dim-lcm": _BROADCAST,
+    "lvl-t_prev-ndim-lcm": _BROADCAST, "lvl-t-ndim-q": _BROADCAST, "lvl-t_prev-dim-ddim": _BROADCAST,
+    "lvl-t-1d-length-ddpm": _LENGTH,
+    "lvl-sigma-meta": _META, "lvl-sigma_next-meta-flow": _META, "lvl-t-meta-lcm": _META, "lvl-t-meta-ddim": _META,
+    "lvl-t_prev-meta-ddpm": _META,
+    "lvl-sigma-nan": _FINITE, "lvl-sigma-inf-heun": _FINITE, "lvl-sigma-zero-dpm": "> 0",
+    "lvl-sigma_next-negative": ">= 0", "lvl-sigma_next-nan-flow": _FINITE, "lvl-sigma-negative-flow_q": ">= 0",
+    "lvl-sigma-above-one-flow_q": "<= 1", "lvl-sigma_prev-inf-dpm": _FINITE,
+    "lvl-t-negative-lcm": _RANGE_T, "lvl-t-too-big-ddim": _RANGE_T,
+    # the Python check of a t_prev tensor names [0, 1000) (its int check and C++ say [-1, 1000))
+    "lvl-t_prev-too-big-ddpm": r"outside \[(0|-1), 1000\)",
+    "lvl-ancestral-order": "sigma_next must be <= sigma", "lvl-ancestral-order-mixed": "sigma_next must be <= sigma",
+    "lvl-dpm-sigma_prev-order": "sigma_prev must be > sigma", "lvl-dpm-sigma_next-order": "sigma_next must be < sigma",
+    "lvl-t_prev-order-lcm": _ORDER, "lvl-t_prev-order-ddim-mixed": _ORDER, "lvl-t_prev-order-ddpm-token": _ORDER,
+})
+
 
 def test_every_value_error_row_names_its_bound():
     assert {i for i, _, e, _ in CASES if e is ValueError} == set(BOUNDS)
 
 
+# The raw sampler-family ops (euler/heun/dpmpp_2m/flow/flow_q_sample/lcm_step) check their
+# levels' layout, dtype and device only (csrc/torch/levels.h); their values, the operands
+# and the options are checked in Python (sampler_ops -> reference_samplers' _*_args, the
+# same checks as the reference), so these rows raise nothing, or not the documented error,
+# on the raw op. Strict: a C++ check added later shows up as an XPASS to move the row out.
+RAW_UNCHECKED = {i for i, *_ in FAMILY_CASES if i.startswith("fam-")} | {
+    "lvl-sigma-nan", "lvl-sigma-inf-heun", "lvl-sigma-zero-dpm", "lvl-sigma_next-negative", "lvl-sigma_next-nan-flow",
+    "lvl-sigma-negative-flow_q", "lvl-sigma-above-one-flow_q", "lvl-sigma_prev-inf-dpm", "lvl-t-negative-lcm",
+    "lvl-ancestral-order", "lvl-ancestral-order-mixed", "lvl-dpm-sigma_prev-order", "lvl-dpm-sigma_next-order",
+    "lvl-t_prev-order-lcm"}
+
+
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("f,exc,match,bound", [pytest.param(f, e, m, BOUNDS.get(i), id=i) for i, f, e, m in CASES])
-def test_bad_input_raises(impl, f, exc, match, bound):
+@pytest.mark.parametrize("ident,f,exc,match,bound",
+                         [pytest.param(i, f, e, m, BOUNDS.get(i), id=i) for i, f, e, m in CASES])
+def test_bad_input_raises(request, impl, ident, f, exc, match, bound):
     """The message names the argument as a word (``t`` is not matched by ``t_prev``) and,
     for a ValueError, the bound the value violates."""
+    if impl is Raw and ident in RAW_UNCHECKED:
+        request.applymarker(pytest.mark.xfail(strict=True, reason="raw family ops check the levels' metadata only"))
     name = rf"\b{re.escape(match)}\b"
     _raises(impl, f, exc, name if bound is None else rf"^(?=.*{name})(?=.*{bound})")
 
