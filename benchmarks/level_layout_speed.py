@@ -1,7 +1,7 @@
 """What a level layout costs: each op with per-sample levels (B,), per-frame levels
 (B,1,F,1,1) and per-token levels (B,N,1) (x viewed as (B, F*H*W tokens, C) there), on the
-same x, calls interleaved and medians taken, one CPU thread by default. The ratio is
-per-frame / per-sample time (README "Noise levels per sample, per frame, per token").
+same x, calls interleaved and medians taken, one CPU thread by default. The ratios are
+against per-sample time (README "Noise levels per sample, per frame, per token").
 
     PYTHONPATH=. DIFFKERN_JIT=0 python benchmarks/level_layout_speed.py --shape 64x4x16x64x64 \
         --json benchmarks/results/level_layout-cpu-64x4x16x64x64-1thread.json
@@ -21,17 +21,19 @@ import diffkern as dk
 
 
 def levels(shape, layout):
-    """(sigma, sigma_next, t, t_prev) of one layout for a (B, C, F, H, W) x."""
+    """(sigma, sigma_next, t, t_prev) of one layout for a (B, C, F, H, W) x. "per token":
+    the per-frame values given per token of x seen as a DiT sequence (B, F*H*W, C), as a
+    diffusion-forcing model gives them (a frame's tokens share its level); "per token,
+    all distinct": every token its own level (the worst case: new coefficients every C
+    elements)."""
     B, C, F, H, W = shape
     g = torch.Generator().manual_seed(0)
-    if layout == "per sample":
-        lshape = (B,)
-    elif layout == "per frame":
-        lshape = (B, 1, F, 1, 1)
-    else:  # per token, for x seen as (B, F*H*W, C)
-        lshape = (B, F * H * W, 1)
+    lshape = {"per sample": (B,), "per frame": (B, 1, F, 1, 1), "per token": (B, F, 1, 1, 1),
+              "per token, all distinct": (B, F * H * W, 1)}[layout]
     s = 1.0 + torch.rand(lshape, generator=g, dtype=torch.float64)
     t = torch.randint(500, 900, lshape, generator=g)
+    if layout == "per token":
+        s, t = (v.expand(B, F, H, W, 1).reshape(B, F * H * W, 1).contiguous() for v in (s, t))
     return s, s / 3, t, t - 250
 
 
@@ -64,7 +66,7 @@ def main():
     x, m = torch.randn(*shape), torch.randn(*shape)
     # per-token: the same numbers seen as a DiT sequence (B, F*H*W, C)
     xt, mt = x.permute(0, 2, 3, 4, 1).reshape(B, F * H * W, C), m.permute(0, 2, 3, 4, 1).reshape(B, F * H * W, C)
-    layouts = {"per sample": (x, m), "per frame": (x, m), "per token": (xt, mt)}
+    layouts = {"per sample": (x, m), "per frame": (x, m), "per token": (xt, mt), "per token, all distinct": (xt, mt)}
     lv = {k: levels(shape, k) for k in layouts}
     rows = []
     for name, call in cases().items():
@@ -79,13 +81,14 @@ def main():
                 f()
                 ms[k].append((time.perf_counter() - t0) * 1e3)
         med = {k: statistics.median(v) for k, v in ms.items()}
-        row = {"case": name, **{f"{k.replace(' ', '_')}_ms": v for k, v in med.items()},
+        row = {"case": name, **{f"{k.replace(' ', '_').replace(',', '')}_ms": v for k, v in med.items()},
                "frame_over_sample": med["per frame"] / med["per sample"],
-               "token_over_sample": med["per token"] / med["per sample"]}
+               "token_over_sample": med["per token"] / med["per sample"],
+               "distinct_tokens_over_sample": med["per token, all distinct"] / med["per sample"]}
         rows.append(row)
-        print(f"{name:26s} per sample {med['per sample']:8.2f} ms  per frame {med['per frame']:8.2f} ms "
-              f"({row['frame_over_sample']:.3f}x)  per token {med['per token']:8.2f} ms "
-              f"({row['token_over_sample']:.3f}x)  copy floor {med['copy floor']:.2f} ms")
+        print(f"{name:26s} per sample {med['per sample']:7.2f} ms | per frame {row['frame_over_sample']:.3f}x | "
+              f"per token {row['token_over_sample']:.3f}x | "
+              f"every token its own {row['distinct_tokens_over_sample']:.2f}x | copy floor {med['copy floor']:.2f} ms")
     if args.json:
         write_json(args.json, {"when": now_iso(), "shape": list(shape), "threads": args.threads, "reps": args.reps,
                                "machine": machine_info([torch.device("cpu")]), "versions": versions(),

@@ -211,6 +211,26 @@ def per_call_figures(n_calls: int) -> list[dict]:
         ("dk.langevin_step(x, e, 0.01)  (default generator)", lambda: dk.langevin_step(x, e, 0.01)),
         ("dk.langevin_step(x, e, 0.01, generator=g)", lambda: dk.langevin_step(x, e, 0.01, generator=gen)),
     ]
+    # the sampler families (issue 20) beside their eager k-diffusion formulas, Python-float
+    # coefficients precomputed (sigma 2 -> 1, "sample" prediction, old_denoised given)
+    h = math.log(2.0)
+    r_ = math.log(3.0 / 2.0) / h
+    cd = 1 + 1 / (2 * r_)
+    up = math.sqrt(1.0 * (4.0 - 1.0) / 4.0)
+    down = math.sqrt(1.0 - up * up)
+    rows += [
+        ("dk.euler_step(x, e, 2.0, 1.0)", lambda: dk.euler_step(x, e, 2.0, 1.0)),
+        ("eager euler: x + (x - e) / 2 * (1 - 2)", lambda: x + (x - e) / 2.0 * (1.0 - 2.0)),
+        ("dk.euler_step(x, e, 2.0, 1.0, eta=1, generator=g)",
+         lambda: dk.euler_step(x, e, 2.0, 1.0, eta=1.0, generator=gen)),
+        ("eager euler ancestral (torch.randn noise)",
+         lambda: x + (x - e) / 2.0 * (down - 2.0) + torch.randn(x.shape, generator=gen) * up),
+        ("dk.dpmpp_2m_step(x, e, e, 2.0, 1.0, 3.0)", lambda: dk.dpmpp_2m_step(x, e, e, 2.0, 1.0, 3.0)),
+        ("eager dpmpp_2m: 0.5 x - expm1(-h) (cd e - (cd - 1) old)",
+         lambda: 0.5 * x - math.expm1(-h) * (cd * e - (cd - 1) * e)),
+        ("dk.flow_step(x, e, 0.8, 0.6)", lambda: dk.flow_step(x, e, 0.8, 0.6)),
+        ("eager flow: x + (0.6 - 0.8) * e", lambda: x + (0.6 - 0.8) * e),
+    ]
     if ops is not None:
         rows.append(("torch.ops.diffkern.ddim_step (raw, eta=0)",
                      lambda: ops.ddim_step(x, e, tt, None, table, 0.0, 0, 0.0, None, None, 0, 0)))
