@@ -328,7 +328,7 @@ void setup_rng(RngSetup& s, Noise n, Rng& r, int64_t B = 1, int64_t inner = 1) {
 
 // The keyed normals of elements 0..numel-1: element j of sample b from (seeds[b], step).
 std::vector<float> keyed_normals(const RngSetup& s, int64_t numel) {
-  std::vector<float> z(size_t(numel));
+  std::vector<float> z(static_cast<size_t>(numel));
   const int64_t inner = s.keyed.inner;
   for (int64_t e = 0; e < numel; ++e)
     z[e] = keyed_normal_at(uint64_t(s.seeds[s.seeds.size() == 1 ? 0 : e / inner]), uint64_t(s.step_store),
