@@ -520,7 +520,7 @@ struct LinearOp {
     }
   };
   DK_HD bool per_sample() const { return table != nullptr && rows > 1; }
-  DK_HD bool same_levels(int64_t a, int64_t b) const { return !per_sample(); }  // rows are not compared
+  DK_HD bool same_levels(int64_t, int64_t) const { return !per_sample(); }  // rows are not compared
 
   template <class S>
   DK_HD Coeffs<S> coeffs(int64_t b) const {
