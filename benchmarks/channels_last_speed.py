@@ -12,12 +12,10 @@ strides; the others run in memory order.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
 import torch
-from common import machine_info, now_iso, parse_shape, versions, write_json
+from common import interleaved_medians, machine_info, now_iso, parse_shape, versions, write_json
 
 import diffkern as dk
 
@@ -60,15 +58,7 @@ def main():
     for name, call in cases(shape).items():
         runs = {"contiguous": lambda c=call: c(x, m), "channels_last": lambda c=call: c(xl, ml),
                 "copy floor": lambda: x.clone()}
-        for f in runs.values():  # warm-up (output cache, first-touch)
-            f()
-        ms = {k: [] for k in runs}
-        for _ in range(args.reps):
-            for k, f in runs.items():
-                t0 = time.perf_counter()
-                f()
-                ms[k].append((time.perf_counter() - t0) * 1e3)
-        med = {k: statistics.median(v) for k, v in ms.items()}
+        med = interleaved_medians(runs, args.reps)
         out = call(xl, ml)
         out = out[0] if isinstance(out, tuple) else out
         assert out.is_contiguous(memory_format=fmt)

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -137,6 +138,21 @@ def time_once(fn: Callable[[], object], device: torch.device) -> float:
     fn()
     sync(device)
     return time.perf_counter() - t0
+
+
+def interleaved_medians(runs: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    """Median ms per call of each of ``runs`` (CPU, synchronous), the calls interleaved
+    (one of each per round, after one warm-up call each: output cache, first touch), so a
+    noisy shared machine slows every row alike."""
+    for f in runs.values():
+        f()
+    ms = {k: [] for k in runs}
+    for _ in range(reps):
+        for k, f in runs.items():
+            t0 = time.perf_counter()
+            f()
+            ms[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in ms.items()}
 
 
 def summarize(ms: list[float]) -> dict:

@@ -9,12 +9,10 @@ pass (README "Reproducible noise"), so the ratio is the price of the per-sample 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
 import torch
-from common import machine_info, now_iso, parse_shape, versions, write_json
+from common import interleaved_medians, machine_info, now_iso, parse_shape, versions, write_json
 
 import diffkern as dk
 
@@ -53,15 +51,7 @@ def main():
         x, m = torch.randn(*shape), torch.randn(*shape)
         for name, (gen_call, keyed_call) in cases(shape[0]).items():
             runs = {"generator": lambda f=gen_call, x=x, m=m: f(x, m), "seeds": lambda f=keyed_call, x=x, m=m: f(x, m)}
-            for f in runs.values():  # warm-up
-                f()
-            ms = {k: [] for k in runs}
-            for _ in range(args.reps):
-                for k, f in runs.items():
-                    t0 = time.perf_counter()
-                    f()
-                    ms[k].append((time.perf_counter() - t0) * 1e3)
-            med = {k: statistics.median(v) for k, v in ms.items()}
+            med = interleaved_medians(runs, args.reps)
             row = {"shape": list(shape), "case": name, "generator_ms": med["generator"], "seeds_ms": med["seeds"],
                    "ratio": med["seeds"] / med["generator"]}
             rows.append(row)

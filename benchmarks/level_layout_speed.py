@@ -10,12 +10,10 @@ against per-sample time (README "Noise levels per sample, per frame, per token")
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
 import torch
-from common import machine_info, now_iso, parse_shape, versions, write_json
+from common import interleaved_medians, machine_info, now_iso, parse_shape, versions, write_json
 
 import diffkern as dk
 
@@ -72,15 +70,7 @@ def main():
     for name, call in cases().items():
         runs = {k: (lambda c=call, k=k: c(*layouts[k], *lv[k])) for k in layouts}
         runs["copy floor"] = lambda: x.clone()
-        for f in runs.values():  # warm-up (output cache, first-touch)
-            f()
-        ms = {k: [] for k in runs}
-        for _ in range(args.reps):
-            for k, f in runs.items():
-                t0 = time.perf_counter()
-                f()
-                ms[k].append((time.perf_counter() - t0) * 1e3)
-        med = {k: statistics.median(v) for k, v in ms.items()}
+        med = interleaved_medians(runs, args.reps)
         row = {"case": name, **{f"{k.replace(' ', '_').replace(',', '')}_ms": v for k, v in med.items()},
                "frame_over_sample": med["per frame"] / med["per sample"],
                "token_over_sample": med["per token"] / med["per sample"],

@@ -319,28 +319,6 @@ def nonzero(v) -> bool:
     return not (isinstance(v, (int, float)) and not isinstance(v, bool) and v == 0)
 
 
-def keyed_noise(x: torch.Tensor, seeds, step, generator=None, noise=None, draws: bool = True, native: bool = True):
-    """The ops' ``seeds=``/``step=`` front door: ``noise`` unchanged without seeds; else the
-    noise of x's shape, x's dtype, whose sample ``b`` is a pure function of
-    ``(seeds[b], step)`` (None when the call draws nothing). seeds excludes generator and
-    noise. ``native=False``: drawn by :func:`keyed_normal` (the reference's oracle)."""
-    if seeds is None:
-        if step is not None:
-            raise ValueError("step= needs seeds=")
-        return noise
-    if generator is not None:
-        raise ValueError("pass either seeds or generator, not both")
-    if noise is not None:
-        raise ValueError("pass either seeds or noise, not both")
-    B = x.shape[0] if x.dim() > 0 else 1
-    s = check_seeds(seeds, B, x.device)
-    st = check_step(step, x.device)
-    if not draws:
-        return None
-    z = _keyed_draw(s, st, B, x.numel() // B if B else 0, x.device, native).view(x.shape)
-    return z if x.dtype == torch.float32 else z.to(x.dtype)
-
-
 class Keyed:
     """Per-sample keys (``seeds=``, ``step=``) once checked: what an op draws with in place of
     a generator. The kernels draw element ``j`` of sample ``b`` from ``(seeds[b], step)`` in
@@ -370,6 +348,18 @@ def keyed(x: torch.Tensor, seeds, step, generator=None, noise=None):
     if noise is not None:
         raise ValueError("pass either seeds or noise, not both")
     return Keyed(check_seeds(seeds, x.shape[0] if x.dim() > 0 else 1, x.device), check_step(step, x.device))
+
+
+def keyed_noise(x: torch.Tensor, seeds, step, generator=None, noise=None):
+    """The keyed noise as a tensor of x's shape and dtype, for the samplers that add it
+    themselves (ops draw it in their own pass: :class:`Keyed`); ``noise`` unchanged
+    without seeds."""
+    k = keyed(x, seeds, step, generator, noise)
+    if not isinstance(k, Keyed):
+        return noise
+    B = x.shape[0] if x.dim() > 0 else 1
+    z = _keyed_draw(k.seeds, k.step, B, x.numel() // B if B else 0, x.device).view(x.shape)
+    return z if x.dtype == torch.float32 else z.to(x.dtype)
 
 
 # ---- generator -> (seed, offset) -------------------------------------------------

@@ -207,7 +207,7 @@ def _keyed_check(x, seeds, generator, noise_sampler=None):
     and noise_sampler."""
     if seeds is not None and noise_sampler is not None:
         raise ValueError("pass either seeds or noise_sampler, not both")
-    _rng.keyed_noise(x, seeds, None, generator, None, draws=False)
+    _rng.keyed(x, seeds, None, generator)
 
 
 # ---- samplers --------------------------------------------------------------------------------

@@ -334,7 +334,7 @@ def annealed_langevin(score_fn, x, sigmas, *, n_steps_each=100, step_lr=2e-5, de
     n = V.check_steps(n_steps_each, "n_steps_each")
     lr = V.check_positive(step_lr, "step_lr")
     V.check_generator(generator, x, None)
-    _rng.keyed_noise(x, seeds, None, generator, None, draws=False)  # checks seeds
+    _rng.keyed(x, seeds, None, generator)  # checks seeds
     if seeds is not None:
         def one(x_, s_, a_, k_):
             return langevin_step(x_, s_, a_, seeds=seeds, step=k_)

@@ -21,6 +21,7 @@ from . import _native
 from . import _native_samplers as N
 from . import reference as R
 from . import reference_samplers as RS
+from ._rng import Keyed
 from ._validate import _compiling
 
 __all__ = ["q_sample", "ddim_step", "ddpm_step", "euler_step", "heun_step", "dpmpp_2m_step", "flow_step",
@@ -46,7 +47,6 @@ def _eager_entry(x: torch.Tensor, m: torch.Tensor):
 
 def _generator(generator):
     """(generator, keys) for the eager entries: per-sample keys go as trailing arguments."""
-    from ._rng import Keyed
     if isinstance(generator, Keyed):
         return None, generator.op_args()
     return generator, ()
