@@ -7,9 +7,8 @@ imports either.
 Each impl takes the arguments of the reference's private ``_<op>`` function. Levels go
 to the kernel as a number, or as a float32/float64 tensor on x's device in one of the
 level layouts (per sample, or broadcasting to x: csrc/torch/levels.h) that the kernel
-reads per element (no host sync). Operands of different dtypes are cast to their
-promoted dtype first (exact; given noise too, where the step uses it), so the result is
-the reference's. An impl returns ``NotImplemented`` where the reference must run: a noise
+reads per element (no host sync). Operands go in their own dtypes: the op casts them to
+the promoted one (exact), so the result is the reference's. An impl returns ``NotImplemented`` where the reference must run: a noise
 level that needs a gradient. Noise is keyed as the older ops key it
 (``_noise_key``): a CPU generator here (diffkern._rng's rule), a CUDA generator's Philox
 state in the kernel (graph-safe), per-sample keys (seeds=, step=) in the kernel's own
@@ -42,15 +41,6 @@ def _level(v):
     return None, float(v)
 
 
-def _common(x, *others):
-    """x and the other operands in their promoted dtype (casts to it are exact)."""
-    dtype = x.dtype
-    for t in others:
-        if t is not None:
-            dtype = torch.promote_types(dtype, t.dtype)
-    return tuple(t if t is None or t.dtype == dtype else t.to(dtype) for t in (x, *others))
-
-
 def _noise_key(x, generator, draws: bool):
     """(generator, seed, offset, seeds, step_t, step) for a raw op: per-sample keys
     (_rng.Keyed) go to the op, drawn in its own pass; CUDA generators go to the op (it
@@ -80,7 +70,6 @@ def _native(fn):
 @_native
 def euler_step(x, m, sigma, sigma_next, eta, s_noise, gamma, prediction, noise, generator):
     noisy = eta > 0 or gamma > 0
-    x, m, noise = _common(x, m, noise if noisy else None)
     (st, s), (snt, sn) = _level(sigma), _level(sigma_next)
     key = _noise_key(x, generator, noisy and noise is None)
     return _ops.euler_step(x, m, st, snt, s, sn, eta, s_noise, gamma, prediction, noise, *key)
@@ -88,7 +77,6 @@ def euler_step(x, m, sigma, sigma_next, eta, s_noise, gamma, prediction, noise, 
 
 @_native
 def heun_step(x, m, x_proposal, m_proposal, sigma, sigma_next, prediction):
-    x, m, x_proposal, m_proposal = _common(x, m, x_proposal, m_proposal)
     (st, s), (snt, sn) = _level(sigma), _level(sigma_next)
     return _ops.heun_step(x, m, x_proposal, m_proposal, st, snt, s, sn, prediction)
 
@@ -96,7 +84,6 @@ def heun_step(x, m, x_proposal, m_proposal, sigma, sigma_next, prediction):
 @_native
 def dpmpp_2m_step(x, m, old_denoised, sigma, sigma_next, sigma_prev, prediction, solver_type, variance_preserving,
                   return_denoised):
-    x, m, old_denoised = _common(x, m, old_denoised)
     (st, s), (snt, sn) = _level(sigma), _level(sigma_next)
     spt, sp = _level(sigma_prev) if sigma_prev is not None else (None, 0.0)
     out, den = _ops.dpmpp_2m_step(x, m, old_denoised, st, snt, spt, s, sn, sp, prediction, _SOLVERS[solver_type],
@@ -106,7 +93,6 @@ def dpmpp_2m_step(x, m, old_denoised, sigma, sigma_next, sigma_prev, prediction,
 
 @_native
 def flow_step(x, v, sigma, sigma_next, stochastic, noise, generator):
-    x, v, noise = _common(x, v, noise if stochastic else None)
     (st, s), (snt, sn) = _level(sigma), _level(sigma_next)
     key = _noise_key(x, generator, stochastic and noise is None)
     return _ops.flow_step(x, v, st, snt, s, sn, stochastic, noise, *key)
@@ -114,19 +100,14 @@ def flow_step(x, v, sigma, sigma_next, stochastic, noise, generator):
 
 @_native
 def flow_q_sample(x0, sigma, noise, generator):
-    given = noise
-    x0, noise = _common(x0, noise)
     st, s = _level(sigma)
     key = _noise_key(x0, generator, noise is None)
     xt, drawn = _ops.flow_q_sample(x0, st, s, noise, *key)
-    return xt, (given if given is not None else drawn)
+    return xt, (noise if noise is not None else drawn)
 
 
 @_native
 def lcm_step(x, m, a, noise, generator):
-    if x.numel() == 0:  # a zero batch has no timesteps for the kernel's (B,) tables
-        raise _Fallback
-    x, m, noise = _common(x, m, noise)
     # One draw per call, also on the final step (the reference's generator advances the
     # same way); the kernel skips the noise when every sample is at its final step.
     renoise = not (a.t_prev.device.type == "cpu" and a.t_prev.numel() == 1 and int(a.t_prev) < 0)
@@ -142,7 +123,7 @@ def linear_step(inputs, c, cn, K, noise, generator):
     if not hasattr(_ops, "linear_step"):  # an extension built before the op existed
         raise _Fallback
     noisy = cn is not None
-    x, *rest, noise = _common(*inputs, noise if noisy else None)
+    x, *rest = inputs
     J = len(inputs)
     if isinstance(c, torch.Tensor) or isinstance(cn, torch.Tensor):
         if (isinstance(c, torch.Tensor) and c.requires_grad) or (isinstance(cn, torch.Tensor) and cn.requires_grad):
@@ -165,57 +146,70 @@ def linear_step(inputs, c, cn, K, noise, generator):
 
 
 if _ops is not None:
-    def _empty_like_out(x):
-        return torch.empty(x.shape, dtype=x.dtype, device=x.device).contiguous(memory_format=V.output_format(x))
+    def _empty_like_out(x, *others):
+        """An output of x's shape and layout, in the promoted dtype of x and the operands
+        the op uses (validate::operands)."""
+        dtype = x.dtype
+        for t in others:
+            if t is not None:
+                dtype = torch.promote_types(dtype, t.dtype)
+        return torch.empty(x.shape, dtype=dtype, device=x.device).contiguous(memory_format=V.output_format(x))
 
     def _empty(x):
         return torch.empty(0, dtype=x.dtype, device=x.device)
 
-    def _levels_on_x(x, **levels):
-        """The device half of the C++ level checks (csrc/torch/levels.h) for fake tensors: a
-        call with a meta level beside real operands is dispatched here, and must fail as it
-        would natively instead of returning an uninitialised output."""
-        for name, v in levels.items():
+    def _on_x(x, levels=(), **operands):
+        """The device half of the C++ checks (validate::operands; levels.h: a level on the
+        CPU or on x's device) for fake tensors: a call mixing meta and real tensors is
+        dispatched here, and must fail as it would natively instead of returning an
+        uninitialised output. ``levels``: (name, tensor or None) pairs."""
+        for name, v in operands.items():
             if v is not None and v.device != x.device:
-                raise ValueError(f"{name} is on {v.device} but x is on {x.device}")
+                raise V.MismatchError(f"{name} is on {v.device} but x is on {x.device}")
+        for name, v in levels:
+            if v is not None and v.device != x.device and v.device.type != "cpu":
+                raise V.MismatchError(f"{name} is on {v.device} but x is on {x.device}")
 
     @torch.library.register_fake("diffkern::euler_step")
     def _(x, m, st, snt, s, sn, eta, s_noise, gamma, prediction, noise, generator, seed, offset, seeds=None,
           step_t=None, step=0):
-        _levels_on_x(x, sigma=st, sigma_next=snt)
-        return _empty_like_out(x)
+        _on_x(x, (("sigma", st), ("sigma_next", snt)), denoised=m, noise=noise)
+        return _empty_like_out(x, m, noise if eta > 0 or gamma > 0 else None)
 
     @torch.library.register_fake("diffkern::heun_step")
     def _(x, m, xp, mp, st, snt, s, sn, prediction):
-        _levels_on_x(x, sigma=st, sigma_next=snt)
-        return _empty_like_out(x)
+        _on_x(x, (("sigma", st), ("sigma_next", snt)), denoised=m, x_proposal=xp, denoised_proposal=mp)
+        return _empty_like_out(x, m, xp, mp)
 
     @torch.library.register_fake("diffkern::dpmpp_2m_step")
     def _(x, m, old, st, snt, spt, s, sn, sp, prediction, solver, vp, return_denoised):
-        _levels_on_x(x, sigma=st, sigma_next=snt, sigma_prev=spt if old is not None else None)
-        return _empty_like_out(x), (_empty_like_out(x) if return_denoised else _empty(x))
+        _on_x(x, (("sigma", st), ("sigma_next", snt), ("sigma_prev", spt if old is not None else None)),
+              denoised=m, old_denoised=old)
+        out = _empty_like_out(x, m, old)
+        return out, (torch.empty_like(out) if return_denoised else _empty(x))
 
     @torch.library.register_fake("diffkern::flow_step")
     def _(x, v, st, snt, s, sn, stochastic, noise, generator, seed, offset, seeds=None, step_t=None, step=0):
-        _levels_on_x(x, sigma=st, sigma_next=snt)
-        return _empty_like_out(x)
+        _on_x(x, (("sigma", st), ("sigma_next", snt)), velocity=v, noise=noise)
+        return _empty_like_out(x, v, noise if stochastic else None)
 
     @torch.library.register_fake("diffkern::flow_q_sample")
     def _(x0, st, s, noise, generator, seed, offset, seeds=None, step_t=None, step=0):
-        _levels_on_x(x0, sigma=st)
-        return _empty_like_out(x0), (_empty(x0) if noise is not None else _empty_like_out(x0))
+        _on_x(x0, (("sigma", st),), noise=noise)
+        return _empty_like_out(x0, noise), (_empty(x0) if noise is not None else _empty_like_out(x0))
 
     @torch.library.register_fake("diffkern::lcm_step")
     def _(x, m, t, t_prev, table, ts, sd, prediction, clip, renoise, noise, generator, seed, offset,
           return_denoised, seeds=None, step_t=None, step=0):
-        _levels_on_x(x, t=t, t_prev=t_prev)
-        return _empty_like_out(x), (_empty_like_out(x) if return_denoised else _empty(x))
+        _on_x(x, (("t", t), ("t_prev", t_prev)), model_output=m, noise=noise)
+        out = _empty_like_out(x, m, noise)
+        return out, (torch.empty_like(out) if return_denoised else _empty(x))
 
     if hasattr(_ops, "linear_step"):
         @torch.library.register_fake("diffkern::linear_step")
         def _(inputs, coeffs, coeffs_t, outputs, noisy, noise, generator, seed, offset, seeds=None, step_t=None,
               step=0):
-            return [_empty_like_out(inputs[0]) for _ in range(outputs)]
+            return [_empty_like_out(*inputs, noise if noisy else None) for _ in range(outputs)]
 
     @torch.library.register_fake("diffkern::lcm_step_backward")
     def _(grad, grad_den, x, m, t, t_prev, table, ts, sd, prediction, clip):

@@ -42,18 +42,15 @@ Conventions shared by every op here:
   generator advances the same way with host or device scalars).
 - Differentiable w.r.t. the tensor inputs.
 
-Below the checks: each op is its checks (diffkern/_validate.py, the reference's
-``_<op>_args``) followed by the same function of :mod:`diffkern.unchecked`, which runs
-the native kernel (diffkern/_native_samplers.py) when it is built for x's device, else the
-reference's private ``_<op>`` (same numbers, same drawn noise).
-
-Levels are a Python float (also for any one-element CPU tensor without grad), or a
-contiguous float tensor on x's device (any float dtype): 1-D of length 1 or B (per
-sample, x's first dim) for a 0-d/1-D level, else its own shape of 2 <= ndim <= x.ndim
-dims, broadcasting to x's torch-style (_validate.level_shape); ``prediction`` is the int
-code of ``_validate.PREDICTION_TYPES``; ``solver_type`` the string; eta/s_noise/gamma
-Python floats; tensors may broadcast, have any strides, and differ in dtype from x. The
-native side may decline a case (a level that needs a gradient); the reference then runs.
+How a call runs: on the CPU with plain tensors (eager, nothing traced) the arguments go
+as given to the extension's eager entry (csrc/torch/fast_call.cpp), and the op checks
+everything in C++ (csrc/torch/validate.h and sampler_args.h: operands, options, level
+layouts, level values and orderings; the messages are the Python checks'). Elsewhere
+(a GPU tensor, torch.compile, tensor subclasses, a level that needs a gradient) each op
+is its Python checks (diffkern/_validate.py, the reference's ``_<op>_args``) followed by
+the same function of :mod:`diffkern.unchecked`, which runs the native op
+(diffkern/_native_samplers.py) when it is built for x's device, else the reference's
+private ``_<op>`` (same numbers, same drawn noise).
 """
 
 from __future__ import annotations
@@ -62,6 +59,9 @@ from . import _rng
 from . import _validate as V
 from . import reference_samplers as R
 from . import unchecked as U
+from .ops import _F, _clip, _cpu_table, _fast, _float, _keys, _prediction, _t_cpu
+
+_SOLVERS = {"midpoint": 0, "heun": 1}
 
 __all__ = ["euler_step", "heun_step", "dpmpp_2m_step", "flow_step", "flow_q_sample", "lcm_step", "linear_step"]
 
@@ -97,6 +97,13 @@ def euler_step(x, denoised, sigma, sigma_next, *, eta=0.0, s_noise=1.0, gamma=0.
 
     Returns: the state at ``sigma_next``.
     """
+    if _fast(x, denoised):
+        r = _F._euler_step(x, denoised, sigma, sigma_next, eta if type(eta) is float else _float(eta, "eta"),
+                           s_noise if type(s_noise) is float else _float(s_noise, "s_noise"),
+                           gamma if type(gamma) is float else _float(gamma, "gamma"), _prediction(prediction_type),
+                           noise, generator, *_keys(x, "x", seeds, step, generator, noise))
+        if r is not NotImplemented:
+            return r
     gen = _rng.keyed(V.check_x(x), seeds, step, generator, noise)
     a = R._euler_args(x, denoised, sigma, sigma_next, eta, s_noise, gamma, prediction_type, noise, generator)
     return U.euler_step(x, denoised, *a, noise, gen)
@@ -117,6 +124,10 @@ def heun_step(x, denoised, x_proposal, denoised_proposal, sigma, sigma_next, *, 
     of the module docstring (shared, per sample, broadcasting to x).
     No noise. Returns the state at ``sigma_next``.
     """
+    if _fast(x, denoised):
+        r = _F._heun_step(x, denoised, x_proposal, denoised_proposal, sigma, sigma_next, _prediction(prediction_type))
+        if r is not NotImplemented:
+            return r
     a = R._heun_args(x, denoised, x_proposal, denoised_proposal, sigma, sigma_next, prediction_type)
     return U.heun_step(x, denoised, x_proposal, denoised_proposal, *a)
 
@@ -150,6 +161,12 @@ def dpmpp_2m_step(x, denoised, old_denoised, sigma, sigma_next, sigma_prev=None,
         return_denoised: also return D (the next call's ``old_denoised``), promoted dtype.
     No noise. Returns x' or ``(x', D)``.
     """
+    solver = _SOLVERS.get(solver_type) if type(solver_type) is str else None
+    if solver is not None and _fast(x, denoised):
+        r = _F._dpmpp_2m_step(x, denoised, old_denoised, sigma, sigma_next, sigma_prev, _prediction(prediction_type),
+                              solver, variance_preserving, return_denoised)
+        if r is not NotImplemented:
+            return r
     a = R._dpmpp_2m_args(x, denoised, old_denoised, sigma, sigma_next, sigma_prev, prediction_type, solver_type,
                          variance_preserving, return_denoised)
     return U.dpmpp_2m_step(x, denoised, old_denoised, *a)
@@ -168,6 +185,11 @@ def flow_step(x, velocity, sigma, sigma_next, *, stochastic=False, noise=None, g
     Args: x: (B, ...); velocity: model output, broadcastable; sigma, sigma_next: finite,
     >= 0, shared, per sample or broadcasting to x (module docstring). Returns the state at ``sigma_next``.
     """
+    if _fast(x, velocity):
+        r = _F._flow_step(x, velocity, sigma, sigma_next, stochastic, noise, generator,
+                          *_keys(x, "x", seeds, step, generator, noise))
+        if r is not NotImplemented:
+            return r
     gen = _rng.keyed(V.check_x(x), seeds, step, generator, noise)
     a = R._flow_args(x, velocity, sigma, sigma_next, stochastic, noise, generator)
     return U.flow_step(x, velocity, *a, noise, gen)
@@ -185,6 +207,10 @@ def flow_q_sample(x0, sigma, noise=None, *, generator=None, seeds=None, step=Non
     dtype of x0 and noise (as q_sample), noise the tensor used (drawn: x0's dtype and
     layout).
     """
+    if _fast(x0, x0):
+        r = _F._flow_q_sample(x0, sigma, noise, generator, *_keys(x0, "x0", seeds, step, generator, noise))
+        if r is not NotImplemented:
+            return r
     gen = _rng.keyed(V.check_x(x0, "x0"), seeds, step, generator, noise)
     s = R._flow_q_sample_args(x0, sigma, noise, generator)
     return U.flow_q_sample(x0, s, noise, gen)
@@ -216,6 +242,13 @@ def lcm_step(x, model_output, t, t_prev, *, schedule=None, prediction_type="epsi
         return_denoised: also return ``denoised`` (diffusers' ``denoised`` output).
     Returns ``x_prev`` or ``(x_prev, denoised)``.
     """
+    if _fast(x, model_output):
+        return _F._lcm_step(x, model_output, _t_cpu(t), _t_cpu(t_prev, "t_prev"), _cpu_table(schedule),
+                            timestep_scaling if type(timestep_scaling) is float else
+                            _float(timestep_scaling, "timestep_scaling"),
+                            sigma_data if type(sigma_data) is float else _float(sigma_data, "sigma_data"),
+                            _prediction(prediction_type), _clip(clip_sample), noise, generator, return_denoised,
+                            *_keys(x, "x", seeds, step, generator, noise))
     gen = _rng.keyed(V.check_x(x), seeds, step, generator, noise)
     a = R._lcm_args(x, model_output, t, t_prev, schedule, prediction_type, timestep_scaling, sigma_data,
                     clip_sample, noise, generator, return_denoised)

@@ -500,26 +500,13 @@ def test_every_value_error_row_names_its_bound():
     assert {i for i, _, e, _ in CASES if e is ValueError} == set(BOUNDS)
 
 
-# The raw sampler-family ops (euler/heun/dpmpp_2m/flow/flow_q_sample/lcm_step) check their
-# levels' layout, dtype and device only (csrc/torch/levels.h); their values, the operands
-# and the options are checked in Python (sampler_ops -> reference_samplers' _*_args, the
-# same checks as the reference), so these rows raise nothing, or not the documented error,
-# on the raw op. Strict: a C++ check added later shows up as an XPASS to move the row out.
-RAW_UNCHECKED = {i for i, *_ in FAMILY_CASES if i.startswith("fam-")} | {
-    "lvl-sigma-nan", "lvl-sigma-inf-heun", "lvl-sigma-zero-dpm", "lvl-sigma_next-negative", "lvl-sigma_next-nan-flow",
-    "lvl-sigma-negative-flow_q", "lvl-sigma-above-one-flow_q", "lvl-sigma_prev-inf-dpm", "lvl-t-negative-lcm",
-    "lvl-ancestral-order", "lvl-ancestral-order-mixed", "lvl-dpm-sigma_prev-order", "lvl-dpm-sigma_next-order",
-    "lvl-t_prev-order-lcm"}
-
-
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("ident,f,exc,match,bound",
                          [pytest.param(i, f, e, m, BOUNDS.get(i), id=i) for i, f, e, m in CASES])
-def test_bad_input_raises(request, impl, ident, f, exc, match, bound):
+def test_bad_input_raises(impl, ident, f, exc, match, bound):
     """The message names the argument as a word (``t`` is not matched by ``t_prev``) and,
-    for a ValueError, the bound the value violates."""
-    if impl is Raw and ident in RAW_UNCHECKED:
-        request.applymarker(pytest.mark.xfail(strict=True, reason="raw family ops check the levels' metadata only"))
+    for a ValueError, the bound the value violates. Every path checks: the raw ops too
+    (csrc/torch/validate.h, sampler_args.h), with the Python checks' messages."""
     name = rf"\b{re.escape(match)}\b"
     _raises(impl, f, exc, name if bound is None else rf"^(?=.*{name})(?=.*{bound})")
 

@@ -173,13 +173,26 @@ def test_half_native_vs_reference(name, dtype, case):
                                   "lcm_step", "linear_step"])
 def test_the_native_path_runs(name, monkeypatch):
     """A test that cannot fail is a defect: make sure dk.* above is not the reference. Every
-    public family op reaches the native function of diffkern._native_samplers (through
-    diffkern.unchecked), not the reference's."""
+    public family op reaches the native op, through the extension's eager entry
+    (csrc/torch/fast_call.cpp) or the native function of diffkern._native_samplers
+    (through diffkern.unchecked), not the reference's."""
     from diffkern import _native_samplers as N
     from diffkern import reference_samplers as RS
+    from diffkern import sampler_ops as S
     a = _args((3, 5), torch.float32, "float", 1)
     calls, native = [], getattr(N, name)
     monkeypatch.setattr(N, name, lambda *args: calls.append(1) or native(*args))
+
+    class Counting:  # the eager entries, counted
+        def __init__(self, mod):
+            self.mod = mod
+
+        def __getattr__(self, k):
+            f = getattr(self.mod, k)
+            return (lambda *args: calls.append(1) or f(*args)) if k == "_" + name else f
+
+    if S._F is not None:
+        monkeypatch.setattr(S, "_F", Counting(S._F))
     ref = {"euler_step": "_euler", "heun_step": "_heun", "dpmpp_2m_step": "_dpmpp_2m", "flow_step": "_flow",
            "flow_q_sample": "_flow_q_sample", "lcm_step": "_lcm", "linear_step": "_linear"}[name]
     monkeypatch.setattr(RS, ref, lambda *args: pytest.fail(f"{name} ran the reference"))

@@ -527,6 +527,7 @@ def test_native_hook_is_called_with_validated_args_and_may_decline(monkeypatch):
         return NotImplemented if eta > 0 else torch.full_like(x, 7.0)
 
     monkeypatch.setattr(sampler_ops.U.N, "euler_step", fake)  # the native side below diffkern.unchecked
+    monkeypatch.setattr(sampler_ops, "_fast", lambda x, m: False)  # the road of GPU tensors and torch.compile
     x, m = randn(*SHAPE, seed=413), randn(*SHAPE, seed=414)
     assert torch.equal(dk.euler_step(x, m, torch.tensor(2.0), 1, prediction_type="epsilon"), torch.full_like(x, 7.0))
     assert calls[-1] == (2.0, 1.0, 0.0, 0)

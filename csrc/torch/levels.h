@@ -12,6 +12,9 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <initializer_list>
 #include <optional>
 #include <sstream>
@@ -101,8 +104,21 @@ inline at::DimVector per_sample_shape(const at::Tensor& x, bool per_sample) {
   return s;
 }
 
+// What a family op requires of a level's values (checked where they are readable).
+enum class Range {
+  kAny,       // nothing (the jacobians: the forward checked them)
+  kNonneg,    // finite, >= 0
+  kPositive,  // finite, > 0 (the step divides by it)
+  kUnit,      // finite, in [0, 1]
+};
+
 // The levels of a family op (sigma*, or lcm_step's t / t_prev): checked, made arrays of
 // their common shape, kept alive here while the kernel reads them.
+//
+// Values are checked where reading them costs no device sync: a number always, a tensor
+// when it sits on the CPU. A CPU level beside a device x is checked there, then moved (a
+// one-element one becomes a number); a level on x's device is never read back (a GPU
+// loop does not stall, a CUDA graph captures), and a bad entry there is the kernel's NaN.
 class LevelSet {
  public:
   using Named = std::pair<const std::optional<at::Tensor>*, const char*>;
@@ -119,32 +135,104 @@ class LevelSet {
     for (const auto& [t, name] : levels) widen_shape(shape_, level_shape(*t, x, name));
   }
 
-  // `value` when no tensor is given, else the tensor read per element.
-  SampleScalar scalar(const std::optional<at::Tensor>& t, double value, const char* name) {
+  // `value` when no tensor is given, else the tensor read per element; its values
+  // checked against `range` where they are on the host.
+  SampleScalar scalar(const std::optional<at::Tensor>& t, double value, const char* name, Range range = Range::kAny) {
     SampleScalar s;
     s.value = value;
-    if (!t.has_value()) return s;
+    if (!t.has_value()) {
+      check_range(&value, 1, /*is_double=*/true, name, range);
+      host_.push_back({name, s});
+      return s;
+    }
     TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble, name,
                      " must be a float32/float64 tensor, got ", t->scalar_type());
-    owners_.push_back(level_array(placed(*t, name), x_, shape_, name));
-    const at::Tensor& a = owners_.back();
-    s.data = a.data_ptr();
-    s.n = a.numel();
-    s.is_double = a.scalar_type() == at::kDouble;
-    return s;
+    const bool host = t->device().is_cpu() || on_host_;
+    TORCH_CHECK_VALUE(host || t->device() == x_.device(), name, " is on ", t->device(), " but x is on ",
+                      x_.device());
+    at::Tensor a = level_array(on_host_ ? t->to(at::kCPU) : *t, x_, shape_, name);
+    if (host && a.numel() > 0) {  // (a zero batch has no values, nor an order to check)
+      SampleScalar h = view(a);
+      check_range(h.data, h.n, h.is_double, name, range);
+      if (x_.device().is_cpu() || on_host_) {
+        owners_.push_back(a);
+        host_.push_back({name, h});
+        return h;
+      }
+      if (a.numel() == 1) {  // a number on the device side: no copy
+        s.value = h.at(0);
+        host_.push_back({name, s});
+        return s;
+      }
+      owners_.push_back(a);  // the host copy the order checks read
+      host_.push_back({name, h});
+      a = a.to(x_.device(), /*non_blocking=*/true);
+    }
+    owners_.push_back(a);
+    return view(a);
+  }
+
+  // lower <= upper (lower < upper when strict) at every entry of the common shape, for
+  // two levels of this set (by name) whose values are on the host; else ValueError(message).
+  void order(const char* lower, const char* upper, const char* message, bool strict) const {
+    const SampleScalar* a = find(lower);
+    const SampleScalar* b = find(upper);
+    if (!a || !b) return;
+    auto entries = [](const SampleScalar* s) { return s->data ? s->n : int64_t(1); };
+    const int64_t na = entries(a), nb = entries(b);
+    if (na == 0 || nb == 0) return;  // a zero batch
+    const int64_t n = std::max(na, nb);
+    for (int64_t i = 0; i < n; ++i) {
+      const double u = a->at(i), v = b->at(i);
+      TORCH_CHECK_VALUE(strict ? u < v : u <= v, message);
+    }
   }
 
   // Timesteps (t, t_prev): int64 arrays of the common shape on x's device, both of one
-  // size (TimestepArgs reads them at one index).
+  // size (TimestepArgs reads them at one index). The bindings pass validate::timesteps'
+  // (checked, int64); the jacobians the forward's own (any integer type).
   at::Tensor timesteps(const at::Tensor& t, const char* name) {
-    TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, name, " must be an int64 tensor, got ", t.scalar_type());
-    owners_.push_back(level_array(placed(t, name), x_, shape_, name, /*full=*/true));
+    TORCH_CHECK_TYPE(at::isIntegralType(t.scalar_type(), /*includeBool=*/false), name,
+                     " must be an integer tensor, got ", t.scalar_type());
+    owners_.push_back(level_array(placed(t, name).to(at::kLong), x_, shape_, name, /*full=*/true));
     return owners_.back();
   }
 
   const at::DimVector& shape() const { return shape_; }
 
  private:
+  static SampleScalar view(const at::Tensor& a) {
+    SampleScalar s;
+    s.data = a.data_ptr();
+    s.n = a.numel();
+    s.is_double = a.scalar_type() == at::kDouble;
+    return s;
+  }
+
+  // The messages of diffkern/_validate.py's check_noise_level.
+  static void check_range(const void* data, int64_t n, bool is_double, const char* name, Range range) {
+    if (range == Range::kAny || n == 0) return;
+    auto get = [&](int64_t i) {
+      return is_double ? static_cast<const double*>(data)[i] : double(static_cast<const float*>(data)[i]);
+    };
+    double lo = get(0), hi = lo;
+    for (int64_t i = 0; i < n; ++i) {
+      const double v = get(i);
+      TORCH_CHECK_VALUE(std::isfinite(v), name, " must be finite, got ", v);
+      lo = std::min(lo, v);
+      hi = std::max(hi, v);
+    }
+    TORCH_CHECK_VALUE(range != Range::kPositive || lo > 0, name, " must be > 0 (the step divides by it), got ", lo);
+    TORCH_CHECK_VALUE(lo >= 0, name, " must be >= 0, got ", lo);
+    TORCH_CHECK_VALUE(range != Range::kUnit || hi <= 1, name, " must be <= 1, got ", hi);
+  }
+
+  const SampleScalar* find(const char* name) const {
+    for (const auto& [n, s] : host_)
+      if (std::strcmp(n, name) == 0) return &s;
+    return nullptr;
+  }
+
   at::Tensor placed(const at::Tensor& t, const char* name) const {
     if (on_host_) return t.to(at::kCPU);
     TORCH_CHECK_VALUE(t.device() == x_.device(), name, " is on ", t.device(), " but x is on ", x_.device());
@@ -155,6 +243,7 @@ class LevelSet {
   at::DimVector shape_;
   bool on_host_ = false;
   std::vector<at::Tensor> owners_;
+  std::vector<std::pair<const char*, SampleScalar>> host_;  // the levels readable on the host
 };
 
 }  // namespace diffkern

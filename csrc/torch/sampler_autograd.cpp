@@ -18,7 +18,6 @@ namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-using OptTensor = std::optional<at::Tensor>;
 
 c10::OperatorHandle op_handle(const char* name) { return c10::Dispatcher::singleton().findSchemaOrThrow(name, ""); }
 
@@ -79,6 +78,15 @@ at::Tensor grad_for(AutogradContext* ctx, const at::Tensor& table, int64_t c, co
                      at::ScalarType(ctx->saved_data[key + "_dtype"].toInt()));
 }
 
+// Whether autograd has anything to record: without it a call goes straight below
+// autograd, with no graph node (a few us of host time per sampling step).
+inline bool wants_grad(const at::Tensor& t) { return t.defined() && t.requires_grad(); }
+inline bool wants_grad(const OptTensor& t) { return t.has_value() && t->requires_grad(); }
+template <class... T>
+bool needs_grad(const T&... ts) {
+  return at::GradMode::is_enabled() && (wants_grad(ts) || ...);
+}
+
 // An output gradient: it has x's shape and device (the jacobian ops' `x` argument).
 const at::Tensor& any_grad(const variable_list& grads) {
   return grads[0].defined() || grads.size() < 2 ? grads[0] : grads[1];
@@ -90,14 +98,14 @@ at::Tensor on_device_of(const at::Tensor& x, const at::Tensor& table) { return t
 at::Tensor euler_step_jacobian(const at::Tensor& x, const OptTensor& st, const OptTensor& snt, double s, double sn,
                                double eta, double s_noise, double gamma, int64_t prediction) {
   LevelSet lv(x, {{&st, "sigma"}, {&snt, "sigma_next"}}, /*on_host=*/true);
-  const EulerOp op{lv.scalar(st, s, "sigma"), lv.scalar(snt, sn, "sigma_next"), eta, s_noise, gamma, int(prediction)};
+  const EulerOp op = euler_op(lv, st, snt, s, sn, eta, s_noise, gamma, prediction);
   return on_device_of(x, jacobian_table(op, lv));
 }
 
 at::Tensor heun_step_jacobian(const at::Tensor& x, const OptTensor& st, const OptTensor& snt, double s, double sn,
                               int64_t prediction) {
   LevelSet lv(x, {{&st, "sigma"}, {&snt, "sigma_next"}}, /*on_host=*/true);
-  const HeunOp op{lv.scalar(st, s, "sigma"), lv.scalar(snt, sn, "sigma_next"), int(prediction)};
+  const HeunOp op = heun_op(lv, st, snt, s, sn, prediction);
   return on_device_of(x, jacobian_table(op, lv));
 }
 
@@ -106,21 +114,20 @@ at::Tensor dpmpp_2m_step_jacobian(const at::Tensor& x, const OptTensor& st, cons
                                   int64_t solver, bool vp, bool has_old) {
   const OptTensor prev_t = has_old ? spt : std::nullopt;
   LevelSet lv(x, {{&st, "sigma"}, {&snt, "sigma_next"}, {&prev_t, "sigma_prev"}}, /*on_host=*/true);
-  const DpmppOp op{lv.scalar(st, s, "sigma"), lv.scalar(snt, sn, "sigma_next"), lv.scalar(prev_t, sp, "sigma_prev"),
-                   int(prediction), int(solver), vp, has_old};
+  const DpmppOp op = dpmpp_2m_op(lv, st, snt, prev_t, s, sn, sp, prediction, solver, vp, has_old);
   return on_device_of(x, jacobian_table(op, lv));
 }
 
 at::Tensor flow_step_jacobian(const at::Tensor& x, const OptTensor& st, const OptTensor& snt, double s, double sn,
                               bool stochastic) {
   LevelSet lv(x, {{&st, "sigma"}, {&snt, "sigma_next"}}, /*on_host=*/true);
-  const FlowOp op{lv.scalar(st, s, "sigma"), lv.scalar(snt, sn, "sigma_next"), stochastic};
+  const FlowOp op = flow_op(lv, st, snt, s, sn, stochastic);
   return on_device_of(x, jacobian_table(op, lv));
 }
 
 at::Tensor flow_q_sample_jacobian(const at::Tensor& x0, const OptTensor& st, double s) {
   LevelSet lv(x0, {{&st, "sigma"}}, /*on_host=*/true);
-  const FlowQSampleOp op{lv.scalar(st, s, "sigma")};
+  const FlowQSampleOp op = flow_q_sample_op(lv, st, s);
   return on_device_of(x0, jacobian_table(op, lv));
 }
 
@@ -128,8 +135,7 @@ at::Tensor lcm_step_jacobian(const at::Tensor& x, const at::Tensor& t, const at:
                              double ts, double sd, int64_t prediction, bool renoise) {
   LevelSet lv(x, {{&t, "t"}, {&tp, "t_prev"}}, /*on_host=*/true);
   const at::Tensor host_table = table.to(at::kCPU);
-  const LcmOp op{timestep_args(host_table, lv.timesteps(t, "t"), lv.timesteps(tp, "t_prev")), ts, sd, int(prediction),
-                 false, 0.0, renoise};
+  const LcmOp op = lcm_op(lv, host_table, t, tp, ts, sd, prediction, 0.0, renoise);
   return on_device_of(x, jacobian_table(op, lv));
 }
 
@@ -186,6 +192,11 @@ at::Tensor euler_step_autograd(const at::Tensor& x, const at::Tensor& m, const O
                                double s, double sn, double eta, double s_noise, double gamma, int64_t prediction,
                                const OptTensor& noise, const std::optional<at::Generator>& generator, int64_t seed,
                                int64_t offset, const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& step_t, int64_t step) {
+  if (!needs_grad(x, m, st, snt, noise)) {
+    static auto op = op_handle("diffkern::euler_step").typed<EulerSig>();
+    at::AutoDispatchBelowADInplaceOrView below;
+    return op.call(x, m, st, snt, s, sn, eta, s_noise, gamma, prediction, noise, generator, seed, offset, seeds, step_t, step);
+  }
   return EulerFn::apply(x, m, st, snt, s, sn, eta, s_noise, gamma, prediction, noise, generator, seed, offset, seeds, step_t, step);
 }
 
@@ -223,6 +234,11 @@ struct HeunFn : public torch::autograd::Function<HeunFn> {
 
 at::Tensor heun_step_autograd(const at::Tensor& x, const at::Tensor& m, const at::Tensor& xp, const at::Tensor& mp,
                               const OptTensor& st, const OptTensor& snt, double s, double sn, int64_t prediction) {
+  if (!needs_grad(x, m, xp, mp, st, snt)) {
+    static auto op = op_handle("diffkern::heun_step").typed<HeunSig>();
+    at::AutoDispatchBelowADInplaceOrView below;
+    return op.call(x, m, xp, mp, st, snt, s, sn, prediction);
+  }
   return HeunFn::apply(x, m, xp, mp, st, snt, s, sn, prediction);
 }
 
@@ -271,6 +287,11 @@ std::tuple<at::Tensor, at::Tensor> dpmpp_2m_step_autograd(const at::Tensor& x, c
                                                           const OptTensor& snt, const OptTensor& spt, double s,
                                                           double sn, double sp, int64_t prediction, int64_t solver,
                                                           bool vp, bool return_denoised) {
+  if (!needs_grad(x, m, old, st, snt, spt)) {
+    static auto op = op_handle("diffkern::dpmpp_2m_step").typed<DpmppSig>();
+    at::AutoDispatchBelowADInplaceOrView below;
+    return op.call(x, m, old, st, snt, spt, s, sn, sp, prediction, solver, vp, return_denoised);
+  }
   auto r = DpmppFn::apply(x, m, old, st, snt, spt, s, sn, sp, prediction, solver, vp, return_denoised);
   return {r[0], r[1]};
 }
@@ -310,6 +331,11 @@ struct FlowFn : public torch::autograd::Function<FlowFn> {
 at::Tensor flow_step_autograd(const at::Tensor& x, const at::Tensor& v, const OptTensor& st, const OptTensor& snt,
                               double s, double sn, bool stochastic, const OptTensor& noise,
                               const std::optional<at::Generator>& generator, int64_t seed, int64_t offset, const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& step_t, int64_t step) {
+  if (!needs_grad(x, v, st, snt, noise)) {
+    static auto op = op_handle("diffkern::flow_step").typed<FlowSig>();
+    at::AutoDispatchBelowADInplaceOrView below;
+    return op.call(x, v, st, snt, s, sn, stochastic, noise, generator, seed, offset, seeds, step_t, step);
+  }
   return FlowFn::apply(x, v, st, snt, s, sn, stochastic, noise, generator, seed, offset, seeds, step_t, step);
 }
 
@@ -345,6 +371,11 @@ std::tuple<at::Tensor, at::Tensor> flow_q_sample_autograd(const at::Tensor& x0, 
                                                           const OptTensor& noise,
                                                           const std::optional<at::Generator>& generator, int64_t seed,
                                                           int64_t offset, const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& step_t, int64_t step) {
+  if (!needs_grad(x0, st, noise)) {
+    static auto op = op_handle("diffkern::flow_q_sample").typed<FlowQSig>();
+    at::AutoDispatchBelowADInplaceOrView below;
+    return op.call(x0, st, s, noise, generator, seed, offset, seeds, step_t, step);
+  }
   auto r = FlowQFn::apply(x0, st, s, noise, generator, seed, offset, seeds, step_t, step);
   return {r[0], r[1]};
 }
@@ -411,6 +442,12 @@ std::tuple<at::Tensor, at::Tensor> lcm_step_autograd(const at::Tensor& x, const 
                                                      const std::optional<at::Generator>& generator, int64_t seed,
                                                      int64_t offset, bool return_denoised, const OptTensor& seeds,
                                                      const OptTensor& step_t, int64_t step) {
+  if (!needs_grad(x, m, noise)) {
+    static auto op = op_handle("diffkern::lcm_step").typed<LcmSig>();
+    at::AutoDispatchBelowADInplaceOrView below;
+    return op.call(x, m, t, tp, table, ts, sd, prediction, clip, renoise, noise, generator, seed, offset,
+                        return_denoised, seeds, step_t, step);
+  }
   auto r = LcmFn::apply(x, m, t, tp, table, ts, sd, prediction, clip, renoise, noise, generator, seed, offset,
                         return_denoised, seeds, step_t, step);
   return {r[0], r[1]};
@@ -494,6 +531,13 @@ std::vector<at::Tensor> linear_step_autograd(at::TensorList inputs, c10::ArrayRe
                                              int64_t seed, int64_t offset, const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& step_t, int64_t step) {
   TORCH_CHECK(!inputs.empty() && int64_t(inputs.size()) <= kMaxLinearInputs, "linear_step takes 1 to ",
               kMaxLinearInputs, " inputs, got ", inputs.size());
+  bool grad = needs_grad(noise, table);
+  for (const at::Tensor& t : inputs) grad = grad || needs_grad(t);
+  if (!grad) {
+    static auto op = op_handle("diffkern::linear_step").typed<LinearSig>();
+    at::AutoDispatchBelowADInplaceOrView below;
+    return op.call(inputs, coeffs, table, outputs, noisy, noise, generator, seed, offset, seeds, step_t, step);
+  }
   auto in = [&](size_t j) { return j < inputs.size() ? OptTensor(inputs[j]) : std::nullopt; };
   return LinearFn::apply(inputs[0], in(1), in(2), in(3), in(4), in(5), noise, coeffs, table, outputs, noisy,
                          generator, seed, offset, seeds, step_t, step);

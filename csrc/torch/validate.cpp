@@ -208,6 +208,35 @@ at::Tensor empty_result(const Step& s, const at::Tensor& x) {
   return at::empty(x.sizes(), x.options().dtype(s.dtype).memory_format(s.format));
 }
 
+Operands operands(c10::ArrayRef<NamedInput> inputs, const std::optional<at::Tensor>& noise, bool noise_used,
+                  const std::optional<at::Generator>& generator) {
+  TORCH_CHECK(!inputs.empty() && inputs.size() <= size_t(Operands::kMax) && inputs[0].first,
+              "diffkern: 1 to ", Operands::kMax, " inputs, x first");
+  const at::Tensor& x = *inputs[0].first;
+  floating(x, inputs[0].second);
+  Operands o;
+  o.n = int(inputs.size());
+  at::ScalarType dtype = x.scalar_type();
+  for (size_t i = 1; i < inputs.size(); ++i) {
+    if (!inputs[i].first) continue;
+    like(x, *inputs[i].first, inputs[i].second);
+    dtype = at::promote_types(dtype, inputs[i].first->scalar_type());
+  }
+  if (noise.has_value()) like(x, *noise, "noise");
+  noise_or_generator(noise, generator);
+  generator_device(generator, x);
+  if (noise_used && noise.has_value()) dtype = at::promote_types(dtype, noise->scalar_type());
+  o.dtype = dtype;
+  for (size_t i = 0; i < inputs.size(); ++i)
+    if (inputs[i].first) o.in[i] = cast(*inputs[i].first, dtype);
+  if (noise_used) o.noise = cast(noise, dtype);
+  return o;
+}
+
+void solver_type(int64_t s) {
+  TORCH_CHECK_VALUE(s == 0 || s == 1, "solver_type must be 0 (midpoint) or 1 (heun), got ", s);
+}
+
 void mixture(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& means, const at::Tensor& stds,
              const at::Tensor& sigmas, int64_t n_steps_each, double step_lr) {
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,

@@ -94,6 +94,31 @@ Step backward_step(const at::Tensor& grad, const at::Tensor& x, const at::Tensor
 // The output of a step with nothing to compute (zero elements).
 at::Tensor empty_result(const Step& s, const at::Tensor& x);
 
+// The tensor operands of a sampler-family op, checked and cast to the result dtype (the
+// promotion of every input's dtype and of the noise's where the step uses it; a cast
+// only where a dtype differs). inputs[0] is x (floating), the others model outputs,
+// proposals or history beside it (on x's device, floating, broadcasting to x's shape);
+// a null input is an absent optional one and stays null. The generator, when given,
+// excludes noise and must suit x's device.
+struct Operands {
+  static constexpr int kMax = 6;
+  at::Tensor in[kMax];
+  int n = 0;
+  std::optional<at::Tensor> noise;  // given and used
+  at::ScalarType dtype;
+  const at::Tensor* input(int i) const { return i < n && in[i].defined() ? &in[i] : nullptr; }
+};
+using NamedInput = std::pair<const at::Tensor*, const char*>;
+Operands operands(c10::ArrayRef<NamedInput> inputs, const std::optional<at::Tensor>& noise, bool noise_used,
+                  const std::optional<at::Generator>& generator);
+inline Operands operands(std::initializer_list<NamedInput> inputs, const std::optional<at::Tensor>& noise,
+                         bool noise_used, const std::optional<at::Generator>& generator) {
+  return operands(c10::ArrayRef<NamedInput>(inputs.begin(), inputs.size()), noise, noise_used, generator);
+}
+
+// A bool option's code (0/1) or an enum's range, named as the Python face names it.
+void solver_type(int64_t s);
+
 // gmm_annealed_langevin's mixture, sigmas and counts (the fused kernels' limits aside).
 void mixture(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& means, const at::Tensor& stds,
              const at::Tensor& sigmas, int64_t n_steps_each, double step_lr);

@@ -1,3 +1,4 @@
+#include "../cpu_generator.h"
 #include "../sampler_args.h"
 #include "elementwise.h"
 
@@ -8,13 +9,14 @@ at::Tensor euler_step_cpu(const at::Tensor& x, const at::Tensor& model_output, c
                           double s_noise, double gamma, int64_t prediction_type, const std::optional<at::Tensor>& noise,
                           const std::optional<at::Generator>& generator, int64_t seed,
                           int64_t offset, const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& step_t, int64_t step) {
+  const bool noisy = eta > 0 || gamma > 0;  // EulerOp::uses_noise
+  const auto io = validate::operands({{&x, "x"}, {&model_output, "denoised"}}, noise, noisy, generator);
   LevelSet lv(x, {{&sigma_t, "sigma"}, {&sigma_next_t, "sigma_next"}});
-  const EulerOp op{lv.scalar(sigma_t, sigma, "sigma"), lv.scalar(sigma_next_t, sigma_next, "sigma_next"),
-                   eta, s_noise, gamma, int(prediction_type)};
-  const bool noisy = op.uses_noise();
+  const EulerOp op = euler_op(lv, sigma_t, sigma_next_t, sigma, sigma_next, eta, s_noise, gamma, prediction_type);
   const Keyed kd = keyed_args(seeds, step_t, step, x, noise, generator);
-  return cpu::run_sampler(op, {&x, &model_output}, noisy ? noise : std::nullopt, noisy,
-                          PhiloxKey{as_u64(seed), as_u64(offset)}, lv.shape(), false, kd.args)
+  const PhiloxKey key = draw_key(generator, seed, offset, !kd.on() && noisy && !io.noise.has_value());
+  return cpu::run_sampler(op, {io.input(0), io.input(1)}, io.noise, noisy,
+                          key, lv.shape(), false, kd.args)
       .first;
 }
 

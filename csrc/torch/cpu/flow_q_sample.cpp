@@ -1,3 +1,4 @@
+#include "../cpu_generator.h"
 #include "../sampler_args.h"
 #include "elementwise.h"
 
@@ -7,10 +8,12 @@ std::tuple<at::Tensor, at::Tensor> flow_q_sample_cpu(const at::Tensor& x0, const
                                                      double sigma, const std::optional<at::Tensor>& noise,
                                                      const std::optional<at::Generator>& generator, int64_t seed,
                                                      int64_t offset, const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& step_t, int64_t step) {
+  const auto io = validate::operands({{&x0, "x0"}}, noise, true, generator);
   LevelSet lv(x0, {{&sigma_t, "sigma"}});
-  const FlowQSampleOp op{lv.scalar(sigma_t, sigma, "sigma")};
+  const FlowQSampleOp op = flow_q_sample_op(lv, sigma_t, sigma);
   const Keyed kd = keyed_args(seeds, step_t, step, x0, noise, generator);
-  auto [xt, drawn] = cpu::run_sampler(op, {&x0}, noise, true, PhiloxKey{as_u64(seed), as_u64(offset)},
+  const PhiloxKey key = draw_key(generator, seed, offset, !kd.on() && !noise.has_value());
+  auto [xt, drawn] = cpu::run_sampler(op, {io.input(0)}, io.noise, true, key,
                                       lv.shape(), false, kd.args);
   // With noise given, the caller already holds it (a custom op may not return an alias).
   return {xt, noise.has_value() ? at::empty({0}, x0.options()) : drawn};

@@ -7,10 +7,12 @@ at::Tensor heun_step_cpu(const at::Tensor& x, const at::Tensor& denoised, const 
                          const at::Tensor& denoised_proposal, const std::optional<at::Tensor>& sigma_t,
                          const std::optional<at::Tensor>& sigma_next_t, double sigma, double sigma_next,
                          int64_t prediction_type) {
+  const auto io = validate::operands({{&x, "x"}, {&denoised, "denoised"}, {&x_proposal, "x_proposal"},
+                                      {&denoised_proposal, "denoised_proposal"}},
+                                     std::nullopt, false, std::nullopt);
   LevelSet lv(x, {{&sigma_t, "sigma"}, {&sigma_next_t, "sigma_next"}});
-  const HeunOp op{lv.scalar(sigma_t, sigma, "sigma"), lv.scalar(sigma_next_t, sigma_next, "sigma_next"),
-                  int(prediction_type)};
-  return cpu::run_sampler(op, {&x, &denoised, &x_proposal, &denoised_proposal}, std::nullopt, false, PhiloxKey{0, 0},
+  const HeunOp op = heun_op(lv, sigma_t, sigma_next_t, sigma, sigma_next, prediction_type);
+  return cpu::run_sampler(op, {io.input(0), io.input(1), io.input(2), io.input(3)}, std::nullopt, false, PhiloxKey{0, 0},
                           lv.shape(), false)
       .first;
 }

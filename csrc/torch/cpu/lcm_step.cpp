@@ -1,3 +1,4 @@
+#include "../cpu_generator.h"
 #include "../sampler_args.h"
 #include "elementwise.h"
 
@@ -10,13 +11,16 @@ std::tuple<at::Tensor, at::Tensor> lcm_step_cpu(const at::Tensor& x, const at::T
                                                 bool renoise, const std::optional<at::Tensor>& noise,
                                                 const std::optional<at::Generator>& generator, int64_t seed,
                                                 int64_t offset, bool return_denoised, const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& step_t, int64_t step) {
-  LevelSet lv(x, {{&t, "t"}, {&t_prev, "t_prev"}});
-  const LcmOp op{timestep_args(alphas_cumprod, lv.timesteps(t, "t"), lv.timesteps(t_prev, "t_prev")), timestep_scaling,
-                 sigma_data, int(prediction_type),
-                 clip_sample > 0, clip_sample, renoise};
+  // the noise promotes also where no sample re-noises (the dtype never depends on values)
+  const auto io = validate::operands({{&x, "x"}, {&model_output, "model_output"}}, noise, true, generator);
+  const validate::Timesteps ts = validate::timesteps(x, alphas_cumprod, t, t_prev, prediction_type);
+  LevelSet lv(x, {{&ts.t, "t"}, {&*ts.t_prev, "t_prev"}});
+  const LcmOp op = lcm_op(lv, alphas_cumprod, ts.t, *ts.t_prev, timestep_scaling, sigma_data, prediction_type,
+                          clip_sample, renoise);
   const Keyed kd = keyed_args(seeds, step_t, step, x, noise, generator);
-  auto [out, den] = cpu::run_sampler(op, {&x, &model_output}, renoise ? noise : std::nullopt, renoise,
-                                     PhiloxKey{as_u64(seed), as_u64(offset)}, lv.shape(), return_denoised, kd.args);
+  const PhiloxKey key = draw_key(generator, seed, offset, !kd.on() && !noise.has_value());
+  auto [out, den] = cpu::run_sampler(op, {io.input(0), io.input(1)}, renoise ? io.noise : std::nullopt, renoise,
+                                     key, lv.shape(), return_denoised, kd.args);
   return {out, return_denoised ? den : at::empty({0}, x.options())};
 }
 
@@ -27,13 +31,14 @@ std::tuple<at::Tensor, at::Tensor> lcm_step_backward_cpu(const at::Tensor& grad,
                                                          double sigma_data, int64_t prediction_type,
                                                          double clip_sample) {
   LevelSet lv(x, {{&t, "t"}, {&t_prev, "t_prev"}});
-  const LcmBackwardOp op{LcmOp{timestep_args(alphas_cumprod, lv.timesteps(t, "t"), lv.timesteps(t_prev, "t_prev")),
-                               timestep_scaling, sigma_data,
-                               int(prediction_type), clip_sample > 0, clip_sample, false}};
-  const at::Tensor g = grad.to(x.scalar_type());
+  const LcmBackwardOp op{lcm_op(lv, alphas_cumprod, t, t_prev, timestep_scaling, sigma_data, prediction_type,
+                                clip_sample, false)};
+  // the forward's operands in its promoted dtype (autograd casts each gradient to its input's)
+  const auto io = validate::operands({{&x, "x"}, {&model_output, "model_output"}}, std::nullopt, false, std::nullopt);
+  const at::Tensor g = grad.to(io.dtype);
   const std::optional<at::Tensor> gd =
-      grad_denoised.has_value() ? std::optional<at::Tensor>(grad_denoised->to(x.scalar_type())) : std::nullopt;
-  auto [gx, gm] = cpu::run_sampler(op, {&g, &x, &model_output, gd.has_value() ? &*gd : nullptr}, std::nullopt, false,
+      grad_denoised.has_value() ? std::optional<at::Tensor>(grad_denoised->to(io.dtype)) : std::nullopt;
+  auto [gx, gm] = cpu::run_sampler(op, {&g, io.input(0), io.input(1), gd.has_value() ? &*gd : nullptr}, std::nullopt, false,
                                    PhiloxKey{0, 0}, lv.shape(), true);
   return {gx, gm};
 }

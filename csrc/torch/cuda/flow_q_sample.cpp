@@ -7,9 +7,10 @@ std::tuple<at::Tensor, at::Tensor> flow_q_sample_cuda(const at::Tensor& x0, cons
                                                       const std::optional<at::Generator>& generator, int64_t seed,
                                                       int64_t offset, const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& step_t, int64_t step) {
   const c10::cuda::CUDAGuard guard(x0.device());
+  const auto io = validate::operands({{&x0, "x0"}}, noise, true, generator);
   LevelSet lv(x0, {{&sigma_t, "sigma"}});
-  const FlowQSampleOp op{lv.scalar(sigma_t, sigma, "sigma")};
-  auto s = cuda_binding::prepare_sampler({&x0}, noise, true, lv.shape(), !noise.has_value());
+  const FlowQSampleOp op = flow_q_sample_op(lv, sigma_t, sigma);
+  auto s = cuda_binding::prepare_sampler({io.input(0)}, io.noise, true, lv.shape(), !noise.has_value());
   const Keyed kd = keyed_args(seeds, step_t, step, x0, noise, generator);
   if (s.launch.draw && !kd.on()) s.launch.rng = cuda_binding::rng_from(generator, seed, offset);
   s.launch.keyed = kd.args;

@@ -7,10 +7,10 @@ at::Tensor flow_step_cuda(const at::Tensor& x, const at::Tensor& velocity, const
                           bool stochastic, const std::optional<at::Tensor>& noise,
                           const std::optional<at::Generator>& generator, int64_t seed, int64_t offset, const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& step_t, int64_t step) {
   const c10::cuda::CUDAGuard guard(x.device());
+  const auto io = validate::operands({{&x, "x"}, {&velocity, "velocity"}}, noise, stochastic, generator);
   LevelSet lv(x, {{&sigma_t, "sigma"}, {&sigma_next_t, "sigma_next"}});
-  const FlowOp op{lv.scalar(sigma_t, sigma, "sigma"), lv.scalar(sigma_next_t, sigma_next, "sigma_next"),
-                  stochastic};
-  auto s = cuda_binding::prepare_sampler({&x, &velocity}, stochastic ? noise : std::nullopt, stochastic,
+  const FlowOp op = flow_op(lv, sigma_t, sigma_next_t, sigma, sigma_next, stochastic);
+  auto s = cuda_binding::prepare_sampler({io.input(0), io.input(1)}, io.noise, stochastic,
                                          lv.shape(), false);
   const Keyed kd = keyed_args(seeds, step_t, step, x, noise, generator);
   if (s.launch.draw && !kd.on()) s.launch.rng = cuda_binding::rng_from(generator, seed, offset);

@@ -10,11 +10,13 @@ std::tuple<at::Tensor, at::Tensor> lcm_step_cuda(const at::Tensor& x, const at::
                                                  const std::optional<at::Generator>& generator, int64_t seed,
                                                  int64_t offset, bool return_denoised, const std::optional<at::Tensor>& seeds, const std::optional<at::Tensor>& step_t, int64_t step) {
   const c10::cuda::CUDAGuard guard(x.device());
-  LevelSet lv(x, {{&t, "t"}, {&t_prev, "t_prev"}});
-  const LcmOp op{timestep_args(alphas_cumprod, lv.timesteps(t, "t"), lv.timesteps(t_prev, "t_prev")), timestep_scaling,
-                 sigma_data, int(prediction_type),
-                 clip_sample > 0, clip_sample, renoise};
-  auto s = cuda_binding::prepare_sampler({&x, &model_output}, renoise ? noise : std::nullopt, renoise,
+  // the noise promotes also where no sample re-noises (the dtype never depends on values)
+  const auto io = validate::operands({{&x, "x"}, {&model_output, "model_output"}}, noise, true, generator);
+  const validate::Timesteps ts = validate::timesteps(x, alphas_cumprod, t, t_prev, prediction_type);
+  LevelSet lv(x, {{&ts.t, "t"}, {&*ts.t_prev, "t_prev"}});
+  const LcmOp op = lcm_op(lv, alphas_cumprod, ts.t, *ts.t_prev, timestep_scaling, sigma_data, prediction_type,
+                          clip_sample, renoise);
+  auto s = cuda_binding::prepare_sampler({io.input(0), io.input(1)}, renoise ? io.noise : std::nullopt, renoise,
                                          lv.shape(), return_denoised);
   // One draw's worth of the generator per call, also when no sample re-noises (as the
   // reference and the CPU path advance it).
@@ -35,13 +37,14 @@ std::tuple<at::Tensor, at::Tensor> lcm_step_backward_cuda(
     double timestep_scaling, double sigma_data, int64_t prediction_type, double clip_sample) {
   const c10::cuda::CUDAGuard guard(x.device());
   LevelSet lv(x, {{&t, "t"}, {&t_prev, "t_prev"}});
-  const LcmBackwardOp op{LcmOp{timestep_args(alphas_cumprod, lv.timesteps(t, "t"), lv.timesteps(t_prev, "t_prev")),
-                               timestep_scaling, sigma_data,
-                               int(prediction_type), clip_sample > 0, clip_sample, false}};
-  const at::Tensor g = grad.to(x.scalar_type());
+  const LcmBackwardOp op{lcm_op(lv, alphas_cumprod, t, t_prev, timestep_scaling, sigma_data, prediction_type,
+                                clip_sample, false)};
+  // the forward's operands in its promoted dtype (autograd casts each gradient to its input's)
+  const auto io = validate::operands({{&x, "x"}, {&model_output, "model_output"}}, std::nullopt, false, std::nullopt);
+  const at::Tensor g = grad.to(io.dtype);
   const std::optional<at::Tensor> gd =
-      grad_denoised.has_value() ? std::optional<at::Tensor>(grad_denoised->to(x.scalar_type())) : std::nullopt;
-  auto s = cuda_binding::prepare_sampler({&g, &x, &model_output, gd.has_value() ? &*gd : nullptr}, std::nullopt, false,
+      grad_denoised.has_value() ? std::optional<at::Tensor>(grad_denoised->to(io.dtype)) : std::nullopt;
+  auto s = cuda_binding::prepare_sampler({&g, io.input(0), io.input(1), gd.has_value() ? &*gd : nullptr}, std::nullopt, false,
                                          lv.shape(), true);
   if (s.launch.numel > 0) {  // a check only right after a launch of ours
     cuda::launch_lcm_step_backward(s.launch, op, c10::cuda::getCurrentCUDAStream());
