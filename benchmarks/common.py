@@ -306,6 +306,14 @@ class _PrintProgress:
         pass
 
 
+def record(what: str, script: str, argv, **fields) -> dict:
+    """A results file's common head (what, when, the command that made it, the CPU
+    machine, versions, the native build), then ``fields``."""
+    cpu = [torch.device("cpu")]
+    return {"what": what, "when": now_iso(), "command": f"python benchmarks/{script} " + " ".join(argv or sys.argv[1:]),
+            **fields, "machine": machine_info(cpu), "versions": versions(), "native": native_info(cpu)}
+
+
 def write_json(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")

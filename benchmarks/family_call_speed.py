@@ -125,10 +125,8 @@ def main(argv=None) -> int:
             print(f"  {v:8.2f}  {name}")
         for k, v in r["ratios"].items():
             print(f"  {v:8.2f}x {k}")
-        out = {"what": "host us per call, sampler-family ops vs eager formulas (issue 20)", "when": C.now_iso(),
-               "command": "python benchmarks/family_call_speed.py " + " ".join(argv or sys.argv[1:]),
-               "threads": args.threads, "machine": C.machine_info([torch.device("cpu")]), "versions": C.versions(),
-               "native": C.native_info([torch.device("cpu")]), **r}
+        out = C.record("host us per call, sampler-family ops vs eager formulas (issue 20)", "family_call_speed.py",
+                       argv, threads=args.threads, **r)
         path = Path(args.out) / f"family_call-cpu-{C.shape_str(shape)}-{args.threads}thread.json"
         C.write_json(path, out)
         print(f"  -> {path}")

@@ -7,8 +7,9 @@ imports either.
 Each impl takes the arguments of the reference's private ``_<op>`` function. Levels go
 to the kernel as a number, or as a float32/float64 tensor on x's device in one of the
 level layouts (per sample, or broadcasting to x: csrc/torch/levels.h) that the kernel
-reads per element (no host sync). Operands go in their own dtypes: the op casts them to
-the promoted one (exact), so the result is the reference's. An impl returns ``NotImplemented`` where the reference must run: a noise
+reads per element (no host sync). Operands go in their own dtypes: the op promotes
+them (its CPU loop reads each in its own dtype; exact), so the result is the
+reference's. An impl returns ``NotImplemented`` where the reference must run: a noise
 level that needs a gradient. Noise is keyed as the older ops key it
 (``_noise_key``): a CPU generator here (diffkern._rng's rule), a CUDA generator's Philox
 state in the kernel (graph-safe), per-sample keys (seeds=, step=) in the kernel's own

@@ -42,12 +42,14 @@ Conventions shared by every op here:
   generator advances the same way with host or device scalars).
 - Differentiable w.r.t. the tensor inputs.
 
-How a call runs: on the CPU with plain tensors (eager, nothing traced) the arguments go
-as given to the extension's eager entry (csrc/torch/fast_call.cpp), and the op checks
-everything in C++ (csrc/torch/validate.h and sampler_args.h: operands, options, level
-layouts, level values and orderings; the messages are the Python checks'). Elsewhere
-(a GPU tensor, torch.compile, tensor subclasses, a level that needs a gradient) each op
-is its Python checks (diffkern/_validate.py, the reference's ``_<op>_args``) followed by
+How a call runs: with plain tensors on a device with kernels (the CPU; CUDA in a CUDA
+build), eager, nothing traced, the arguments go as given to the extension's eager entry
+(csrc/torch/fast_call.cpp), and the op checks everything in C++ (csrc/torch/validate.h
+and sampler_args.h: operands, options, level layouts, level values and orderings where
+they are on the host; the messages are the Python checks'). lcm_step's timesteps on CUDA
+are ddim_step's: ints checked in Python and cached on the device. Elsewhere
+(torch.compile, tensor subclasses, no kernel for the device, a level that needs a
+gradient) each op is its Python checks (diffkern/_validate.py, the reference's ``_<op>_args``) followed by
 the same function of :mod:`diffkern.unchecked`, which runs the native op
 (diffkern/_native_samplers.py) when it is built for x's device, else the reference's
 private ``_<op>`` (same numbers, same drawn noise).
@@ -59,9 +61,15 @@ from . import _rng
 from . import _validate as V
 from . import reference_samplers as R
 from . import unchecked as U
-from .ops import _F, _clip, _cpu_table, _fast, _float, _keys, _prediction, _t_cpu
+from .ops import _F, _clip, _cpu_table, _eager, _fast, _float, _keys, _prediction, _t_cpu, _timesteps
 
 _SOLVERS = {"midpoint": 0, "heun": 1}
+
+
+def _direct(x, m) -> bool:
+    """The extension's eager entry applies: plain tensors on a device with kernels (the
+    CPU, or CUDA in a CUDA build), nothing traced."""
+    return _fast(x, m) or (_eager(x, m) and x.is_cuda and U._native_for(x))
 
 __all__ = ["euler_step", "heun_step", "dpmpp_2m_step", "flow_step", "flow_q_sample", "lcm_step", "linear_step"]
 
@@ -97,7 +105,7 @@ def euler_step(x, denoised, sigma, sigma_next, *, eta=0.0, s_noise=1.0, gamma=0.
 
     Returns: the state at ``sigma_next``.
     """
-    if _fast(x, denoised):
+    if _direct(x, denoised):
         r = _F._euler_step(x, denoised, sigma, sigma_next, eta if type(eta) is float else _float(eta, "eta"),
                            s_noise if type(s_noise) is float else _float(s_noise, "s_noise"),
                            gamma if type(gamma) is float else _float(gamma, "gamma"), _prediction(prediction_type),
@@ -124,7 +132,7 @@ def heun_step(x, denoised, x_proposal, denoised_proposal, sigma, sigma_next, *, 
     of the module docstring (shared, per sample, broadcasting to x).
     No noise. Returns the state at ``sigma_next``.
     """
-    if _fast(x, denoised):
+    if _direct(x, denoised):
         r = _F._heun_step(x, denoised, x_proposal, denoised_proposal, sigma, sigma_next, _prediction(prediction_type))
         if r is not NotImplemented:
             return r
@@ -162,7 +170,7 @@ def dpmpp_2m_step(x, denoised, old_denoised, sigma, sigma_next, sigma_prev=None,
     No noise. Returns x' or ``(x', D)``.
     """
     solver = _SOLVERS.get(solver_type) if type(solver_type) is str else None
-    if solver is not None and _fast(x, denoised):
+    if solver is not None and _direct(x, denoised):
         r = _F._dpmpp_2m_step(x, denoised, old_denoised, sigma, sigma_next, sigma_prev, _prediction(prediction_type),
                               solver, variance_preserving, return_denoised)
         if r is not NotImplemented:
@@ -185,7 +193,7 @@ def flow_step(x, velocity, sigma, sigma_next, *, stochastic=False, noise=None, g
     Args: x: (B, ...); velocity: model output, broadcastable; sigma, sigma_next: finite,
     >= 0, shared, per sample or broadcasting to x (module docstring). Returns the state at ``sigma_next``.
     """
-    if _fast(x, velocity):
+    if _direct(x, velocity):
         r = _F._flow_step(x, velocity, sigma, sigma_next, stochastic, noise, generator,
                           *_keys(x, "x", seeds, step, generator, noise))
         if r is not NotImplemented:
@@ -207,7 +215,7 @@ def flow_q_sample(x0, sigma, noise=None, *, generator=None, seeds=None, step=Non
     dtype of x0 and noise (as q_sample), noise the tensor used (drawn: x0's dtype and
     layout).
     """
-    if _fast(x0, x0):
+    if _direct(x0, x0):
         r = _F._flow_q_sample(x0, sigma, noise, generator, *_keys(x0, "x0", seeds, step, generator, noise))
         if r is not NotImplemented:
             return r
@@ -248,6 +256,14 @@ def lcm_step(x, model_output, t, t_prev, *, schedule=None, prediction_type="epsi
                             _float(timestep_scaling, "timestep_scaling"),
                             sigma_data if type(sigma_data) is float else _float(sigma_data, "sigma_data"),
                             _prediction(prediction_type), _clip(clip_sample), noise, generator, return_denoised,
+                            *_keys(x, "x", seeds, step, generator, noise))
+    if _direct(x, model_output):
+        sched = V.check_schedule(schedule)
+        pred = _prediction(prediction_type)
+        tt, tp = _timesteps(t, t_prev, x, sched, pred)
+        return _F._lcm_step(x, model_output, tt, tp, sched.table(x.device),
+                            _float(timestep_scaling, "timestep_scaling"), _float(sigma_data, "sigma_data"), pred,
+                            _clip(clip_sample), noise, generator, return_denoised,
                             *_keys(x, "x", seeds, step, generator, noise))
     gen = _rng.keyed(V.check_x(x), seeds, step, generator, noise)
     a = R._lcm_args(x, model_output, t, t_prev, schedule, prediction_type, timestep_scaling, sigma_data,

@@ -276,6 +276,43 @@ def test_mixed_dtypes_promote_like_the_reference():
     assert got.dtype == torch.float32 and max_rel_err(got, R.euler_step(a.x, m16, a.s, a.sn0)) <= 1e-6
 
 
+MIXED = [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+         (torch.float32, torch.float64), (torch.float64, torch.float16), (torch.bfloat16, torch.float16)]
+MIXED_OPS = {
+    "euler_a": lambda o, x, m, z, s: o.euler_step(x, m, s, s * 0.5, eta=1.0, noise=z),
+    "euler_churn": lambda o, x, m, z, s: o.euler_step(x, m, s, s * 0.5, gamma=0.3, noise=z,
+                                                      prediction_type="epsilon"),
+    "heun": lambda o, x, m, z, s: o.heun_step(x, m, z, m, s, s * 0.5, prediction_type="v_prediction"),
+    "dpmpp_2m": lambda o, x, m, z, s: o.dpmpp_2m_step(x, m, z, s, s * 0.5, s * 2, return_denoised=True),
+    "flow": lambda o, x, m, z, s: o.flow_step(x, m, s / 4, s / 8, stochastic=True, noise=z),
+    "flow_q": lambda o, x, m, z, s: o.flow_q_sample(x, s / 4, z)[0],
+    "lcm": lambda o, x, m, z, s: o.lcm_step(x, m, 700, 400, noise=z, return_denoised=True),
+    "linear": lambda o, x, m, z, s: o.linear_step([x, m, z], [[1.0, -0.5, 0.25], [0.5, 0.5, 0.0]],
+                                                  noise_coeffs=[0.1, 0.0], noise=m),
+}
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("xd,md", MIXED, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("name", list(MIXED_OPS))
+def test_mixed_dtypes_over_chunks(name, xd, md, layout):
+    """Operands of other dtypes than the result's, over several of the driver's chunks
+    (2048 elements) and an odd tail: loaded in their own dtype (contiguous) or cast first
+    (channels_last beside contiguous operands), the result in the promoted dtype, equal to
+    the reference's (float64 results to 1e-13; float32 ones to 1e-6 relative)."""
+    shape = (2, 3, 37, 41)  # 4551 elements per sample
+    x = randn(*shape, seed=601).to(xd)
+    m, z = randn(*shape, seed=602).to(md), randn(*shape, seed=603).to(md)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    s = torch.tensor([1.5, 2.5])
+    got, ref = MIXED_OPS[name](dk, x, m, z, s), MIXED_OPS[name](R, x, m, z, s)
+    for g, r in zip(_outs(got), _outs(ref), strict=True):
+        assert g.dtype == r.dtype == torch.promote_types(xd, md)
+        assert g.is_contiguous(memory_format=dk._validate.output_format(x))
+        assert max_rel_err(g, r) <= (1e-13 if g.dtype == F64 else 1e-6)
+
+
 # ---- per-sample scalars ----------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 @pytest.mark.parametrize("name", list(OPS))

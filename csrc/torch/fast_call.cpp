@@ -71,6 +71,33 @@ PyObject* guarded(F&& f) {
 
 PyObject* wrap(at::Tensor t) { return THPVariable_Wrap(std::move(t)); }
 
+// (a, b) as a Python tuple; `b_given` (borrowed) in place of b when not null.
+PyObject* pair(at::Tensor a, at::Tensor b, PyObject* b_given = nullptr) {
+  PyObject* pa = wrap(std::move(a));
+  if (!pa) return nullptr;
+  PyObject* pb = b_given ? (Py_INCREF(b_given), b_given) : wrap(std::move(b));
+  if (!pb) {
+    Py_DECREF(pa);
+    return nullptr;
+  }
+  PyObject* tup = PyTuple_Pack(2, pa, pb);
+  Py_DECREF(pa);
+  Py_DECREF(pb);
+  return tup;
+}
+
+// (out, second) -> out, or the pair when `both`.
+PyObject* one_or_pair(std::tuple<at::Tensor, at::Tensor> r, bool both) {
+  if (!both) return wrap(std::move(std::get<0>(r)));
+  return pair(std::move(std::get<0>(r)), std::move(std::get<1>(r)));
+}
+
+// A noising op's (x_t, noise): the caller's own noise when given (`given`, borrowed), not
+// the op's empty placeholder.
+PyObject* noised_pair(std::tuple<at::Tensor, at::Tensor> r, PyObject* given) {
+  return pair(std::move(std::get<0>(r)), std::move(std::get<1>(r)), given);
+}
+
 // _ddim_step(x, model_output, t, t_prev, table, eta, prediction_type, clip_sample, noise, generator)
 PyObject* ddim_step(PyObject*, PyObject* args) {
   PyObject *ox, *om, *ot, *otp, *otab, *onoise, *ogen;
@@ -195,17 +222,7 @@ PyObject* q_sample(PyObject*, PyObject* args) {
       pybind11::gil_scoped_release no_gil;
       r = op.call(x, t, tab, noise, g, 0, 0, seeds, step_t, step);
     }
-    PyObject* a = wrap(std::move(std::get<0>(r)));
-    if (!a) return nullptr;
-    PyObject* b = noise.has_value() ? (Py_INCREF(onoise), onoise) : wrap(std::move(std::get<1>(r)));
-    if (!b) {
-      Py_DECREF(a);
-      return nullptr;
-    }
-    PyObject* tup = PyTuple_Pack(2, a, b);
-    Py_DECREF(a);
-    Py_DECREF(b);
-    return tup;
+    return noised_pair(std::move(r), noise.has_value() ? onoise : nullptr);
   });
 }
 
@@ -264,22 +281,6 @@ bool bool_arg(PyObject* o, const char* name, bool* out) {
 }
 
 PyObject* not_implemented() { Py_RETURN_NOTIMPLEMENTED; }
-
-// (out, second) -> out, or the pair when `both`.
-PyObject* one_or_pair(std::tuple<at::Tensor, at::Tensor> r, bool both) {
-  if (!both) return wrap(std::move(std::get<0>(r)));
-  PyObject* a = wrap(std::move(std::get<0>(r)));
-  if (!a) return nullptr;
-  PyObject* b = wrap(std::move(std::get<1>(r)));
-  if (!b) {
-    Py_DECREF(a);
-    return nullptr;
-  }
-  PyObject* tup = PyTuple_Pack(2, a, b);
-  Py_DECREF(a);
-  Py_DECREF(b);
-  return tup;
-}
 
 // _euler_step(x, denoised, sigma, sigma_next, eta, s_noise, gamma, prediction_type, noise, generator)
 PyObject* euler_step(PyObject*, PyObject* args) {
@@ -453,14 +454,7 @@ PyObject* flow_q_sample(PyObject*, PyObject* args) {
       pybind11::gil_scoped_release no_gil;
       r = op.call(x, st, s, noise, g, 0, 0, seeds, step_t, step);
     }
-    if (noise.has_value()) {  // the caller's own noise, not the op's empty placeholder
-      PyObject* xt = wrap(std::move(std::get<0>(r)));
-      if (!xt) return nullptr;
-      PyObject* tup = PyTuple_Pack(2, xt, onoise);
-      Py_DECREF(xt);
-      return tup;
-    }
-    return one_or_pair(std::move(r), true);
+    return noised_pair(std::move(r), noise.has_value() ? onoise : nullptr);
   });
 }
 

@@ -228,8 +228,8 @@ Operands operands(c10::ArrayRef<NamedInput> inputs, const std::optional<at::Tens
   if (noise_used && noise.has_value()) dtype = at::promote_types(dtype, noise->scalar_type());
   o.dtype = dtype;
   for (size_t i = 0; i < inputs.size(); ++i)
-    if (inputs[i].first) o.in[i] = cast(*inputs[i].first, dtype);
-  if (noise_used) o.noise = cast(noise, dtype);
+    if (inputs[i].first) o.in[i] = *inputs[i].first;
+  if (noise_used) o.noise = noise;
   return o;
 }
 

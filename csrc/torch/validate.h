@@ -94,18 +94,19 @@ Step backward_step(const at::Tensor& grad, const at::Tensor& x, const at::Tensor
 // The output of a step with nothing to compute (zero elements).
 at::Tensor empty_result(const Step& s, const at::Tensor& x);
 
-// The tensor operands of a sampler-family op, checked and cast to the result dtype (the
-// promotion of every input's dtype and of the noise's where the step uses it; a cast
-// only where a dtype differs). inputs[0] is x (floating), the others model outputs,
-// proposals or history beside it (on x's device, floating, broadcasting to x's shape);
-// a null input is an absent optional one and stays null. The generator, when given,
-// excludes noise and must suit x's device.
+// The tensor operands of a sampler-family op, checked, and the result dtype (the
+// promotion of every input's dtype and of the noise's where the step uses it). They stay
+// in their own dtypes: the CPU driver loads each in its own (cpu/driver.h), the CUDA
+// bindings cast the ones that differ (cuda/sampler_common.h). inputs[0] is x
+// (floating), the others model outputs, proposals or history beside it (on x's device,
+// floating, broadcasting to x's shape); a null input is an absent optional one and stays
+// null. The generator, when given, excludes noise and must suit x's device.
 struct Operands {
   static constexpr int kMax = 6;
   at::Tensor in[kMax];
   int n = 0;
   std::optional<at::Tensor> noise;  // given and used
-  at::ScalarType dtype;
+  at::ScalarType dtype;              // of the result
   const at::Tensor* input(int i) const { return i < n && in[i].defined() ? &in[i] : nullptr; }
 };
 using NamedInput = std::pair<const at::Tensor*, const char*>;

@@ -18,7 +18,7 @@ std::tuple<at::Tensor, at::Tensor> dpmpp_2m_step_cpu(
   const DpmppOp op = dpmpp_2m_op(lv, sigma_t, sigma_next_t, prev_t, sigma, sigma_next, sigma_prev, prediction_type,
                                  solver_type, variance_preserving, has_old);
   auto [out, den] = cpu::run_sampler(op, {io.input(0), io.input(1), io.input(2)}, std::nullopt, false,
-                                     PhiloxKey{0, 0}, lv.shape(), return_denoised);
+                                     PhiloxKey{0, 0}, lv.shape(), return_denoised, {}, io.dtype);
   return {out, return_denoised ? den : at::empty({0}, x.options())};
 }
 

@@ -158,9 +158,44 @@ inline const T& at_(const OperandView& o, int64_t i) {
 
 constexpr int kMaxIn = kMaxLinearInputs, kMaxOut = kMaxLinearOutputs;
 
+// An operand's storage when it is not the loop's T: a mixed-dtype call (a float16 model
+// output beside float32 latents) loads each operand in its own dtype, a chunk at a time
+// into an L1 buffer of T, instead of a cast copy of the whole tensor first. T is then the
+// promoted dtype, float or double; such operands are contiguous (elementwise.h casts the
+// rest).
+enum class Storage : uint8_t { kSame, kHalf, kBFloat16, kFloat, kDouble };
+
+// dst[0, n) = src[e0, e0 + n) as C, from storage S (16-bit types through float).
+template <class S, class C>
+inline void load_from(const void* src, int64_t e0, C* dst, int64_t n) {
+  const S* p = static_cast<const S*>(src) + e0;
+  if constexpr (std::is_same<C, float>::value && IsHalf<S>::value) {
+    widen(p, dst, n);
+  } else if constexpr (IsHalf<S>::value) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = C(float(p[i]));
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = C(p[i]);
+  }
+}
+
+// The same from storage s (C float or double; double storage only into double, as a
+// double operand promotes T to double).
+template <class C>
+inline void load_as(const void* src, Storage s, int64_t e0, C* dst, int64_t n) {
+  switch (s) {
+    case Storage::kHalf: load_from<c10::Half>(src, e0, dst, n); break;
+    case Storage::kBFloat16: load_from<c10::BFloat16>(src, e0, dst, n); break;
+    case Storage::kFloat: load_from<float>(src, e0, dst, n); break;
+    case Storage::kDouble: load_from<double>(src, e0, dst, n); break;
+    case Storage::kSame: break;
+  }
+}
+
 struct StepIO {
   OperandView in[kMaxIn];  // in[0] = x; a fixed-arity op may leave its last input absent (nin = kInputs - 1)
   int nin = 0;
+  Storage in_storage[kMaxIn] = {};  // kSame: T
+  Storage noise_storage = Storage::kSame;
   OperandView noise;
   bool has_noise = false, draw = false;
   // out[1]: the op's second value or the noise used; out[2]: a third value; null: not written
@@ -226,6 +261,11 @@ void run_elementwise(const Op& op, const StepIO& io, int64_t numel, const LevelM
   const int64_t run = levels.varies ? levels.run : numel;  // scalar levels: one run
   bool fast = !io.has_noise || io.noise.contiguous;
   for (int j = 0; j < io.nin; ++j) fast = fast && io.in[j].contiguous;
+  // operands stored in another dtype than T (contiguous: elementwise.h casts the others)
+  bool mixed = io.has_noise && io.noise_storage != Storage::kSame;
+  for (int j = 0; j < io.nin; ++j) mixed = mixed || io.in_storage[j] != Storage::kSame;
+  constexpr bool kWide = std::is_same<T, float>::value || std::is_same<T, double>::value;
+  mixed = kWide && mixed && fast;
   int nalloc = 0;  // outputs allocated: out[0..nalloc)
   while (nalloc < kOut && io.out[nalloc] != nullptr) ++nalloc;
   bool aligned = true;
@@ -241,16 +281,17 @@ void run_elementwise(const Op& op, const StepIO& io, int64_t numel, const LevelM
   // otherwise.
   const int nloop = Op::kWritesNoise ? (nalloc == 2 && io.draw && !stream && !staged ? 2 : 1)
                                      : (nalloc > 0 ? nalloc : 1);
-  constexpr int64_t kStage = IsHalf<T>::kStage, kStreamBuf = kFloat ? kChunk : 1;
+  constexpr int64_t kStage = IsHalf<T>::kStage, kStreamBuf = kFloat ? kChunk : 1, kMixBuf = kWide ? kChunk : 1;
   at::parallel_for(0, nchunks, 16, [&](int64_t cbeg, int64_t cend) {
     alignas(64) float zbuf[kChunk];
     alignas(64) T obuf[kOut][kStreamBuf];
     alignas(64) float fin[Op::kInputs][kStage], fn[kStage], fo[kOut][kStage];
+    alignas(64) T mbuf[Op::kInputs + 1][kMixBuf];  // mixed operands in T (the last: noise)
     int64_t cached = 0;
     K k = shared;
     // Chunks exist for the L1 buffers; without them a thread's whole range is one span.
     const int64_t eend = std::min(numel, cend * kChunk);
-    const int64_t span = (io.draw || stream || staged) ? kChunk : eend;
+    const int64_t span = (io.draw || stream || staged || mixed) ? kChunk : eend;
     for (int64_t e0 = cbeg * kChunk; e0 < eend; e0 += span) {
       const int64_t e1 = std::min(eend, e0 + span), n = e1 - e0;
       T* dst[kOut] = {};
@@ -271,6 +312,12 @@ void run_elementwise(const Op& op, const StepIO& io, int64_t numel, const LevelM
       const float* fin_p[kMaxIn] = {};
       for (int j = 0; j < io.nin; ++j) {
         in[j] = fast ? static_cast<const T*>(io.in[j].data) + e0 : nullptr;
+        if constexpr (kWide) {
+          if (mixed && io.in_storage[j] != Storage::kSame) {
+            load_as<T>(io.in[j].data, io.in_storage[j], e0, mbuf[j], n);
+            in[j] = mbuf[j];
+          }
+        }
         if constexpr (IsHalf<T>::value) {
           if (staged) {
             widen(in[j], fin[j], n);
@@ -279,6 +326,12 @@ void run_elementwise(const Op& op, const StepIO& io, int64_t numel, const LevelM
         }
       }
       const T* np = fast && io.has_noise ? static_cast<const T*>(io.noise.data) + e0 : nullptr;
+      if constexpr (kWide) {
+        if (mixed && io.has_noise && io.noise_storage != Storage::kSame) {
+          load_as<T>(io.noise.data, io.noise_storage, e0, mbuf[Op::kInputs], n);
+          np = mbuf[Op::kInputs];
+        }
+      }
       if constexpr (IsHalf<T>::value) {
         if (staged && io.has_noise) widen(np, fn, n);
       }

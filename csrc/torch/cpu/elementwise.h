@@ -12,15 +12,30 @@
 namespace diffkern {
 namespace cpu {
 
-// Tensors -> StepIO, dtype dispatch, run: inputs[0] is x (every input x's dtype, viewed
-// with x's shape; a null ends the list), `noise` used when given, else drawn when `draw`.
+// Tensors -> StepIO, dtype dispatch, run: inputs[0] is x (viewed with x's shape; a null
+// ends the list), `noise` used when given, else drawn when `draw`. `dtype`: the outputs'
+// and the loop's (Undefined: x's); an operand of another dtype is loaded in its own by
+// the driver when the loop runs contiguous, else cast here.
 // `levels`: the common shape of the op's level arrays (levels.h; all ones or empty when
 // every level is a number). Returns the op's first `nout` outputs (for kWritesNoise ops
 // the second is the drawn noise, allocated only when drawn); the others undefined.
+// How the driver loads an operand of dtype `s` in a loop of `dtype`.
+inline Storage storage_of(at::ScalarType s, at::ScalarType dtype) {
+  if (s == dtype) return Storage::kSame;
+  switch (s) {
+    case at::kHalf: return Storage::kHalf;
+    case at::kBFloat16: return Storage::kBFloat16;
+    case at::kFloat: return Storage::kFloat;
+    case at::kDouble: return Storage::kDouble;
+    default: TORCH_CHECK(false, "diffkern: an operand of dtype ", s, " in a ", dtype, " step");
+  }
+}
+
 template <class Op>
 std::array<at::Tensor, kMaxOut> run_outputs(const Op& op, c10::ArrayRef<const at::Tensor*> inputs,
                                             const std::optional<at::Tensor>& noise, bool draw, PhiloxKey key,
-                                            at::IntArrayRef levels, int nout, const KeyedArgs& keyed = {}) {
+                                            at::IntArrayRef levels, int nout, const KeyedArgs& keyed = {},
+                                            at::ScalarType dtype = at::ScalarType::Undefined) {
   static const char* const kNames[kMaxIn] = {"x", "model output", "third input", "fourth input", "fifth input",
                                              "sixth input"};
   const at::Tensor& x = *inputs[0];
@@ -47,26 +62,51 @@ std::array<at::Tensor, kMaxOut> run_outputs(const Op& op, c10::ArrayRef<const at
     if (memory_order) return t.expand(x.sizes()).permute(perm_ref);
     return copy_in && !t.is_contiguous() ? t.expand(x.sizes()).contiguous() : t;
   };
-  outs[0] = empty_output(ordered(x).sizes(), x.options());
+  if (dtype == at::ScalarType::Undefined) dtype = x.scalar_type();
+  outs[0] = empty_output(ordered(x).sizes(), x.options().dtype(dtype));
   const int64_t numel = outs[0].numel();
   const LevelMap lmap = level_map(levels, x.sizes(), memory_order ? perm_ref : at::IntArrayRef());
   StepIO io;
   // The operands' tensors (a copy made for the loop among them) outlive the loop here:
   // StepIO holds only their views.
   Operand owners[kMaxIn + 1];
+  Storage storage[kMaxIn + 1] = {};
+  const at::Tensor* sources[kMaxIn + 1] = {};
   for (const at::Tensor* t : inputs) {
     if (!t) break;  // an absent last input
     TORCH_CHECK(io.nin < Op::kInputs, "diffkern: too many inputs");
-    if (io.nin > 0) check_same(x, *t, kNames[io.nin]);
+    TORCH_CHECK(t->device() == x.device(), kNames[io.nin], " must be on x's device");
+    sources[io.nin] = t;
     owners[io.nin] = make_operand(ordered(*t), outs[0].sizes());
-    io.in[io.nin] = owners[io.nin];
+    storage[io.nin] = storage_of(t->scalar_type(), dtype);
     ++io.nin;
   }
   if (noise.has_value()) {
-    check_same(x, *noise, "noise");
+    TORCH_CHECK(noise->device() == x.device(), "noise must be on x's device");
+    sources[kMaxIn] = &*noise;
     owners[kMaxIn] = make_operand(ordered(*noise), outs[0].sizes());
-    io.noise = owners[kMaxIn];
+    storage[kMaxIn] = storage_of(noise->scalar_type(), dtype);
     io.has_noise = true;
+  }
+  // The driver loads other dtypes only in its contiguous loop (and into float/double):
+  // elsewhere such operands are cast to `dtype` first.
+  bool contiguous = !io.has_noise || owners[kMaxIn].contiguous;
+  for (int j = 0; j < io.nin; ++j) contiguous = contiguous && owners[j].contiguous;
+  const bool wide = dtype == at::kFloat || dtype == at::kDouble;
+  for (int j = 0; j <= kMaxIn; ++j) {
+    if (!sources[j] || storage[j] == Storage::kSame) continue;
+    if (!contiguous || !wide || (storage[j] == Storage::kDouble && dtype != at::kDouble)) {
+      owners[j] = make_operand(ordered(sources[j]->to(dtype)), outs[0].sizes());
+      storage[j] = Storage::kSame;
+    }
+  }
+  for (int j = 0; j < io.nin; ++j) {
+    io.in[j] = owners[j];
+    io.in_storage[j] = storage[j];
+  }
+  if (io.has_noise) {
+    io.noise = owners[kMaxIn];
+    io.noise_storage = storage[kMaxIn];
   }
   io.draw = draw && !io.has_noise;
   io.key = key;
@@ -76,7 +116,7 @@ std::array<at::Tensor, kMaxOut> run_outputs(const Op& op, c10::ArrayRef<const at
     if (j > 0) outs[j] = empty_output(outs[0].sizes(), outs[0].options());
     io.out[j] = outs[j].data_ptr();
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "diffkern_cpu_step", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "diffkern_cpu_step", [&] {
     run_elementwise<scalar_t>(op, io, numel, lmap);
   });
   // A channels_last x gets channels_last outputs, as from the front-door ops
@@ -92,9 +132,10 @@ std::array<at::Tensor, kMaxOut> run_outputs(const Op& op, c10::ArrayRef<const at
 template <class Op>
 std::pair<at::Tensor, at::Tensor> run_sampler(const Op& op, std::initializer_list<const at::Tensor*> inputs,
                                               const std::optional<at::Tensor>& noise, bool draw, PhiloxKey key,
-                                              at::IntArrayRef levels, bool second, const KeyedArgs& keyed = {}) {
+                                              at::IntArrayRef levels, bool second, const KeyedArgs& keyed = {},
+                                              at::ScalarType dtype = at::ScalarType::Undefined) {
   auto outs = run_outputs(op, c10::ArrayRef<const at::Tensor*>(inputs.begin(), inputs.size()), noise, draw, key,
-                          levels, second ? 2 : 1, keyed);
+                          levels, second ? 2 : 1, keyed, dtype);
   return {outs[0], outs[1]};
 }
 

@@ -16,7 +16,7 @@ at::Tensor euler_step_cpu(const at::Tensor& x, const at::Tensor& model_output, c
   const Keyed kd = keyed_args(seeds, step_t, step, x, noise, generator);
   const PhiloxKey key = draw_key(generator, seed, offset, !kd.on() && noisy && !io.noise.has_value());
   return cpu::run_sampler(op, {io.input(0), io.input(1)}, io.noise, noisy,
-                          key, lv.shape(), false, kd.args)
+                          key, lv.shape(), false, kd.args, io.dtype)
       .first;
 }
 

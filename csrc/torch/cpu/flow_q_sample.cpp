@@ -14,7 +14,7 @@ std::tuple<at::Tensor, at::Tensor> flow_q_sample_cpu(const at::Tensor& x0, const
   const Keyed kd = keyed_args(seeds, step_t, step, x0, noise, generator);
   const PhiloxKey key = draw_key(generator, seed, offset, !kd.on() && !noise.has_value());
   auto [xt, drawn] = cpu::run_sampler(op, {io.input(0)}, io.noise, true, key,
-                                      lv.shape(), false, kd.args);
+                                      lv.shape(), false, kd.args, io.dtype);
   // With noise given, the caller already holds it (a custom op may not return an alias).
   return {xt, noise.has_value() ? at::empty({0}, x0.options()) : drawn};
 }

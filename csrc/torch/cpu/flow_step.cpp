@@ -14,7 +14,7 @@ at::Tensor flow_step_cpu(const at::Tensor& x, const at::Tensor& velocity, const 
   const Keyed kd = keyed_args(seeds, step_t, step, x, noise, generator);
   const PhiloxKey key = draw_key(generator, seed, offset, !kd.on() && stochastic && !io.noise.has_value());
   return cpu::run_sampler(op, {io.input(0), io.input(1)}, io.noise, stochastic,
-                          key, lv.shape(), false, kd.args)
+                          key, lv.shape(), false, kd.args, io.dtype)
       .first;
 }
 

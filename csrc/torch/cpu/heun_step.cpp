@@ -13,7 +13,7 @@ at::Tensor heun_step_cpu(const at::Tensor& x, const at::Tensor& denoised, const 
   LevelSet lv(x, {{&sigma_t, "sigma"}, {&sigma_next_t, "sigma_next"}});
   const HeunOp op = heun_op(lv, sigma_t, sigma_next_t, sigma, sigma_next, prediction_type);
   return cpu::run_sampler(op, {io.input(0), io.input(1), io.input(2), io.input(3)}, std::nullopt, false, PhiloxKey{0, 0},
-                          lv.shape(), false)
+                          lv.shape(), false, {}, io.dtype)
       .first;
 }
 

@@ -20,7 +20,7 @@ std::tuple<at::Tensor, at::Tensor> lcm_step_cpu(const at::Tensor& x, const at::T
   const Keyed kd = keyed_args(seeds, step_t, step, x, noise, generator);
   const PhiloxKey key = draw_key(generator, seed, offset, !kd.on() && !noise.has_value());
   auto [out, den] = cpu::run_sampler(op, {io.input(0), io.input(1)}, renoise ? io.noise : std::nullopt, renoise,
-                                     key, lv.shape(), return_denoised, kd.args);
+                                     key, lv.shape(), return_denoised, kd.args, io.dtype);
   return {out, return_denoised ? den : at::empty({0}, x.options())};
 }
 
@@ -39,7 +39,7 @@ std::tuple<at::Tensor, at::Tensor> lcm_step_backward_cpu(const at::Tensor& grad,
   const std::optional<at::Tensor> gd =
       grad_denoised.has_value() ? std::optional<at::Tensor>(grad_denoised->to(io.dtype)) : std::nullopt;
   auto [gx, gm] = cpu::run_sampler(op, {&g, io.input(0), io.input(1), gd.has_value() ? &*gd : nullptr}, std::nullopt, false,
-                                   PhiloxKey{0, 0}, lv.shape(), true);
+                                   PhiloxKey{0, 0}, lv.shape(), true, {}, io.dtype);
   return {gx, gm};
 }
 

@@ -19,7 +19,7 @@ std::vector<at::Tensor> linear_step_cpu(at::TensorList inputs, c10::ArrayRef<dou
   auto outs = cpu::run_outputs(op, c10::ArrayRef<const at::Tensor*>(ptrs.data(), inputs.size()),
                                io.noise, noisy, key,
                                per_sample_shape(inputs[0], op.per_sample()), int(outputs),
-                               kd.args);
+                               kd.args, io.dtype);
   return std::vector<at::Tensor>(outs.begin(), outs.begin() + outputs);
 }
 

@@ -18,7 +18,7 @@ std::tuple<at::Tensor, at::Tensor> dpmpp_2m_step_cuda(
   const DpmppOp op = dpmpp_2m_op(lv, sigma_t, sigma_next_t, prev_t, sigma, sigma_next, sigma_prev, prediction_type,
                                  solver_type, variance_preserving, has_old);
   auto s = cuda_binding::prepare_sampler({io.input(0), io.input(1), io.input(2)}, std::nullopt, false,
-                                         lv.shape(), return_denoised);
+                                         lv.shape(), return_denoised, io.dtype);
   if (s.launch.numel > 0) {  // a check only right after a launch of ours
     cuda::launch_dpmpp_2m_step(s.launch, op, c10::cuda::getCurrentCUDAStream());
     DIFFKERN_LAUNCH_CHECK();

@@ -13,7 +13,7 @@ at::Tensor euler_step_cuda(const at::Tensor& x, const at::Tensor& model_output,
   LevelSet lv(x, {{&sigma_t, "sigma"}, {&sigma_next_t, "sigma_next"}});
   const EulerOp op = euler_op(lv, sigma_t, sigma_next_t, sigma, sigma_next, eta, s_noise, gamma, prediction_type);
   auto s = cuda_binding::prepare_sampler({io.input(0), io.input(1)}, io.noise, noisy, lv.shape(),
-                                         false);
+                                         false, io.dtype);
   const Keyed kd = keyed_args(seeds, step_t, step, x, noise, generator);
   if (s.launch.draw && !kd.on()) s.launch.rng = cuda_binding::rng_from(generator, seed, offset);
   s.launch.keyed = kd.args;

@@ -10,7 +10,8 @@ std::tuple<at::Tensor, at::Tensor> flow_q_sample_cuda(const at::Tensor& x0, cons
   const auto io = validate::operands({{&x0, "x0"}}, noise, true, generator);
   LevelSet lv(x0, {{&sigma_t, "sigma"}});
   const FlowQSampleOp op = flow_q_sample_op(lv, sigma_t, sigma);
-  auto s = cuda_binding::prepare_sampler({io.input(0)}, io.noise, true, lv.shape(), !noise.has_value());
+  auto s = cuda_binding::prepare_sampler({io.input(0)}, io.noise, true, lv.shape(), !noise.has_value(),
+                                         io.dtype);
   const Keyed kd = keyed_args(seeds, step_t, step, x0, noise, generator);
   if (s.launch.draw && !kd.on()) s.launch.rng = cuda_binding::rng_from(generator, seed, offset);
   s.launch.keyed = kd.args;

@@ -11,7 +11,7 @@ at::Tensor flow_step_cuda(const at::Tensor& x, const at::Tensor& velocity, const
   LevelSet lv(x, {{&sigma_t, "sigma"}, {&sigma_next_t, "sigma_next"}});
   const FlowOp op = flow_op(lv, sigma_t, sigma_next_t, sigma, sigma_next, stochastic);
   auto s = cuda_binding::prepare_sampler({io.input(0), io.input(1)}, io.noise, stochastic,
-                                         lv.shape(), false);
+                                         lv.shape(), false, io.dtype);
   const Keyed kd = keyed_args(seeds, step_t, step, x, noise, generator);
   if (s.launch.draw && !kd.on()) s.launch.rng = cuda_binding::rng_from(generator, seed, offset);
   s.launch.keyed = kd.args;

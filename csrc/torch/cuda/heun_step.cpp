@@ -13,7 +13,7 @@ at::Tensor heun_step_cuda(const at::Tensor& x, const at::Tensor& denoised, const
   LevelSet lv(x, {{&sigma_t, "sigma"}, {&sigma_next_t, "sigma_next"}});
   const HeunOp op = heun_op(lv, sigma_t, sigma_next_t, sigma, sigma_next, prediction_type);
   auto s = cuda_binding::prepare_sampler({io.input(0), io.input(1), io.input(2), io.input(3)}, std::nullopt, false,
-                                         lv.shape(), false);
+                                         lv.shape(), false, io.dtype);
   if (s.launch.numel > 0) {  // a check only right after a launch of ours
     cuda::launch_heun_step(s.launch, op, c10::cuda::getCurrentCUDAStream());
     DIFFKERN_LAUNCH_CHECK();

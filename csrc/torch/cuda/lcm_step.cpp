@@ -17,7 +17,7 @@ std::tuple<at::Tensor, at::Tensor> lcm_step_cuda(const at::Tensor& x, const at::
   const LcmOp op = lcm_op(lv, alphas_cumprod, ts.t, *ts.t_prev, timestep_scaling, sigma_data, prediction_type,
                           clip_sample, renoise);
   auto s = cuda_binding::prepare_sampler({io.input(0), io.input(1)}, renoise ? io.noise : std::nullopt, renoise,
-                                         lv.shape(), return_denoised);
+                                         lv.shape(), return_denoised, io.dtype);
   // One draw's worth of the generator per call, also when no sample re-noises (as the
   // reference and the CPU path advance it).
   const Keyed kd = keyed_args(seeds, step_t, step, x, noise, generator);
@@ -45,7 +45,7 @@ std::tuple<at::Tensor, at::Tensor> lcm_step_backward_cuda(
   const std::optional<at::Tensor> gd =
       grad_denoised.has_value() ? std::optional<at::Tensor>(grad_denoised->to(io.dtype)) : std::nullopt;
   auto s = cuda_binding::prepare_sampler({&g, io.input(0), io.input(1), gd.has_value() ? &*gd : nullptr}, std::nullopt, false,
-                                         lv.shape(), true);
+                                         lv.shape(), true, io.dtype);
   if (s.launch.numel > 0) {  // a check only right after a launch of ours
     cuda::launch_lcm_step_backward(s.launch, op, c10::cuda::getCurrentCUDAStream());
     DIFFKERN_LAUNCH_CHECK();

@@ -13,7 +13,8 @@ std::vector<at::Tensor> linear_step_cuda(at::TensorList inputs, c10::ArrayRef<do
   std::array<const at::Tensor*, kMaxLinearInputs> ptrs{};
   for (size_t j = 0; j < inputs.size(); ++j) ptrs[j] = io.input(int(j));
   auto s = cuda_binding::prepare_outputs(c10::ArrayRef<const at::Tensor*>(ptrs.data(), inputs.size()),
-                                         io.noise, noisy, per_sample_shape(inputs[0], op.per_sample()), int(outputs));
+                                         io.noise, noisy, per_sample_shape(inputs[0], op.per_sample()), int(outputs),
+                                         io.dtype);
   const Keyed kd = keyed_args(seeds, step_t, step, inputs[0], noise, generator);
   if (s.launch.draw && !kd.on()) s.launch.rng = cuda_binding::rng_from(generator, seed, offset);
   s.launch.keyed = kd.args;

@@ -14,17 +14,20 @@ struct SamplerTensors {
 };
 
 // inputs[0] is x; a null ends the list. `levels`: the common shape of the level arrays. `nout`: the op's outputs to allocate (1 to 3; for
-// noise-writing ops 2 when the noise is drawn).
+// noise-writing ops 2 when the noise is drawn). `dtype`: the outputs' and the kernel's
+// (Undefined: x's); operands of another dtype are cast to it here (the kernels load one).
 inline SamplerTensors prepare_outputs(c10::ArrayRef<const at::Tensor*> inputs, const std::optional<at::Tensor>& noise,
-                                      bool draw, at::IntArrayRef levels, int nout) {
+                                      bool draw, at::IntArrayRef levels, int nout,
+                                      at::ScalarType dtype = at::ScalarType::Undefined) {
   static const char* const kNames[kMaxLinearInputs] = {"x", "model output", "third input", "fourth input",
                                                        "fifth input", "sixth input"};
   const at::Tensor& x = *inputs[0];
   TORCH_CHECK(x.is_cuda(), "expected CUDA tensors");
+  if (dtype == at::ScalarType::Undefined) dtype = x.scalar_type();
   SamplerTensors s;
-  s.out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  s.out = at::empty(x.sizes(), x.options().dtype(dtype).memory_format(at::MemoryFormat::Contiguous));
   auto& p = s.launch;
-  p.dtype = dtype_of(x);
+  p.dtype = dtype_of(s.out);
   p.numel = s.out.numel();
   p.levels = level_map(levels, x.sizes());
   p.device = x.get_device();
@@ -33,16 +36,16 @@ inline SamplerTensors prepare_outputs(c10::ArrayRef<const at::Tensor*> inputs, c
   for (const at::Tensor* t : inputs) {
     if (!t) break;
     TORCH_CHECK(nin < kMaxLinearInputs, "diffkern: too many inputs");
-    if (nin > 0) check_same(x, *t, kNames[nin]);
-    s.in[nin] = make_operand(*t, s.out.sizes());
+    TORCH_CHECK(t->device() == x.device(), kNames[nin], " must be on x's device");
+    s.in[nin] = make_operand(t->scalar_type() == dtype ? *t : t->to(dtype), s.out.sizes());
     p.in[nin] = operand(s.in[nin]);
     vec = vec && s.in[nin].contiguous && aligned16(s.in[nin].data);
     ++nin;
   }
   p.nin = nin;
   if (noise.has_value()) {
-    check_same(x, *noise, "noise");
-    s.noise = make_operand(*noise, s.out.sizes());
+    TORCH_CHECK(noise->device() == x.device(), "noise must be on x's device");
+    s.noise = make_operand(noise->scalar_type() == dtype ? *noise : noise->to(dtype), s.out.sizes());
     p.noise = operand(s.noise);
     p.has_noise = true;
     vec = vec && s.noise.contiguous && aligned16(s.noise.data);
@@ -63,9 +66,9 @@ inline SamplerTensors prepare_outputs(c10::ArrayRef<const at::Tensor*> inputs, c
 // noise-writing ops pass whether the noise is drawn).
 inline SamplerTensors prepare_sampler(std::initializer_list<const at::Tensor*> inputs,
                                       const std::optional<at::Tensor>& noise, bool draw, at::IntArrayRef levels,
-                                      bool second) {
+                                      bool second, at::ScalarType dtype = at::ScalarType::Undefined) {
   return prepare_outputs(c10::ArrayRef<const at::Tensor*>(inputs.begin(), inputs.size()), noise, draw, levels,
-                         second ? 2 : 1);
+                         second ? 2 : 1, dtype);
 }
 
 // An output in x's memory format: the kernel writes in x's logical order, and a

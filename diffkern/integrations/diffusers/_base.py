@@ -313,14 +313,17 @@ def _check_variance_noise(x, generator, variance_noise):
     return variance_noise.to(device=x.device, dtype=x.dtype), None
 
 
-def step_noise(sched, x: torch.Tensor, generator, variance_noise, draws: bool, *, shape=None, dtype=None):
+def step_noise(sched, x: torch.Tensor, generator, variance_noise, draws: bool, *, shape=None, dtype=None,
+               tensor: bool = False):
     """(noise, generator) for a fused step, by the scheduler's noise mode.
 
     ``draws``: whether stock draws at this step. ``shape`` / ``dtype``: those of stock's
     ``randn_tensor`` call (default x's). In "stock" mode the noise is that call itself,
     looked up in stock's module at call time (so a test patching it patches both), with
     stock's shape, dtype, device and generator; a step that stock draws nothing for draws
-    nothing (generator and global RNG untouched)."""
+    nothing (generator and global RNG untouched). In "keyed" mode the per-sample keys go
+    to the op as its generator (drawn in the step's own pass, float32 noise), unless the
+    caller needs the noise as a ``tensor`` or of another ``shape`` than x's."""
     if not draws:
         return None, None
     mode = sched.noise_mode
@@ -334,6 +337,8 @@ def step_noise(sched, x: torch.Tensor, generator, variance_noise, draws: bool, *
     if mode == "keyed":
         k = sched._dk_draws
         sched._dk_draws = k + 1
+        if not tensor and (shape is None or tuple(shape) == tuple(x.shape)):
+            return None, _rng.keyed(x, sched._dk_seeds, k)
         return _rng.keyed_noise(x, sched._dk_seeds, k), None
     return noise_args(x, generator, None, True)
 

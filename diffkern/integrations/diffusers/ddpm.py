@@ -113,7 +113,7 @@ class FusedDDPMScheduler(B.FusedSchedulerMixin, DDPMScheduler):
                 gen = generator
         else:
             # (learned variances need the noise as a tensor: stock's numbers in "kernel" mode too)
-            noise, gen = B.step_noise(self, x, generator, variance_noise, draws, dtype=m.dtype)
+            noise, gen = B.step_noise(self, x, generator, variance_noise, draws, dtype=m.dtype, tensor=learned)
             if learned and noise is not None:
                 noise = self._learned_noise(st, t, tp, pv, noise)
             if not draws:

@@ -228,7 +228,8 @@ class FusedSASolverScheduler(B.IndexedSchedulerMixin, SASolverScheduler):
         pr = add(pr, conv, pg[0])
         for k in range(1, len(pg)):
             pr = add(pr, hist(k), pg[k])
-        noise, _ = B.step_noise(self, x, generator, variance_noise, True, shape=tuple(m.shape), dtype=m.dtype)
+        noise, _ = B.step_noise(self, x, generator, variance_noise, True, shape=tuple(m.shape), dtype=m.dtype,
+                                tensor=True)  # kept as the next step's last_noise
         inputs = [x, m, self.last_sample if use_corrector else x, self.last_noise if use_corrector else x]
         inputs += [self.model_outputs[-k] for k in range(1, n_old + 1)]
         rows = [pr]
