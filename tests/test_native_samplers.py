@@ -279,6 +279,12 @@ def test_mixed_dtypes_promote_like_the_reference():
 MIXED = [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float16, torch.float32),
          (torch.float32, torch.float64), (torch.float64, torch.float16), (torch.bfloat16, torch.float16)]
 MIXED_OPS = {
+    "ddim": lambda o, x, m, z, s: o.ddim_step(x, m, torch.tensor([700, 300]), 1.0, t_prev=torch.tensor([400, -1]),
+                                              noise=z, clip_sample=1.0),
+    "ddpm": lambda o, x, m, z, s: o.ddpm_step(x, m, torch.tensor([700, 300]), variance="fixed_large",
+                                              prediction_type="v_prediction", noise=z),
+    "q_sample": lambda o, x, m, z, s: o.q_sample(x, torch.tensor([700, 300]), z)[0],
+    "langevin": lambda o, x, m, z, s: o.langevin_step(x, m, 0.01, noise=z),
     "euler_a": lambda o, x, m, z, s: o.euler_step(x, m, s, s * 0.5, eta=1.0, noise=z),
     "euler_churn": lambda o, x, m, z, s: o.euler_step(x, m, s, s * 0.5, gamma=0.3, noise=z,
                                                       prediction_type="epsilon"),

@@ -15,10 +15,10 @@ struct Kernels {
   bool device_branch;
   void (*set_sm_count)(int device, int sms);
   long long (*threads_executed)();
-  void (*q_sample)(const diffkern::cuda::StepLaunch&, const diffkern::QSampleOp&, cudaStream_t);
-  void (*ddim_step)(const diffkern::cuda::StepLaunch&, const diffkern::DdimOp&, cudaStream_t);
-  void (*ddpm_step)(const diffkern::cuda::StepLaunch&, const diffkern::DdpmOp&, cudaStream_t);
-  void (*langevin_step)(const diffkern::cuda::StepLaunch&, const diffkern::LangevinOp&, cudaStream_t);
+  void (*q_sample)(const diffkern::cuda::SamplerLaunch&, const diffkern::QSampleOp&, cudaStream_t);
+  void (*ddim_step)(const diffkern::cuda::SamplerLaunch&, const diffkern::DdimOp&, cudaStream_t);
+  void (*ddpm_step)(const diffkern::cuda::SamplerLaunch&, const diffkern::DdpmOp&, cudaStream_t);
+  void (*langevin_step)(const diffkern::cuda::SamplerLaunch&, const diffkern::LangevinOp&, cudaStream_t);
   void (*euler_step)(const diffkern::cuda::SamplerLaunch&, const diffkern::EulerOp&, cudaStream_t);
   void (*heun_step)(const diffkern::cuda::SamplerLaunch&, const diffkern::HeunOp&, cudaStream_t);
   void (*dpmpp_2m_step)(const diffkern::cuda::SamplerLaunch&, const diffkern::DpmppOp&, cudaStream_t);

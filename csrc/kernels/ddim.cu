@@ -4,7 +4,9 @@
 namespace diffkern {
 namespace cuda {
 
-void launch_ddim_step(const StepLaunch& p, const DdimOp& op, cudaStream_t stream) { launch_elementwise(p, op, stream); }
+void launch_ddim_step(const SamplerLaunch& p, const DdimOp& op, cudaStream_t stream) {
+  launch_sampler(p, SampleStep<DdimOp>{op}, stream);
+}
 
 }  // namespace cuda
 }  // namespace diffkern

@@ -4,7 +4,9 @@
 namespace diffkern {
 namespace cuda {
 
-void launch_ddpm_step(const StepLaunch& p, const DdpmOp& op, cudaStream_t stream) { launch_elementwise(p, op, stream); }
+void launch_ddpm_step(const SamplerLaunch& p, const DdpmOp& op, cudaStream_t stream) {
+  launch_sampler(p, SampleStep<DdpmOp>{op}, stream);
+}
 
 }  // namespace cuda
 }  // namespace diffkern

@@ -1,4 +1,4 @@
-// The CUDA driver of every elementwise step op. One thread handles 8 consecutive logical
+// The CUDA driver of every elementwise op. One thread handles 8 consecutive logical
 // elements per iteration: two Philox groups of noise, 16-byte loads and stores when the
 // operands are contiguous and aligned, a strided scalar path otherwise. Grid-stride over
 // a grid sized to the device, so any size runs with one launch.
@@ -147,15 +147,17 @@ struct Bits16<__nv_bfloat16> {
   static __device__ __forceinline__ uint32_t from_float(float f) { return __bfloat16_as_ushort(__float2bfloat16_rn(f)); }
 };
 
-template <class T>
+// C is float, or double for a 16-bit operand of a float64 step (mixed dtypes); stores
+// only ever come from float (a 16-bit output means a float computation).
+template <class C, class T>
 struct Unit16 {
-  static __device__ __forceinline__ void load(const void* base, int64_t e0, float* v) {
+  static __device__ __forceinline__ void load(const void* base, int64_t e0, C* v) {
     const uint4 u = *reinterpret_cast<const uint4*>(static_cast<const T*>(base) + e0);
     const uint32_t w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      v[2 * i] = Bits16<T>::to_float(w[i] & 0xFFFFu);
-      v[2 * i + 1] = Bits16<T>::to_float(w[i] >> 16);
+      v[2 * i] = C(Bits16<T>::to_float(w[i] & 0xFFFFu));
+      v[2 * i + 1] = C(Bits16<T>::to_float(w[i] >> 16));
     }
   }
   static __device__ __forceinline__ void store(void* base, int64_t e0, const float* v) {
@@ -165,90 +167,45 @@ struct Unit16 {
     *reinterpret_cast<uint4*>(static_cast<T*>(base) + e0) = make_uint4(w[0], w[1], w[2], w[3]);
   }
 };
-template <>
-struct Unit<float, __half> : Unit16<__half> {};
-template <>
-struct Unit<float, __nv_bfloat16> : Unit16<__nv_bfloat16> {};
+template <class C>
+struct Unit<C, __half> : Unit16<C, __half> {};
+template <class C>
+struct Unit<C, __nv_bfloat16> : Unit16<C, __nv_bfloat16> {};
 
-// A step op's coefficients as the CPU driver forms them: in double, then rounded to the
-// compute type, so a CUDA step equals the CPU one bit for bit (the emulation tests check
-// it). Formed once per 8-element unit, never per element; out of line so the double
-// arithmetic stays out of the unrolled loop's registers.
-template <class C, class Op>
-__device__ __noinline__ StepCoeffs<C> step_coeffs(const Op& op, int64_t b) {
-  return cast_coeffs<C>(op.template coeffs<double>(b));
+// An operand's kUnit values (load_unit) or one value (load_one) as C. `mixed` false:
+// every operand is stored as the kernel's T. Else this one is stored in `s`: a mixed-dtype call (a bfloat16
+// model output beside float32 latents) reads each operand as it is, with no cast pass
+// first; the promotion that chose T means s is never wider than T. The switch is uniform
+// across a warp.
+template <class C, class T>
+__device__ __forceinline__ void load_unit(const Operand& o, bool mixed, DType s, int64_t e0, C* v) {
+  if (!mixed) return Unit<C, T>::load(o.data, e0, v);
+  switch (s) {
+    case DType::kFloat32: Unit<C, float>::load(o.data, e0, v); break;
+    case DType::kFloat16: Unit<C, __half>::load(o.data, e0, v); break;
+    case DType::kBFloat16: Unit<C, __nv_bfloat16>::load(o.data, e0, v); break;
+    case DType::kFloat64:
+      if constexpr (sizeof(C) == 8) Unit<C, double>::load(o.data, e0, v);
+      break;
+  }
 }
 
-template <class T, class Op>
-__global__ void __launch_bounds__(kThreads) step_kernel(const StepLaunch p, const Op op) {
-  using C = typename Compute<T>::type;
-  const PhiloxKey key = resolve_key(p.rng);
-  const uint64_t kstep = keyed_step(p.keyed);
-  const int64_t nunits = (p.numel + kUnit - 1) / kUnit;
-  const StepCoeffs<C> shared = step_coeffs<C>(op, 0);
-  const bool has_z = p.draw || p.has_noise;
-  for (int64_t u = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; u < nunits; u += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t e0 = u * kUnit;
-    float z[kUnit] = {};
-    if (p.draw) draw_unit(p.keyed, kstep, key, u, e0, p.numel, z);
-    const int64_t n = p.numel - e0 < kUnit ? p.numel - e0 : kUnit;
-    const int64_t q0 = e0 / p.levels.run;
-    const bool one_sample = !p.levels.varies || (e0 + n - 1) / p.levels.run == q0;
-    StepCoeffs<C> k = p.levels.varies ? step_coeffs<C>(op, p.levels.of_run(q0)) : shared;
-    // The vector path needs one coefficient set for the unit; units that straddle two
-    // level runs (tiny per-sample sizes, per-token levels) take the scalar path, which keeps the per-element
-    // coefficient code out of the unrolled loop (and its registers).
-    if (p.vectorized && n == kUnit && one_sample) {
-      C xs[kUnit], ms[kUnit], ns[kUnit];
-      Unit<C, T>::load(p.x.data, e0, xs);
-      if (Op::kHasModel) Unit<C, T>::load(p.m.data, e0, ms);
-      if (p.has_noise) Unit<C, T>::load(p.noise.data, e0, ns);
-#pragma unroll
-      for (int i = 0; i < kUnit; ++i) {
-        const C zi = p.draw ? C(z[i]) : (p.has_noise ? ns[i] : C(0));
-        xs[i] = op.apply(k, xs[i], Op::kHasModel ? ms[i] : C(0), zi, has_z);
-      }
-      Unit<C, T>::store(p.out, e0, xs);
-      if (Op::kWritesNoise && p.draw) {
-#pragma unroll
-        for (int i = 0; i < kUnit; ++i) ns[i] = C(z[i]);
-        Unit<C, T>::store(p.noise_out, e0, ns);
-      }
-    } else {
-#pragma unroll 1
-      for (int i = 0; i < n; ++i) {
-        const int64_t e = e0 + i;
-        const StepCoeffs<C> ki = one_sample ? k : step_coeffs<C>(op, p.levels.index(e));
-        float zd = z[0];  // z[i] by selects: a runtime index would move z to local memory
-#pragma unroll
-        for (int j = 1; j < kUnit; ++j) zd = i == j ? z[j] : zd;
-        const C zi = p.draw ? C(zd) : (p.has_noise ? to_c<C>(load_at<T>(p.noise, e)) : C(0));
-        const C mi = Op::kHasModel ? to_c<C>(load_at<T>(p.m, e)) : C(0);
-        static_cast<T*>(p.out)[e] = from_c<T>(op.apply(ki, to_c<C>(load_at<T>(p.x, e)), mi, zi, has_z));
-        if (Op::kWritesNoise && p.draw) static_cast<T*>(p.noise_out)[e] = from_c<T>(zi);
-      }
-    }
+template <class C, class T>
+__device__ __forceinline__ C load_one(const Operand& o, bool mixed, DType s, int64_t i) {
+  if (!mixed) return to_c<C>(load_at<T>(o, i));
+  switch (s) {
+    case DType::kFloat16: return C(to_c<float>(load_at<__half>(o, i)));
+    case DType::kBFloat16: return C(to_c<float>(load_at<__nv_bfloat16>(o, i)));
+    case DType::kFloat64: return C(load_at<double>(o, i));
+    default: return C(load_at<float>(o, i));
   }
 }
 
 int grid_for(int64_t work_items, int device);
 
-template <class Op>
-void launch_elementwise(const StepLaunch& p, const Op& op, cudaStream_t stream) {
-  if (p.numel == 0) return;
-  const int64_t nunits = (p.numel + kUnit - 1) / kUnit;
-  const int grid = grid_for(nunits, p.device);
-  switch (p.dtype) {
-    case DType::kFloat32: DK_LAUNCH((step_kernel<float, Op>), grid, kThreads, 0, stream, p, op); break;
-    case DType::kFloat16: DK_LAUNCH((step_kernel<__half, Op>), grid, kThreads, 0, stream, p, op); break;
-    case DType::kBFloat16: DK_LAUNCH((step_kernel<__nv_bfloat16, Op>), grid, kThreads, 0, stream, p, op); break;
-    case DType::kFloat64: DK_LAUNCH((step_kernel<double, Op>), grid, kThreads, 0, stream, p, op); break;
-  }
-}
-
-// The sampler-family ops' driver (sampler_ops.h interface): the same geometry as
-// step_kernel, with up to six inputs and three outputs (LinearOp; the fixed-arity ops up to
-// four and two). Coefficients are formed in double
+// The driver of every elementwise op (the sampler_ops.h interface; the older step ops
+// through SampleStep, as on the CPU): up to six inputs and three outputs (LinearOp; the
+// fixed-arity ops up to four and two). Coefficients are formed in double
 // per unit (once per thread when they do not depend on the sample) and rounded to C.
 // Out of line: the double-precision coefficients (logs, expm1) inlined twice into the
 // unrolled loop spilled registers.
@@ -283,11 +240,11 @@ __global__ void __launch_bounds__(kThreads) sampler_kernel(const SamplerLaunch p
 #pragma unroll
         for (int j = 1; j < kIn; ++j) a[j][i] = C(0);
       }
-      Unit<C, T>::load(p.in[0].data, e0, a[0]);
+      load_unit<C, T>(p.in[0], p.mixed, p.in_dtype[0], e0, a[0]);
 #pragma unroll
       for (int j = 1; j < kIn; ++j)
-        if (p.nin > j) Unit<C, T>::load(p.in[j].data, e0, a[j]);
-      if (p.has_noise) Unit<C, T>::load(p.noise.data, e0, ns);
+        if (p.nin > j) load_unit<C, T>(p.in[j], p.mixed, p.in_dtype[j], e0, a[j]);
+      if (p.has_noise) load_unit<C, T>(p.noise, p.mixed, p.noise_dtype, e0, ns);
 #pragma unroll
       for (int i = 0; i < kUnit; ++i) {
         const C zi = p.draw ? C(z[i]) : ns[i];
@@ -316,10 +273,10 @@ __global__ void __launch_bounds__(kThreads) sampler_kernel(const SamplerLaunch p
         float zd = z[0];  // z[i] by selects: a runtime index would move z to local memory
 #pragma unroll
         for (int j = 1; j < kUnit; ++j) zd = i == j ? z[j] : zd;
-        const C zi = p.draw ? C(zd) : (p.has_noise ? to_c<C>(load_at<T>(p.noise, e)) : C(0));
+        const C zi = p.draw ? C(zd) : (p.has_noise ? load_one<C, T>(p.noise, p.mixed, p.noise_dtype, e) : C(0));
         C v[kIn], o[kOut];
 #pragma unroll
-        for (int j = 0; j < kIn; ++j) v[j] = p.nin > j ? to_c<C>(load_at<T>(p.in[j], e)) : C(0);
+        for (int j = 0; j < kIn; ++j) v[j] = p.nin > j ? load_one<C, T>(p.in[j], p.mixed, p.in_dtype[j], e) : C(0);
 #pragma unroll
         for (int j = 0; j < kOut; ++j) o[j] = C(0);
         if (has_z)

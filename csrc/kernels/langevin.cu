@@ -4,7 +4,9 @@
 namespace diffkern {
 namespace cuda {
 
-void launch_langevin_step(const StepLaunch& p, const LangevinOp& op, cudaStream_t stream) { launch_elementwise(p, op, stream); }
+void launch_langevin_step(const SamplerLaunch& p, const LangevinOp& op, cudaStream_t stream) {
+  launch_sampler(p, SampleStep<LangevinOp>{op}, stream);
+}
 
 }  // namespace cuda
 }  // namespace diffkern

@@ -27,35 +27,22 @@ struct RngArgs {
 
 using Operand = OperandView;
 
-struct StepLaunch {
-  DType dtype = DType::kFloat32;
-  int64_t numel = 0;
-  LevelMap levels;  // where each element's t / t_prev sit (common.h)
-  void* out = nullptr;
-  void* noise_out = nullptr;  // q_sample: the drawn noise
-  Operand x, m, noise;
-  bool has_m = false, has_noise = false, draw = false;
-  bool vectorized = false;  // every operand contiguous and 16-byte aligned
-  RngArgs rng;
-  KeyedArgs keyed;  // seeds set: draws keyed per sample instead of from `rng`
-  int device = 0;
-};
-
-void launch_q_sample(const StepLaunch& p, const QSampleOp& op, cudaStream_t stream);
-void launch_ddim_step(const StepLaunch& p, const DdimOp& op, cudaStream_t stream);
-void launch_ddpm_step(const StepLaunch& p, const DdpmOp& op, cudaStream_t stream);
-void launch_langevin_step(const StepLaunch& p, const LangevinOp& op, cudaStream_t stream);
-
-// The sampler-family ops (sampler_ops.h): up to six inputs (in[0] = x; a fixed-arity op's
-// last may be absent, nin = kInputs - 1; LinearOp reads nin of them), optional noise, one
-// to three outputs (out[j] null: not written).
+// Every elementwise op (the sampler_ops.h interface; the older step ops through
+// SampleStep): up to six inputs (in[0] = x; a fixed-arity op's last may be absent, nin =
+// kInputs - 1; LinearOp reads nin of them), optional noise, one to three outputs (out[j]
+// null: not written; a kWritesNoise op's out[1] gets the drawn noise).
 struct SamplerLaunch {
-  DType dtype = DType::kFloat32;
+  DType dtype = DType::kFloat32;  // of the outputs and the computation (the promoted one)
   int64_t numel = 0;
   LevelMap levels;  // where each element's levels sit (common.h)
   Operand in[kMaxLinearInputs];
   int nin = 1;
   Operand noise;
+  // Some operand is stored in another dtype than `dtype`: each is then read in its own,
+  // in_dtype[j] / noise_dtype (elementwise.cuh's load_unit).
+  bool mixed = false;
+  DType in_dtype[kMaxLinearInputs] = {};
+  DType noise_dtype = DType::kFloat32;
   bool has_noise = false, draw = false;
   bool vectorized = false;  // every operand contiguous and 16-byte aligned
   void* out[kMaxLinearOutputs] = {nullptr, nullptr, nullptr};
@@ -64,6 +51,10 @@ struct SamplerLaunch {
   int device = 0;
 };
 
+void launch_q_sample(const SamplerLaunch& p, const QSampleOp& op, cudaStream_t stream);
+void launch_ddim_step(const SamplerLaunch& p, const DdimOp& op, cudaStream_t stream);
+void launch_ddpm_step(const SamplerLaunch& p, const DdpmOp& op, cudaStream_t stream);
+void launch_langevin_step(const SamplerLaunch& p, const LangevinOp& op, cudaStream_t stream);
 void launch_euler_step(const SamplerLaunch& p, const EulerOp& op, cudaStream_t stream);
 void launch_heun_step(const SamplerLaunch& p, const HeunOp& op, cudaStream_t stream);
 void launch_dpmpp_2m_step(const SamplerLaunch& p, const DpmppOp& op, cudaStream_t stream);

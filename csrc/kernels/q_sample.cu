@@ -4,7 +4,9 @@
 namespace diffkern {
 namespace cuda {
 
-void launch_q_sample(const StepLaunch& p, const QSampleOp& op, cudaStream_t stream) { launch_elementwise(p, op, stream); }
+void launch_q_sample(const SamplerLaunch& p, const QSampleOp& op, cudaStream_t stream) {
+  launch_sampler(p, SampleStep<QSampleOp>{op}, stream);
+}
 
 }  // namespace cuda
 }  // namespace diffkern

@@ -4,6 +4,14 @@
 namespace diffkern {
 namespace cuda {
 
+// A step op's coefficients as the CPU backward forms them: in double, then rounded to the
+// compute type (the emulation tests check the bits); out of line, away from the loop's
+// registers.
+template <class C, class Op>
+__device__ __noinline__ StepCoeffs<C> step_coeffs(const Op& op, int64_t b) {
+  return cast_coeffs<C>(op.template coeffs<double>(b));
+}
+
 template <class T, class Op>
 __global__ void __launch_bounds__(kThreads) step_backward_kernel(const BackwardLaunch p, const Op op) {
   using C = typename Compute<T>::type;

@@ -118,4 +118,29 @@ struct LangevinOp {
   }
 };
 
+// The older step ops (DdimOp, DdpmOp, QSampleOp, LangevinOp: one StepCoeffs, x and m in,
+// one value out) seen through the driver interface of the sampler ops
+// (sampler_ops.h): both drivers run every op through that one interface.
+template <class Op>
+struct SampleStep {
+  static constexpr int kInputs = Op::kHasModel ? 2 : 1;
+  static constexpr int kOutputs = 1;
+  static constexpr bool kWritesNoise = Op::kWritesNoise;
+  Op op;
+
+  template <class C>
+  struct Coeffs {
+    StepCoeffs<C> k;
+    template <class S>
+    DK_HD static Coeffs from(const Coeffs<S>& s) { return {cast_coeffs<C>(s.k)}; }
+  };
+  template <class S>
+  DK_HD Coeffs<S> coeffs(int64_t b) const { return {op.template coeffs<S>(b)}; }
+  DK_HD bool same_levels(int64_t a, int64_t b) const { return op.same_levels(a, b); }
+  template <bool kHasZ, class C>
+  DK_HD void apply(const Coeffs<C>& k, C x, C m, C, C, C z, C& out, C&) const {
+    out = op.apply(k.k, x, m, z, kHasZ);
+  }
+};
+
 }  // namespace diffkern

@@ -59,11 +59,6 @@ inline TimestepArgs timestep_args(const at::Tensor& table, const at::Tensor& t,
   return TimestepArgs{table.data_ptr<float>(), table.numel(), t.data_ptr<int64_t>(), tp, t.numel()};
 }
 
-inline void check_same(const at::Tensor& x, const at::Tensor& other, const char* name) {
-  TORCH_CHECK(other.device() == x.device(), name, " must be on x's device");
-  TORCH_CHECK(other.scalar_type() == x.scalar_type(), name, " must have x's dtype");
-}
-
 inline uint64_t as_u64(int64_t v) { return static_cast<uint64_t>(v); }
 
 // seeds= / step= of a drawing op: per-sample keys the kernel draws with (KeyedArgs).

@@ -183,9 +183,9 @@ Step step(const at::Tensor& x, const char* x_name, const at::Tensor* m, const ch
   s.dtype = result_type(x, m, noise_used ? noise : std::nullopt);
   s.format = output_format(x);
   if (t) s.ts = timesteps(x, *tab, *t, t_prev ? *t_prev : std::nullopt, prediction);
-  s.x = cast(x, s.dtype);
-  if (m) s.m = cast(*m, s.dtype);
-  if (noise_used) s.noise = cast(noise, s.dtype);
+  s.x = x;
+  if (m) s.m = *m;
+  if (noise_used) s.noise = noise;
   s.empty = x.numel() == 0;
   return s;
 }
@@ -201,6 +201,8 @@ Step backward_step(const at::Tensor& grad, const at::Tensor& x, const at::Tensor
   like(x, grad, "grad");
   // The zero-SNR rule was the forward's: a backward through a NaN forward stays NaN.
   Step s = step(x, "x", &m, kModelOutput, std::nullopt, false, std::nullopt, &table, &t, &t_prev, -1);
+  s.x = cast(s.x, s.dtype);
+  s.m = cast(s.m, s.dtype);
   return s;
 }
 

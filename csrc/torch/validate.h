@@ -12,7 +12,8 @@
 // - scalars (eta, step sizes, enums): always.
 //
 // Mixed floating dtypes promote as torch does (an fp16 model output with fp32 latents
-// gives fp32); the kernels then see one dtype.
+// gives fp32). Nothing is cast here: the drivers read each operand in its own dtype and
+// write the promoted one (cpu/driver.h, kernels/elementwise.cuh).
 #pragma once
 #include <ATen/ATen.h>
 
@@ -62,16 +63,17 @@ Timesteps timesteps(const at::Tensor& x, const at::Tensor& table, const at::Tens
 
 void table(const at::Tensor& table, const at::Tensor& x);
 
-// x, m, noise cast to the result dtype where they differ (only then: a copy).
+// A tensor in `dtype`, copied only where it differs (the backward kernels read one dtype).
 at::Tensor cast(const at::Tensor& v, at::ScalarType dtype);
 std::optional<at::Tensor> cast(const std::optional<at::Tensor>& v, at::ScalarType dtype);
 
 // The contiguous result of a kernel in the memory format the op promises.
 at::Tensor in_format(at::Tensor out, at::MemoryFormat format);
 
-// Everything an elementwise step's kernel needs, checked: x / m / noise cast to the
-// result dtype (noise only when the op uses it), timesteps normalized (absent for
-// langevin_step), the output's memory format, and whether there is nothing to compute.
+// Everything an elementwise step's kernel needs, checked: x / m / noise in their own
+// dtypes (noise only when the op uses it) and the result dtype, timesteps normalized
+// (absent for langevin_step), the output's memory format, and whether there is nothing to
+// compute.
 struct Step {
   at::Tensor x, m;
   std::optional<at::Tensor> noise;  // given and used
@@ -86,7 +88,8 @@ Step step(const at::Tensor& x, const char* x_name, const at::Tensor* m, const ch
           const at::Tensor* table, const at::Tensor* t, const std::optional<at::Tensor>* t_prev, int64_t prediction);
 
 // step_backward's inputs: grad of the forward output's shape (any floating dtype), x and
-// the model output as in the forward, the forward's scalars.
+// the model output as in the forward (here cast to the result dtype), the forward's
+// scalars.
 Step backward_step(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& m, const at::Tensor& table,
                    const at::Tensor& t, const std::optional<at::Tensor>& t_prev, int64_t kind, double eta,
                    int64_t variance, int64_t prediction);
@@ -96,8 +99,7 @@ at::Tensor empty_result(const Step& s, const at::Tensor& x);
 
 // The tensor operands of a sampler-family op, checked, and the result dtype (the
 // promotion of every input's dtype and of the noise's where the step uses it). They stay
-// in their own dtypes: the CPU driver loads each in its own (cpu/driver.h), the CUDA
-// bindings cast the ones that differ (cuda/sampler_common.h). inputs[0] is x
+// in their own dtypes: both drivers load each in its own. inputs[0] is x
 // (floating), the others model outputs, proposals or history beside it (on x's device,
 // floating, broadcasting to x's shape); a null input is an absent optional one and stays
 // null. The generator, when given, excludes noise and must suit x's device.

@@ -7,7 +7,8 @@
 // (host branch, device branch: DIFFKERN_EMU_DEVICE_BRANCH). Each is dlopen'ed on its own
 // and every case runs against each.
 //
-// What it covers: all ops of elementwise.cuh (step and sampler drivers), step_backward,
+// What it covers: every op of elementwise.cuh's one driver (the older step ops through
+// SampleStep), operands of mixed dtypes read each in its own, step_backward,
 // keyed_normal and the GMM chain; fp32/fp64/fp16/bf16; operands aligned (the 16-byte
 // vector path), misaligned, strided (transposed and padded rows) and broadcast (stride 0);
 // lengths 1, 7, 1023 and 36004 with per-sample sizes that make 8-element units straddle
@@ -21,14 +22,18 @@
 // of 73,991,026 per branch. None touches code the CPU build compiles (.cu/.cuh files, or a
 // __CUDA_ARCH__ branch), so the CPU tests cannot see them.
 //   1. 16-bit half-word order swapped in Unit16::load                 7,555,341 / 7,561,388
-//   2. last partial unit skipped in step_kernel                           16,224 / 16,224
+//   2. last partial unit skipped in step_kernel (since merged into
+//      sampler_kernel, the one driver)                                    16,224 / 16,224
 //   3. Philox lo/hi swapped in philox_round's __CUDA_ARCH__ branch             0 / 17,614,743
 //   4. straddling units keep the first sample's coefficients
 //      (sampler_kernel)                                                   71,316 / 71,459
 //   5. bf16 stores truncate (__float2bfloat16_rz in Bits16::from_float) 1,782,264 / 1,808,426
 //   6. grid-stride step doubled in step_backward_kernel (1 SM wraps)  1,405,760 / 1,405,760
 //   7. second __syncthreads removed from gmm_kernel                          840 / 840
-//   8. vector path without its length guard (step_kernel): guard bytes    666 / 670
+//   8. vector path without its length guard (step_kernel, as in 2): guard
+//      bytes                                                                  666 / 670
+//   9. float16 and bfloat16 storages swapped in load_unit / load_one (mixed
+//      dtypes; host branch measured, 2026-12-05)                  11,373,220 / -
 // Line coverage of csrc/kernels/*.cu* by this test (gcov, both libraries merged):
 // 262/262 source lines; 2186/2250 lines per template instance (the 64 are the noise
 // branches of instances no binding reaches: drawn noise for Heun, DPM++ and the LCM
@@ -352,15 +357,29 @@ long long driver_checks = 0;
 // Runs `op` (the driver interface of sampler_ops.h) through cpu::run_elementwise with the
 // launch's operands, noise and key, and compares each output the binding would allocate
 // (for a kWritesNoise op, the noise only when drawn) with the emulated kernel's.
+cpu::Storage storage_in(DType s, DType dt) {
+  if (s == dt) return cpu::Storage::kSame;
+  switch (s) {
+    case DType::kFloat16: return cpu::Storage::kHalf;
+    case DType::kBFloat16: return cpu::Storage::kBFloat16;
+    case DType::kFloat32: return cpu::Storage::kFloat;
+    default: return cpu::Storage::kDouble;
+  }
+}
+
 template <class Op>
-void compare_cpu_driver(const Op& op, DType dt, const Operand* in, int nin, const Arr* noise, bool draw, PhiloxKey key,
+void compare_cpu_driver(const Op& op, DType dt, const Arr* in, int nin, const Arr* noise, bool draw, PhiloxKey key,
                         int64_t numel, const LevelMap& levels, const Arr* emu_outs, int nout,
                         const KeyedArgs& keyed) {
   cpu::StepIO io;
-  for (int j = 0; j < nin; ++j) io.in[j] = in[j];
+  for (int j = 0; j < nin; ++j) {
+    io.in[j] = in[j].op;
+    io.in_storage[j] = storage_in(in[j].dt, dt);
+  }
   io.nin = nin;
   if (noise) {
     io.noise = noise->op;
+    io.noise_storage = storage_in(noise->dt, dt);
     io.has_noise = true;
   }
   io.draw = draw;
@@ -392,73 +411,33 @@ void compare_cpu_driver(const Op& op, DType dt, const Operand* in, int nin, cons
 }
 #endif
 
-// ---- step ops (StepLaunch: q_sample, ddim, ddpm, langevin) -------------------------
-template <class C, class Op, class Launcher>
-void run_step_case(const Op& op, Launcher launch, DType dt, Geometry g, Layout L, Noise nz, bool per_sample, Rng& r) {
-  const int64_t numel = g.B * g.inner;
-  cuda::StepLaunch p;
-  p.dtype = dt;
-  p.numel = numel;
-  p.levels = sample_levels(g, per_sample);
-  Arr x = make_input(dt, g.B, g.inner, L, 0, r, -3, 3);
-  Arr m = make_input(dt, g.B, g.inner, L, 1, r, -3, 3);
-  Arr nn = make_input(dt, g.B, g.inner, L, 2, r, -3, 3);
-  Arr out = make_output(dt, numel, L), nout = make_output(dt, numel, L);
-  p.x = x.op;
-  p.has_m = Op::kHasModel;
-  if (Op::kHasModel) p.m = m.op;
-  p.has_noise = nz == kGiven;
-  if (p.has_noise) p.noise = nn.op;
-  p.draw = nz == kDrawn || nz == kCaptured || nz == kKeyed;
-  RngSetup rs;
-  setup_rng(rs, nz, r, g.B, g.inner);
-  p.rng = rs.args;
-  p.keyed = rs.keyed;
-  p.vectorized = L == kAligned;
-  p.out = out.base;
-  p.noise_out = Op::kWritesNoise && p.draw ? nout.base : nullptr;
-  p.device = next_device();
-  launch(p, op, nullptr);
-  const bool has_z = p.draw || p.has_noise;
-  std::vector<StepCoeffs<C>> ks;  // per sample, formed once: in double, rounded (the CPU driver's convention)
-  for (int64_t b = 0; b < (per_sample ? g.B : 1); ++b) ks.push_back(cast_coeffs<C>(op.template coeffs<double>(b)));
-  const std::vector<float> zs = !p.draw        ? std::vector<float>{}
-                                : nz == kKeyed ? keyed_normals(rs, numel)
-                                               : drawn_normals(rs.key, numel);
-  for (int64_t e = 0; e < numel; ++e) {
-    const StepCoeffs<C>& k = ks[per_sample ? e / g.inner : 0];
-    const C z = p.draw ? C(zs[e]) : p.has_noise ? read_as<C>(dt, nn.base, nn.off(e)) : C(0);
-    const C xv = read_as<C>(dt, x.base, x.off(e));
-    const C mv = Op::kHasModel ? read_as<C>(dt, m.base, m.off(e)) : C(0);
-    check_out<C>("out", out, e, op.apply(k, xv, mv, z, has_z));
-    if (p.noise_out) check_out<C>("noise_out", nout, e, z);
-  }
-  check_guard("out", out, numel);
-  if (p.noise_out) check_guard("noise_out", nout, numel);
-#if DIFFKERN_EMU_CPU_DRIVER
-  const Operand ins[2] = {x.op, m.op};
-  const Arr emu_outs[2] = {out, nout};
-  compare_cpu_driver(cpu::SampleStep<Op>{op}, dt, ins, Op::kHasModel ? 2 : 1, p.has_noise ? &nn : nullptr, p.draw,
-                     rs.key, numel, p.levels, emu_outs, 1, rs.keyed_cpu());
-#endif
-}
-
 // ---- sampler ops (SamplerLaunch) ----------------------------------------------------
+// Operands stored in other dtypes than the launch's (a mixed-dtype call): each input's and
+// the noise's; the launch's dtype is their promotion.
+struct Storages {
+  DType in[kMaxLinearInputs];
+  DType noise;
+};
+
 template <class C, class Op, class Launcher>
 void run_sampler_case(const Op& op, Launcher launch, int nin, int nout, DType dt, Geometry g, Layout L, Noise nz,
-                      Rng& r) {
+                      Rng& r, bool per_sample, const Storages* st = nullptr) {
   const int64_t numel = g.B * g.inner;
   cuda::SamplerLaunch p;
   p.dtype = dt;
   p.numel = numel;
-  p.levels = sample_levels(g, op.per_sample());
+  p.levels = sample_levels(g, per_sample);
   p.nin = nin;
   Arr in[kMaxLinearInputs];
   for (int i = 0; i < nin; ++i) {
-    in[i] = make_input(dt, g.B, g.inner, L, i, r, -3, 3);
+    in[i] = make_input(st ? st->in[i] : dt, g.B, g.inner, L, i, r, -3, 3);
     p.in[i] = in[i].op;
+    p.in_dtype[i] = in[i].dt;
+    p.mixed = p.mixed || in[i].dt != dt;
   }
-  Arr nn = make_input(dt, g.B, g.inner, L, 3, r, -3, 3);
+  Arr nn = make_input(st ? st->noise : dt, g.B, g.inner, L, 3, r, -3, 3);
+  p.noise_dtype = nn.dt;
+  p.mixed = p.mixed || (nz == kGiven && nn.dt != dt);
   Arr outs[kMaxLinearOutputs] = {make_output(dt, numel, L), make_output(dt, numel, L), make_output(dt, numel, L)};
   p.has_noise = nz == kGiven;
   if (p.has_noise) p.noise = nn.op;
@@ -480,10 +459,10 @@ void run_sampler_case(const Op& op, Launcher launch, int nin, int nout, DType dt
                                                : drawn_normals(rs.key, numel);
   for (int64_t e = 0; e < numel; ++e) {
     const Kc& k = ks[p.levels.varies ? e / g.inner : 0];
-    const C z = p.draw ? C(zs[e]) : p.has_noise ? read_as<C>(dt, nn.base, nn.off(e)) : C(0);
+    const C z = p.draw ? C(zs[e]) : p.has_noise ? read_as<C>(nn.dt, nn.base, nn.off(e)) : C(0);
     constexpr int kIn = Op::kInputs, kOut = Op::kOutputs > 2 ? Op::kOutputs : 2;
     C v[kIn] = {}, o[kOut] = {};
-    for (int i = 0; i < nin; ++i) v[i] = read_as<C>(dt, in[i].base, in[i].off(e));
+    for (int i = 0; i < nin; ++i) v[i] = read_as<C>(in[i].dt, in[i].base, in[i].off(e));
     if (has_z)
       apply_op<true, kIn, kOut>(op, k, v, z, o);
     else
@@ -493,11 +472,30 @@ void run_sampler_case(const Op& op, Launcher launch, int nin, int nout, DType dt
   }
   for (int j = 0; j < nout; ++j) check_guard(j == 0 ? "out0" : j == 1 ? "out1" : "out2", outs[j], numel);
 #if DIFFKERN_EMU_CPU_DRIVER
-  Operand ins[kMaxLinearInputs];
-  for (int i = 0; i < nin; ++i) ins[i] = in[i].op;
-  compare_cpu_driver(op, dt, ins, nin, p.has_noise ? &nn : nullptr, p.draw, rs.key, numel, p.levels, outs,
-                     nout, rs.keyed_cpu());
+  // The CPU driver reads other dtypes in its contiguous loop only (its binding casts
+  // strided ones first).
+  if (!p.mixed || L == kAligned || L == kMisaligned)
+    compare_cpu_driver(op, dt, in, nin, p.has_noise ? &nn : nullptr, p.draw, rs.key, numel, p.levels, outs, nout,
+                       rs.keyed_cpu());
 #endif
+}
+
+template <class C, class Op, class Launcher>
+void run_sampler_case(const Op& op, Launcher launch, int nin, int nout, DType dt, Geometry g, Layout L, Noise nz,
+                      Rng& r) {
+  run_sampler_case<C>(op, launch, nin, nout, dt, g, L, nz, r, op.per_sample());
+}
+
+// The older step ops (q_sample, ddim, ddpm, langevin) run on the same driver through
+// SampleStep; `launch` takes the op itself. q_sample writes its drawn noise (out1).
+template <class C, class Op, class Launcher>
+void run_step_case(const Op& op, Launcher launch, DType dt, Geometry g, Layout L, Noise nz, bool per_sample, Rng& r,
+                   const Storages* st = nullptr) {
+  const bool draws = nz == kDrawn || nz == kCaptured || nz == kKeyed;
+  run_sampler_case<C>(
+      SampleStep<Op>{op},
+      [&](const cuda::SamplerLaunch& p, const SampleStep<Op>& s, cudaStream_t stream) { launch(p, s.op, stream); },
+      Op::kHasModel ? 2 : 1, Op::kWritesNoise && draws ? 2 : 1, dt, g, L, nz, r, per_sample, st);
 }
 
 // ---- the loops over dtypes, layouts, geometries, levels, noise -----------------------
@@ -647,6 +645,82 @@ void test_sampler_ops() {
     const Timesteps ts = make_timesteps(ps ? g.B : 1, r);
     LcmBackwardOp op{LcmOp{ts.args(true), 10.0, 0.5, kEpsilon, true, 1.0, true}};
     run_sampler_case<C>(op, K->lcm_step_backward, 4, 2, dt, g, L, nz, r);
+  });
+}
+
+// ---- mixed dtypes: each operand read in its own dtype ---------------------------------
+// The launch's dtype is the promotion (float32 or float64); inputs and noise are stored in
+// narrower or equal dtypes, rotated over the operands so that every input slot sees each.
+template <class F>
+void for_mixed(const char* op, std::vector<Noise> noises, F body) {
+  Rng r{0xD7E5ull + uint64_t(case_index)};
+  const DType narrow32[] = {DType::kFloat16, DType::kBFloat16, DType::kFloat32};
+  const DType narrow64[] = {DType::kFloat32, DType::kFloat16, DType::kBFloat16, DType::kFloat64};
+  for (DType dt : {DType::kFloat32, DType::kFloat64})
+    for (int rot = 0; rot < 3; ++rot)
+      for (Layout L : kLayouts)
+        for (const Geometry& g : kGeoms)
+          for (Noise nz : noises) {
+            const bool f64 = dt == DType::kFloat64;
+            const int nc = f64 ? 4 : 3;
+            Storages st;
+            for (int i = 0; i < kMaxLinearInputs; ++i) st.in[i] = (f64 ? narrow64 : narrow32)[(i + rot) % nc];
+            st.noise = (f64 ? narrow64 : narrow32)[(rot + 1) % nc];
+            char buf[200];
+            std::snprintf(buf, sizeof buf, "%s mixed %s %s rot=%d %s B=%lld inner=%lld noise=%s",
+                          K->device_branch ? "device" : "host", op, dname(dt), rot, lname(L), (long long)g.B,
+                          (long long)g.inner, nname(nz));
+            where = buf;
+            if (f64)
+              body.template operator()<double>(dt, g, L, nz, st, r);
+            else
+              body.template operator()<float>(dt, g, L, nz, st, r);
+          }
+}
+
+void test_mixed_dtypes() {
+  std::vector<double> s1, s2, s3;
+  for_mixed("ddim", {kNone, kGiven, kKeyed}, [&]<class C>(DType dt, Geometry g, Layout L, Noise nz, const Storages& st, Rng& r) {
+    const Timesteps ts = make_timesteps(g.B, r);
+    const DdimOp op{ts.args(true), 1.0, kEpsilon, true, 1.0};
+    run_step_case<C>(op, K->ddim_step, dt, g, L, nz, true, r, &st);
+  });
+  for_mixed("q_sample", {kGiven, kDrawn}, [&]<class C>(DType dt, Geometry g, Layout L, Noise nz, const Storages& st, Rng& r) {
+    const Timesteps ts = make_timesteps(g.B, r);
+    run_step_case<C>(QSampleOp{ts.args(false)}, K->q_sample, dt, g, L, nz, true, r, &st);
+  });
+  for_mixed("langevin", {kGiven}, [&]<class C>(DType dt, Geometry g, Layout L, Noise nz, const Storages& st, Rng& r) {
+    run_step_case<C>(LangevinOp{r.uniform(1e-4, 0.1)}, K->langevin_step, dt, g, L, nz, false, r, &st);
+  });
+  for_mixed("euler", {kGiven, kDrawn}, [&]<class C>(DType dt, Geometry g, Layout L, Noise nz, const Storages& st, Rng& r) {
+    EulerOp op{};
+    op.sigma = scalar_of(s1, g.B, true, 2.0, 14.0, r);
+    op.sigma_next = scalar_of(s2, g.B, true, 0.0, 1.9, r);
+    op.eta = 1.0;
+    op.s_noise = 1.0;
+    run_sampler_case<C>(op, K->euler_step, 2, 1, dt, g, L, nz, r, op.per_sample(), &st);
+  });
+  for_mixed("heun", {kNone}, [&]<class C>(DType dt, Geometry g, Layout L, Noise nz, const Storages& st, Rng& r) {
+    HeunOp op{};
+    op.sigma = scalar_of(s1, g.B, true, 2.0, 14.0, r);
+    op.sigma_next = scalar_of(s2, g.B, true, 0.1, 1.9, r);
+    run_sampler_case<C>(op, K->heun_step, 4, 1, dt, g, L, nz, r, op.per_sample(), &st);
+  });
+  for_mixed("dpmpp_2m", {kNone}, [&]<class C>(DType dt, Geometry g, Layout L, Noise nz, const Storages& st, Rng& r) {
+    DpmppOp op{};
+    op.sigma = scalar_of(s1, g.B, true, 2.0, 14.0, r);
+    op.sigma_next = scalar_of(s2, g.B, true, 0.1, 1.9, r);
+    op.sigma_prev = scalar_of(s3, g.B, true, 15.0, 20.0, r);
+    op.has_old = true;
+    run_sampler_case<C>(op, K->dpmpp_2m_step, 3, 2, dt, g, L, nz, r, op.per_sample(), &st);
+  });
+  std::vector<double> lt;
+  for_mixed("linear", {kGiven}, [&]<class C>(DType dt, Geometry g, Layout L, Noise nz, const Storages& st, Rng& r) {
+    LinearOp op{};
+    op.nin = kMaxLinearInputs;
+    op.nout = 2;
+    for (int i = 0; i < op.nout * (op.nin + 1); ++i) op.shared[i] = r.uniform(-2.0, 2.0);
+    run_sampler_case<C>(op, K->linear_step, kMaxLinearInputs, 2, dt, g, L, nz, r, false, &st);
   });
 }
 
@@ -851,6 +925,7 @@ int main(int argc, char** argv) {
     const long long before = checks, failed = failures;
     test_step_ops();
     test_sampler_ops();
+    test_mixed_dtypes();
     test_step_backward();
     test_keyed_normal();
     test_gmm();

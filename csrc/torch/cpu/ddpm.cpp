@@ -19,7 +19,7 @@ at::Tensor ddpm_step_cpu(const at::Tensor& x, const at::Tensor& model_output, co
   if (s.empty) return validate::empty_result(s, x);
   const DdpmOp op{timestep_args(alphas_cumprod, s.ts.t, s.ts.t_prev), int(variance), int(prediction_type),
                   clip_sample > 0, clip_sample};
-  return validate::in_format(cpu::run_step(op, s.x, &s.m, s.noise, true, key, s.ts.t.sizes(), nullptr, kd.args), s.format);
+  return validate::in_format(cpu::run_step(op, s.x, &s.m, s.noise, true, key, s.ts.t.sizes(), s.dtype, nullptr, kd.args), s.format);
 }
 
 TORCH_LIBRARY_IMPL(diffkern, CPU, m) { m.impl("ddpm_step", &ddpm_step_cpu); }

@@ -92,31 +92,6 @@ struct IsHalf {  // fp16 / bf16 storage: staged through float buffers of kStage 
   static constexpr int64_t kStage = value ? kChunk : 1;
 };
 
-// The older step ops (DdimOp, DdpmOp, QSampleOp, LangevinOp: one StepCoeffs, x and m in,
-// one value out) seen through the driver interface of the sampler ops
-// (csrc/kernels/sampler_ops.h).
-template <class Op>
-struct SampleStep {
-  static constexpr int kInputs = Op::kHasModel ? 2 : 1;
-  static constexpr int kOutputs = 1;
-  static constexpr bool kWritesNoise = Op::kWritesNoise;
-  Op op;
-
-  template <class C>
-  struct Coeffs {
-    StepCoeffs<C> k;
-    template <class S>
-    static Coeffs from(const Coeffs<S>& s) { return {cast_coeffs<C>(s.k)}; }
-  };
-  template <class S>
-  Coeffs<S> coeffs(int64_t b) const { return {op.template coeffs<S>(b)}; }
-  bool same_levels(int64_t a, int64_t b) const { return op.same_levels(a, b); }
-  template <bool kHasZ, class C>
-  void apply(const Coeffs<C>& k, C x, C m, C, C, C z, C& out, C&) const {
-    out = op.apply(k.k, x, m, z, kHasZ);
-  }
-};
-
 // Where the step's noise comes from: none, drawn into the chunk's buffer, or given.
 enum class ZMode { kNone, kDrawn, kGiven };
 

@@ -142,9 +142,9 @@ std::pair<at::Tensor, at::Tensor> run_sampler(const Op& op, std::initializer_lis
 // The older ops: `noise_out` is written when the op draws and reports its noise (q_sample).
 template <class Op>
 at::Tensor run_step(const Op& op, const at::Tensor& x, const at::Tensor* m, const std::optional<at::Tensor>& noise,
-                    bool draw, PhiloxKey key, at::IntArrayRef levels, at::Tensor* noise_out = nullptr,
-                    const KeyedArgs& keyed = {}) {
-  auto [out, out1] = run_sampler(SampleStep<Op>{op}, {&x, m}, noise, draw, key, levels, false, keyed);
+                    bool draw, PhiloxKey key, at::IntArrayRef levels, at::ScalarType dtype,
+                    at::Tensor* noise_out = nullptr, const KeyedArgs& keyed = {}) {
+  auto [out, out1] = run_sampler(SampleStep<Op>{op}, {&x, m}, noise, draw, key, levels, false, keyed, dtype);
   if (noise_out && out1.defined()) *noise_out = out1;
   return out;
 }

@@ -14,7 +14,7 @@ at::Tensor langevin_step_cpu(const at::Tensor& x, const at::Tensor& score, doubl
   const Keyed kd = keyed_args(seeds, step_t, step, x, noise, generator);
   const PhiloxKey key = draw_key(generator, seed, offset, !kd.on() && !s.noise.has_value());
   if (s.empty) return validate::empty_result(s, x);
-  return validate::in_format(cpu::run_step(LangevinOp{step_size}, s.x, &s.m, s.noise, true, key, {}, nullptr, kd.args), s.format);
+  return validate::in_format(cpu::run_step(LangevinOp{step_size}, s.x, &s.m, s.noise, true, key, {}, s.dtype, nullptr, kd.args), s.format);
 }
 
 TORCH_LIBRARY_IMPL(diffkern, CPU, m) { m.impl("langevin_step", &langevin_step_cpu); }

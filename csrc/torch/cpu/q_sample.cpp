@@ -20,7 +20,7 @@ std::tuple<at::Tensor, at::Tensor> q_sample_cpu(const at::Tensor& x0, const at::
   if (s.empty) return {validate::empty_result(s, x0), noise.has_value() ? none() : validate::empty_result(s, x0)};
   const QSampleOp op{timestep_args(alphas_cumprod, s.ts.t, std::nullopt)};
   at::Tensor noise_out;
-  at::Tensor xt = cpu::run_step(op, s.x, nullptr, s.noise, true, key, s.ts.t.sizes(), &noise_out, kd.args);
+  at::Tensor xt = cpu::run_step(op, s.x, nullptr, s.noise, true, key, s.ts.t.sizes(), s.dtype, &noise_out, kd.args);
   return {validate::in_format(xt, s.format),
           noise.has_value() ? none() : validate::in_format(noise_out, s.format)};
 }

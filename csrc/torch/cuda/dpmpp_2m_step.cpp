@@ -1,4 +1,4 @@
-#include "sampler_common.h"
+#include "common.h"
 
 namespace diffkern {
 

@@ -13,7 +13,7 @@ at::Tensor langevin_step_cuda(const at::Tensor& x, const at::Tensor& score, doub
   const bool draws = !kd.on() && !v.noise.has_value();
   const cuda::RngArgs rng = draws ? cuda_binding::rng_from(generator, seed, offset) : cuda::RngArgs{};
   if (v.empty) return validate::empty_result(v, x);
-  auto s = cuda_binding::prepare_step(v.x, &v.m, v.noise, true, {}, false);
+  auto s = cuda_binding::prepare_sampler({&v.x, &v.m}, v.noise, true, {}, false, v.dtype);
   if (s.launch.draw) s.launch.rng = rng;
   s.launch.keyed = kd.args;
   cuda::launch_langevin_step(s.launch, LangevinOp{step_size}, c10::cuda::getCurrentCUDAStream());

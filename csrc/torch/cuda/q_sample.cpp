@@ -15,13 +15,13 @@ std::tuple<at::Tensor, at::Tensor> q_sample_cuda(const at::Tensor& x0, const at:
   const cuda::RngArgs rng = draws ? cuda_binding::rng_from(generator, seed, offset) : cuda::RngArgs{};
   const auto none = [&] { return at::empty({0}, x0.options().dtype(v.dtype)); };
   if (v.empty) return {validate::empty_result(v, x0), noise.has_value() ? none() : validate::empty_result(v, x0)};
-  auto s = cuda_binding::prepare_step(v.x, nullptr, v.noise, true, v.ts.t.sizes(), true);
+  auto s = cuda_binding::prepare_sampler({&v.x}, v.noise, true, v.ts.t.sizes(), draws, v.dtype);
   if (s.launch.draw) s.launch.rng = rng;
   s.launch.keyed = kd.args;
   const QSampleOp op{timestep_args(alphas_cumprod, v.ts.t, std::nullopt)};
   cuda::launch_q_sample(s.launch, op, c10::cuda::getCurrentCUDAStream());
   DIFFKERN_LAUNCH_CHECK();
-  return {validate::in_format(s.out, v.format), noise.has_value() ? none() : validate::in_format(s.noise_out, v.format)};
+  return {validate::in_format(s.out, v.format), noise.has_value() ? none() : validate::in_format(s.out1, v.format)};
 }
 
 TORCH_LIBRARY_IMPL(diffkern, CUDA, m) { m.impl("q_sample", &q_sample_cuda); }
