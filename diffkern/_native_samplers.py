@@ -1,6 +1,6 @@
 """The native side of the sampler-family ops (diffkern.sampler_ops): validated arguments
 -> the raw ``torch.ops.diffkern`` ops (csrc/torch/{cpu,cuda}/<op>.cpp over the functors of
-csrc/kernels/sampler_ops.h), and the ops' fake kernels for torch.compile / opcheck.
+csrc/kernels/<op>.h), and the ops' fake kernels for torch.compile / opcheck.
 diffkern.unchecked calls these functions (the public ops through it); nothing here
 imports either.
 

@@ -130,7 +130,7 @@ MUTANTS = [
            "uint16_t((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16)", "uint16_t(b >> 16)", CTEST),
     Mutant("cpu-driver-keeps-first-level-coeffs", "CPU driver", "csrc/torch/cpu/driver.h",
            "          if (li != cached) {", "          if (li < cached) {", CTEST),
-    Mutant("levels-always-the-same", "CPU driver", "csrc/kernels/sampler_ops.h",
+    Mutant("levels-always-the-same", "CPU driver", "csrc/kernels/op_base.h",
            "  DK_HD bool same(int64_t a, int64_t b) const { return !per_sample() || at(a) == at(b); }",
            "  DK_HD bool same(int64_t a, int64_t b) const { return true; }", CTEST),
     Mutant("cuda-keyed-group-crosses-samples", "CUDA kernel", "csrc/kernels/elementwise.cuh",

@@ -250,7 +250,7 @@ def test_opcheck_cuda():
     torch.library.opcheck(ops.langevin_step, (x, m, 0.01, z, None, 0, 0))
 
 
-# ---- sampler families (csrc/kernels/sampler_ops.h) on CUDA -------------------------------
+# ---- sampler families (csrc/kernels/<op>.h) on CUDA -------------------------------
 # The cases and oracles of tests/test_native_samplers.py (every op and mode; float64 to
 # 1e-13, float32 against float64 to 1e-6, fp16/bf16 to 2 ulp plus float32 rounding of the
 # terms), on CUDA tensors, per-sample levels on the device (ps*) or as CPU 0-d tensors and

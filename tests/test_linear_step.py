@@ -1,4 +1,4 @@
-"""linear_step (csrc/kernels/sampler_ops.h LinearOp): the multistep solvers' fused update
+"""linear_step (csrc/kernels/linear_step.h LinearOp): the multistep solvers' fused update
 ``out_k = sum_j c[k][j] in_j + cn[k] z``, native against the reference
 (reference_samplers._linear) and against the formula written out in float64.
 

@@ -1,4 +1,4 @@
-"""Native sampler-family ops (csrc/kernels/sampler_ops.h) against the reference
+"""Native sampler-family ops (csrc/kernels/<op>.h) against the reference
 (diffkern/reference_samplers.py): every op and mode, float64 / float32 / fp16 / bf16,
 odd sizes and one element, per-sample (B,) scalars (float32 and float64 tensors, rows
 with sigma_next = 0), non-contiguous and broadcast operands, given and drawn noise, the

@@ -195,7 +195,7 @@ def test_stale_build_is_refused(tmp_path):
             with open(info_path, "w") as fh:
                 json.dump(info, fh)
         elif case == "sources":
-            with open(os.path.join(pkg, "_csrc", "kernels", "step_ops.h"), "a") as fh:
+            with open(os.path.join(pkg, "_csrc", "kernels", "op_base.h"), "a") as fh:
                 fh.write("\n// edited after the build\n")
         else:
             os.remove(info_path)

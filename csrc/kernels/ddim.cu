@@ -1,4 +1,4 @@
-// ddim_step on CUDA: the shared driver (elementwise.cuh) over DdimOp (step_ops.h).
+// ddim_step on CUDA: the shared driver (elementwise.cuh) over DdimOp (ddim.h).
 #include "elementwise.cuh"
 
 namespace diffkern {

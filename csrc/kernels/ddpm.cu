@@ -1,4 +1,4 @@
-// ddpm_step on CUDA: the shared driver (elementwise.cuh) over DdpmOp (step_ops.h).
+// ddpm_step on CUDA: the shared driver (elementwise.cuh) over DdpmOp (ddpm.h).
 #include "elementwise.cuh"
 
 namespace diffkern {

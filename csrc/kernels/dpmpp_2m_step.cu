@@ -1,4 +1,4 @@
-// dpmpp_2m_step on CUDA: the sampler driver (elementwise.cuh) over DpmppOp (sampler_ops.h).
+// dpmpp_2m_step on CUDA: the sampler driver (elementwise.cuh) over DpmppOp (dpmpp_2m_step.h).
 #include "elementwise.cuh"
 
 namespace diffkern {

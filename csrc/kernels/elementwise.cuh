@@ -203,7 +203,7 @@ __device__ __forceinline__ C load_one(const Operand& o, bool mixed, DType s, int
 
 int grid_for(int64_t work_items, int device);
 
-// The driver of every elementwise op (the sampler_ops.h interface; the older step ops
+// The driver of every elementwise op (the op_base.h interface; the older step ops
 // through SampleStep, as on the CPU): up to six inputs and three outputs (LinearOp; the
 // fixed-arity ops up to four and two). Coefficients are formed in double
 // per unit (once per thread when they do not depend on the sample) and rounded to C.

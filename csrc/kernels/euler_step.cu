@@ -1,4 +1,4 @@
-// euler_step on CUDA: the sampler driver (elementwise.cuh) over EulerOp (sampler_ops.h).
+// euler_step on CUDA: the sampler driver (elementwise.cuh) over EulerOp (euler_step.h).
 #include "elementwise.cuh"
 
 namespace diffkern {

@@ -1,4 +1,4 @@
-// flow_q_sample on CUDA: the sampler driver (elementwise.cuh) over FlowQSampleOp (sampler_ops.h).
+// flow_q_sample on CUDA: the sampler driver (elementwise.cuh) over FlowQSampleOp (flow_q_sample.h).
 #include "elementwise.cuh"
 
 namespace diffkern {

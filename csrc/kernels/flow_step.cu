@@ -1,4 +1,4 @@
-// flow_step on CUDA: the sampler driver (elementwise.cuh) over FlowOp (sampler_ops.h).
+// flow_step on CUDA: the sampler driver (elementwise.cuh) over FlowOp (flow_step.h).
 #include "elementwise.cuh"
 
 namespace diffkern {

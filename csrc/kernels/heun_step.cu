@@ -1,4 +1,4 @@
-// heun_step on CUDA: the sampler driver (elementwise.cuh) over HeunOp (sampler_ops.h).
+// heun_step on CUDA: the sampler driver (elementwise.cuh) over HeunOp (heun_step.h).
 #include "elementwise.cuh"
 
 namespace diffkern {

@@ -1,4 +1,4 @@
-// langevin_step on CUDA: the shared driver (elementwise.cuh) over LangevinOp (step_ops.h).
+// langevin_step on CUDA: the shared driver (elementwise.cuh) over LangevinOp (langevin.h).
 #include "elementwise.cuh"
 
 namespace diffkern {

@@ -5,8 +5,7 @@
 
 #include "common.h"
 #include "philox.h"
-#include "sampler_ops.h"
-#include "step_ops.h"
+#include "ops.h"
 
 namespace diffkern {
 namespace cuda {
@@ -27,7 +26,7 @@ struct RngArgs {
 
 using Operand = OperandView;
 
-// Every elementwise op (the sampler_ops.h interface; the older step ops through
+// Every elementwise op (the op_base.h interface; the older step ops through
 // SampleStep): up to six inputs (in[0] = x; a fixed-arity op's last may be absent, nin =
 // kInputs - 1; LinearOp reads nin of them), optional noise, one to three outputs (out[j]
 // null: not written; a kWritesNoise op's out[1] gets the drawn noise).

@@ -1,5 +1,5 @@
 // lcm_step and its clip-aware backward on CUDA: the sampler driver (elementwise.cuh) over
-// LcmOp / LcmBackwardOp (sampler_ops.h).
+// LcmOp / LcmBackwardOp (lcm_step.h).
 #include "elementwise.cuh"
 
 namespace diffkern {

@@ -1,4 +1,4 @@
-// linear_step on CUDA: the sampler driver (elementwise.cuh) over LinearOp (sampler_ops.h).
+// linear_step on CUDA: the sampler driver (elementwise.cuh) over LinearOp (linear_step.h).
 #include "elementwise.cuh"
 
 namespace diffkern {

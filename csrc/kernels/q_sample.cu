@@ -1,4 +1,4 @@
-// q_sample on CUDA: the shared driver (elementwise.cuh) over QSampleOp (step_ops.h).
+// q_sample on CUDA: the shared driver (elementwise.cuh) over QSampleOp (q_sample.h).
 #include "elementwise.cuh"
 
 namespace diffkern {

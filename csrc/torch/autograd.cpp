@@ -110,7 +110,7 @@ struct DdpmFn : public torch::autograd::Function<DdpmFn> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) { return step_grads(ctx, grads); }
 };
 
-// x + a s + sqrt(2 a) z: the gradients are the coefficients of LangevinOp (step_ops.h).
+// x + a s + sqrt(2 a) z: the gradients are the coefficients of LangevinOp (csrc/kernels/langevin.h).
 struct LangevinFn : public torch::autograd::Function<LangevinFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& score, double step_size,
                             const std::optional<at::Tensor>& noise, const std::optional<at::Generator>& generator,

@@ -8,7 +8,7 @@
 
 #include "../kernels/common.h"
 #include "../kernels/philox.h"
-#include "../kernels/step_ops.h"
+#include "../kernels/ops.h"
 
 namespace diffkern {
 

@@ -21,7 +21,7 @@
 #include <string>
 #include <vector>
 
-#include "../kernels/sampler_ops.h"
+#include "../kernels/ops.h"
 
 namespace diffkern {
 

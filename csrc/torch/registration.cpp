@@ -67,9 +67,9 @@ TORCH_LIBRARY(diffkern, m) {
       "gmm_annealed_langevin(Tensor x, Tensor weights, Tensor means, Tensor stds, Tensor sigmas, int n_steps_each, "
       "float step_lr, bool denoise, Generator? generator, int seed, int offset) -> Tensor");
 
-  // Sampler-family ops (csrc/kernels/sampler_ops.h). Each scalar sigma* is the number
+  // Sampler-family ops (csrc/kernels/<op>.h). Each scalar sigma* is the number
   // `sigma`, or when `sigma_t` is given that 1-D float32/float64 tensor of length 1 or B on
-  // x's device. prediction_type as above (k-diffusion's VE forms, see sampler_ops.h);
+  // x's device. prediction_type as above (k-diffusion's VE forms, see csrc/kernels/op_base.h);
   // solver_type 0/1 = midpoint/heun. A second output not asked for is empty.
   m.def(
       "euler_step(Tensor x, Tensor model_output, Tensor? sigma_t, Tensor? sigma_next_t, float sigma, "

@@ -1,10 +1,10 @@
 // Binding helpers of the sampler-family ops (their levels: levels.h): each op's scalar
 // arguments and levels checked and made its functor, one function per op, shared by its
 // CPU and CUDA bindings and its jacobian. The tensor operands are validate::operands'.
-// Translation and checks only; the math is csrc/kernels/sampler_ops.h. The messages are
+// Translation and checks only; the math is csrc/kernels/<op>.h. The messages are
 // those of the Python checks (diffkern/_validate.py, reference_samplers' _<op>_args).
 #pragma once
-#include "../kernels/sampler_ops.h"
+#include "../kernels/ops.h"
 #include "common.h"
 #include "levels.h"
 #include "validate.h"

@@ -2,7 +2,7 @@
 // ~10 us of Python on every step). Each step is linear in its tensor inputs with
 // coefficients that depend on the levels only, so the backward is `grad * coefficient` per input: the
 // coefficients are the <op>_jacobian ops (the functors' jacobian(), csrc/kernels/
-// sampler_ops.h, evaluated on the host once per level index) and the products are torch ops,
+// csrc/kernels/<op>.h, evaluated on the host once per level index) and the products are torch ops,
 // so torch.compile / AOT autograd trace the backward like any other. lcm_step with
 // clip_sample is not linear in (x, m); its backward is the fused lcm_step_backward op.
 //

@@ -8,7 +8,7 @@
 // - the values of t / t_prev (range, t_prev < t) and the zero-terminal-SNR rule: when they
 //   are on the CPU, where reading them costs nothing. A t on the GPU is never read back
 //   (that would wait for the stream and break graph capture): there the kernels turn a
-//   bad entry into NaN output for that sample (csrc/kernels/schedule.h, step_ops.h);
+//   bad entry into NaN output for that sample (csrc/kernels/schedule.h, ddim.h, ddpm.h);
 // - scalars (eta, step sizes, enums): always.
 //
 // Mixed floating dtypes promote as torch does (an fp16 model output with fp32 latents

@@ -50,8 +50,7 @@
 #include "emu/emu_api.h"
 #include "kernels/gmm.h"
 #include "kernels/philox.h"
-#include "kernels/sampler_ops.h"
-#include "kernels/step_ops.h"
+#include "kernels/ops.h"
 #if DIFFKERN_EMU_CPU_DRIVER
 // The real CPU driver, compiled here with torch's c10 headers and a serial stand-in for
 // at::parallel_for (tests/native/stubs): every elementwise case also runs through it, and
@@ -354,7 +353,7 @@ std::vector<float> drawn_normals(PhiloxKey key, int64_t numel) {
 // ---- the CPU driver on the same operands ----------------------------------------------
 long long driver_checks = 0;
 #if DIFFKERN_EMU_CPU_DRIVER
-// Runs `op` (the driver interface of sampler_ops.h) through cpu::run_elementwise with the
+// Runs `op` (the driver interface of op_base.h) through cpu::run_elementwise with the
 // launch's operands, noise and key, and compares each output the binding would allocate
 // (for a kWritesNoise op, the noise only when drawn) with the emulated kernel's.
 cpu::Storage storage_in(DType s, DType dt) {

@@ -5,10 +5,9 @@
 #include <cstdlib>
 
 #include "kernels/gmm.h"
-#include "kernels/sampler_ops.h"
+#include "kernels/ops.h"
 #include "kernels/philox.h"
 #include "kernels/schedule.h"
-#include "kernels/step_ops.h"
 
 using namespace diffkern;
 
@@ -121,7 +120,7 @@ static void test_gmm_score() {
   CHECK(std::fabs(score[1] - (-2.0 - 0.7) / (4.0 + 2.25)) < 1e-14, "gmm score d1");
 }
 
-// ---- sampler-family functors (sampler_ops.h) against their closed forms ------------------
+// ---- sampler-family functors (csrc/kernels/<op>.h) against their closed forms ------------------
 template <class Op>
 static double run1(const Op& op, double a0, double a1, double a2, double a3, double z, double* second = nullptr) {
   const auto k = op.template coeffs<double>(0);

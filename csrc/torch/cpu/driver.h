@@ -20,8 +20,7 @@
 #include <utility>
 
 #include "../../kernels/philox_simd.h"
-#include "../../kernels/sampler_ops.h"
-#include "../../kernels/step_ops.h"
+#include "../../kernels/ops.h"
 
 namespace diffkern {
 namespace cpu {

@@ -1,0 +1,32 @@
+// ddpm_step: DDPM ancestral step (Ho et al. 2020; diffusers DDPMScheduler.step). The functor both
+// drivers run (op_base.h); its CUDA kernel is ddpm.cu, its bindings csrc/torch/cpu/ddpm.cpp and
+// csrc/torch/cuda/ddpm.cpp.
+#pragma once
+#include "op_base.h"
+
+namespace diffkern {
+
+struct DdpmOp {
+  static constexpr bool kHasModel = true;
+  static constexpr bool kWritesNoise = false;
+  TimestepArgs ts;
+  int variance;
+  int prediction;
+  bool has_clip;
+  double clip;
+
+  DK_HD bool same_levels(int64_t a, int64_t b) const { return ts.same(a, b); }
+  template <class S>
+  DK_HD StepCoeffs<S> coeffs(int64_t b) const {
+    const int64_t t = ts.t_at(b);
+    const S ab = table_lookup<S>(ts.table, ts.num_timesteps, t, false);
+    const S abp = table_lookup<S>(ts.table, ts.num_timesteps, ts.t_prev_at(b, t), true);
+    return ddpm_coeffs<S>(ab, abp, t, variance, prediction);
+  }
+  template <class C>
+  DK_HD C apply(const StepCoeffs<C>& k, C x, C m, C z, bool has_z) const {
+    return step_apply<C>(k, x, m, z, has_z, has_clip, C(clip));
+  }
+};
+
+}  // namespace diffkern
