@@ -8,7 +8,8 @@ Rows, interleaved (common.interleaved_medians), float32 latents x:
 - ``same``: ``dk.euler_step(x, m32, 2.0, 1.0)``, every operand float32 (the floor);
 - ``mixed``: ``dk.euler_step(x, m_bf16, 2.0, 1.0)``, the bfloat16 model output read as is;
 - ``cast``: ``dk.euler_step(x, m_bf16.float(), 2.0, 1.0)``, what a cast pass costs.
-The same for ``dk.dpmpp_2m_step`` with a bfloat16 model output and history.
+The same for ``dk.dpmpp_2m_step`` with a bfloat16 model output and history, and for
+``dk.ddim_step`` (eta=0) with a bfloat16 eps.
 Results: benchmarks/results/mixed_dtype-cpu-<shape>-<threads>thread.json.
 """
 
@@ -30,7 +31,11 @@ def runs_for(shape) -> dict:
     g = torch.Generator().manual_seed(0)
     x, m, h = (torch.randn(shape, generator=g) for _ in range(3))
     mb, hb = m.bfloat16(), h.bfloat16()
+    t = torch.full((shape[0],), 500)
     return {
+        "ddim same": lambda: dk.ddim_step(x, m, t),
+        "ddim mixed": lambda: dk.ddim_step(x, mb, t),
+        "ddim cast": lambda: dk.ddim_step(x, mb.float(), t),
         "euler same": lambda: dk.euler_step(x, m, 2.0, 1.0),
         "euler mixed": lambda: dk.euler_step(x, mb, 2.0, 1.0),
         "euler cast": lambda: dk.euler_step(x, mb.float(), 2.0, 1.0),
@@ -54,7 +59,7 @@ def main(argv=None) -> int:
         ms = C.interleaved_medians(runs_for(shape), args.reps)
         print(f"\n{C.shape_str(shape)}, {args.threads} thread(s), medians of {args.reps} interleaved calls")
         ratios = {}
-        for op in ("euler", "dpmpp_2m"):
+        for op in ("ddim", "euler", "dpmpp_2m"):
             same, mixed, cast = ms[f"{op} same"], ms[f"{op} mixed"], ms[f"{op} cast"]
             ratios[op] = {"mixed_over_same": mixed / same, "cast_over_mixed": cast / mixed}
             print(f"  {op:9s} same {same:8.3f} ms | mixed {mixed:8.3f} ms ({mixed / same:.2f}x same) | "
