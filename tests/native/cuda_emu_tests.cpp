@@ -33,7 +33,9 @@
 //   8. vector path without its length guard (step_kernel, as in 2): guard
 //      bytes                                                                  666 / 670
 //   9. float16 and bfloat16 storages swapped in load_unit / load_one (mixed
-//      dtypes; host branch measured, 2026-12-05)                  11,373,220 / -
+//      dtypes; host branch, measured before the mixed reads got their own kernel
+//      instance; scripts/mutation_check.py's cuda-mixed-fp16-read-as-bf16
+//      is caught on the current layout)                          11,373,220 / -
 // Line coverage of csrc/kernels/*.cu* by this test (gcov, both libraries merged):
 // 262/262 source lines; 2186/2250 lines per template instance (the 64 are the noise
 // branches of instances no binding reaches: drawn noise for Heun, DPM++ and the LCM
